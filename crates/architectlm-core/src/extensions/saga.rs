@@ -1,0 +1,467 @@
+//! The saga coordinator contract: multi-step workflows that undo completed steps, in reverse
+//! order, when a later step fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Page, Pagination};
+use crate::Result;
+use crate::event::{EventFilter, EventSubscription, Typed};
+use crate::retry::RetryPolicy;
+use crate::runtime::TaskRef;
+
+/// A step of a saga: the work, and how to undo it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SagaStep {
+    /// Unique within the saga.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// What does the work: a task id or a closure.
+    pub action: TaskRef,
+    /// What undoes it, given the step's result.
+    pub compensation: Option<TaskRef>,
+    /// Retries of the action (default: the task's own policy).
+    pub retry: Option<RetryPolicy>,
+    /// Limit of each attempt of the action.
+    pub timeout: Option<Duration>,
+    /// Retries of the compensation.
+    pub compensation_retry: Option<RetryPolicy>,
+    /// Consecutive steps with the same group run in parallel and are compensated together.
+    pub parallel_group: Option<String>,
+    /// Free-form metadata.
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+impl SagaStep {
+    /// A step whose action is a task of the system.
+    pub fn task(id: impl Into<String>, task_id: impl Into<String>) -> Self {
+        Self::with_action(id, TaskRef::Id(task_id.into()))
+    }
+
+    /// A step whose action is any [`TaskRef`] (for example a closure).
+    pub fn with_action(id: impl Into<String>, action: TaskRef) -> Self {
+        let id = id.into();
+        Self {
+            name: id.clone(),
+            id,
+            action,
+            compensation: None,
+            retry: None,
+            timeout: None,
+            compensation_retry: None,
+            parallel_group: None,
+            metadata: serde_json::Map::new(),
+        }
+    }
+
+    /// A step whose action is a closure `(input, context) -> TaskResult`.
+    pub fn closure<F, Fut>(id: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(Value, crate::TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = crate::TaskResult> + Send + 'static,
+    {
+        let id = id.into();
+        let name: Arc<str> = Arc::from(id.as_str());
+        Self::with_action(
+            id,
+            TaskRef::Handler {
+                name,
+                handler: Arc::new(handler),
+            },
+        )
+    }
+
+    /// Sets the human name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Undoes the step with a task of the system.
+    pub fn compensate_with(mut self, task_id: impl Into<String>) -> Self {
+        self.compensation = Some(TaskRef::Id(task_id.into()));
+        self
+    }
+
+    /// Undoes the step with a closure `(step result, context) -> TaskResult`.
+    pub fn compensate_closure<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(Value, crate::TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = crate::TaskResult> + Send + 'static,
+    {
+        let name: Arc<str> = Arc::from(format!("{}:compensation", self.id));
+        self.compensation = Some(TaskRef::Handler {
+            name,
+            handler: Arc::new(handler),
+        });
+        self
+    }
+
+    /// Sets the action's retry policy.
+    pub fn retry(mut self, p: RetryPolicy) -> Self {
+        self.retry = Some(p);
+        self
+    }
+
+    /// Sets the compensation's retry policy.
+    pub fn compensation_retry(mut self, p: RetryPolicy) -> Self {
+        self.compensation_retry = Some(p);
+        self
+    }
+
+    /// Sets the timeout of each attempt of the action.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Puts the step in a parallel group.
+    pub fn parallel(mut self, group: impl Into<String>) -> Self {
+        self.parallel_group = Some(group.into());
+        self
+    }
+}
+
+/// A saga: steps run in order; when one fails for good, the completed ones are compensated in
+/// reverse order.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SagaDefinition {
+    /// Unique id.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// What it does.
+    pub description: Option<String>,
+    /// Version; an instance keeps the version it started with.
+    pub version: u32,
+    /// The steps, in order.
+    pub steps: Vec<SagaStep>,
+    /// Limit for the whole saga; reaching it unwinds.
+    pub timeout: Option<Duration>,
+    /// Free-form metadata.
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+impl SagaDefinition {
+    /// A definition with an id, version 1 and no steps yet.
+    pub fn new(id: impl Into<String>) -> Self {
+        let id = id.into();
+        Self {
+            name: id.clone(),
+            id,
+            description: None,
+            version: 1,
+            steps: Vec::new(),
+            timeout: None,
+            metadata: serde_json::Map::new(),
+        }
+    }
+
+    /// Adds a step.
+    pub fn step(mut self, step: SagaStep) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// Sets the version.
+    pub fn version(mut self, v: u32) -> Self {
+        self.version = v;
+        self
+    }
+
+    /// Sets the saga timeout.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Sets the human name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the description.
+    pub fn description(mut self, d: impl Into<String>) -> Self {
+        self.description = Some(d.into());
+        self
+    }
+}
+
+/// Status of a saga instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SagaStatus {
+    /// Accepted, not yet running.
+    Created,
+    /// Running its steps.
+    Running,
+    /// Every step completed.
+    Completed,
+    /// A step failed and there was nothing to compensate, or compensation was not possible.
+    Failed,
+    /// Undoing completed steps.
+    Compensating,
+    /// Every completed step was undone.
+    Compensated,
+    /// A compensation failed after its retries; the undo stack is intact and
+    /// `resume_compensation` carries on.
+    CompensationFailed,
+}
+
+impl SagaStatus {
+    /// Whether the saga will not move on by itself.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Compensated | Self::CompensationFailed
+        )
+    }
+}
+
+/// Status of one step of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SagaStepStatus {
+    /// Not started.
+    Pending,
+    /// Running.
+    Running,
+    /// Done.
+    Completed,
+    /// Failed after its retries.
+    Failed,
+    /// Being undone.
+    Compensating,
+    /// Undone.
+    Compensated,
+    /// Its compensation failed after its retries.
+    CompensationFailed,
+}
+
+/// The record of one step of an instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SagaStepExecution {
+    /// Unique id.
+    pub id: Uuid,
+    /// The step.
+    pub step_id: String,
+    /// Its status.
+    pub status: SagaStepStatus,
+    /// Attempts of the action so far.
+    pub attempts: u32,
+    /// Attempts of the compensation so far.
+    pub compensation_attempts: u32,
+    /// The key to pass to external systems; stable across retries and recovery.
+    pub idempotency_key: String,
+    /// When the action started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the action (or compensation) finished.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The action's result.
+    pub result: Option<Value>,
+    /// The last error.
+    pub error: Option<String>,
+}
+
+/// A saga instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SagaInstance {
+    /// Unique id.
+    pub id: Uuid,
+    /// The definition.
+    pub saga_id: String,
+    /// The definition version it started with.
+    pub saga_version: u32,
+    /// Its status.
+    pub status: SagaStatus,
+    /// One record per step.
+    pub steps: Vec<SagaStepExecution>,
+    /// The input it was started with.
+    pub input: Value,
+    /// Step results by step id.
+    pub context: Value,
+    /// The idempotency key it was started with.
+    pub idempotency_key: Option<String>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it reached a terminal status.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Why it failed or was compensated.
+    pub error: Option<String>,
+}
+
+/// Options of [`SagaCoordinator::start_saga_with`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct StartSagaOptions {
+    /// Starting twice with the same key returns the first instance.
+    pub idempotency_key: Option<String>,
+}
+
+impl StartSagaOptions {
+    /// Options with an idempotency key.
+    pub fn idempotency_key(key: impl Into<String>) -> Self {
+        Self {
+            idempotency_key: Some(key.into()),
+        }
+    }
+}
+
+/// Which instances [`SagaCoordinator::list_sagas`] returns.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SagaFilter {
+    /// Only this definition.
+    pub saga_id: Option<String>,
+    /// Only these statuses (empty: all).
+    pub status: Vec<SagaStatus>,
+    /// Started at or after.
+    pub started_after: Option<DateTime<Utc>>,
+    /// Started at or before.
+    pub started_before: Option<DateTime<Utc>>,
+    /// Which page.
+    pub page: Pagination,
+}
+
+/// Saga event types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SagaEventType {
+    /// `saga-started`
+    SagaStarted,
+    /// `saga-completed`
+    SagaCompleted,
+    /// `saga-failed`
+    SagaFailed,
+    /// `step-started`
+    StepStarted,
+    /// `step-completed`
+    StepCompleted,
+    /// `step-failed`
+    StepFailed,
+    /// `compensation-started`
+    CompensationStarted,
+    /// `compensation-completed`
+    CompensationCompleted,
+    /// `compensation-failed`
+    CompensationFailed,
+}
+
+impl SagaEventType {
+    /// The kebab-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SagaStarted => "saga-started",
+            Self::SagaCompleted => "saga-completed",
+            Self::SagaFailed => "saga-failed",
+            Self::StepStarted => "step-started",
+            Self::StepCompleted => "step-completed",
+            Self::StepFailed => "step-failed",
+            Self::CompensationStarted => "compensation-started",
+            Self::CompensationCompleted => "compensation-completed",
+            Self::CompensationFailed => "compensation-failed",
+        }
+    }
+}
+
+/// A saga event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SagaEvent {
+    /// Unique id.
+    pub id: Uuid,
+    /// The type.
+    #[serde(rename = "type")]
+    pub event_type: SagaEventType,
+    /// When it happened.
+    pub timestamp: DateTime<Utc>,
+    /// The definition.
+    pub saga_id: String,
+    /// The instance.
+    pub instance_id: Uuid,
+    /// The step, for step and compensation events.
+    pub step_id: Option<String>,
+    /// The details.
+    pub payload: Value,
+}
+
+impl SagaEvent {
+    /// A new event stamped now.
+    pub fn new(
+        event_type: SagaEventType,
+        saga_id: impl Into<String>,
+        instance_id: Uuid,
+        step_id: Option<String>,
+        payload: Value,
+    ) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            event_type,
+            timestamp: Utc::now(),
+            saga_id: saga_id.into(),
+            instance_id,
+            step_id,
+            payload,
+        }
+    }
+}
+
+impl Typed for SagaEvent {
+    fn type_name(&self) -> &str {
+        self.event_type.as_str()
+    }
+}
+
+/// A callback for saga events.
+pub type SagaEventHandler = Arc<dyn Fn(&SagaEvent) + Send + Sync>;
+
+/// Runs sagas.
+///
+/// # Rules
+/// - `Send + Sync`; every method may be called concurrently.
+/// - `start_saga` returns as soon as the instance is durably recorded; the steps run in the
+///   background.
+/// - Starting with an idempotency key that was already used returns the existing instance.
+/// - Steps run at least once: a step that was running at a crash runs again after recovery, with
+///   the same idempotency key.
+/// - Events are delivered as in [`crate::event`]: never blocking the saga, never lost silently.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
+pub trait SagaCoordinator: Send + Sync {
+    /// Registers (or replaces, for a new version) a definition.
+    async fn define_saga(&self, definition: SagaDefinition) -> Result<()>;
+    /// Starts an instance of the latest version of a definition.
+    async fn start_saga(&self, saga_id: &str, input: Value) -> Result<SagaInstance>;
+    /// Starts an instance with options (an idempotency key).
+    async fn start_saga_with(
+        &self,
+        saga_id: &str,
+        input: Value,
+        options: StartSagaOptions,
+    ) -> Result<SagaInstance>;
+    /// The instance with its step timeline.
+    async fn get_saga_status(&self, instance_id: Uuid) -> Result<Option<SagaInstance>>;
+    /// Stops forward progress after the running step and undoes the completed steps.
+    async fn compensate_saga(&self, instance_id: Uuid, reason: &str) -> Result<SagaInstance>;
+    /// Carries on an unwind that stopped in `compensation-failed`.
+    async fn resume_compensation(&self, instance_id: Uuid) -> Result<SagaInstance>;
+    /// Lists instances.
+    async fn list_sagas(&self, filter: SagaFilter) -> Result<Page<SagaInstance>>;
+    /// Calls `handler` for matching events until the handle is dropped.
+    fn on_saga_event(&self, filter: EventFilter, handler: SagaEventHandler) -> EventSubscription;
+}

@@ -1,0 +1,442 @@
+//! The scheduler contract: run tasks of the runtime once at a time, or on a cron pattern.
+//!
+//! Ids: the `id` of [`Scheduler::cancel_task`], `pause_task`, `resume_task` and `get_task` is the
+//! *scheduled entry's* id; `task_id` in configs and filters is the runtime task to run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::Pagination;
+use crate::Result;
+use crate::event::{EventFilter, EventSubscription, Typed};
+use crate::retry::RetryPolicy;
+
+/// What to do with runs that were due while the scheduler was down or paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum MisfirePolicy {
+    /// Skip them; carry on from the next due time.
+    Skip,
+    /// Run once now for all of them.
+    #[default]
+    FireOnce,
+    /// Run each of them, up to a cap.
+    FireAll {
+        /// At most this many catch-up runs.
+        max: u32,
+    },
+}
+
+/// What to do when a run is due while the previous one is still going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum OverlapPolicy {
+    /// Start it anyway.
+    Allow,
+    /// Skip it.
+    #[default]
+    Skip,
+    /// Queue one run to start when the previous one ends (further ones are skipped).
+    QueueOne,
+}
+
+/// Per-entry policies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SchedulePolicy {
+    /// What to do with missed runs.
+    pub misfire: MisfirePolicy,
+    /// A run later than this after its due time counts as missed.
+    #[serde(with = "crate::serde_duration")]
+    pub misfire_threshold: Duration,
+    /// What to do when runs overlap.
+    pub overlap: OverlapPolicy,
+    /// Retries of a failing run.
+    pub retry: Option<RetryPolicy>,
+    /// At most this many runs of the entry at once.
+    pub max_concurrent: Option<u32>,
+}
+
+impl Default for SchedulePolicy {
+    fn default() -> Self {
+        Self {
+            misfire: MisfirePolicy::default(),
+            misfire_threshold: Duration::from_secs(60),
+            overlap: OverlapPolicy::default(),
+            retry: None,
+            max_concurrent: None,
+        }
+    }
+}
+
+/// A one-shot entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ScheduledTaskConfig {
+    /// The runtime task to run.
+    pub task_id: String,
+    /// Its input.
+    pub input: Value,
+    /// When to run it.
+    pub execute_at: DateTime<Utc>,
+    /// What it is for.
+    pub description: Option<String>,
+    /// Free-form metadata (filterable).
+    pub metadata: serde_json::Map<String, Value>,
+    /// Policies.
+    pub policy: SchedulePolicy,
+}
+
+impl ScheduledTaskConfig {
+    /// Run `task_id` with `input` at `execute_at`.
+    pub fn new(task_id: impl Into<String>, input: Value, execute_at: DateTime<Utc>) -> Self {
+        Self {
+            task_id: task_id.into(),
+            input,
+            execute_at,
+            description: None,
+            metadata: serde_json::Map::new(),
+            policy: SchedulePolicy::default(),
+        }
+    }
+
+    /// Sets the description.
+    pub fn description(mut self, d: impl Into<String>) -> Self {
+        self.description = Some(d.into());
+        self
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, k: impl Into<String>, v: Value) -> Self {
+        self.metadata.insert(k.into(), v);
+        self
+    }
+
+    /// Sets the policies.
+    pub fn policy(mut self, p: SchedulePolicy) -> Self {
+        self.policy = p;
+        self
+    }
+}
+
+/// A recurring entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RecurringTaskConfig {
+    /// The runtime task to run.
+    pub task_id: String,
+    /// Its input.
+    pub input: Value,
+    /// A cron pattern: 5, 6 or 7 fields, `L`, `W`, `#`, nicknames such as `@daily`.
+    pub pattern: String,
+    /// IANA time zone of the pattern (default UTC).
+    pub timezone: Option<String>,
+    /// No run before this.
+    pub start_at: Option<DateTime<Utc>>,
+    /// No run after this.
+    pub end_at: Option<DateTime<Utc>>,
+    /// Stop after this many runs.
+    pub max_executions: Option<u32>,
+    /// Delay each run by a random amount up to this.
+    #[serde(with = "crate::serde_duration::option")]
+    pub jitter: Option<Duration>,
+    /// What it is for.
+    pub description: Option<String>,
+    /// Free-form metadata (filterable).
+    pub metadata: serde_json::Map<String, Value>,
+    /// Policies.
+    pub policy: SchedulePolicy,
+}
+
+impl RecurringTaskConfig {
+    /// Run `task_id` with `input` on `pattern` (UTC unless [`timezone`](Self::timezone) is set).
+    pub fn new(task_id: impl Into<String>, input: Value, pattern: impl Into<String>) -> Self {
+        Self {
+            task_id: task_id.into(),
+            input,
+            pattern: pattern.into(),
+            timezone: None,
+            start_at: None,
+            end_at: None,
+            max_executions: None,
+            jitter: None,
+            description: None,
+            metadata: serde_json::Map::new(),
+            policy: SchedulePolicy::default(),
+        }
+    }
+
+    /// Sets the time zone.
+    pub fn timezone(mut self, tz: impl Into<String>) -> Self {
+        self.timezone = Some(tz.into());
+        self
+    }
+
+    /// Sets the start.
+    pub fn start_at(mut self, t: DateTime<Utc>) -> Self {
+        self.start_at = Some(t);
+        self
+    }
+
+    /// Sets the end.
+    pub fn end_at(mut self, t: DateTime<Utc>) -> Self {
+        self.end_at = Some(t);
+        self
+    }
+
+    /// Sets the maximum number of runs.
+    pub fn max_executions(mut self, n: u32) -> Self {
+        self.max_executions = Some(n);
+        self
+    }
+
+    /// Sets the jitter.
+    pub fn jitter(mut self, j: Duration) -> Self {
+        self.jitter = Some(j);
+        self
+    }
+
+    /// Sets the description.
+    pub fn description(mut self, d: impl Into<String>) -> Self {
+        self.description = Some(d.into());
+        self
+    }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, k: impl Into<String>, v: Value) -> Self {
+        self.metadata.insert(k.into(), v);
+        self
+    }
+
+    /// Sets the policies.
+    pub fn policy(mut self, p: SchedulePolicy) -> Self {
+        self.policy = p;
+        self
+    }
+}
+
+/// Status of a scheduled entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ScheduledTaskStatus {
+    /// Waiting for its time.
+    Scheduled,
+    /// A run is going.
+    Running,
+    /// Done (one-shot, or a recurring entry past its end).
+    Completed,
+    /// Its (last) run failed after retries.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+    /// Paused.
+    Paused,
+}
+
+/// One run of an entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RunRecord {
+    /// The time the run was due.
+    pub due_at: DateTime<Utc>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Its output.
+    pub result: Option<Value>,
+    /// Its error.
+    pub error: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// A scheduled entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ScheduledTask {
+    /// The entry's id.
+    pub id: Uuid,
+    /// The runtime task it runs.
+    pub task_id: String,
+    /// Its status.
+    pub status: ScheduledTaskStatus,
+    /// When it was (first) due.
+    pub execute_at: DateTime<Utc>,
+    /// When it last ran.
+    pub executed_at: Option<DateTime<Utc>>,
+    /// When it runs next.
+    pub next_execution_at: Option<DateTime<Utc>>,
+    /// The cron pattern of a recurring entry.
+    pub pattern: Option<String>,
+    /// Its time zone.
+    pub timezone: Option<String>,
+    /// Runs left, when limited.
+    pub remaining_executions: Option<u32>,
+    /// Runs so far.
+    pub execution_count: u32,
+    /// The input.
+    pub input: Value,
+    /// The last run's output.
+    pub result: Option<Value>,
+    /// The last run's error.
+    pub error: Option<String>,
+    /// What it is for.
+    pub description: Option<String>,
+    /// Free-form metadata.
+    pub metadata: serde_json::Map<String, Value>,
+    /// The most recent runs, newest last (bounded).
+    pub history: Vec<RunRecord>,
+}
+
+/// Which entries [`Scheduler::get_tasks`] returns; sorted by next run.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct ScheduledTaskFilter {
+    /// Any of these statuses (empty: all).
+    pub status: Vec<ScheduledTaskStatus>,
+    /// Any of these runtime tasks (empty: all).
+    pub task_id: Vec<String>,
+    /// Next run at or after (inclusive).
+    pub from: Option<DateTime<Utc>>,
+    /// Next run at or before (inclusive).
+    pub to: Option<DateTime<Utc>>,
+    /// Only recurring (true) or one-shot (false) entries.
+    pub recurring: Option<bool>,
+    /// Entries whose metadata contains all of these pairs.
+    pub metadata: serde_json::Map<String, Value>,
+    /// Which page.
+    pub page: Pagination,
+}
+
+/// Scheduler event types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SchedulerEventType {
+    /// `scheduled`
+    Scheduled,
+    /// `started`
+    Started,
+    /// `completed`
+    Completed,
+    /// `failed`
+    Failed,
+    /// `cancelled`
+    Cancelled,
+    /// `paused`
+    Paused,
+    /// `resumed`
+    Resumed,
+    /// `misfired`
+    Misfired,
+}
+
+impl SchedulerEventType {
+    /// The kebab-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Started => "started",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Paused => "paused",
+            Self::Resumed => "resumed",
+            Self::Misfired => "misfired",
+        }
+    }
+}
+
+/// A scheduler event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SchedulerEvent {
+    /// Unique id.
+    pub id: Uuid,
+    /// The type.
+    #[serde(rename = "type")]
+    pub event_type: SchedulerEventType,
+    /// When it happened.
+    pub timestamp: DateTime<Utc>,
+    /// The entry.
+    pub scheduled_task_id: Uuid,
+    /// The runtime task.
+    pub task_id: String,
+    /// The details (due time, result, error).
+    pub payload: Value,
+}
+
+impl SchedulerEvent {
+    /// A new event stamped now.
+    pub fn new(
+        event_type: SchedulerEventType,
+        scheduled_task_id: Uuid,
+        task_id: impl Into<String>,
+        payload: Value,
+    ) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            event_type,
+            timestamp: Utc::now(),
+            scheduled_task_id,
+            task_id: task_id.into(),
+            payload,
+        }
+    }
+}
+
+impl Typed for SchedulerEvent {
+    fn type_name(&self) -> &str {
+        self.event_type.as_str()
+    }
+}
+
+/// A callback for scheduler events.
+pub type SchedulerEventHandler = Arc<dyn Fn(&SchedulerEvent) + Send + Sync>;
+
+/// Runs tasks of the runtime at their time.
+///
+/// # Rules
+/// - `Send + Sync`; every method may be called concurrently.
+/// - A change is persisted before it is announced (returned or emitted).
+/// - A run never starts before its due time.
+/// - `cancel_task`, `pause_task`, `resume_task`, `reschedule_task` and `trigger_task` return
+///   `false` for an unknown id or a status that does not allow the change.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
+pub trait Scheduler: Send + Sync {
+    /// Schedules a one-shot run; returns the entry's id.
+    async fn schedule_task(&self, config: ScheduledTaskConfig) -> Result<Uuid>;
+    /// Schedules a recurring entry; returns its id.
+    async fn schedule_recurring_task(&self, config: RecurringTaskConfig) -> Result<Uuid>;
+    /// Cancels an entry.
+    async fn cancel_task(&self, id: Uuid) -> Result<bool>;
+    /// Pauses an entry.
+    async fn pause_task(&self, id: Uuid) -> Result<bool>;
+    /// Resumes a paused entry.
+    async fn resume_task(&self, id: Uuid) -> Result<bool>;
+    /// Moves a one-shot entry (or the next run of a recurring one) to `execute_at`.
+    async fn reschedule_task(&self, id: Uuid, execute_at: DateTime<Utc>) -> Result<bool>;
+    /// Runs an entry now, outside of its schedule.
+    async fn trigger_task(&self, id: Uuid) -> Result<bool>;
+    /// One entry.
+    async fn get_task(&self, id: Uuid) -> Result<Option<ScheduledTask>>;
+    /// Entries matching a filter, sorted by next run.
+    async fn get_tasks(&self, filter: ScheduledTaskFilter) -> Result<Vec<ScheduledTask>>;
+    /// Calls `handler` for matching events until the handle is dropped.
+    fn on_scheduler_event(
+        &self,
+        filter: EventFilter,
+        handler: SchedulerEventHandler,
+    ) -> EventSubscription;
+}

@@ -1,0 +1,1099 @@
+//! The runtime: runs tasks, moves process instances through their states, and carries events.
+//!
+//! # Rules
+//! - [`Runtime`] is a cheap handle (`Clone`, `Send`, `Sync`); every method may be called from any
+//!   task concurrently.
+//! - Transitions of one instance are serialised on this node; two nodes sharing a durable store
+//!   are kept apart by the store's version check ([`crate::Error::Conflict`]).
+//! - A task's panic, timeout or error fails that execution only.
+//! - [`Runtime::shutdown`] stops accepting work, cancels the runtime's token, waits (up to a
+//!   limit) for running tasks, then shuts the extensions down.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::FutureExt;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::context::{ProcessRef, TaskContext};
+use crate::event::{Event, EventFilter, EventHub, EventSubscription, Subscription, types};
+use crate::extensions::{LoadManager, SagaCoordinator, Scheduler, Supervisor};
+use crate::process::{
+    ActionRecord, ActionStatus, GuardInput, ProcessDefinition, ProcessInstance, merge_context,
+};
+use crate::retry::RetryPolicy;
+use crate::services::{ServiceRegistry, Services};
+use crate::store::{InMemoryProcessStore, ProcessQuery, ProcessStore};
+use crate::system::System;
+use crate::task::{TaskDefinition, TaskError, TaskErrorKind, TaskHandler, TaskResult};
+use crate::{Error, Result};
+
+/// An extension's life cycle, driven by the runtime.
+///
+/// An extension implementation (a saga coordinator, a scheduler, ...) registers itself as a
+/// service, is started once the runtime exists (to bind to it, recover durable work and start its
+/// loops), and is shut down with the runtime.
+///
+/// # Rules
+/// - `register` is called once, before any `start`.
+/// - `start` is called once, in registration order; an error aborts start-up.
+/// - `shutdown` is called once, in reverse order, after running tasks finished or the shutdown
+///   deadline passed; it must stop the extension's background tasks.
+#[async_trait]
+pub trait Extension: Send + Sync + 'static {
+    /// A short name for logs, such as `saga-coordinator`.
+    fn name(&self) -> &'static str;
+    /// Puts the extension into the service registry (for example with
+    /// [`ServiceRegistry::set_saga_coordinator`]).
+    fn register(self: Arc<Self>, registry: &mut ServiceRegistry);
+    /// Binds to the started runtime.
+    async fn start(&self, runtime: Runtime) -> Result<()>;
+    /// Stops background work.
+    async fn shutdown(&self) {}
+}
+
+/// What a [`TaskMiddleware`] sees of an execution.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct TaskCall<'a> {
+    /// The task id.
+    pub task_id: &'a str,
+    /// The execution id.
+    pub execution_id: Uuid,
+    /// The input.
+    pub input: &'a Value,
+    /// The process instance, when the task runs as an action.
+    pub instance_id: Option<Uuid>,
+    /// Attempts made so far (in `after`: all of them).
+    pub attempts: u32,
+}
+
+/// Hooks around every task execution.
+///
+/// Hooks are synchronous and run on the executing task: they must not block. A hook that needs
+/// to do async work should hand it to a task of its own. `before` may refuse the execution.
+pub trait TaskMiddleware: Send + Sync + 'static {
+    /// Before the first attempt; an error fails the execution without running it.
+    fn before(&self, call: &TaskCall<'_>) -> std::result::Result<(), TaskError> {
+        let _ = call;
+        Ok(())
+    }
+    /// After the last attempt, with the outcome.
+    fn after(&self, call: &TaskCall<'_>, outcome: &TaskResult) {
+        let _ = (call, outcome);
+    }
+}
+
+/// Per-call options of [`Runtime::execute`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct ExecuteOptions {
+    /// Replaces the task's own retry policy.
+    pub retry: Option<RetryPolicy>,
+    /// Replaces the task's own timeout.
+    pub timeout: Option<Duration>,
+    /// An idempotency key visible to the task as [`TaskContext::idempotency_key`].
+    pub idempotency_key: Option<String>,
+    /// Cancels the execution when cancelled (a child of the runtime's token is used).
+    pub cancel: Option<CancellationToken>,
+    /// Pins the execution id (for example to keep it stable across a recovery).
+    pub execution_id: Option<Uuid>,
+}
+
+impl ExecuteOptions {
+    /// Sets the retry policy.
+    pub fn retry(mut self, p: RetryPolicy) -> Self {
+        self.retry = Some(p);
+        self
+    }
+    /// Sets the timeout of each attempt.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+    /// Sets the idempotency key.
+    pub fn idempotency_key(mut self, k: impl Into<String>) -> Self {
+        self.idempotency_key = Some(k.into());
+        self
+    }
+    /// Sets a cancellation token.
+    pub fn cancel(mut self, c: CancellationToken) -> Self {
+        self.cancel = Some(c);
+        self
+    }
+}
+
+/// What to run: a task of the system or an ad-hoc handler (a saga step given as a closure).
+#[derive(Clone)]
+pub enum TaskRef {
+    /// A task of the system, by id.
+    Id(String),
+    /// An ad-hoc handler with a name for events and logs.
+    Handler {
+        /// The name used in events and logs.
+        name: Arc<str>,
+        /// The implementation.
+        handler: Arc<dyn TaskHandler>,
+    },
+}
+
+impl fmt::Debug for TaskRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Id(id) => f.debug_tuple("Id").field(id).finish(),
+            Self::Handler { name, .. } => f.debug_struct("Handler").field("name", name).finish(),
+        }
+    }
+}
+
+/// The result of [`Runtime::transition_process`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TransitionOutcome {
+    /// The instance after the transition (and after its action's outcome was recorded).
+    pub instance: ProcessInstance,
+    /// The state it left.
+    pub from: Arc<str>,
+    /// The action's outcome, if the transition had one.
+    pub action: Option<ActionOutcome>,
+}
+
+impl TransitionOutcome {
+    /// Turns a failed action into an error, for callers that treat it as one.
+    pub fn into_result(self) -> Result<ProcessInstance> {
+        match self.action {
+            Some(ActionOutcome {
+                task_id,
+                result: Err(error),
+            }) => Err(Error::TaskFailed { task_id, error }),
+            _ => Ok(self.instance),
+        }
+    }
+}
+
+/// The outcome of a transition's action.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ActionOutcome {
+    /// The task that ran.
+    pub task_id: String,
+    /// Its output or error.
+    pub result: TaskResult,
+}
+
+/// Builds a [`Runtime`].
+#[must_use]
+pub struct RuntimeBuilder {
+    system: System,
+    registry: ServiceRegistry,
+    extensions: Vec<Arc<dyn Extension>>,
+    store: Option<Arc<dyn ProcessStore>>,
+    middleware: Vec<Arc<dyn TaskMiddleware>>,
+    event_capacity: usize,
+}
+
+impl fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("system", &self.system.id)
+            .field("services", &self.registry)
+            .field("extensions", &self.extensions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeBuilder {
+    /// Uses an extension implementation: it registers its service and follows the runtime's
+    /// life cycle.
+    pub fn extension<E: Extension>(mut self, extension: Arc<E>) -> Self {
+        extension.clone().register(&mut self.registry);
+        self.extensions.push(extension);
+        self
+    }
+
+    /// Sets the saga coordinator service directly (a mock, or an implementation with no life
+    /// cycle).
+    pub fn saga_coordinator(mut self, s: Arc<dyn SagaCoordinator>) -> Self {
+        self.registry.set_saga_coordinator(s);
+        self
+    }
+
+    /// Sets the scheduler service directly.
+    pub fn scheduler(mut self, s: Arc<dyn Scheduler>) -> Self {
+        self.registry.set_scheduler(s);
+        self
+    }
+
+    /// Sets the supervisor service directly.
+    pub fn supervisor(mut self, s: Arc<dyn Supervisor>) -> Self {
+        self.registry.set_supervisor(s);
+        self
+    }
+
+    /// Sets the load manager service directly.
+    pub fn load_manager(mut self, s: Arc<dyn LoadManager>) -> Self {
+        self.registry.set_load_manager(s);
+        self
+    }
+
+    /// Adds a user service, found by type with [`TaskContext::service`].
+    pub fn service<T: Send + Sync + 'static>(mut self, s: Arc<T>) -> Self {
+        self.registry.insert(s);
+        self
+    }
+
+    /// Adds a user service under a name.
+    pub fn named_service<T: Send + Sync + 'static>(
+        mut self,
+        name: impl Into<String>,
+        s: Arc<T>,
+    ) -> Self {
+        self.registry.insert_named(name, s);
+        self
+    }
+
+    /// Keeps process instances in `store` (default: in memory).
+    pub fn process_store(mut self, store: Arc<dyn ProcessStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Adds task middleware.
+    pub fn middleware(mut self, m: Arc<dyn TaskMiddleware>) -> Self {
+        self.middleware.push(m);
+        self
+    }
+
+    /// How far an event subscriber may fall behind before it skips events (default 1024).
+    pub fn event_capacity(mut self, n: usize) -> Self {
+        self.event_capacity = n;
+        self
+    }
+
+    /// Checks that every enabled extension has a service, builds the runtime and starts the
+    /// extensions.
+    pub async fn start(self) -> Result<Runtime> {
+        let ext = self.system.extensions;
+        let r = &self.registry;
+        for (enabled, present, name) in [
+            (
+                ext.saga_coordinator,
+                r.saga_coordinator.is_some(),
+                "saga-coordinator",
+            ),
+            (ext.scheduler, r.scheduler.is_some(), "scheduler"),
+            (ext.supervisor, r.supervisor.is_some(), "supervisor"),
+            (ext.load_manager, r.load_manager.is_some(), "load-manager"),
+        ] {
+            if enabled && !present {
+                return Err(Error::ExtensionNotConfigured(name));
+            }
+        }
+        let runtime = Runtime {
+            inner: Arc::new(Inner {
+                system: self.system,
+                services: Services::freeze(self.registry),
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(InMemoryProcessStore::new())),
+                events: EventHub::with_capacity("runtime", self.event_capacity),
+                locks: Mutex::new(HashMap::new()),
+                middleware: parking_lot::RwLock::new(self.middleware.into()),
+                inflight: AtomicUsize::new(0),
+                idle: Notify::new(),
+                shutting_down: AtomicBool::new(false),
+                cancel: CancellationToken::new(),
+                extensions: self.extensions,
+            }),
+        };
+        for e in &runtime.inner.extensions {
+            e.start(runtime.clone()).await?;
+            tracing::debug!(extension = e.name(), "extension started");
+        }
+        Ok(runtime)
+    }
+}
+
+struct Inner {
+    system: System,
+    services: Services,
+    store: Arc<dyn ProcessStore>,
+    events: EventHub<Event>,
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    middleware: parking_lot::RwLock<Arc<[Arc<dyn TaskMiddleware>]>>,
+    inflight: AtomicUsize,
+    idle: Notify,
+    shutting_down: AtomicBool,
+    cancel: CancellationToken,
+    extensions: Vec<Arc<dyn Extension>>,
+}
+
+/// The ArchitectLM runtime. See the [module docs](self) for its rules.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("system", &self.inner.system.id)
+            .field("inflight", &self.inner.inflight.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a running execution; wakes a waiting shutdown when the last one ends.
+struct InflightGuard<'a>(&'a Inner);
+
+impl<'a> InflightGuard<'a> {
+    fn enter(inner: &'a Inner) -> Result<Self> {
+        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        let guard = Self(inner);
+        if inner.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.shutting_down.load(Ordering::Acquire)
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+impl Runtime {
+    /// Starts building a runtime for `system`.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use architectlm_core::{Runtime, System, TaskDefinition};
+    /// use serde_json::json;
+    ///
+    /// let system = System::builder("demo")
+    ///     .task(TaskDefinition::new("double", |v: serde_json::Value, _ctx| async move {
+    ///         Ok(json!(v.as_i64().unwrap_or(0) * 2))
+    ///     }).unwrap())
+    ///     .build()
+    ///     .unwrap();
+    /// let runtime = Runtime::builder(system).start().await.unwrap();
+    /// assert_eq!(runtime.execute_task("double", json!(21)).await.unwrap(), json!(42));
+    /// # });
+    /// ```
+    pub fn builder(system: System) -> RuntimeBuilder {
+        RuntimeBuilder {
+            system,
+            registry: ServiceRegistry::default(),
+            extensions: Vec::new(),
+            store: None,
+            middleware: Vec::new(),
+            event_capacity: crate::event::DEFAULT_EVENT_CAPACITY,
+        }
+    }
+
+    /// The system it runs.
+    pub fn system(&self) -> &System {
+        &self.inner.system
+    }
+
+    /// Its services.
+    pub fn services(&self) -> &Services {
+        &self.inner.services
+    }
+
+    /// The process store.
+    pub fn process_store(&self) -> &Arc<dyn ProcessStore> {
+        &self.inner.store
+    }
+
+    /// The event hub (for `dropped()` and direct subscriptions).
+    pub fn events(&self) -> &EventHub<Event> {
+        &self.inner.events
+    }
+
+    /// The token cancelled at shutdown.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.inner.cancel
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Adds task middleware to a running runtime (extensions use this in `start`).
+    pub fn add_middleware(&self, m: Arc<dyn TaskMiddleware>) {
+        let mut slot = self.inner.middleware.write();
+        let mut v: Vec<_> = slot.iter().cloned().collect();
+        v.push(m);
+        *slot = v.into();
+    }
+
+    // ----- events -------------------------------------------------------------------------
+
+    /// Emits an event with the given source. Costs one atomic load when nobody listens.
+    pub fn emit(&self, event_type: impl Into<String>, source: impl Into<String>, payload: Value) {
+        self.inner.events.publish_with(|| {
+            Event::new(
+                event_type.into(),
+                std::borrow::Cow::Owned(source.into()),
+                payload,
+            )
+        });
+    }
+
+    /// Emits an event from user code (source `user`).
+    pub fn emit_event(&self, event_type: impl Into<String>, payload: Value) {
+        self.emit(event_type, "user", payload);
+    }
+
+    /// Publishes a ready-made event (extensions forward theirs this way).
+    pub fn publish(&self, event: Event) {
+        self.inner.events.publish(event);
+    }
+
+    /// Subscribes to one event type, a list, or all (`"*"`). Dropping the subscription
+    /// unsubscribes; [`Subscription::missed`] tells how many events it skipped.
+    pub fn subscribe(&self, filter: impl Into<EventFilter>) -> Subscription<Event> {
+        self.inner.events.subscribe(filter)
+    }
+
+    /// Calls `handler` for each matching event, on a task of its own. Dropping the handle
+    /// unsubscribes.
+    pub fn subscribe_to_event(
+        &self,
+        filter: impl Into<EventFilter>,
+        handler: impl Fn(&Event) + Send + Sync + 'static,
+    ) -> EventSubscription {
+        self.inner.events.on(filter, handler)
+    }
+
+    // ----- tasks --------------------------------------------------------------------------
+
+    /// Runs a task of the system with its timeout and retry policy and returns its output.
+    /// Emits `TASK_STARTED`, then `TASK_COMPLETED` or `TASK_FAILED`.
+    pub async fn execute_task(&self, task_id: &str, input: Value) -> Result<Value> {
+        self.execute(
+            TaskRef::Id(task_id.to_owned()),
+            input,
+            ExecuteOptions::default(),
+        )
+        .await
+    }
+
+    /// Runs a task with serde types in and out.
+    pub async fn execute_typed<I, O>(&self, task_id: &str, input: &I) -> Result<O>
+    where
+        I: serde::Serialize + ?Sized,
+        O: serde::de::DeserializeOwned,
+    {
+        let out = self
+            .execute_task(task_id, serde_json::to_value(input)?)
+            .await?;
+        Ok(serde_json::from_value(out)?)
+    }
+
+    /// Runs a task or an ad-hoc handler with per-call options.
+    pub async fn execute(
+        &self,
+        task: TaskRef,
+        input: Value,
+        options: ExecuteOptions,
+    ) -> Result<Value> {
+        match task {
+            TaskRef::Id(id) => {
+                let def = self.task(&id)?.clone();
+                let retry = options.retry.clone().or_else(|| def.retry.clone());
+                let timeout = options.timeout.or(def.timeout);
+                self.run(&def.id, &def.handler, input, retry, timeout, None, options)
+                    .await
+            }
+            TaskRef::Handler { name, handler } => {
+                let retry = options.retry.clone();
+                let timeout = options.timeout;
+                self.run(&name, &handler, input, retry, timeout, None, options)
+                    .await
+            }
+        }
+    }
+
+    fn task(&self, id: &str) -> Result<&Arc<TaskDefinition>> {
+        self.inner
+            .system
+            .tasks
+            .get(id)
+            .ok_or_else(|| Error::not_found("task", id))
+    }
+
+    #[allow(clippy::too_many_arguments)] // An internal funnel; the public entry points are small.
+    async fn run(
+        &self,
+        task_id: &str,
+        handler: &Arc<dyn TaskHandler>,
+        input: Value,
+        retry: Option<RetryPolicy>,
+        timeout: Option<Duration>,
+        process: Option<Arc<ProcessRef>>,
+        options: ExecuteOptions,
+    ) -> Result<Value> {
+        let inner = &*self.inner;
+        let _guard = InflightGuard::enter(inner)?;
+        let execution_id = options.execution_id.unwrap_or_else(Uuid::new_v4);
+        let span = tracing::debug_span!("task", task_id, %execution_id);
+        let result = self
+            .run_attempts(
+                task_id,
+                handler,
+                input,
+                retry,
+                timeout,
+                process,
+                options,
+                execution_id,
+            )
+            .instrument(span)
+            .await;
+        result.map_err(|error| Error::TaskFailed {
+            task_id: task_id.to_owned(),
+            error,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // See `run`.
+    async fn run_attempts(
+        &self,
+        task_id: &str,
+        handler: &Arc<dyn TaskHandler>,
+        input: Value,
+        retry: Option<RetryPolicy>,
+        timeout: Option<Duration>,
+        process: Option<Arc<ProcessRef>>,
+        options: ExecuteOptions,
+        execution_id: Uuid,
+    ) -> TaskResult {
+        let inner = &*self.inner;
+        let middleware = inner.middleware.read().clone();
+        let instance_id = process.as_ref().map(|p| p.instance_id);
+        let call = |attempts| TaskCall {
+            task_id,
+            execution_id,
+            input: &input,
+            instance_id,
+            attempts,
+        };
+        for m in middleware.iter() {
+            if let Err(e) = m.before(&call(0)) {
+                let outcome = Err(e);
+                for m in middleware.iter() {
+                    m.after(&call(0), &outcome);
+                }
+                return outcome;
+            }
+        }
+        inner.events.publish_with(|| {
+            Event::new(
+                types::TASK_STARTED,
+                "runtime",
+                json!({"task_id": task_id, "execution_id": execution_id, "instance_id": instance_id}),
+            )
+        });
+        let parent = options.cancel.as_ref().unwrap_or(&inner.cancel);
+        let task_name: Arc<str> = Arc::from(task_id);
+        let key: Option<Arc<str>> = options.idempotency_key.as_deref().map(Arc::from);
+        let max_attempts = retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let cancel = if timeout.is_some() || options.cancel.is_some() {
+                parent.child_token()
+            } else {
+                inner.cancel.clone()
+            };
+            let ctx = TaskContext {
+                runtime: self.clone(),
+                task_id: task_name.clone(),
+                execution_id,
+                attempt,
+                process: process.clone(),
+                idempotency_key: key.clone(),
+                cancel: cancel.clone(),
+            };
+            let fut = AssertUnwindSafe(handler.call(input.clone(), ctx)).catch_unwind();
+            let result = match timeout {
+                None => fut.await,
+                Some(limit) => match tokio::time::timeout(limit, fut).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        cancel.cancel();
+                        Ok(Err(TaskError::with_kind(
+                            TaskErrorKind::TimedOut,
+                            format!("task \"{task_id}\" timed out after {limit:?}"),
+                        )))
+                    }
+                },
+            };
+            let result = match result {
+                Ok(r) => r,
+                Err(panic) => {
+                    let msg = panic_message(&*panic);
+                    tracing::error!(task_id, %execution_id, panic = %msg, "task panicked");
+                    Err(TaskError::with_kind(
+                        TaskErrorKind::Panicked,
+                        format!("task \"{task_id}\" panicked: {msg}"),
+                    ))
+                }
+            };
+            match result {
+                Err(e) if e.is_retryable() && attempt < max_attempts => {
+                    let delay = retry.as_ref().map_or(Duration::ZERO, |r| r.delay(attempt));
+                    tracing::debug!(task_id, attempt, error = %e, ?delay, "task attempt failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = parent.cancelled() => {
+                            break Err(TaskError::with_kind(
+                                TaskErrorKind::Cancelled,
+                                format!("task \"{task_id}\" cancelled while waiting to retry: {e}"),
+                            ));
+                        }
+                    }
+                }
+                other => break other,
+            }
+        };
+        match &outcome {
+            Ok(_) => inner.events.publish_with(|| {
+                Event::new(
+                    types::TASK_COMPLETED,
+                    "runtime",
+                    json!({"task_id": task_id, "execution_id": execution_id, "instance_id": instance_id, "attempts": attempt}),
+                )
+            }),
+            Err(e) => {
+                tracing::debug!(task_id, %execution_id, attempts = attempt, error = %e, "task failed");
+                inner.events.publish_with(|| {
+                    Event::new(
+                        types::TASK_FAILED,
+                        "runtime",
+                        json!({"task_id": task_id, "execution_id": execution_id, "instance_id": instance_id, "attempts": attempt, "error": e, "input": input}),
+                    )
+                })
+            }
+        }
+        for m in middleware.iter() {
+            m.after(&call(attempt), &outcome);
+        }
+        outcome
+    }
+
+    // ----- processes ----------------------------------------------------------------------
+
+    fn process(&self, process_id: &str) -> Result<&Arc<ProcessDefinition>> {
+        self.inner
+            .system
+            .processes
+            .get(process_id)
+            .ok_or_else(|| Error::not_found("process", process_id))
+    }
+
+    /// Creates an instance of a process in its initial state. Emits `PROCESS_CREATED`.
+    pub async fn create_process(
+        &self,
+        process_id: &str,
+        context: Value,
+    ) -> Result<ProcessInstance> {
+        let def = self.process(process_id)?;
+        let now = Utc::now();
+        let context = if context.is_null() {
+            json!({})
+        } else {
+            context
+        };
+        let instance = ProcessInstance {
+            id: Uuid::now_v7(),
+            process_id: def.id.clone(),
+            state: def.initial_state.clone(),
+            context,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            last_action: None,
+        };
+        self.inner.store.insert(&instance).await?;
+        self.inner.events.publish_with(|| {
+            Event::new(
+                types::PROCESS_CREATED,
+                "runtime",
+                json!({"instance_id": instance.id, "process_id": &*instance.process_id, "state": &*instance.state}),
+            )
+        });
+        tracing::debug!(instance_id = %instance.id, process_id, "process created");
+        Ok(instance)
+    }
+
+    /// Loads an instance.
+    pub async fn get_process(&self, instance_id: Uuid) -> Result<Option<ProcessInstance>> {
+        self.inner.store.get(instance_id).await
+    }
+
+    /// Every instance.
+    pub async fn get_all_processes(&self) -> Result<Vec<ProcessInstance>> {
+        self.inner.store.list(&ProcessQuery::all()).await
+    }
+
+    /// Instances of one process.
+    pub async fn get_processes_by_type(&self, process_id: &str) -> Result<Vec<ProcessInstance>> {
+        self.inner
+            .store
+            .list(&ProcessQuery::process(process_id))
+            .await
+    }
+
+    /// Instances in one state (of any process).
+    pub async fn get_processes_by_state(&self, state: &str) -> Result<Vec<ProcessInstance>> {
+        self.inner
+            .store
+            .list(&ProcessQuery::all().in_state(state))
+            .await
+    }
+
+    fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .locks
+            .lock()
+            .entry(id)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
+    }
+
+    fn release_lock(&self, id: Uuid, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.inner.locks.lock();
+        // Two references: ours and the map's. Nobody else waits, so the entry can go.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&id);
+        }
+    }
+
+    /// Applies `event` to an instance: merges `data` into its context, picks the first
+    /// transition whose guard passes, moves to its target (emitting `STATE_CHANGED`), then runs
+    /// its action, if any, and awaits it. The action's outcome is recorded on the instance and
+    /// returned; a failed action does not undo the state change.
+    ///
+    /// Transitions of one instance run one at a time, in arrival order.
+    pub async fn transition_process(
+        &self,
+        instance_id: Uuid,
+        event: &str,
+        data: Value,
+    ) -> Result<TransitionOutcome> {
+        let lock = self.lock_for(instance_id);
+        let result = {
+            let _held = lock.lock().await;
+            self.transition_locked(instance_id, event, data)
+                .instrument(tracing::debug_span!("transition", %instance_id, event))
+                .await
+        };
+        self.release_lock(instance_id, lock);
+        result
+    }
+
+    async fn transition_locked(
+        &self,
+        instance_id: Uuid,
+        event: &str,
+        data: Value,
+    ) -> Result<TransitionOutcome> {
+        let store = &self.inner.store;
+        let mut instance = store
+            .get(instance_id)
+            .await?
+            .ok_or_else(|| Error::not_found("process instance", instance_id))?;
+        let def = self.process(&instance.process_id)?.clone();
+        let invalid = || Error::InvalidTransition {
+            instance_id,
+            state: instance.state.to_string(),
+            event: event.to_owned(),
+        };
+        if def.is_final(&instance.state) {
+            return Err(invalid());
+        }
+        let candidates = def.candidates(&instance.state, event).ok_or_else(invalid)?;
+        let mut context = instance.context.clone();
+        merge_context(&mut context, data.clone());
+        let mut chosen = None;
+        let mut guard_input: Option<Arc<GuardInput>> = None;
+        for c in candidates {
+            match &c.guard {
+                None => {
+                    chosen = Some(c);
+                    break;
+                }
+                Some(g) => {
+                    let input = guard_input
+                        .get_or_insert_with(|| {
+                            Arc::new(GuardInput {
+                                instance_id,
+                                state: instance.state.clone(),
+                                event: event.to_owned(),
+                                context: context.clone(),
+                                data: data.clone(),
+                            })
+                        })
+                        .clone();
+                    if g.check(input).await {
+                        chosen = Some(c);
+                        break;
+                    }
+                }
+            }
+        }
+        let Some(chosen) = chosen else {
+            return Err(Error::GuardRejected {
+                instance_id,
+                state: instance.state.to_string(),
+                event: event.to_owned(),
+            });
+        };
+        let from = std::mem::replace(&mut instance.state, chosen.target.clone());
+        let expected = instance.version;
+        instance.context = context;
+        instance.version += 1;
+        instance.updated_at = Utc::now();
+        instance.last_action = chosen.action.as_ref().map(|task_id| {
+            Box::new(ActionRecord {
+                task_id: task_id.to_string(),
+                event: event.to_owned(),
+                input: instance.context.clone(),
+                status: ActionStatus::Running,
+                output: None,
+                error: None,
+                at: instance.updated_at,
+            })
+        });
+        store.update(&instance, expected).await?;
+        self.inner.events.publish_with(|| {
+            Event::new(
+                types::STATE_CHANGED,
+                "runtime",
+                json!({"instance_id": instance_id, "process_id": &*instance.process_id, "from": &*from, "to": &*instance.state, "event": event}),
+            )
+        });
+        let Some(task_id) = chosen.action.clone() else {
+            return Ok(TransitionOutcome {
+                instance,
+                from,
+                action: None,
+            });
+        };
+        let result = self.run_action(&instance, &task_id).await;
+        self.record_action(&mut instance, &result).await?;
+        Ok(TransitionOutcome {
+            instance,
+            from,
+            action: Some(ActionOutcome {
+                task_id: task_id.to_string(),
+                result,
+            }),
+        })
+    }
+
+    async fn run_action(&self, instance: &ProcessInstance, task_id: &str) -> TaskResult {
+        let input = instance
+            .last_action
+            .as_ref()
+            .map_or_else(|| instance.context.clone(), |a| a.input.clone());
+        let def = match self.task(task_id) {
+            Ok(d) => d.clone(),
+            Err(e) => return Err(TaskError::permanent(e.to_string())),
+        };
+        let process = Arc::new(ProcessRef {
+            instance_id: instance.id,
+            process_id: instance.process_id.clone(),
+            context: instance.context.clone(),
+        });
+        let result = self
+            .run(
+                &def.id,
+                &def.handler,
+                input,
+                def.retry.clone(),
+                def.timeout,
+                Some(process),
+                ExecuteOptions::default(),
+            )
+            .await
+            .map_err(TaskError::from);
+        if let Err(e) = &result {
+            self.inner.events.publish_with(|| {
+                Event::new(
+                    types::SYSTEM_ERROR,
+                    "runtime",
+                    json!({"instance_id": instance.id, "task_id": task_id, "error": e, "kind": "action-failed"}),
+                )
+            });
+        }
+        result
+    }
+
+    async fn record_action(
+        &self,
+        instance: &mut ProcessInstance,
+        result: &TaskResult,
+    ) -> Result<()> {
+        if let Some(rec) = instance.last_action.as_mut() {
+            match result {
+                Ok(v) => {
+                    rec.status = ActionStatus::Completed;
+                    rec.output = Some(v.clone());
+                    rec.error = None;
+                }
+                Err(e) => {
+                    rec.status = ActionStatus::Failed;
+                    rec.output = None;
+                    rec.error = Some(e.message.clone());
+                }
+            }
+            rec.at = Utc::now();
+        }
+        let expected = instance.version;
+        instance.version += 1;
+        self.inner.store.update(instance, expected).await
+    }
+
+    /// Runs the action of the instance's last transition again, with the same input (what a
+    /// supervisor's *retry-last-action* strategy does). Errors if the instance has no recorded
+    /// action.
+    pub async fn retry_last_action(&self, instance_id: Uuid) -> Result<TransitionOutcome> {
+        let lock = self.lock_for(instance_id);
+        let result = {
+            let _held = lock.lock().await;
+            async {
+                let mut instance = self
+                    .inner
+                    .store
+                    .get(instance_id)
+                    .await?
+                    .ok_or_else(|| Error::not_found("process instance", instance_id))?;
+                let Some(task_id) = instance.last_action.as_ref().map(|a| a.task_id.clone()) else {
+                    return Err(Error::InvalidInput(format!(
+                        "process instance {instance_id} has no action to retry"
+                    )));
+                };
+                let result = self.run_action(&instance, &task_id).await;
+                self.record_action(&mut instance, &result).await?;
+                Ok(TransitionOutcome {
+                    from: instance.state.clone(),
+                    instance,
+                    action: Some(ActionOutcome { task_id, result }),
+                })
+            }
+            .await
+        };
+        self.release_lock(instance_id, lock);
+        result
+    }
+
+    /// Puts an instance back in its process's initial state with `context` (what a
+    /// supervisor's *restart* strategy does). Emits `STATE_CHANGED` with event `restart`.
+    pub async fn reset_process(
+        &self,
+        instance_id: Uuid,
+        context: Value,
+    ) -> Result<ProcessInstance> {
+        let lock = self.lock_for(instance_id);
+        let result = {
+            let _held = lock.lock().await;
+            async {
+                let mut instance = self
+                    .inner
+                    .store
+                    .get(instance_id)
+                    .await?
+                    .ok_or_else(|| Error::not_found("process instance", instance_id))?;
+                let def = self.process(&instance.process_id)?;
+                let from = std::mem::replace(&mut instance.state, def.initial_state.clone());
+                let expected = instance.version;
+                instance.version += 1;
+                instance.context = context;
+                instance.updated_at = Utc::now();
+                instance.last_action = None;
+                self.inner.store.update(&instance, expected).await?;
+                self.inner.events.publish_with(|| {
+                    Event::new(
+                        types::STATE_CHANGED,
+                        "runtime",
+                        json!({"instance_id": instance_id, "process_id": &*instance.process_id, "from": &*from, "to": &*instance.state, "event": "restart"}),
+                    )
+                });
+                Ok(instance)
+            }
+            .await
+        };
+        self.release_lock(instance_id, lock);
+        result
+    }
+
+    // ----- shutdown -----------------------------------------------------------------------
+
+    /// Stops accepting tasks, cancels running ones' tokens, waits up to `timeout` for them to
+    /// finish, then shuts the extensions down in reverse order. Returns how many executions
+    /// were still running when the deadline passed (0 on a clean shutdown).
+    pub async fn shutdown(&self, timeout: Duration) -> usize {
+        let inner = &*self.inner;
+        if inner.shutting_down.swap(true, Ordering::AcqRel) {
+            return inner.inflight.load(Ordering::Acquire);
+        }
+        let wait = async {
+            loop {
+                let idle = inner.idle.notified();
+                if inner.inflight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        };
+        // Running tasks get the whole grace period to finish on their own; only then are they
+        // told to stop.
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::warn!(
+                running = inner.inflight.load(Ordering::Acquire),
+                "shutdown deadline passed with tasks still running"
+            );
+        }
+        inner.cancel.cancel();
+        for e in inner.extensions.iter().rev() {
+            e.shutdown().await;
+        }
+        inner.inflight.load(Ordering::Acquire)
+    }
+
+    /// Waits for running tasks; like [`shutdown`](Self::shutdown) with no deadline.
+    pub async fn graceful_shutdown(&self) {
+        self.shutdown(Duration::MAX).await;
+    }
+}

@@ -1,0 +1,3 @@
+//! # architectlm-loadmanager
+//!
+//! Resource limits, thresholds and circuit breakers for ArchitectLM.

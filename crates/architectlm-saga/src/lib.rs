@@ -1,0 +1,3 @@
+//! # architectlm-saga
+//!
+//! A durable saga coordinator for ArchitectLM.

@@ -1,0 +1,3 @@
+//! # architectlm-scheduler
+//!
+//! A durable one-shot and cron scheduler for ArchitectLM.

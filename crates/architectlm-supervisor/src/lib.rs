@@ -1,0 +1,3 @@
+//! # architectlm-supervisor
+//!
+//! Health checks, recovery and OTP-style worker supervision for ArchitectLM.

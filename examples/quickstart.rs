@@ -1,0 +1,2 @@
+//! The quickstart: a small order system.
+fn main() {}

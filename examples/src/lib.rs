@@ -1,0 +1,1 @@
+//! Examples of ArchitectLM; see the `[[example]]` targets.

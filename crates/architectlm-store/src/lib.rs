@@ -12,6 +12,9 @@
 //! only for the error type.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod process;
+pub mod saga;
+pub mod schedule;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;

@@ -1,0 +1,1 @@
+//! Durable storage of process instances (the core `ProcessStore` contract) on SQLite.

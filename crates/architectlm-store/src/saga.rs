@@ -1,0 +1,1 @@
+//! Storage of saga definitions versions, instances and the step journal.

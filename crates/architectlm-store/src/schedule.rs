@@ -1,0 +1,1 @@
+//! Storage of scheduled entries and their runs.

@@ -132,6 +132,11 @@ impl ExecuteOptions {
         self.cancel = Some(c);
         self
     }
+    /// Pins the execution id.
+    pub fn execution_id(mut self, id: Uuid) -> Self {
+        self.execution_id = Some(id);
+        self
+    }
 }
 
 /// What to run: a task of the system or an ad-hoc handler (a saga step given as a closure).
@@ -374,6 +379,41 @@ impl Drop for InflightGuard<'_> {
             && self.0.shutting_down.load(Ordering::Acquire)
         {
             self.0.idle.notify_waiters();
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The instance whose transition's action the current task is running, if any.
+    static ACTION_OF: Uuid;
+}
+
+/// The per-instance lock held by a transition (see `Runtime::lock_instance`).
+struct InstanceLock<'a> {
+    inner: &'a Inner,
+    id: Uuid,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl InstanceLock<'_> {
+    async fn acquire(mut self) -> Self {
+        if let Some(lock) = self.lock.clone() {
+            self.held = Some(lock.lock_owned().await);
+        }
+        self
+    }
+}
+
+impl Drop for InstanceLock<'_> {
+    fn drop(&mut self) {
+        // Unlock first, then drop our reference: the entry goes when the map's is the last one.
+        self.held = None;
+        if let Some(lock) = self.lock.take() {
+            let mut locks = self.inner.locks.lock();
+            if Arc::strong_count(&lock) == 2 {
+                locks.remove(&self.id);
+            }
         }
     }
 }
@@ -782,21 +822,32 @@ impl Runtime {
             .await
     }
 
-    fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
-        self.inner
+    /// Takes the per-instance lock. The returned guard releases it, and removes the map entry
+    /// when nobody else waits, on drop, so a caller that is cancelled while waiting or holding
+    /// the lock leaves nothing behind.
+    async fn lock_instance(&self, id: Uuid) -> Result<InstanceLock<'_>> {
+        if ACTION_OF.try_with(|acting| *acting == id).unwrap_or(false) {
+            // The action of a transition of this instance runs while the instance is locked;
+            // waiting here would wait for ourselves forever.
+            return Err(Error::InvalidInput(format!(
+                "process instance {id}: its own action cannot transition, retry or reset it \
+                 (the transition that runs the action still holds the instance)"
+            )));
+        }
+        let lock = self
+            .inner
             .locks
             .lock()
             .entry(id)
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone()
-    }
-
-    fn release_lock(&self, id: Uuid, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut locks = self.inner.locks.lock();
-        // Two references: ours and the map's. Nobody else waits, so the entry can go.
-        if Arc::strong_count(&lock) == 2 {
-            locks.remove(&id);
-        }
+            .clone();
+        let guard = InstanceLock {
+            inner: &self.inner,
+            id,
+            lock: Some(lock),
+            held: None,
+        };
+        Ok(guard.acquire().await)
     }
 
     /// Applies `event` to an instance: merges `data` into its context, picks the first
@@ -811,15 +862,10 @@ impl Runtime {
         event: &str,
         data: Value,
     ) -> Result<TransitionOutcome> {
-        let lock = self.lock_for(instance_id);
-        let result = {
-            let _held = lock.lock().await;
-            self.transition_locked(instance_id, event, data)
-                .instrument(tracing::debug_span!("transition", %instance_id, event))
-                .await
-        };
-        self.release_lock(instance_id, lock);
-        result
+        let _held = self.lock_instance(instance_id).await?;
+        self.transition_locked(instance_id, event, data)
+            .instrument(tracing::debug_span!("transition", %instance_id, event))
+            .await
     }
 
     async fn transition_locked(
@@ -865,7 +911,23 @@ impl Runtime {
                             })
                         })
                         .clone();
-                    if g.check(input).await {
+                    // A panicking guard rejects its transition; the caller's task survives.
+                    let passed = match AssertUnwindSafe(g.check(input)).catch_unwind().await {
+                        Ok(passed) => passed,
+                        Err(panic) => {
+                            let msg = panic_message(&*panic);
+                            tracing::error!(%instance_id, event, panic = %msg, "guard panicked");
+                            self.inner.events.publish_with(|| {
+                                Event::new(
+                                    types::SYSTEM_ERROR,
+                                    "runtime",
+                                    json!({"instance_id": instance_id, "event": event, "error": format!("guard panicked: {msg}"), "kind": "guard-panicked"}),
+                                )
+                            });
+                            false
+                        }
+                    };
+                    if passed {
                         chosen = Some(c);
                         break;
                     }
@@ -936,15 +998,18 @@ impl Runtime {
             process_id: instance.process_id.clone(),
             context: instance.context.clone(),
         });
-        let result = self
-            .run(
-                &def.id,
-                &def.handler,
-                input,
-                def.retry.clone(),
-                def.timeout,
-                Some(process),
-                ExecuteOptions::default(),
+        let result = ACTION_OF
+            .scope(
+                instance.id,
+                self.run(
+                    &def.id,
+                    &def.handler,
+                    input,
+                    def.retry.clone(),
+                    def.timeout,
+                    Some(process),
+                    ExecuteOptions::default(),
+                ),
             )
             .await
             .map_err(TaskError::from);
@@ -989,9 +1054,8 @@ impl Runtime {
     /// supervisor's *retry-last-action* strategy does). Errors if the instance has no recorded
     /// action.
     pub async fn retry_last_action(&self, instance_id: Uuid) -> Result<TransitionOutcome> {
-        let lock = self.lock_for(instance_id);
-        let result = {
-            let _held = lock.lock().await;
+        let _held = self.lock_instance(instance_id).await?;
+        {
             async {
                 let mut instance = self
                     .inner
@@ -1013,9 +1077,7 @@ impl Runtime {
                 })
             }
             .await
-        };
-        self.release_lock(instance_id, lock);
-        result
+        }
     }
 
     /// Puts an instance back in its process's initial state with `context` (what a
@@ -1025,9 +1087,8 @@ impl Runtime {
         instance_id: Uuid,
         context: Value,
     ) -> Result<ProcessInstance> {
-        let lock = self.lock_for(instance_id);
-        let result = {
-            let _held = lock.lock().await;
+        let _held = self.lock_instance(instance_id).await?;
+        {
             async {
                 let mut instance = self
                     .inner
@@ -1053,9 +1114,7 @@ impl Runtime {
                 Ok(instance)
             }
             .await
-        };
-        self.release_lock(instance_id, lock);
-        result
+        }
     }
 
     // ----- shutdown -----------------------------------------------------------------------

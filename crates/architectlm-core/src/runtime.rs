@@ -482,6 +482,11 @@ impl Runtime {
         &self.inner.cancel
     }
 
+    /// How many task executions are running now (actions included).
+    pub fn running_tasks(&self) -> usize {
+        self.inner.inflight.load(Ordering::Acquire)
+    }
+
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::Acquire)

@@ -6,8 +6,7 @@ mod support;
 use std::time::Duration;
 
 use architectlm_core::{
-    Error, ProcessDefinition, RetryPolicy, StateType, System, TaskDefinition,
-    TransitionDefinition,
+    Error, ProcessDefinition, RetryPolicy, StateType, System, TaskDefinition, TransitionDefinition,
 };
 use support::{assert_msg, echo};
 
@@ -18,9 +17,18 @@ fn process_err(b: architectlm_core::ProcessBuilder) -> Error {
 #[test]
 fn process_definition_errors_name_the_offender() {
     let cases: Vec<(architectlm_core::ProcessBuilder, &str)> = vec![
-        (ProcessDefinition::builder("  ").state("a"), "process id is missing"),
-        (ProcessDefinition::builder("p"), "process \"p\" has no states"),
-        (ProcessDefinition::builder("p").state("a").state("b"), "process \"p\" has no transitions"),
+        (
+            ProcessDefinition::builder("  ").state("a"),
+            "process id is missing",
+        ),
+        (
+            ProcessDefinition::builder("p"),
+            "process \"p\" has no states",
+        ),
+        (
+            ProcessDefinition::builder("p").state("a").state("b"),
+            "process \"p\" has no transitions",
+        ),
         (
             ProcessDefinition::builder("p")
                 .state("a")
@@ -107,11 +115,17 @@ fn a_valid_process_gets_its_defaults() {
         .transition(TransitionDefinition::new("*", "end", "stop"))
         .build()
         .expect("valid");
-    assert_eq!(&*p.initial_state, "first", "the initial state defaults to the first");
+    assert_eq!(
+        &*p.initial_state, "first",
+        "the initial state defaults to the first"
+    );
     assert_eq!(p.name, "p", "the name defaults to the id");
     assert_eq!(p.events_from("first"), vec!["next", "stop"]);
     assert_eq!(p.events_from("second"), vec!["stop"]);
-    assert!(p.events_from("end").is_empty(), "the wildcard skips final states");
+    assert!(
+        p.events_from("end").is_empty(),
+        "the wildcard skips final states"
+    );
     assert_eq!(p.state("end").map(|(_, t)| t), Some(StateType::Final));
 
     // A state marked initial wins over the first one.
@@ -207,7 +221,9 @@ fn task_definition_errors_name_the_offender() {
         "task id is missing",
     );
     assert_msg(
-        &TaskDefinition::builder("t").build().expect_err("no implementation"),
+        &TaskDefinition::builder("t")
+            .build()
+            .expect_err("no implementation"),
         "task \"t\" has no implementation",
     );
     assert_msg(

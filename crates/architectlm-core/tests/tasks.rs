@@ -19,7 +19,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// A task that fails until its `succeed_on`-th attempt and records when each attempt started.
-fn flaky(id: &str, succeed_on: u32, policy: RetryPolicy, starts: Arc<Mutex<Vec<Instant>>>) -> TaskDefinition {
+fn flaky(
+    id: &str,
+    succeed_on: u32,
+    policy: RetryPolicy,
+    starts: Arc<Mutex<Vec<Instant>>>,
+) -> TaskDefinition {
     TaskDefinition::builder(id)
         .retry(policy)
         .handler(move |_input, ctx| {
@@ -38,7 +43,10 @@ fn flaky(id: &str, succeed_on: u32, policy: RetryPolicy, starts: Arc<Mutex<Vec<I
 }
 
 fn gaps(starts: &[Instant]) -> Vec<u64> {
-    starts.windows(2).map(|w| (w[1] - w[0]).as_millis() as u64).collect()
+    starts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis() as u64)
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -52,13 +60,25 @@ async fn retries_wait_as_each_backoff_kind_says() {
         (Backoff::Exponential, vec![100, 200, 350]), // 400 is capped at max_delay
     ] {
         let starts = Arc::new(Mutex::new(vec![]));
-        let task = flaky("flaky", 4, base.clone().with_backoff(backoff), starts.clone());
+        let task = flaky(
+            "flaky",
+            4,
+            base.clone().with_backoff(backoff),
+            starts.clone(),
+        );
         let rt = start(System::builder("s").task(task).build().expect("valid")).await;
         let t0 = Instant::now();
-        let out = rt.execute_task("flaky", empty()).await.expect("succeeds on attempt 4");
+        let out = rt
+            .execute_task("flaky", empty())
+            .await
+            .expect("succeeds on attempt 4");
         assert_eq!(out, json!(4), "{backoff:?}");
         assert_eq!(gaps(&starts.lock()), expected, "{backoff:?}");
-        assert_eq!(t0.elapsed().as_millis() as u64, expected.iter().sum::<u64>(), "{backoff:?}");
+        assert_eq!(
+            t0.elapsed().as_millis() as u64,
+            expected.iter().sum::<u64>(),
+            "{backoff:?}"
+        );
     }
 }
 
@@ -69,7 +89,13 @@ async fn exhausted_retries_fail_with_the_last_error_and_jitter_only_shortens() {
         .with_backoff(Backoff::Fixed)
         .with_initial_delay(Duration::from_secs(1))
         .with_jitter(0.5);
-    let rt = start(System::builder("s").task(flaky("never", 99, policy, starts.clone())).build().expect("valid")).await;
+    let rt = start(
+        System::builder("s")
+            .task(flaky("never", 99, policy, starts.clone()))
+            .build()
+            .expect("valid"),
+    )
+    .await;
     let mut events = rt.subscribe(types::TASK_FAILED);
     let err = rt.execute_task("never", empty()).await.expect_err("fails");
     assert_msg(&err, "task \"never\" failed: attempt 3 failed");
@@ -94,7 +120,9 @@ async fn a_permanent_error_is_not_retried() {
         .expect("valid");
     let rt = start(System::builder("s").task(task).build().expect("valid")).await;
     let err = rt.execute_task("strict", empty()).await.expect_err("fails");
-    assert!(matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::Permanent));
+    assert!(
+        matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::Permanent)
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
@@ -104,7 +132,11 @@ async fn a_timeout_cancels_the_attempt_and_retries() {
     let t = tokens.clone();
     let task = TaskDefinition::builder("slow")
         .timeout(Duration::from_secs(1))
-        .retry(RetryPolicy::attempts(2).with_backoff(Backoff::Fixed).with_initial_delay(Duration::from_millis(500)))
+        .retry(
+            RetryPolicy::attempts(2)
+                .with_backoff(Backoff::Fixed)
+                .with_initial_delay(Duration::from_millis(500)),
+        )
         .handler(move |_i, ctx| {
             t.lock().push(ctx.cancellation().clone());
             async move {
@@ -116,21 +148,40 @@ async fn a_timeout_cancels_the_attempt_and_retries() {
         .expect("valid");
     let rt = start(System::builder("s").task(task).build().expect("valid")).await;
     let t0 = Instant::now();
-    let err = rt.execute_task("slow", empty()).await.expect_err("times out");
-    assert_eq!(t0.elapsed(), Duration::from_millis(2500), "1 s + 0.5 s backoff + 1 s");
-    assert!(matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::TimedOut));
+    let err = rt
+        .execute_task("slow", empty())
+        .await
+        .expect_err("times out");
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_millis(2500),
+        "1 s + 0.5 s backoff + 1 s"
+    );
+    assert!(
+        matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::TimedOut)
+    );
     assert_msg(&err, "task \"slow\" timed out after 1s");
     {
         let tokens = tokens.lock();
         assert_eq!(tokens.len(), 2);
-        assert!(tokens.iter().all(CancellationToken::is_cancelled), "each timed-out attempt was told to stop");
+        assert!(
+            tokens.iter().all(CancellationToken::is_cancelled),
+            "each timed-out attempt was told to stop"
+        );
     }
-    assert!(!rt.cancellation().is_cancelled(), "the runtime itself is not cancelled");
+    assert!(
+        !rt.cancellation().is_cancelled(),
+        "the runtime itself is not cancelled"
+    );
 
     // A per-call option replaces the task's own timeout and policy.
     let t0 = Instant::now();
-    let opts = ExecuteOptions::default().timeout(Duration::from_millis(200)).retry(RetryPolicy::none());
-    rt.execute(TaskRef::Id("slow".into()), empty(), opts).await.expect_err("times out");
+    let opts = ExecuteOptions::default()
+        .timeout(Duration::from_millis(200))
+        .retry(RetryPolicy::none());
+    rt.execute(TaskRef::Id("slow".into()), empty(), opts)
+        .await
+        .expect_err("times out");
     assert_eq!(t0.elapsed(), Duration::from_millis(200));
 }
 
@@ -149,13 +200,33 @@ async fn a_panicking_task_fails_only_itself() {
         Ok(i)
     })
     .expect("valid");
-    let rt = start(System::builder("s").task(boom).task(slow_ok).build().expect("valid")).await;
-    let (a, b) = tokio::join!(rt.execute_task("boom", empty()), rt.execute_task("ok", json!(5)));
+    let rt = start(
+        System::builder("s")
+            .task(boom)
+            .task(slow_ok)
+            .build()
+            .expect("valid"),
+    )
+    .await;
+    let (a, b) = tokio::join!(
+        rt.execute_task("boom", empty()),
+        rt.execute_task("ok", json!(5))
+    );
     let err = a.expect_err("panicked");
-    assert!(matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::Panicked));
-    assert_msg(&err, "task \"boom\" panicked: index out of range in the payment code");
+    assert!(
+        matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::Panicked)
+    );
+    assert_msg(
+        &err,
+        "task \"boom\" panicked: index out of range in the payment code",
+    );
     assert_eq!(b.expect("the other task is unaffected"), json!(5));
-    assert_eq!(rt.execute_task("ok", json!(6)).await.expect("the runtime still works"), json!(6));
+    assert_eq!(
+        rt.execute_task("ok", json!(6))
+            .await
+            .expect("the runtime still works"),
+        json!(6)
+    );
 }
 
 #[derive(Default)]
@@ -166,9 +237,14 @@ struct Recorder {
 
 impl TaskMiddleware for Recorder {
     fn before(&self, call: &TaskCall<'_>) -> Result<(), TaskError> {
-        self.log.push(format!("before {} input={} attempts={}", call.task_id, call.input, call.attempts));
+        self.log.push(format!(
+            "before {} input={} attempts={}",
+            call.task_id, call.input, call.attempts
+        ));
         match self.refuse {
-            Some(t) if t == call.task_id => Err(TaskError::permanent(format!("{t} is switched off"))),
+            Some(t) if t == call.task_id => {
+                Err(TaskError::permanent(format!("{t} is switched off")))
+            }
             _ => Ok(()),
         }
     }
@@ -177,7 +253,10 @@ impl TaskMiddleware for Recorder {
             Ok(v) => format!("ok {v}"),
             Err(e) => format!("err {e}"),
         };
-        self.log.push(format!("after {} attempts={} {o}", call.task_id, call.attempts));
+        self.log.push(format!(
+            "after {} attempts={} {o}",
+            call.task_id, call.attempts
+        ));
     }
 }
 
@@ -199,13 +278,25 @@ async fn middleware_sees_every_execution_before_and_after() {
         .build()
         .expect("valid");
     let log = Log::default();
-    let first = Arc::new(Recorder { log: log.clone(), refuse: Some("off") });
-    let rt = architectlm_core::Runtime::builder(system).middleware(first).start().await.expect("starts");
+    let first = Arc::new(Recorder {
+        log: log.clone(),
+        refuse: Some("off"),
+    });
+    let rt = architectlm_core::Runtime::builder(system)
+        .middleware(first)
+        .start()
+        .await
+        .expect("starts");
     let second = Log::default();
-    rt.add_middleware(Arc::new(Recorder { log: second.clone(), refuse: None }));
+    rt.add_middleware(Arc::new(Recorder {
+        log: second.clone(),
+        refuse: None,
+    }));
 
     rt.execute_task("echo", json!(1)).await.expect("ok");
-    rt.execute_task("flaky", json!(2)).await.expect("ok on attempt 2");
+    rt.execute_task("flaky", json!(2))
+        .await
+        .expect("ok on attempt 2");
     let err = rt.execute_task("off", json!(3)).await.expect_err("refused");
     assert_msg(&err, "off is switched off");
     assert_eq!(ran.load(Ordering::SeqCst), 0, "a refused task never runs");
@@ -220,7 +311,13 @@ async fn middleware_sees_every_execution_before_and_after() {
             "after off attempts=0 err off is switched off",
         ]
     );
-    assert_eq!(second.entries()[..2], ["before echo input=1 attempts=0", "after echo attempts=1 ok 1"]);
+    assert_eq!(
+        second.entries()[..2],
+        [
+            "before echo input=1 attempts=0",
+            "after echo attempts=1 ok 1"
+        ]
+    );
 }
 
 #[derive(serde::Deserialize)]
@@ -236,14 +333,24 @@ struct Receipt {
 #[tokio::test]
 async fn typed_tasks_convert_in_and_out_and_name_bad_input() {
     let charge = TaskDefinition::typed("charge", |o: Order, _ctx| async move {
-        Ok::<_, TaskError>(Receipt { charged: o.amount * 100 })
+        Ok::<_, TaskError>(Receipt {
+            charged: o.amount * 100,
+        })
     })
     .expect("valid");
     let rt = start(System::builder("s").task(charge).build().expect("valid")).await;
-    let r: Receipt = rt.execute_typed("charge", &json!({"amount": 3})).await.expect("ok");
+    let r: Receipt = rt
+        .execute_typed("charge", &json!({"amount": 3}))
+        .await
+        .expect("ok");
     assert_eq!(r, Receipt { charged: 300 });
-    let err = rt.execute_task("charge", json!({"amount": "three"})).await.expect_err("bad input");
-    assert!(matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::Permanent));
+    let err = rt
+        .execute_task("charge", json!({"amount": "three"}))
+        .await
+        .expect_err("bad input");
+    assert!(
+        matches!(&err, Error::TaskFailed { error, .. } if error.kind == TaskErrorKind::Permanent)
+    );
     assert_msg(&err, "invalid input for task \"charge\"");
 }
 
@@ -255,19 +362,32 @@ struct Mailer {
 #[tokio::test]
 async fn user_services_are_found_by_type_and_by_name() {
     let task = TaskDefinition::new("send", |_i, ctx| async move {
-        let by_type = ctx.service::<Mailer>().map_err(|e| TaskError::new(e.to_string()))?;
-        let by_name = ctx.services().get_named::<Mailer>("backup").map_err(|e| TaskError::new(e.to_string()))?;
+        let by_type = ctx
+            .service::<Mailer>()
+            .map_err(|e| TaskError::new(e.to_string()))?;
+        let by_name = ctx
+            .services()
+            .get_named::<Mailer>("backup")
+            .map_err(|e| TaskError::new(e.to_string()))?;
         // A service registered under a name is type-checked too.
         let wrong = ctx.services().get_named::<String>("backup").is_err();
         Ok(json!([by_type.from, by_name.from, wrong]))
     })
     .expect("valid");
-    let rt = architectlm_core::Runtime::builder(System::builder("s").task(task).build().expect("valid"))
-        .service(Arc::new(Mailer { from: "shop@example.com" }))
-        .named_service("backup", Arc::new(Mailer { from: "backup@example.com" }))
-        .start()
-        .await
-        .expect("starts");
+    let rt =
+        architectlm_core::Runtime::builder(System::builder("s").task(task).build().expect("valid"))
+            .service(Arc::new(Mailer {
+                from: "shop@example.com",
+            }))
+            .named_service(
+                "backup",
+                Arc::new(Mailer {
+                    from: "backup@example.com",
+                }),
+            )
+            .start()
+            .await
+            .expect("starts");
     assert_eq!(
         rt.execute_task("send", empty()).await.expect("ok"),
         json!(["shop@example.com", "backup@example.com", true])
@@ -290,19 +410,36 @@ async fn the_context_carries_ids_key_events_and_nested_execution() {
                 "cancelled": ctx.is_cancelled(),
             }));
             ctx.emit_event("order-noted", json!({"n": input["n"]}));
-            let doubled = ctx.execute_task("double", input["n"].clone()).await.map_err(TaskError::from)?;
+            let doubled = ctx
+                .execute_task("double", input["n"].clone())
+                .await
+                .map_err(TaskError::from)?;
             Ok(json!({"doubled": doubled}))
         }
     })
     .expect("valid");
-    let double = TaskDefinition::new("double", |v: Value, _c| async move { Ok(json!(v.as_i64().unwrap_or(0) * 2)) })
-        .expect("valid");
-    let rt = start(System::builder("s").task(outer).task(double).build().expect("valid")).await;
+    let double = TaskDefinition::new("double", |v: Value, _c| async move {
+        Ok(json!(v.as_i64().unwrap_or(0) * 2))
+    })
+    .expect("valid");
+    let rt = start(
+        System::builder("s")
+            .task(outer)
+            .task(double)
+            .build()
+            .expect("valid"),
+    )
+    .await;
     let mut custom = rt.subscribe("order-noted");
     let mut all = rt.subscribe("*");
     let id = uuid::Uuid::new_v4();
-    let opts = ExecuteOptions::default().idempotency_key("order-17").execution_id(id);
-    let out = rt.execute(TaskRef::Id("outer".into()), json!({"n": 21}), opts).await.expect("ok");
+    let opts = ExecuteOptions::default()
+        .idempotency_key("order-17")
+        .execution_id(id);
+    let out = rt
+        .execute(TaskRef::Id("outer".into()), json!({"n": 21}), opts)
+        .await
+        .expect("ok");
     assert_eq!(out, json!({"doubled": 42}));
     assert_eq!(
         seen.lock()[0],
@@ -330,13 +467,20 @@ async fn the_context_carries_ids_key_events_and_nested_execution() {
 #[tokio::test]
 async fn an_ad_hoc_handler_runs_with_the_given_options_and_caller_cancellation() {
     let rt = start(System::builder("s").build().expect("valid")).await;
-    let handler: Arc<dyn architectlm_core::TaskHandler> = Arc::new(|_i: Value, ctx: architectlm_core::TaskContext| async move {
-        ctx.cancellation().cancelled().await;
-        Err(TaskError::with_kind(TaskErrorKind::Cancelled, "stopped by the caller"))
-    });
+    let handler: Arc<dyn architectlm_core::TaskHandler> =
+        Arc::new(|_i: Value, ctx: architectlm_core::TaskContext| async move {
+            ctx.cancellation().cancelled().await;
+            Err(TaskError::with_kind(
+                TaskErrorKind::Cancelled,
+                "stopped by the caller",
+            ))
+        });
     let cancel = CancellationToken::new();
     let call = rt.execute(
-        TaskRef::Handler { name: "waiter".into(), handler },
+        TaskRef::Handler {
+            name: "waiter".into(),
+            handler,
+        },
         empty(),
         ExecuteOptions::default().cancel(cancel.clone()),
     );

@@ -47,7 +47,10 @@ pub fn order_system() -> System {
 
 /// A runtime over `system` with no services.
 pub async fn start(system: System) -> Runtime {
-    Runtime::builder(system).start().await.expect("runtime starts")
+    Runtime::builder(system)
+        .start()
+        .await
+        .expect("runtime starts")
 }
 
 /// The next event of `sub`, failing the test when none arrives before the deadline.
@@ -59,10 +62,7 @@ pub async fn next_event(sub: &mut Subscription<Event>) -> Arc<Event> {
 }
 
 /// Waits for the first event of `sub` that satisfies `pred`.
-pub async fn wait_for(
-    sub: &mut Subscription<Event>,
-    pred: impl Fn(&Event) -> bool,
-) -> Arc<Event> {
+pub async fn wait_for(sub: &mut Subscription<Event>, pred: impl Fn(&Event) -> bool) -> Arc<Event> {
     tokio::time::timeout(DEADLINE, async {
         loop {
             match sub.recv().await {

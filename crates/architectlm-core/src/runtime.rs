@@ -894,7 +894,8 @@ impl Runtime {
             return Err(invalid());
         }
         let candidates = def.candidates(&instance.state, event).ok_or_else(invalid)?;
-        let mut context = instance.context.clone();
+        // The loaded copy is ours: move its context out instead of cloning it.
+        let mut context = std::mem::take(&mut instance.context);
         merge_context(&mut context, data.clone());
         let mut chosen = None;
         let mut guard_input: Option<Arc<GuardInput>> = None;

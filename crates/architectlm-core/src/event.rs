@@ -216,9 +216,14 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
         let mut sub = self.subscribe(filter);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                let name = self.name;
                 let task = handle.spawn(async move {
                     while let Some(event) = sub.recv().await {
-                        handler(&event);
+                        // A panicking handler loses that one event, not its subscription.
+                        let call = std::panic::AssertUnwindSafe(|| handler(&event));
+                        if std::panic::catch_unwind(call).is_err() {
+                            tracing::error!(hub = name, "an event handler panicked");
+                        }
                     }
                 });
                 EventSubscription::new(move || task.abort())
@@ -307,7 +312,9 @@ impl<E: Typed + Send + Sync + 'static> Subscription<E> {
         }
     }
 
-    /// How many events this subscriber skipped because it fell behind.
+    /// How many events this subscriber skipped because it fell behind. The count covers every
+    /// event of the hub it skipped, including ones its filter would have passed over, so it is
+    /// an upper bound of the matching events lost: zero means nothing was lost.
     pub fn missed(&self) -> u64 {
         self.missed
     }

@@ -205,3 +205,19 @@ async fn a_slow_subscriber_never_blocks_and_its_loss_is_counted() {
         "the hub's total shows the loss too"
     );
 }
+
+#[tokio::test]
+async fn a_panicking_handler_keeps_its_subscription() {
+    let rt = start(order_system()).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _handle = rt.subscribe_to_event("tick", move |e| {
+        if e.payload == json!(1) {
+            panic!("handler bug");
+        }
+        let _ = tx.send(e.payload.clone());
+    });
+    rt.emit_event("tick", json!(1));
+    rt.emit_event("tick", json!(2));
+    let got = tokio::time::timeout(DEADLINE, rx.recv()).await.expect("delivered");
+    assert_eq!(got, Some(json!(2)), "the event after the panic still arrives");
+}

@@ -6,8 +6,8 @@
 //! - Transitions of one instance are serialised on this node; two nodes sharing a durable store
 //!   are kept apart by the store's version check ([`crate::Error::Conflict`]).
 //! - A task's panic, timeout or error fails that execution only.
-//! - [`Runtime::shutdown`] stops accepting work, cancels the runtime's token, waits (up to a
-//!   limit) for running tasks, then shuts the extensions down.
+//! - [`Runtime::shutdown`] stops accepting work, waits (up to a limit) for running tasks, then
+//!   cancels the runtime's token and shuts the extensions down.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -344,7 +344,19 @@ struct Inner {
     extensions: Vec<Arc<dyn Extension>>,
 }
 
-/// The ArchitectLM runtime. See the [module docs](self) for its rules.
+/// The ArchitectLM runtime: runs tasks, moves process instances through their states, and
+/// carries events.
+///
+/// # Rules
+/// - A cheap handle (`Clone`, `Send`, `Sync`); every method may be called from any task
+///   concurrently.
+/// - Transitions of one instance are serialised on this node (in arrival order); two nodes
+///   sharing a durable store are kept apart by the store's version check
+///   ([`Error::Conflict`]). A transition's action runs while its instance is held, so the action
+///   cannot transition its own instance (it gets an error instead of a deadlock).
+/// - A task's panic, timeout or error fails that execution only.
+/// - [`Runtime::shutdown`] stops accepting tasks, waits (up to a limit) for running ones, then
+///   cancels the runtime's token and shuts the extensions down in reverse order.
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
@@ -1125,8 +1137,10 @@ impl Runtime {
 
     // ----- shutdown -----------------------------------------------------------------------
 
-    /// Stops accepting tasks, cancels running ones' tokens, waits up to `timeout` for them to
-    /// finish, then shuts the extensions down in reverse order. Returns how many executions
+    /// Stops accepting tasks, waits up to `timeout` for running ones to finish on their own,
+    /// then cancels the runtime's token (which every task's
+    /// [`TaskContext::cancellation`] descends from) and shuts the extensions down in reverse
+    /// order. Returns how many executions
     /// were still running when the deadline passed (0 on a clean shutdown).
     pub async fn shutdown(&self, timeout: Duration) -> usize {
         let inner = &*self.inner;

@@ -105,7 +105,7 @@ pub struct ExecuteOptions {
     pub timeout: Option<Duration>,
     /// An idempotency key visible to the task as [`TaskContext::idempotency_key`].
     pub idempotency_key: Option<String>,
-    /// Cancels the execution when cancelled (a child of the runtime's token is used).
+    /// Cancels the execution when cancelled; the runtime's shutdown still cancels it too.
     pub cancel: Option<CancellationToken>,
     /// Pins the execution id (for example to keep it stable across a recovery).
     pub execution_id: Option<Uuid>,
@@ -395,6 +395,38 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// Runs `fut`; if the caller's token is cancelled first, cancels `token` (the task's own) and
+/// lets the task finish in response.
+async fn forward_cancel<F: Future>(
+    fut: F,
+    caller: Option<&CancellationToken>,
+    token: &CancellationToken,
+) -> F::Output {
+    let Some(caller) = caller else {
+        return fut.await;
+    };
+    tokio::pin!(fut);
+    tokio::select! {
+        biased;
+        out = &mut fut => return out,
+        () = caller.cancelled() => token.cancel(),
+    }
+    fut.await
+}
+
+/// Completes when the runtime's token or the caller's is cancelled.
+async fn either_cancelled(runtime: &CancellationToken, caller: Option<&CancellationToken>) {
+    match caller {
+        None => runtime.cancelled().await,
+        Some(c) => {
+            tokio::select! {
+                () = runtime.cancelled() => {}
+                () = c.cancelled() => {}
+            }
+        }
+    }
+}
+
 tokio::task_local! {
     /// The instance whose transition's action the current task is running, if any.
     static ACTION_OF: Uuid;
@@ -680,15 +712,16 @@ impl Runtime {
                 json!({"task_id": task_id, "execution_id": execution_id, "instance_id": instance_id}),
             )
         });
-        let parent = options.cancel.as_ref().unwrap_or(&inner.cancel);
+        // A task is cancelled by the runtime's shutdown and, when given, by the caller's token.
+        let caller = options.cancel.as_ref();
         let task_name: Arc<str> = Arc::from(task_id);
         let key: Option<Arc<str>> = options.idempotency_key.as_deref().map(Arc::from);
         let max_attempts = retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
         let mut attempt = 0;
         let outcome = loop {
             attempt += 1;
-            let cancel = if timeout.is_some() || options.cancel.is_some() {
-                parent.child_token()
+            let cancel = if timeout.is_some() || caller.is_some() {
+                inner.cancel.child_token()
             } else {
                 inner.cancel.clone()
             };
@@ -701,7 +734,11 @@ impl Runtime {
                 idempotency_key: key.clone(),
                 cancel: cancel.clone(),
             };
-            let fut = AssertUnwindSafe(handler.call(input.clone(), ctx)).catch_unwind();
+            let fut = forward_cancel(
+                AssertUnwindSafe(handler.call(input.clone(), ctx)).catch_unwind(),
+                caller,
+                &cancel,
+            );
             let result = match timeout {
                 None => fut.await,
                 Some(limit) => match tokio::time::timeout(limit, fut).await {
@@ -732,7 +769,7 @@ impl Runtime {
                     tracing::debug!(task_id, attempt, error = %e, ?delay, "task attempt failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = parent.cancelled() => {
+                        _ = either_cancelled(&inner.cancel, caller) => {
                             break Err(TaskError::with_kind(
                                 TaskErrorKind::Cancelled,
                                 format!("task \"{task_id}\" cancelled while waiting to retry: {e}"),

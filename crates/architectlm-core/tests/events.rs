@@ -218,6 +218,12 @@ async fn a_panicking_handler_keeps_its_subscription() {
     });
     rt.emit_event("tick", json!(1));
     rt.emit_event("tick", json!(2));
-    let got = tokio::time::timeout(DEADLINE, rx.recv()).await.expect("delivered");
-    assert_eq!(got, Some(json!(2)), "the event after the panic still arrives");
+    let got = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .expect("delivered");
+    assert_eq!(
+        got,
+        Some(json!(2)),
+        "the event after the panic still arrives"
+    );
 }

@@ -488,3 +488,37 @@ async fn an_ad_hoc_handler_runs_with_the_given_options_and_caller_cancellation()
     let err = call.await.expect_err("cancelled");
     assert_msg(&err, "task \"waiter\" failed: stopped by the caller");
 }
+
+#[tokio::test]
+async fn a_task_with_a_caller_token_is_still_cancelled_by_shutdown() {
+    let rt = start(System::builder("s").build().expect("valid")).await;
+    let handler: Arc<dyn architectlm_core::TaskHandler> =
+        Arc::new(|_i: Value, ctx: architectlm_core::TaskContext| async move {
+            ctx.cancellation().cancelled().await;
+            Ok(json!("stopped"))
+        });
+    let caller = CancellationToken::new();
+    let call = tokio::spawn({
+        let rt = rt.clone();
+        async move {
+            rt.execute(
+                TaskRef::Handler {
+                    name: "waiter".into(),
+                    handler,
+                },
+                empty(),
+                ExecuteOptions::default().cancel(caller),
+            )
+            .await
+        }
+    });
+    while rt.running_tasks() == 0 {
+        tokio::task::yield_now().await;
+    }
+    rt.shutdown(Duration::ZERO).await;
+    let out = tokio::time::timeout(support::DEADLINE, call)
+        .await
+        .expect("the task stops")
+        .expect("no panic");
+    assert_eq!(out.expect("ok"), json!("stopped"));
+}

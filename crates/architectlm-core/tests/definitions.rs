@@ -16,88 +16,113 @@ fn process_err(b: architectlm_core::ProcessBuilder) -> Error {
 
 #[test]
 fn process_definition_errors_name_the_offender() {
-    let cases: Vec<(architectlm_core::ProcessBuilder, &str)> = vec![
-        (
-            ProcessDefinition::builder("  ").state("a"),
-            "process id is missing",
-        ),
-        (
-            ProcessDefinition::builder("p"),
-            "process \"p\" has no states",
-        ),
-        (
-            ProcessDefinition::builder("p").state("a").state("b"),
-            "process \"p\" has no transitions",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .state("a")
-                .transition(TransitionDefinition::new("a", "a", "go")),
-            "process \"p\" has duplicate state \"a\"",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .start_in("nowhere")
-                .transition(TransitionDefinition::new("a", "a", "go")),
-            "process \"p\" has unknown initial state \"nowhere\"",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .transition(TransitionDefinition::new("ghost", "a", "go")),
-            "transition from unknown state \"ghost\"",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .transition(TransitionDefinition::new("a", "ghost", "go")),
-            "transition to unknown state \"ghost\"",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .on("go", "ghost", None, None),
-            "transition to unknown state \"ghost\"",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .state("b")
-                .transition(TransitionDefinition::new("a", "b", "go"))
-                .transition(TransitionDefinition::new("a", "a", "go")),
-            "process \"p\" has duplicate transition from \"a\" on \"go\"",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .state("b")
-                .on("go", "b", None, None)
-                .transition(TransitionDefinition::new("b", "a", "back"))
-                .transition(TransitionDefinition::new("*", "a", "back")),
-            "duplicate transition from \"b\" on \"back\"",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .transition(TransitionDefinition::from_many(["*", "a"], "a", "go")),
-            "transition on \"go\" mixes the wildcard \"*\" with named states",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .initial_state("a")
-                .initial_state("b")
-                .transition(TransitionDefinition::new("a", "b", "go")),
-            "process \"p\" has more than one initial state: a, b",
-        ),
-        (
-            ProcessDefinition::builder("p")
-                .state("a")
-                .transition(TransitionDefinition::new("a", "a", "")),
-            "process \"p\": a transition to \"a\" has no event",
-        ),
-    ];
+    let cases: Vec<(architectlm_core::ProcessBuilder, &str)> =
+        vec![
+            (
+                ProcessDefinition::builder("  ").state("a"),
+                "process id is missing",
+            ),
+            (
+                ProcessDefinition::builder("p"),
+                "process \"p\" has no states",
+            ),
+            (
+                ProcessDefinition::builder("p").state("a").state("b"),
+                "process \"p\" has no transitions",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .state("a")
+                    .transition(TransitionDefinition::new("a", "a", "go")),
+                "process \"p\" has duplicate state \"a\"",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .start_in("nowhere")
+                    .transition(TransitionDefinition::new("a", "a", "go")),
+                "process \"p\" has unknown initial state \"nowhere\"",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .transition(TransitionDefinition::new("ghost", "a", "go")),
+                "transition from unknown state \"ghost\"",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .transition(TransitionDefinition::new("a", "ghost", "go")),
+                "transition to unknown state \"ghost\"",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .on("go", "ghost", None, None),
+                "transition to unknown state \"ghost\"",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .state("b")
+                    .transition(TransitionDefinition::new("a", "b", "go"))
+                    .transition(TransitionDefinition::new("a", "a", "go")),
+                "process \"p\" has duplicate transition from \"a\" on \"go\"",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .state("b")
+                    .on("go", "b", None, None)
+                    .transition(TransitionDefinition::new("b", "a", "back"))
+                    .transition(TransitionDefinition::new("*", "a", "back")),
+                "duplicate transition from \"b\" on \"back\"",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .transition(TransitionDefinition::from_many(["*", "a"], "a", "go")),
+                "transition on \"go\" mixes the wildcard \"*\" with named states",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .initial_state("a")
+                    .initial_state("b")
+                    .transition(TransitionDefinition::new("a", "b", "go")),
+                "process \"p\" has more than one initial state: a, b",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .transition(TransitionDefinition::new("a", "a", "")),
+                "process \"p\": a transition to \"a\" has no event",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .on("", "a", None, None),
+                "process \"p\": a transition of state \"a\" has no event",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("")
+                    .transition(TransitionDefinition::new("a", "a", "go")),
+                "process \"p\" has a state without a name",
+            ),
+            (
+                ProcessDefinition::builder("p").state("a").transition(
+                    TransitionDefinition::from_many(Vec::<String>::new(), "a", "go"),
+                ),
+                "process \"p\": transition on \"go\" has no from state",
+            ),
+            (
+                ProcessDefinition::builder("p")
+                    .state("a")
+                    .transition(TransitionDefinition::from_many(["*"], "a", "go")),
+                "use FromStates::Any for \"*\"",
+            ),
+        ];
     for (builder, needle) in cases {
         let err = process_err(builder);
         assert!(matches!(err, Error::Definition(_)), "{err:?}");

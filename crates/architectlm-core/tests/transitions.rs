@@ -136,13 +136,16 @@ async fn a_failed_action_is_reported_recorded_and_can_be_retried() {
         let fail = flag.load(Ordering::SeqCst);
         async move {
             // The action knows which instance it acts for, and sees its context.
-            let process = ctx.process().expect("runs as an action");
-            assert_eq!(ctx.instance_id(), Some(process.instance_id));
-            assert_eq!(&*process.process_id, "order");
+            let Some(process) = ctx.process() else {
+                return Err(TaskError::permanent("not run as an action"));
+            };
+            if ctx.instance_id() != Some(process.instance_id) || &*process.process_id != "order" {
+                return Err(TaskError::permanent("wrong instance"));
+            }
             if fail {
                 Err(TaskError::new("card declined"))
             } else {
-                Ok(json!({"charged": input["amount"], "instance": process.instance_id}))
+                Ok(json!({"charged": input["amount"], "instance": process.instance_id, "context": process.context}))
             }
         }
     })
@@ -194,7 +197,7 @@ async fn a_failed_action_is_reported_recorded_and_can_be_retried() {
     let again = rt.retry_last_action(order.id).await.expect("retried");
     assert_eq!(
         again.action.expect("ran").result.expect("completed"),
-        json!({"charged": 7, "instance": order.id})
+        json!({"charged": 7, "instance": order.id, "context": {"amount": 7}})
     );
     let stored = rt.get_process(order.id).await.expect("ok").expect("exists");
     assert_eq!(

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -128,6 +128,9 @@ impl From<String> for EventFilter {
 /// A bounded, never-blocking publish/subscribe hub. See the [module docs](self) for the policy.
 pub struct EventHub<E> {
     tx: broadcast::Sender<Arc<E>>,
+    /// Live subscriptions, kept apart from the channel's own count (which takes a lock) so that
+    /// publishing to nobody costs one atomic load.
+    subscribers: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     name: &'static str,
 }
@@ -146,6 +149,7 @@ impl<E> Clone for EventHub<E> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            subscribers: self.subscribers.clone(),
             dropped: self.dropped.clone(),
             name: self.name,
         }
@@ -161,6 +165,7 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
         let (tx, _) = broadcast::channel(capacity.max(1));
         Self {
             tx,
+            subscribers: Arc::new(AtomicUsize::new(0)),
             dropped: Arc::new(AtomicU64::new(0)),
             name,
         }
@@ -174,7 +179,7 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
     /// Whether anybody listens; publishers use it to skip building events.
     #[inline]
     pub fn has_subscribers(&self) -> bool {
-        self.tx.receiver_count() > 0
+        self.subscribers.load(Ordering::Acquire) > 0
     }
 
     /// Publishes an event built by `make`, only if somebody listens. Never blocks.
@@ -197,7 +202,9 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
 
     /// Subscribes to the events that pass `filter`. Dropping the subscription unsubscribes.
     pub fn subscribe(&self, filter: impl Into<EventFilter>) -> Subscription<E> {
+        self.subscribers.fetch_add(1, Ordering::AcqRel);
         Subscription {
+            subscribers: self.subscribers.clone(),
             rx: self.tx.subscribe(),
             filter: filter.into(),
             missed: 0,
@@ -248,6 +255,7 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
 
 /// A stream of events from an [`EventHub`]. Dropping it unsubscribes.
 pub struct Subscription<E> {
+    subscribers: Arc<AtomicUsize>,
     rx: broadcast::Receiver<Arc<E>>,
     filter: EventFilter,
     missed: u64,
@@ -325,6 +333,12 @@ impl<E: Typed + Send + Sync + 'static> Subscription<E> {
             self,
             |mut sub| async move { sub.recv().await.map(|e| (e, sub)) },
         )
+    }
+}
+
+impl<E> Drop for Subscription<E> {
+    fn drop(&mut self) {
+        self.subscribers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -313,7 +313,9 @@ impl RuntimeBuilder {
                     .store
                     .unwrap_or_else(|| Arc::new(InMemoryProcessStore::new())),
                 events: EventHub::with_capacity("runtime", self.event_capacity),
-                locks: Mutex::new(HashMap::new()),
+                locks: (0..LOCK_SHARDS)
+                    .map(|_| Mutex::new(HashMap::new()))
+                    .collect(),
                 middleware: parking_lot::RwLock::new(self.middleware.into()),
                 inflight: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -330,18 +332,32 @@ impl RuntimeBuilder {
     }
 }
 
+type InstanceMutex = Arc<tokio::sync::Mutex<()>>;
+
+const LOCK_SHARDS: usize = 32;
+
 struct Inner {
     system: System,
     services: Services,
     store: Arc<dyn ProcessStore>,
     events: EventHub<Event>,
-    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-instance transition locks, sharded so that transitions of different instances on
+    /// different threads rarely meet on one mutex.
+    locks: Box<[Mutex<HashMap<Uuid, InstanceMutex>>]>,
     middleware: parking_lot::RwLock<Arc<[Arc<dyn TaskMiddleware>]>>,
     inflight: AtomicUsize,
     idle: Notify,
     shutting_down: AtomicBool,
     cancel: CancellationToken,
     extensions: Vec<Arc<dyn Extension>>,
+}
+
+impl Inner {
+    fn lock_shard(&self, id: Uuid) -> &Mutex<HashMap<Uuid, InstanceMutex>> {
+        // v7 and v4 ids both end in random bits.
+        let b = id.as_bytes();
+        &self.locks[(b[15] as usize ^ b[14] as usize) % LOCK_SHARDS]
+    }
 }
 
 /// The ArchitectLM runtime: runs tasks, moves process instances through their states, and
@@ -454,7 +470,7 @@ impl Drop for InstanceLock<'_> {
         // Unlock first, then drop our reference: the entry goes when the map's is the last one.
         self.held = None;
         if let Some(lock) = self.lock.take() {
-            let mut locks = self.inner.locks.lock();
+            let mut locks = self.inner.lock_shard(self.id).lock();
             if Arc::strong_count(&lock) == 2 {
                 locks.remove(&self.id);
             }
@@ -890,7 +906,7 @@ impl Runtime {
         }
         let lock = self
             .inner
-            .locks
+            .lock_shard(id)
             .lock()
             .entry(id)
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))

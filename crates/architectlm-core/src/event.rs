@@ -126,6 +126,24 @@ impl From<String> for EventFilter {
 }
 
 /// A bounded, never-blocking publish/subscribe hub. See the [module docs](self) for the policy.
+///
+/// Cheap to clone (clones share the hub); `Send + Sync`; publishing and subscribing may happen
+/// from any thread.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use architectlm_core::{Event, EventHub};
+/// use serde_json::json;
+///
+/// let hub = EventHub::<Event>::with_capacity("billing", 16);
+/// let mut invoices = hub.subscribe("invoice-sent");
+/// hub.publish(Event::new("invoice-sent", "billing", json!({"invoice": 1})));
+/// hub.publish(Event::new("reminder-sent", "billing", json!({"invoice": 1})));
+/// let event = invoices.recv().await.unwrap();
+/// assert_eq!(event.payload["invoice"], 1);
+/// assert_eq!(invoices.missed(), 0);
+/// # });
+/// ```
 pub struct EventHub<E> {
     tx: broadcast::Sender<Arc<E>>,
     /// Live subscriptions, kept apart from the channel's own count (which takes a lock) so that

@@ -50,6 +50,41 @@ use crate::{Error, Result};
 /// - `start` is called once, in registration order; an error aborts start-up.
 /// - `shutdown` is called once, in reverse order, after running tasks finished or the shutdown
 ///   deadline passed; it must stop the extension's background tasks.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use architectlm_core::{Extension, Runtime, ServiceRegistry, System};
+///
+/// /// Counts task executions; a user service found with `ctx.service::<Audit>()`.
+/// #[derive(Default)]
+/// struct Audit {
+///     started: AtomicBool,
+/// }
+///
+/// #[async_trait::async_trait]
+/// impl Extension for Audit {
+///     fn name(&self) -> &'static str {
+///         "audit"
+///     }
+///     fn register(self: Arc<Self>, registry: &mut ServiceRegistry) {
+///         registry.insert(self);
+///     }
+///     async fn start(&self, _runtime: Runtime) -> architectlm_core::Result<()> {
+///         self.started.store(true, Ordering::SeqCst);
+///         Ok(())
+///     }
+/// }
+///
+/// let audit = Arc::new(Audit::default());
+/// let system = System::builder("shop").build()?;
+/// let runtime = Runtime::builder(system).extension(audit.clone()).start().await?;
+/// assert!(audit.started.load(Ordering::SeqCst));
+/// assert!(runtime.services().get::<Audit>().is_ok());
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[async_trait]
 pub trait Extension: Send + Sync + 'static {
     /// A short name for logs, such as `saga-coordinator`.
@@ -83,6 +118,45 @@ pub struct TaskCall<'a> {
 ///
 /// Hooks are synchronous and run on the executing task: they must not block. A hook that needs
 /// to do async work should hand it to a task of its own. `before` may refuse the execution.
+/// Middleware sees every execution, actions and nested executions included, and may be called
+/// concurrently from many tasks.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use architectlm_core::{Runtime, System, TaskCall, TaskDefinition, TaskError, TaskMiddleware, TaskResult};
+///
+/// /// Counts failures and refuses a task that is switched off.
+/// #[derive(Default)]
+/// struct Guardrail {
+///     failures: AtomicU64,
+/// }
+///
+/// impl TaskMiddleware for Guardrail {
+///     fn before(&self, call: &TaskCall<'_>) -> Result<(), TaskError> {
+///         if call.task_id == "legacy-export" {
+///             return Err(TaskError::permanent("legacy-export is switched off"));
+///         }
+///         Ok(())
+///     }
+///     fn after(&self, _call: &TaskCall<'_>, outcome: &TaskResult) {
+///         if outcome.is_err() {
+///             self.failures.fetch_add(1, Ordering::Relaxed);
+///         }
+///     }
+/// }
+///
+/// let guardrail = Arc::new(Guardrail::default());
+/// let system = System::builder("shop")
+///     .task(TaskDefinition::new("legacy-export", |i, _ctx| async move { Ok(i) })?)
+///     .build()?;
+/// let runtime = Runtime::builder(system).middleware(guardrail.clone()).start().await?;
+/// assert!(runtime.execute_task("legacy-export", serde_json::json!({})).await.is_err());
+/// assert_eq!(guardrail.failures.load(Ordering::Relaxed), 1);
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
 pub trait TaskMiddleware: Send + Sync + 'static {
     /// Before the first attempt; an error fails the execution without running it.
     fn before(&self, call: &TaskCall<'_>) -> std::result::Result<(), TaskError> {

@@ -57,7 +57,7 @@ use crate::{Error, Result};
 /// use std::sync::atomic::{AtomicBool, Ordering};
 /// use architectlm_core::{Extension, Runtime, ServiceRegistry, System};
 ///
-/// /// Counts task executions; a user service found with `ctx.service::<Audit>()`.
+/// /// An extension that is also a user service, found with `ctx.service::<Audit>()`.
 /// #[derive(Default)]
 /// struct Audit {
 ///     started: AtomicBool,

@@ -1303,3 +1303,51 @@ impl Runtime {
         self.shutdown(Duration::MAX).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ProcessDefinition, TaskDefinition, TransitionDefinition};
+
+    fn held_locks(rt: &Runtime) -> usize {
+        rt.inner.locks.iter().map(|s| s.lock().len()).sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instance_locks_are_removed_after_use_even_when_callers_give_up() {
+        let slow = TaskDefinition::new("slow", |_i, _c| async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(Value::Null)
+        })
+        .unwrap();
+        let p = ProcessDefinition::builder("p")
+            .state("a")
+            .transition(TransitionDefinition::new("a", "a", "tick"))
+            .transition(TransitionDefinition::new("a", "a", "slow").action("slow"))
+            .build()
+            .unwrap();
+        let system = System::builder("s").process(p).task(slow).build().unwrap();
+        let rt = Runtime::builder(system).start().await.unwrap();
+        let mut ids = vec![];
+        for _ in 0..50 {
+            let i = rt.create_process("p", json!({})).await.unwrap();
+            rt.transition_process(i.id, "tick", Value::Null)
+                .await
+                .unwrap();
+            ids.push(i.id);
+        }
+        assert_eq!(held_locks(&rt), 0);
+        // A caller that gives up while holding the lock, and one that gives up while waiting.
+        let id = ids[0];
+        let holder = rt.transition_process(id, "slow", Value::Null);
+        let waiter = rt.transition_process(id, "tick", Value::Null);
+        let both = async { tokio::join!(holder, waiter) };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), both)
+                .await
+                .is_err()
+        );
+        assert_eq!(held_locks(&rt), 0, "no lock entry is left behind");
+        assert_eq!(rt.running_tasks(), 0);
+    }
+}

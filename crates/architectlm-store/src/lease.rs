@@ -83,7 +83,7 @@ impl Lease {
 /// assert!(leases.acquire("billing-sweeper", "node-b", Duration::from_secs(10)).await?.is_none());
 /// let mine = leases.renew(&mine, Duration::from_secs(10)).await?;
 /// assert!(leases.release(&mine).await?);
-/// # architectlm_store::Result::Ok(()) }).unwrap();
+/// # Ok::<(), architectlm_store::Error>(()) }).unwrap();
 /// ```
 #[async_trait]
 pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
@@ -289,7 +289,7 @@ mod sqlite_impl {
         ///     Ok(())
         /// })
         /// .await?;
-        /// # architectlm_store::Result::Ok(()) }).unwrap();
+        /// # Ok::<(), architectlm_store::Error>(()) }).unwrap();
         /// ```
         pub fn fence(txn: &rusqlite::Transaction<'_>, lease: &Lease) -> Result<()> {
             match current(txn, &lease.name)? {

@@ -32,6 +32,7 @@ pub struct Migration {
 }
 
 /// The migrations in the order they apply: by component, then version.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn ordered(migrations: &[Migration]) -> Vec<&Migration> {
     let mut sorted: Vec<&Migration> = migrations.iter().collect();
     sorted.sort_by_key(|m| (m.component, m.version));

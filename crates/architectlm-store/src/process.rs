@@ -136,7 +136,7 @@ mod sqlite_impl {
     /// let db = SqliteDb::open(SqliteOptions::memory())?;
     /// let store: Arc<dyn ProcessStore> = Arc::new(SqliteProcessStore::open(db).await?);
     /// // Runtime::builder(system).process_store(store).start().await?;
-    /// # architectlm_store::Result::Ok(()) }).unwrap();
+    /// # Ok::<(), architectlm_store::Error>(()) }).unwrap();
     /// ```
     #[derive(Clone)]
     pub struct SqliteProcessStore {

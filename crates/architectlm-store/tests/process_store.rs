@@ -4,11 +4,8 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use architectlm_core::store::{InMemoryProcessStore, ProcessStore};
-use architectlm_core::{Error, Guard, ProcessDefinition, Runtime, System, TransitionDefinition};
-use serde_json::json;
+use architectlm_core::store::InMemoryProcessStore;
 
 use support::conformance::process_store_conformance;
 
@@ -44,107 +41,121 @@ async fn postgres_store_conforms() {
     schema.drop().await;
 }
 
-/// A process whose one transition ("add", a self-loop) waits at a barrier in its guard the
-/// first time each node evaluates it, so both nodes have read the same version before either
-/// writes.
-fn racing_system(barrier: Arc<tokio::sync::Barrier>, waits: Arc<AtomicUsize>) -> System {
-    let guard = Guard::new(move |_input| {
-        let barrier = barrier.clone();
-        let waits = waits.clone();
-        async move {
-            if waits.fetch_add(1, Ordering::SeqCst) < 2 {
-                barrier.wait().await;
-            }
-            true
-        }
-    });
-    let counter = ProcessDefinition::builder("counter")
-        .initial_state("open")
-        .final_state("closed")
-        .transition(TransitionDefinition::new("open", "open", "add").guard(guard))
-        .transition(TransitionDefinition::new("open", "closed", "close"))
-        .build()
-        .unwrap();
-    System::builder("race").process(counter).build().unwrap()
-}
-
 #[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_racing_on_one_instance_one_wins_and_nothing_is_lost() {
-    use architectlm_store::process::PgProcessStore;
+mod two_nodes {
+    //! Two runtimes ("nodes") sharing one PostgreSQL store race on the same instance.
 
-    let Some(url) = support::database_url("two_nodes_racing_on_one_instance") else {
-        return;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use architectlm_core::store::ProcessStore;
+    use architectlm_core::{
+        Error, Guard, ProcessDefinition, Runtime, System, TransitionDefinition,
     };
-    let schema = support::TestSchema::new(&url);
-    // Each node has its own pool and store object, as separate machines would.
-    let store_a = Arc::new(PgProcessStore::open(schema.connect().await).await.unwrap());
-    let store_b = Arc::new(PgProcessStore::open(schema.connect().await).await.unwrap());
-    let barrier = Arc::new(tokio::sync::Barrier::new(2));
-    let waits = Arc::new(AtomicUsize::new(0));
-    let node_a = Runtime::builder(racing_system(barrier.clone(), waits.clone()))
-        .process_store(store_a.clone())
-        .start()
-        .await
-        .unwrap();
-    let node_b = Runtime::builder(racing_system(barrier, waits))
-        .process_store(store_b.clone())
-        .start()
-        .await
-        .unwrap();
+    use serde_json::json;
 
-    let created = node_a.create_process("counter", json!({})).await.unwrap();
-    let id = created.id;
-    let (ra, rb) = tokio::join!(
-        node_a.transition_process(id, "add", json!({"from_a": 1})),
-        node_b.transition_process(id, "add", json!({"from_b": 1})),
-    );
+    use super::*;
 
-    // Exactly one node wins; the other is told who and which versions.
-    let (winner_key, loser_key, loser, loser_err) = match (ra, rb) {
-        (Ok(_), Err(e)) => ("from_a", "from_b", &node_b, e),
-        (Err(e), Ok(_)) => ("from_b", "from_a", &node_a, e),
-        (a, b) => panic!("expected one winner and one conflict, got {a:?} and {b:?}"),
-    };
-    match &loser_err {
-        Error::Conflict {
-            kind,
-            id: got,
-            expected,
-            actual,
-        } => {
-            assert_eq!(*kind, "process instance");
-            assert_eq!(got, &id.to_string());
-            assert_eq!((*expected, *actual), (1, 2));
-        }
-        other => panic!("expected a conflict, got {other:?}"),
+    /// A process whose one transition ("add", a self-loop) waits at a barrier in its guard the
+    /// first time each node evaluates it, so both nodes have read the same version before either
+    /// writes.
+    fn racing_system(barrier: Arc<tokio::sync::Barrier>, waits: Arc<AtomicUsize>) -> System {
+        let guard = Guard::new(move |_input| {
+            let barrier = barrier.clone();
+            let waits = waits.clone();
+            async move {
+                if waits.fetch_add(1, Ordering::SeqCst) < 2 {
+                    barrier.wait().await;
+                }
+                true
+            }
+        });
+        let counter = ProcessDefinition::builder("counter")
+            .initial_state("open")
+            .final_state("closed")
+            .transition(TransitionDefinition::new("open", "open", "add").guard(guard))
+            .transition(TransitionDefinition::new("open", "closed", "close"))
+            .build()
+            .unwrap();
+        System::builder("race").process(counter).build().unwrap()
     }
-    let msg = loser_err.to_string();
-    assert!(
-        msg.contains(&id.to_string()) && msg.contains("version 1") && msg.contains('2'),
-        "{msg}"
-    );
 
-    // The winner's write is stored; the loser retries on fresh state and both writes survive.
-    let stored = store_b.get(id).await.unwrap().unwrap();
-    assert_eq!(stored.version, 2);
-    assert_eq!(stored.context[winner_key], 1);
-    assert!(stored.context.get(loser_key).is_none());
-    let retried = loser
-        .transition_process(id, "add", json!({loser_key: 1}))
-        .await
-        .unwrap();
-    assert_eq!(retried.instance.version, 3);
-    let stored = store_a.get(id).await.unwrap().unwrap();
-    assert_eq!(stored.version, 3);
-    assert_eq!(stored.context["from_a"], 1);
-    assert_eq!(stored.context["from_b"], 1);
-    // Both nodes see the same instance.
-    assert_eq!(
-        node_a.get_process(id).await.unwrap(),
-        node_b.get_process(id).await.unwrap()
-    );
-    schema.drop().await;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_racing_on_one_instance_one_wins_and_nothing_is_lost() {
+        use architectlm_store::process::PgProcessStore;
+
+        let Some(url) = support::database_url("two_nodes_racing_on_one_instance") else {
+            return;
+        };
+        let schema = support::TestSchema::new(&url);
+        // Each node has its own pool and store object, as separate machines would.
+        let store_a = Arc::new(PgProcessStore::open(schema.connect().await).await.unwrap());
+        let store_b = Arc::new(PgProcessStore::open(schema.connect().await).await.unwrap());
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let waits = Arc::new(AtomicUsize::new(0));
+        let node_a = Runtime::builder(racing_system(barrier.clone(), waits.clone()))
+            .process_store(store_a.clone())
+            .start()
+            .await
+            .unwrap();
+        let node_b = Runtime::builder(racing_system(barrier, waits))
+            .process_store(store_b.clone())
+            .start()
+            .await
+            .unwrap();
+
+        let created = node_a.create_process("counter", json!({})).await.unwrap();
+        let id = created.id;
+        let (ra, rb) = tokio::join!(
+            node_a.transition_process(id, "add", json!({"from_a": 1})),
+            node_b.transition_process(id, "add", json!({"from_b": 1})),
+        );
+
+        // Exactly one node wins; the other is told who and which versions.
+        let (winner_key, loser_key, loser, loser_err) = match (ra, rb) {
+            (Ok(_), Err(e)) => ("from_a", "from_b", &node_b, e),
+            (Err(e), Ok(_)) => ("from_b", "from_a", &node_a, e),
+            (a, b) => panic!("expected one winner and one conflict, got {a:?} and {b:?}"),
+        };
+        match &loser_err {
+            Error::Conflict {
+                kind,
+                id: got,
+                expected,
+                actual,
+            } => {
+                assert_eq!(*kind, "process instance");
+                assert_eq!(got, &id.to_string());
+                assert_eq!((*expected, *actual), (1, 2));
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let msg = loser_err.to_string();
+        assert!(
+            msg.contains(&id.to_string()) && msg.contains("version 1") && msg.contains('2'),
+            "{msg}"
+        );
+
+        // The winner's write is stored; the loser retries on fresh state and both writes survive.
+        let stored = store_b.get(id).await.unwrap().unwrap();
+        assert_eq!(stored.version, 2);
+        assert_eq!(stored.context[winner_key], 1);
+        assert!(stored.context.get(loser_key).is_none());
+        let retried = loser
+            .transition_process(id, "add", json!({loser_key: 1}))
+            .await
+            .unwrap();
+        assert_eq!(retried.instance.version, 3);
+        let stored = store_a.get(id).await.unwrap().unwrap();
+        assert_eq!(stored.version, 3);
+        assert_eq!(stored.context["from_a"], 1);
+        assert_eq!(stored.context["from_b"], 1);
+        // Both nodes see the same instance.
+        assert_eq!(
+            node_a.get_process(id).await.unwrap(),
+            node_b.get_process(id).await.unwrap()
+        );
+        schema.drop().await;
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -155,9 +166,11 @@ mod crash {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    use architectlm_core::store::ProcessQuery;
+    use architectlm_core::store::{ProcessQuery, ProcessStore};
+    use architectlm_core::{ProcessDefinition, Runtime, System, TransitionDefinition};
     use architectlm_store::process::SqliteProcessStore;
     use architectlm_store::sqlite::{SqliteDb, SqliteOptions};
+    use serde_json::json;
 
     use super::*;
 
@@ -242,7 +255,11 @@ mod crash {
         // Killed mid-work: the child keeps creating and paying while we kill it.
         proc.kill().unwrap();
         proc.wait().unwrap();
-        assert_eq!(acked.len(), 300, "the child stopped before 300 acknowledged writes");
+        assert_eq!(
+            acked.len(),
+            300,
+            "the child stopped before 300 acknowledged writes"
+        );
 
         let db = SqliteDb::open(SqliteOptions::file(&path)).unwrap();
         let store = SqliteProcessStore::open(db).await.unwrap();
@@ -252,7 +269,11 @@ mod crash {
                 .await
                 .unwrap()
                 .unwrap_or_else(|| panic!("acknowledged instance {id} lost"));
-            assert_eq!(i.state.as_ref(), "paid", "instance {id} lost its transition");
+            assert_eq!(
+                i.state.as_ref(),
+                "paid",
+                "instance {id} lost its transition"
+            );
             assert_eq!(i.version, 2);
         }
         // Whatever was not acknowledged is still a consistent instance, never a torn row.

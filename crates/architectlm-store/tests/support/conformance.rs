@@ -11,7 +11,11 @@ use uuid::Uuid;
 
 /// An instance as the runtime would create it. Timestamps are whole microseconds, the finest
 /// precision every backend keeps.
-pub(crate) fn instance(process_id: &str, state: &str, created_at: DateTime<Utc>) -> ProcessInstance {
+pub(crate) fn instance(
+    process_id: &str,
+    state: &str,
+    created_at: DateTime<Utc>,
+) -> ProcessInstance {
     let created_at = created_at.trunc_subsecs(6);
     serde_json::from_value(json!({
         "id": Uuid::now_v7(),
@@ -73,7 +77,10 @@ pub(crate) async fn process_store_conformance(store: Arc<dyn ProcessStore>) {
     let mut dup = a.clone();
     dup.state = "paid".into();
     assert_conflict(store.insert(&dup).await.unwrap_err(), a.id, 0, 1);
-    assert_eq!(store.get(a.id).await.unwrap().unwrap().state.as_ref(), "created");
+    assert_eq!(
+        store.get(a.id).await.unwrap().unwrap().state.as_ref(),
+        "created"
+    );
 
     // An update from the stored version wins; one from a stale version is refused and the
     // stored instance keeps the winner's write.
@@ -118,7 +125,10 @@ pub(crate) async fn process_store_conformance(store: Arc<dyn ProcessStore>) {
         vec![b.id, a.id, d.id]
     );
     assert_eq!(
-        ids(store.list(&ProcessQuery::all().in_state("created")).await.unwrap()),
+        ids(store
+            .list(&ProcessQuery::all().in_state("created"))
+            .await
+            .unwrap()),
         vec![b.id, c.id]
     );
     assert_eq!(
@@ -128,11 +138,13 @@ pub(crate) async fn process_store_conformance(store: Arc<dyn ProcessStore>) {
             .unwrap()),
         vec![a.id]
     );
-    assert!(store
-        .list(&ProcessQuery::process("nothing"))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        store
+            .list(&ProcessQuery::process("nothing"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Many writers on one instance, each retrying on conflict: every write lands once.
     let counter = instance("counter", "open", t0);

@@ -28,6 +28,10 @@
 //! Expiry is judged by one clock for all nodes: PostgreSQL's server clock for
 //! [`PgLeaseStore`] (so node clocks may drift), this machine's clock for [`SqliteLeaseStore`].
 //! Tests can inject a [`ManualClock`] through [`LeaseClock::Manual`].
+//!
+//! # Stores
+//! [`PgLeaseStore`] (feature `postgres`) for several nodes, [`SqliteLeaseStore`] (feature
+//! `sqlite`) for one machine, [`InMemoryLeaseStore`] for one process and for tests.
 
 use std::fmt;
 use std::sync::Arc;
@@ -150,6 +154,149 @@ impl LeaseClock {
             Self::Store => None,
             Self::Manual(c) => Some(c.now()),
         }
+    }
+}
+
+/// Leases in this process's memory: the same contract for a single node and for tests of code
+/// written against [`LeaseStore`] (with a [`ManualClock`] or tokio's paused clock, no database).
+///
+/// It has no fenced-write helper: writes it could guard live elsewhere. Use
+/// [`InMemoryLeaseStore::is_current`] for a check that is only as good as its caller's
+/// atomicity.
+///
+/// ```
+/// use std::time::Duration;
+/// use architectlm_store::lease::{InMemoryLeaseStore, LeaseClock, LeaseStore, ManualClock};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let clock = ManualClock::new(chrono::Utc::now());
+/// let leases = InMemoryLeaseStore::new().with_clock(LeaseClock::Manual(clock.clone()));
+/// let a = leases.acquire("job", "node-a", Duration::from_secs(5)).await?.unwrap();
+/// clock.advance(Duration::from_secs(6));
+/// let b = leases.acquire("job", "node-b", Duration::from_secs(5)).await?.unwrap();
+/// assert!(b.token > a.token);
+/// assert!(!leases.is_current(&a));
+/// # Ok::<(), architectlm_store::Error>(()) }).unwrap();
+/// ```
+#[derive(Debug, Default)]
+pub struct InMemoryLeaseStore {
+    leases: Mutex<std::collections::HashMap<String, (Option<String>, u64, DateTime<Utc>)>>,
+    clock: LeaseClock,
+}
+
+impl InMemoryLeaseStore {
+    /// An empty store judging expiry by this machine's clock.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Judges expiry by `clock` instead.
+    pub fn with_clock(mut self, clock: LeaseClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        match &self.clock {
+            LeaseClock::Store => Utc::now(),
+            LeaseClock::Manual(c) => c.now(),
+        }
+    }
+
+    /// Whether `lease` is still held with its token (expired but not taken over counts).
+    pub fn is_current(&self, lease: &Lease) -> bool {
+        matches!(
+            self.leases.lock().get(&lease.name),
+            Some((Some(owner), token, _)) if *owner == lease.owner && *token == lease.token
+        )
+    }
+
+    fn expiry(&self, ttl: Duration) -> Result<DateTime<Utc>> {
+        if ttl.is_zero() {
+            return Err(crate::Error::invalid_config(
+                "ttl",
+                format!("{ttl:?}"),
+                "a lease needs a positive time to live",
+            ));
+        }
+        chrono::Duration::from_std(ttl)
+            .ok()
+            .and_then(|d| self.now().checked_add_signed(d))
+            .ok_or_else(|| crate::Error::invalid_config("ttl", format!("{ttl:?}"), "too long"))
+    }
+
+    fn lost(lease: &Lease, current: Option<u64>) -> crate::Error {
+        crate::Error::Conflict {
+            kind: "lease",
+            id: lease.name.clone(),
+            expected: lease.token,
+            actual: current.unwrap_or(0),
+        }
+    }
+}
+
+#[async_trait]
+impl LeaseStore for InMemoryLeaseStore {
+    async fn acquire(&self, name: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
+        let expires_at = self.expiry(ttl)?;
+        let now = self.now();
+        let mut leases = self.leases.lock();
+        let token = match leases.get(name) {
+            None => 1,
+            Some((Some(holder), token, _)) if holder == owner => *token,
+            Some((Some(_), _, exp)) if *exp > now => return Ok(None),
+            Some((_, token, _)) => token + 1,
+        };
+        leases.insert(name.to_owned(), (Some(owner.to_owned()), token, expires_at));
+        Ok(Some(Lease {
+            name: name.to_owned(),
+            owner: owner.to_owned(),
+            token,
+            expires_at,
+        }))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        let expires_at = self.expiry(ttl)?;
+        let mut leases = self.leases.lock();
+        match leases.get_mut(&lease.name) {
+            Some((Some(owner), token, exp)) if *owner == lease.owner && *token == lease.token => {
+                *exp = expires_at;
+                Ok(Lease {
+                    expires_at,
+                    ..lease.clone()
+                })
+            }
+            Some((_, token, _)) => Err(Self::lost(lease, Some(*token))),
+            None => Err(Self::lost(lease, None)),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let now = self.now();
+        let mut leases = self.leases.lock();
+        match leases.get_mut(&lease.name) {
+            Some((owner, token, exp))
+                if owner.as_deref() == Some(lease.owner.as_str()) && *token == lease.token =>
+            {
+                *owner = None;
+                *exp = now;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Lease>> {
+        Ok(match self.leases.lock().get(name) {
+            Some((Some(owner), token, exp)) => Some(Lease {
+                name: name.to_owned(),
+                owner: owner.clone(),
+                token: *token,
+                expires_at: *exp,
+            }),
+            _ => None,
+        })
     }
 }
 

@@ -1,14 +1,12 @@
 //! Leases with fencing tokens on PostgreSQL and SQLite: takeover after expiry, fenced writes
 //! refused after a takeover, a takeover waiting for an in-flight fenced write, and contention.
 
-#![cfg(any(feature = "sqlite", feature = "postgres"))]
-
 mod support;
 
 use std::time::Duration;
 
 use architectlm_core::Error;
-use architectlm_store::lease::{Lease, LeaseClock, LeaseStore, ManualClock};
+use architectlm_store::lease::{LeaseClock, LeaseStore, ManualClock};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -102,9 +100,17 @@ async fn lease_rules(store: &dyn LeaseStore, clock: &ManualClock) {
     assert!(e.to_string().contains("ttl"), "{e}");
 }
 
+#[tokio::test]
+async fn in_memory_leases_follow_the_rules() {
+    use architectlm_store::lease::InMemoryLeaseStore;
+    let clock = ManualClock::new(chrono::Utc::now());
+    let store = InMemoryLeaseStore::new().with_clock(LeaseClock::Manual(clock.clone()));
+    lease_rules(&store, &clock).await;
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
-    use architectlm_store::lease::SqliteLeaseStore;
+    use architectlm_store::lease::{Lease, SqliteLeaseStore};
     use architectlm_store::sqlite::{SqliteDb, SqliteOptions, rusqlite};
 
     use super::*;
@@ -174,7 +180,7 @@ mod sqlite {
 mod postgres {
     use std::sync::Arc;
 
-    use architectlm_store::lease::PgLeaseStore;
+    use architectlm_store::lease::{Lease, PgLeaseStore};
     use architectlm_store::postgres::PgDb;
 
     use super::*;

@@ -60,6 +60,22 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A lease value, e.g. rebuilt from an owner and token kept elsewhere. Holding a `Lease`
+    /// grants nothing by itself: stores and fences check it against the stored token.
+    pub fn new(
+        name: impl Into<String>,
+        owner: impl Into<String>,
+        token: u64,
+        expires_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            owner: owner.into(),
+            token,
+            expires_at,
+        }
+    }
+
     /// Whether the lease has expired at `now`.
     pub fn is_expired_at(&self, now: DateTime<Utc>) -> bool {
         self.expires_at <= now

@@ -403,3 +403,176 @@ mod postgres {
         schema.drop().await;
     }
 }
+
+#[cfg(feature = "postgres")]
+mod failover {
+    //! A node holding a lease (server clock, 1 s) is killed with SIGKILL mid-work; another node
+    //! takes the lease over once it expires, every write the dead node acknowledged is there,
+    //! and the dead node's token is fenced off.
+
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use architectlm_store::lease::{Lease, PgLeaseStore};
+    use architectlm_store::postgres::PgDb;
+
+    use super::*;
+    use crate::support::{TestSchema, database_url};
+
+    const CHILD_ENV: &str = "ARCHITECTLM_LEASE_CRASH_SCHEMA";
+    const LEASE_TTL: Duration = Duration::from_secs(1);
+
+    async fn child(url: String, schema: String) {
+        let db = PgDb::connect(architectlm_store::postgres::PgOptions::new(url).schema(schema))
+            .await
+            .unwrap();
+        let store = PgLeaseStore::open(db).await.unwrap();
+        let owner = format!("child-{}", std::process::id());
+        let lease = store
+            .acquire("worker", &owner, LEASE_TTL)
+            .await
+            .unwrap()
+            .unwrap();
+        // A newline first: the test harness has printed the test name without one.
+        println!("\nlease {} {}", lease.owner, lease.token);
+        let renewer = {
+            let store = store.clone();
+            let lease = lease.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(LEASE_TTL / 4).await;
+                    store.renew(&lease, LEASE_TTL).await.unwrap();
+                }
+            })
+        };
+        for n in 0i64.. {
+            store
+                .fenced_execute(
+                    &lease,
+                    "INSERT INTO ledger (n, by) VALUES ($1, $2)",
+                    &[&n, &lease.owner],
+                )
+                .await
+                .unwrap();
+            println!("wrote {n}");
+        }
+        renewer.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_owner_is_taken_over_after_expiry_and_fenced_off() {
+        if let (Ok(schema), Some(url)) = (std::env::var(CHILD_ENV), database_url("child")) {
+            child(url, schema).await;
+            return;
+        }
+        let Some(url) = database_url("a_killed_owner_is_taken_over_after_expiry_and_fenced_off")
+        else {
+            return;
+        };
+        let schema = TestSchema::new(&url);
+        let db = schema.connect().await;
+        db.client()
+            .await
+            .unwrap()
+            .batch_execute("CREATE TABLE ledger (n BIGINT PRIMARY KEY, by TEXT NOT NULL)")
+            .await
+            .unwrap();
+        let store = PgLeaseStore::open(db.clone()).await.unwrap();
+
+        let mut proc = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "failover::a_killed_owner_is_taken_over_after_expiry_and_fenced_off",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, &schema.name)
+            .env("DATABASE_URL", &url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = proc.stdout.take().unwrap();
+        let (child_lease, acked) = tokio::task::spawn_blocking(move || {
+            let mut lease = None;
+            let mut acked = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                match parts.as_slice() {
+                    ["lease", owner, token] => {
+                        lease = Some(((*owner).to_owned(), token.parse::<u64>().unwrap()));
+                    }
+                    ["wrote", n] => {
+                        acked.push(n.parse::<i64>().unwrap());
+                        if acked.len() == 100 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (lease, acked)
+        })
+        .await
+        .unwrap();
+        proc.kill().unwrap();
+        let killed_at = tokio::time::Instant::now();
+        proc.wait().unwrap();
+        let (child_owner, child_token) = child_lease.expect("the child took the lease");
+        assert_eq!(acked.len(), 100, "the child stopped early");
+
+        // While the dead node's lease is live nobody else gets it; once it expires, we do.
+        let deadline = killed_at + LEASE_TTL * 10;
+        let mine = loop {
+            if let Some(l) = store
+                .acquire("worker", "survivor", LEASE_TTL)
+                .await
+                .unwrap()
+            {
+                break l;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lease was never freed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        eprintln!(
+            "lease taken over {:?} after the kill (ttl {:?})",
+            killed_at.elapsed(),
+            LEASE_TTL
+        );
+        assert_eq!(mine.token, child_token + 1);
+
+        // Nothing the dead node acknowledged is lost.
+        let rows: Vec<i64> = db
+            .client()
+            .await
+            .unwrap()
+            .query(
+                "SELECT n FROM ledger WHERE by = $1 ORDER BY n",
+                &[&child_owner],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for n in &acked {
+            assert!(rows.binary_search(n).is_ok(), "acknowledged write {n} lost");
+        }
+        // A write with the dead node's token (a zombie waking up) is refused.
+        let zombie = Lease::new("worker", &child_owner, child_token, mine.expires_at);
+        let e = store
+            .fenced_execute(
+                &zombie,
+                "INSERT INTO ledger (n, by) VALUES (-1, 'zombie')",
+                &[],
+            )
+            .await
+            .unwrap_err();
+        assert_lost(e, "worker", child_token, child_token + 1);
+        schema.drop().await;
+    }
+}

@@ -173,6 +173,9 @@ impl LeaseClock {
     }
 }
 
+/// One stored lease: its owner (`None` once released), token and expiry.
+type Slot = (Option<String>, u64, DateTime<Utc>);
+
 /// Leases in this process's memory: the same contract for a single node and for tests of code
 /// written against [`LeaseStore`] (with a [`ManualClock`] or tokio's paused clock, no database).
 ///
@@ -196,7 +199,7 @@ impl LeaseClock {
 /// ```
 #[derive(Debug, Default)]
 pub struct InMemoryLeaseStore {
-    leases: Mutex<std::collections::HashMap<String, (Option<String>, u64, DateTime<Utc>)>>,
+    leases: Mutex<std::collections::HashMap<String, Slot>>,
     clock: LeaseClock,
 }
 

@@ -32,6 +32,7 @@
 //! # Stores
 //! [`PgLeaseStore`] (feature `postgres`) for several nodes, [`SqliteLeaseStore`] (feature
 //! `sqlite`) for one machine, [`InMemoryLeaseStore`] for one process and for tests.
+//! [`LeaseKeeper`] renews a lease in the background on any of them and reports its loss.
 
 use std::fmt;
 use std::sync::Arc;
@@ -152,6 +153,38 @@ impl ManualClock {
     }
 }
 
+/// A clock given as a function, e.g. one that follows tokio's (pausable) clock in tests.
+///
+/// ```
+/// use architectlm_store::lease::{FnClock, LeaseClock};
+///
+/// let epoch = (chrono::Utc::now(), tokio::time::Instant::now());
+/// let clock = LeaseClock::Fn(FnClock::new(move || {
+///     epoch.0 + (tokio::time::Instant::now() - epoch.1)
+/// }));
+/// # let _ = clock;
+/// ```
+#[derive(Clone)]
+pub struct FnClock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
+
+impl fmt::Debug for FnClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FnClock").field(&self.now()).finish()
+    }
+}
+
+impl FnClock {
+    /// A clock reading `now`.
+    pub fn new(now: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
+    /// The time it shows.
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.0)()
+    }
+}
+
 /// Which clock judges lease expiry.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -161,14 +194,16 @@ pub enum LeaseClock {
     Store,
     /// A clock the caller moves (tests).
     Manual(ManualClock),
+    /// A clock given as a function.
+    Fn(FnClock),
 }
 
 impl LeaseClock {
-    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     fn manual_now(&self) -> Option<DateTime<Utc>> {
         match self {
             Self::Store => None,
             Self::Manual(c) => Some(c.now()),
+            Self::Fn(c) => Some(c.now()),
         }
     }
 }
@@ -216,10 +251,7 @@ impl InMemoryLeaseStore {
     }
 
     fn now(&self) -> DateTime<Utc> {
-        match &self.clock {
-            LeaseClock::Store => Utc::now(),
-            LeaseClock::Manual(c) => c.now(),
-        }
+        self.clock.manual_now().unwrap_or_else(Utc::now)
     }
 
     /// Whether `lease` is still held with its token (expired but not taken over counts).
@@ -316,6 +348,176 @@ impl LeaseStore for InMemoryLeaseStore {
             }),
             _ => None,
         })
+    }
+}
+
+/// Keeps a lease alive in the background and says when it is lost.
+///
+/// [`LeaseKeeper::acquire`] takes the lease, then renews it every third of its `ttl`. The
+/// keeper tracks, by this process's monotonic clock, the latest moment the lease is surely
+/// still live: the send time of the last successful renewal plus `ttl`, less a tenth of `ttl`
+/// as a margin for clock-rate differences. The lease counts as **lost** — [`LeaseKeeper::lease`] turns `None` and [`LeaseKeeper::lost`] resolves — when a
+/// renewal reports a takeover, or when renewals keep failing (database unreachable) until that
+/// moment passes. A lost lease is not retaken: acquire again to compete for it.
+///
+/// The signal is advisory: a process can stall between checking it and writing. Guard the
+/// writes themselves with the token ([`PgLeaseStore::fence`], [`SqliteLeaseStore::fence`]).
+///
+/// Dropping the keeper stops renewing; the lease then expires on its own after `ttl`.
+/// [`LeaseKeeper::release`] hands it over at once. Uses tokio's clock, so tests can pause time.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use architectlm_store::lease::{InMemoryLeaseStore, LeaseKeeper};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let store = Arc::new(InMemoryLeaseStore::new());
+/// let keeper = LeaseKeeper::acquire(store, "singleton", "node-a", Duration::from_secs(15))
+///     .await?
+///     .expect("free");
+/// assert_eq!(keeper.lease().map(|l| l.token), Some(1));
+/// // ... do the work, fencing writes with keeper.lease() ...
+/// assert!(keeper.release().await?);
+/// # Ok::<(), architectlm_store::Error>(()) }).unwrap();
+/// ```
+pub struct LeaseKeeper {
+    store: Arc<dyn LeaseStore>,
+    state: tokio::sync::watch::Receiver<Option<Lease>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl fmt::Debug for LeaseKeeper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaseKeeper")
+            .field("lease", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl LeaseKeeper {
+    /// Acquires `name` for `owner` and starts renewing it; `None` while another owner holds it.
+    /// Must be called inside a tokio runtime.
+    pub async fn acquire(
+        store: Arc<dyn LeaseStore>,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Self>> {
+        let sent = tokio::time::Instant::now();
+        let Some(lease) = store.acquire(name, owner, ttl).await? else {
+            return Ok(None);
+        };
+        let (tx, state) = tokio::sync::watch::channel(Some(lease.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(keep(
+            store.clone(),
+            lease,
+            ttl,
+            sent + live(ttl),
+            tx,
+            stopped,
+        ));
+        Ok(Some(Self {
+            store,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }))
+    }
+
+    /// The lease as last renewed, `None` once lost.
+    pub fn lease(&self) -> Option<Lease> {
+        self.state.borrow().clone()
+    }
+
+    /// Whether the lease is still held (as far as this process knows).
+    pub fn is_held(&self) -> bool {
+        self.state.borrow().is_some()
+    }
+
+    /// Resolves once the lease is lost (at once if it already is).
+    pub async fn lost(&self) {
+        let mut state = self.state.clone();
+        // An error means the keeper task ended, which only happens once the lease is gone.
+        let _ = state.wait_for(Option::is_none).await;
+    }
+
+    /// Stops renewing and releases the lease so another owner can take it at once. `false`
+    /// if it was already lost.
+    pub async fn release(mut self) -> Result<bool> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        match self.state.borrow().clone() {
+            Some(lease) => self.store.release(&lease).await,
+            None => Ok(false),
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// How long after sending a successful acquire or renewal the keeper trusts the lease.
+fn live(ttl: Duration) -> Duration {
+    ttl - ttl / 10
+}
+
+async fn keep(
+    store: Arc<dyn LeaseStore>,
+    mut lease: Lease,
+    ttl: Duration,
+    mut live_until: tokio::time::Instant,
+    state: tokio::sync::watch::Sender<Option<Lease>>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let every = ttl / 3;
+    let mut next = tokio::time::Instant::now() + every;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep_until(next.min(live_until)) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= live_until {
+            tracing::warn!(lease = %lease.name, token = lease.token, "lease lost: not renewed in time");
+            state.send_replace(None);
+            return;
+        }
+        let renewal = tokio::time::timeout(live_until - now, store.renew(&lease, ttl)).await;
+        match renewal {
+            Ok(Ok(renewed)) => {
+                lease = renewed;
+                live_until = now + live(ttl);
+                next = now + every;
+                state.send_replace(Some(lease.clone()));
+            }
+            Ok(Err(crate::Error::Conflict { actual, .. })) => {
+                tracing::warn!(lease = %lease.name, token = lease.token, current = actual, "lease lost: taken over");
+                state.send_replace(None);
+                return;
+            }
+            Ok(Err(e)) => {
+                // Keep trying until the lease may have expired; retry sooner than usual.
+                tracing::warn!(lease = %lease.name, error = %e, "lease renewal failed");
+                next = tokio::time::Instant::now() + every / 3;
+            }
+            Err(_) => {
+                tracing::warn!(lease = %lease.name, token = lease.token, "lease lost: renewal timed out");
+                state.send_replace(None);
+                return;
+            }
+        }
     }
 }
 

@@ -108,6 +108,133 @@ async fn in_memory_leases_follow_the_rules() {
     lease_rules(&store, &clock).await;
 }
 
+mod keeper {
+    //! `LeaseKeeper` on the in-memory store with tokio's paused clock; the store's clock
+    //! follows tokio's.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use architectlm_store::lease::{FnClock, InMemoryLeaseStore, Lease, LeaseKeeper};
+    use async_trait::async_trait;
+
+    use super::*;
+
+    /// The in-memory store, with renewals that fail while `down` is set (a partition).
+    #[derive(Debug)]
+    struct Flaky {
+        inner: InMemoryLeaseStore,
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl LeaseStore for Flaky {
+        async fn acquire(
+            &self,
+            name: &str,
+            owner: &str,
+            ttl: Duration,
+        ) -> architectlm_store::Result<Option<Lease>> {
+            self.inner.acquire(name, owner, ttl).await
+        }
+        async fn renew(&self, lease: &Lease, ttl: Duration) -> architectlm_store::Result<Lease> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Error::storage("connection refused"));
+            }
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &Lease) -> architectlm_store::Result<bool> {
+            self.inner.release(lease).await
+        }
+        async fn get(&self, name: &str) -> architectlm_store::Result<Option<Lease>> {
+            self.inner.get(name).await
+        }
+    }
+
+    fn setup() -> (Arc<Flaky>, FnClock, tokio::time::Instant) {
+        let epoch = (chrono::Utc::now(), tokio::time::Instant::now());
+        let clock = FnClock::new(move || epoch.0 + (tokio::time::Instant::now() - epoch.1));
+        let store = Arc::new(Flaky {
+            inner: InMemoryLeaseStore::new().with_clock(LeaseClock::Fn(clock.clone())),
+            down: AtomicBool::new(false),
+        });
+        (store, clock, epoch.1)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_lease_outlives_many_ttls_and_others_cannot_take_it() {
+        let (store, _, _) = setup();
+        let keeper = LeaseKeeper::acquire(store.clone(), "job", "node-a", TTL)
+            .await
+            .unwrap()
+            .unwrap();
+        for _ in 0..40 {
+            tokio::time::sleep(TTL / 4).await;
+            assert!(store.acquire("job", "node-b", TTL).await.unwrap().is_none());
+            assert!(keeper.is_held());
+        }
+        assert_eq!(keeper.lease().unwrap().token, 1);
+        // A release hands it over at once.
+        assert!(keeper.release().await.unwrap());
+        let b = store.acquire("job", "node-b", TTL).await.unwrap().unwrap();
+        assert_eq!(b.token, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partitioned_keeper_reports_the_loss_before_anyone_can_take_over() {
+        let (store, clock, _) = setup();
+        let keeper = LeaseKeeper::acquire(store.clone(), "job", "node-a", TTL)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(TTL / 2).await;
+        let held_until = keeper.lease().unwrap().expires_at;
+        store.down.store(true, Ordering::SeqCst);
+        // Move both clocks until the keeper gives up.
+        let mut steps = 0;
+        while keeper.is_held() {
+            tokio::time::sleep(TTL / 20).await;
+            steps += 1;
+            assert!(steps < 100, "the keeper never reported the loss");
+        }
+        keeper.lost().await;
+        // It gave up before the store's expiry: nobody else could have had the lease yet.
+        assert!(clock.now() < held_until, "{} vs {held_until}", clock.now());
+        assert!(store.acquire("job", "node-b", TTL).await.unwrap().is_none());
+        store.down.store(false, Ordering::SeqCst);
+        while store.acquire("job", "node-b", TTL).await.unwrap().is_none() {
+            tokio::time::sleep(TTL / 20).await;
+        }
+        assert_eq!(store.get("job").await.unwrap().unwrap().owner, "node-b");
+        // The lost keeper does not come back.
+        assert!(keeper.lease().is_none());
+        assert!(!keeper.release().await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keeper_whose_lease_was_taken_over_reports_it_at_the_next_renewal() {
+        let (store, _clock, start) = setup();
+        let keeper = LeaseKeeper::acquire(store.clone(), "job", "node-a", TTL)
+            .await
+            .unwrap()
+            .unwrap();
+        // Someone frees the lease behind the keeper's back (an operator, a bug) and node B
+        // takes it.
+        let a = keeper.lease().unwrap();
+        assert!(store.release(&a).await.unwrap());
+        let b = store.acquire("job", "node-b", TTL).await.unwrap().unwrap();
+        assert_eq!(b.token, 2);
+        keeper.lost().await;
+        assert!(keeper.lease().is_none());
+        // At the first renewal, a third of the ttl in (tokio's timers round up to 1 ms).
+        let at = start.elapsed();
+        assert!(
+            at >= TTL / 3 && at < TTL / 3 + Duration::from_millis(2),
+            "{at:?}"
+        );
+    }
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use architectlm_store::lease::{Lease, SqliteLeaseStore};

@@ -158,23 +158,23 @@ mod two_nodes {
     }
 }
 
-#[cfg(feature = "sqlite")]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod crash {
-    //! The child creates and transitions instances in a SQLite file and prints each one it got
-    //! `Ok` for; the parent kills it with SIGKILL and checks every acknowledged write survived.
+    //! The child creates and transitions instances (in a SQLite file, or a PostgreSQL schema)
+    //! and prints each one it got `Ok` for; the parent kills it with SIGKILL and checks every
+    //! acknowledged write survived and no row is torn.
 
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
     use architectlm_core::store::{ProcessQuery, ProcessStore};
     use architectlm_core::{ProcessDefinition, Runtime, System, TransitionDefinition};
-    use architectlm_store::process::SqliteProcessStore;
-    use architectlm_store::sqlite::{SqliteDb, SqliteOptions};
     use serde_json::json;
 
     use super::*;
 
     const CHILD_ENV: &str = "ARCHITECTLM_PROCESS_CRASH_CHILD";
+    const ACKED: usize = 300;
 
     fn system() -> System {
         let p = ProcessDefinition::builder("order")
@@ -188,11 +188,35 @@ mod crash {
         System::builder("crash").process(p).build().unwrap()
     }
 
-    async fn child(path: String) {
-        let db = SqliteDb::open(SqliteOptions::file(&path)).unwrap();
-        let store = Arc::new(SqliteProcessStore::open(db).await.unwrap());
+    /// Opens the store named by `spec`: `sqlite:<path>` or `pg:<schema>` (with `DATABASE_URL`).
+    async fn open(spec: &str) -> Arc<dyn ProcessStore> {
+        if let Some(_path) = spec.strip_prefix("sqlite:") {
+            #[cfg(feature = "sqlite")]
+            {
+                use architectlm_store::process::SqliteProcessStore;
+                use architectlm_store::sqlite::{SqliteDb, SqliteOptions};
+                let db = SqliteDb::open(SqliteOptions::file(_path)).unwrap();
+                return Arc::new(SqliteProcessStore::open(db).await.unwrap());
+            }
+        }
+        if let Some(_schema) = spec.strip_prefix("pg:") {
+            #[cfg(feature = "postgres")]
+            {
+                use architectlm_store::postgres::{PgDb, PgOptions};
+                use architectlm_store::process::PgProcessStore;
+                let url = std::env::var("DATABASE_URL").unwrap();
+                let db = PgDb::connect(PgOptions::new(url).schema(_schema))
+                    .await
+                    .unwrap();
+                return Arc::new(PgProcessStore::open(db).await.unwrap());
+            }
+        }
+        panic!("unknown store {spec:?}")
+    }
+
+    async fn child(spec: String) {
         let rt = Runtime::builder(system())
-            .process_store(store)
+            .process_store(open(&spec).await)
             .start()
             .await
             .unwrap();
@@ -216,22 +240,12 @@ mod crash {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn acknowledged_instances_survive_sigkill() {
-        if let Ok(path) = std::env::var(CHILD_ENV) {
-            child(path).await;
-            return;
-        }
-        let dir = std::env::temp_dir().join(format!("alm-proc-crash-{}", uuid::Uuid::new_v4()));
-        let path = dir.join("db.sqlite");
+    /// Runs the child on `spec`, kills it after `ACKED` acknowledged instances, and checks
+    /// the store.
+    async fn crash_and_check(test: &str, spec: &str) {
         let mut proc = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "crash::acknowledged_instances_survive_sigkill",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &path)
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, spec)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -243,7 +257,7 @@ mod crash {
                 let Ok(line) = line else { break };
                 if let Some(id) = line.strip_prefix("paid ") {
                     acked.push(uuid::Uuid::parse_str(id.trim()).unwrap());
-                    if acked.len() == 300 {
+                    if acked.len() == ACKED {
                         break;
                     }
                 }
@@ -255,14 +269,9 @@ mod crash {
         // Killed mid-work: the child keeps creating and paying while we kill it.
         proc.kill().unwrap();
         proc.wait().unwrap();
-        assert_eq!(
-            acked.len(),
-            300,
-            "the child stopped before 300 acknowledged writes"
-        );
+        assert_eq!(acked.len(), ACKED, "the child stopped early");
 
-        let db = SqliteDb::open(SqliteOptions::file(&path)).unwrap();
-        let store = SqliteProcessStore::open(db).await.unwrap();
+        let store = open(spec).await;
         for id in &acked {
             let i = store
                 .get(*id)
@@ -277,14 +286,48 @@ mod crash {
             assert_eq!(i.version, 2);
         }
         // Whatever was not acknowledged is still a consistent instance, never a torn row.
-        for i in store.list(&ProcessQuery::process("order")).await.unwrap() {
+        let all = store.list(&ProcessQuery::process("order")).await.unwrap();
+        assert!(all.len() >= ACKED);
+        for i in all {
             assert!(
                 (i.state.as_ref(), i.version) == ("created", 1)
                     || (i.state.as_ref(), i.version) == ("paid", 2),
                 "inconsistent instance {i:?}"
             );
         }
-        drop(store);
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acknowledged_instances_survive_sigkill() {
+        if let Ok(spec) = std::env::var(CHILD_ENV) {
+            child(spec).await;
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("alm-proc-crash-{}", uuid::Uuid::new_v4()));
+        let spec = format!("sqlite:{}", dir.join("db.sqlite").display());
+        crash_and_check("crash::acknowledged_instances_survive_sigkill", &spec).await;
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_acknowledged_instances_survive_sigkill() {
+        if let Ok(spec) = std::env::var(CHILD_ENV) {
+            child(spec).await;
+            return;
+        }
+        let Some(url) = support::database_url("postgres_acknowledged_instances_survive_sigkill")
+        else {
+            return;
+        };
+        let schema = support::TestSchema::new(&url);
+        let spec = format!("pg:{}", schema.name);
+        crash_and_check(
+            "crash::postgres_acknowledged_instances_survive_sigkill",
+            &spec,
+        )
+        .await;
+        schema.drop().await;
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use architectlm_core::{ProcessDefinition, Runtime, System, TransitionDefinition};
-use architectlm_store::postgres::{PgDb, PgOptions};
+use architectlm_store::postgres::{ClaimSpec, PgDb, PgOptions};
 use architectlm_store::process::PgProcessStore;
 use serde_json::json;
 
@@ -175,6 +175,75 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "every instance must have been stored and paid"
     );
 
+    // Work claims: 3 nodes (own pools) claim batches with FOR UPDATE SKIP LOCKED and complete
+    // each batch with one owner-checked UPDATE, until the table is drained.
+    static JOBS: ClaimSpec = ClaimSpec::new("bench_jobs", "id").ready("NOT done");
+    const NODES: usize = 3;
+    const BATCH: usize = 100;
+    let jobs = total * 5;
+    raw_db
+        .client()
+        .await?
+        .batch_execute(&format!(
+            "CREATE TABLE bench_jobs (id BIGINT PRIMARY KEY, done BOOLEAN NOT NULL DEFAULT false,
+                                      claimed_by TEXT, claimed_until TIMESTAMPTZ);
+             INSERT INTO bench_jobs (id) SELECT g FROM generate_series(1, {jobs}) g;
+             CREATE INDEX ON bench_jobs (id) WHERE NOT done;
+             ANALYZE bench_jobs;"
+        ))
+        .await?;
+    let claim_start = Instant::now();
+    let mut nodes = Vec::new();
+    for n in 0..NODES {
+        let db =
+            PgDb::connect(PgOptions::new(&url).schema(&schema).pool_size(POOL / NODES)).await?;
+        nodes.push(tokio::spawn(async move {
+            let node = format!("node-{n}");
+            let mut done = 0usize;
+            let mut lat = Vec::new();
+            loop {
+                let t = Instant::now();
+                let rows = db
+                    .claim(&JOBS, &node, Duration::from_secs(60), BATCH)
+                    .await
+                    .expect("claim");
+                if rows.is_empty() {
+                    return (done, lat);
+                }
+                let ids: Vec<i64> = rows.iter().map(|r| r.get("id")).collect();
+                let finished = db
+                    .client()
+                    .await
+                    .expect("connection")
+                    .execute(
+                        "UPDATE bench_jobs SET done = true WHERE id = ANY($1) AND claimed_by = $2",
+                        &[&ids, &node],
+                    )
+                    .await
+                    .expect("complete");
+                assert_eq!(finished as usize, ids.len(), "a claim was lost");
+                done += ids.len();
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut claimed = 0;
+    let mut claim_lat = Vec::new();
+    for n in nodes {
+        let (done, lat) = n.await?;
+        claimed += done;
+        claim_lat.extend(lat);
+    }
+    let claim_elapsed = claim_start.elapsed();
+    claim_lat.sort_unstable();
+    assert_eq!(claimed, jobs, "every job claimed exactly once");
+    let claims = Run {
+        ops: claimed,
+        elapsed: claim_elapsed,
+        latencies: claim_lat,
+        rss_kib: rss_kib(),
+    };
+
     let server: String = raw_db
         .client()
         .await?
@@ -192,8 +261,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{total} operations from {CONCURRENCY} concurrent tasks, pool of {POOL} connections, local PostgreSQL {server} (default `synchronous_commit=on`){}. \
          Baseline: one single-row `INSERT` transaction per operation. Ours: `Runtime::create_process` + `transition_process` on `PgProcessStore` \
-         (3 statements, 2 of them commits: insert, read, versioned update). Commits/s is the fair comparison of write load.",
-        if quick { ", `--quick`" } else { "" }
+         (3 statements, 2 of them commits: insert, read, versioned update). Claims: {} rows drained by {NODES} nodes (own pools), each batch claimed with `PgDb::claim` (`FOR UPDATE SKIP LOCKED`) and completed with one owner-checked `UPDATE` (2 commits per batch). Commits/s is the fair comparison of write load.",
+        if quick { ", `--quick`" } else { "" },
+        claims.ops
     );
     println!();
     println!(
@@ -214,6 +284,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             run.throughput() / raw.throughput()
         );
     }
+    println!(
+        "| Claim + complete, {NODES} nodes, batches of {BATCH} (rows; latency per batch) | {} | {} | {:.0} | {:.0} | {:.1} | {:.2} |",
+        ms(claims.pct(0.5)),
+        ms(claims.pct(0.99)),
+        claims.throughput(),
+        claims.throughput() / BATCH as f64 * 2.0,
+        claims.rss_kib as f64 / 1024.0,
+        claims.throughput() / raw.throughput()
+    );
     println!();
     println!(
         "Peers: tokio-postgres 0.7, deadpool-postgres 0.14 (the baseline uses the same driver and pool)."

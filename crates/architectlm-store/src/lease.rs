@@ -848,7 +848,9 @@ mod pg_impl {
 
         /// Fails with [`Error::Conflict`] unless `lease` is still held with its token, and
         /// locks the lease row (`FOR SHARE`) until `txn` ends, so that a takeover waits for this
-        /// transaction. Call it first in every transaction that writes on behalf of the lease.
+        /// transaction. Call it first in every transaction that writes on behalf of the lease,
+        /// and keep that transaction short: renewals of the lease wait for it too. Fenced
+        /// transactions of the same lease do not block each other.
         pub async fn fence(txn: &tokio_postgres::Transaction<'_>, lease: &Lease) -> Result<()> {
             let row = txn
                 .query_opt(

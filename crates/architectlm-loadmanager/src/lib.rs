@@ -65,7 +65,7 @@ pub use architectlm_core::extensions::loadmanager::{
 pub use clock::Clock;
 pub use manager::{LoadManager, LoadManagerBuilder};
 pub use resource::{EVENT_SOURCE, Permit, Rejected, Resource};
+pub use sample::SystemSample;
 #[cfg(feature = "system")]
 pub use sample::sample_system;
-pub use sample::SystemSample;
 pub use settings::{RateLimit, ResourceSettings, ResourceSettingsBuilder, SlidingWindow};

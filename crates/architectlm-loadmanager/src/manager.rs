@@ -6,12 +6,12 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use architectlm_core::Extension;
+use architectlm_core::ServiceRegistry;
 use architectlm_core::event::{EventFilter, EventHub, EventSubscription, Subscription};
 use architectlm_core::extensions::loadmanager::{
     self as contract, LoadEvent, LoadEventHandler, ResourceConfig, ResourcePermit, ResourceStatus,
 };
-use architectlm_core::Extension;
-use architectlm_core::ServiceRegistry;
 use architectlm_core::{Error, Result, Runtime};
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
@@ -167,7 +167,8 @@ impl LoadManager {
     }
 
     fn get(&self, id: &str) -> Result<Resource> {
-        self.resource(id).ok_or_else(|| Error::not_found("resource", id))
+        self.resource(id)
+            .ok_or_else(|| Error::not_found("resource", id))
     }
 
     /// Removes a resource; permits still held release into the removed resource harmlessly.
@@ -252,7 +253,11 @@ impl LoadManager {
                 _ => None,
             };
             if let Some(p) = pct {
-                let p = if p.is_finite() { p.clamp(0.0, 100.0) } else { 0.0 };
+                let p = if p.is_finite() {
+                    p.clamp(0.0, 100.0)
+                } else {
+                    0.0
+                };
                 r.set_usage((p * r.capacity() as f64 / 100.0).round() as u64);
                 n += 1;
             }
@@ -283,7 +288,8 @@ impl Drop for LoadManager {
 #[async_trait]
 impl contract::LoadManager for LoadManager {
     async fn register_resource(&self, config: ResourceConfig) -> Result<()> {
-        self.register(ResourceSettings::try_from(config)?).map(|_| ())
+        self.register(ResourceSettings::try_from(config)?)
+            .map(|_| ())
     }
 
     async fn is_resource_available(&self, id: &str) -> Result<bool> {

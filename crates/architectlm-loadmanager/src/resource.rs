@@ -11,7 +11,6 @@
 //! mutex, so each change is decided once and its event published once.
 
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -99,7 +98,9 @@ impl Rejected {
     /// [`Error::InvalidInput`] for zero units.
     pub fn into_error(self, id: &str) -> Error {
         match self {
-            Self::ZeroUnits => Error::InvalidInput(format!("resource \"{id}\": units must be at least 1")),
+            Self::ZeroUnits => {
+                Error::InvalidInput(format!("resource \"{id}\": units must be at least 1"))
+            }
             r => Error::Unavailable {
                 id: id.to_owned(),
                 reason: r.to_string(),
@@ -120,7 +121,8 @@ pub(crate) struct Shared {
     pub(crate) bus: OnceLock<EventHub<Event>>,
 }
 
-type Limiter = RateLimiter<NotKeyed, InMemoryState, GovernorClock, NoOpMiddleware<governor::nanos::Nanos>>;
+type Limiter =
+    RateLimiter<NotKeyed, InMemoryState, GovernorClock, NoOpMiddleware<governor::nanos::Nanos>>;
 
 /// Everything decided under the mutex.
 struct Cold {
@@ -166,7 +168,11 @@ fn units_at(percent: f64, capacity: u64) -> u64 {
     }
     // Ceil so that "usage at or above p %" means used * 100 >= p * capacity.
     let u = (percent * capacity as f64 / 100.0).ceil();
-    if u >= capacity as f64 { capacity } else { u as u64 }
+    if u >= capacity as f64 {
+        capacity
+    } else {
+        u as u64
+    }
 }
 
 impl ResourceInner {
@@ -191,15 +197,20 @@ impl ResourceInner {
         let rate_rule = settings.failure_rate_threshold.is_some() || slow_rule;
         let window = rate_rule.then(|| match settings.window {
             SlidingWindow::Count(n) => Window::Count(CountWindow::new(n)),
-            SlidingWindow::Time(d) => Window::Time(Mutex::new(TimeWindow::new(duration_nanos(d)))),
+            SlidingWindow::Time(d) => {
+                Window::Time(Box::new(Mutex::new(TimeWindow::new(duration_nanos(d)))))
+            }
         });
         let limiter = settings.rate_limit.and_then(|r| r.quota()).map(|q| {
-            Box::new(RateLimiter::direct_with_clock(q, GovernorClock(shared.clock.clone())))
+            Box::new(RateLimiter::direct_with_clock(
+                q,
+                GovernorClock(shared.clock.clone()),
+            ))
         });
         let measure = slow_rule || matches!(window, Some(Window::Time(_)));
         let now = shared.clock.now();
         let mut level = 0;
-        while level < 3 && 0 >= up[level] {
+        while level < 3 && up[level] == 0 {
             level += 1;
         }
         let r = Self {
@@ -249,9 +260,16 @@ impl ResourceInner {
         std::mem::size_of::<Self>()
             + std::mem::size_of::<ResourceSettings>()
             + self.settings.id.capacity()
-            + self.settings.description.as_ref().map_or(0, String::capacity)
+            + self
+                .settings
+                .description
+                .as_ref()
+                .map_or(0, String::capacity)
             + self.window.as_ref().map_or(0, Window::bytes)
-            + self.limiter.as_ref().map_or(0, |_| std::mem::size_of::<Limiter>())
+            + self
+                .limiter
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<Limiter>())
     }
 
     // ---- acquisition -------------------------------------------------------------------
@@ -280,7 +298,10 @@ impl ResourceInner {
                 return Err(Rejected::RateLimited);
             }
         }
-        if tag != 0 && self.settings.open_on_usage && self.used.load(Ordering::Acquire) >= self.up[2] {
+        if tag != 0
+            && self.settings.open_on_usage
+            && self.used.load(Ordering::Acquire) >= self.up[2]
+        {
             // A trial that would take usage to the circuit threshold reopens the circuit.
             self.return_units(units);
             let mut cold = self.cold.lock();
@@ -290,7 +311,11 @@ impl ResourceInner {
             }
             return Err(Rejected::CircuitOpen);
         }
-        let started = if self.measure { self.shared.clock.now() } else { 0 };
+        let started = if self.measure {
+            self.shared.clock.now()
+        } else {
+            0
+        };
         Ok(PermitTicket::new(started, tag))
     }
 
@@ -334,7 +359,12 @@ impl ResourceInner {
         let generation = tag & !TRIAL;
         let mut cur = self.trials.load(Ordering::Acquire);
         while cur >> TRIAL_BITS == generation {
-            match self.trials.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+            match self.trials.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return,
                 Err(c) => cur = c,
             }
@@ -349,7 +379,10 @@ impl ResourceInner {
             if new > self.capacity {
                 return Err(Rejected::CapacityFull);
             }
-            match self.used.compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::Relaxed) {
+            match self
+                .used
+                .compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::Relaxed)
+            {
                 Ok(_) => {
                     if new >= self.up[self.level.load(Ordering::Relaxed) as usize] {
                         self.usage_changed();
@@ -367,7 +400,10 @@ impl ResourceInner {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
             let new = cur.saturating_sub(units);
-            match self.used.compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::Relaxed) {
+            match self
+                .used
+                .compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::Relaxed)
+            {
                 Ok(_) => {
                     if new < self.down[self.level.load(Ordering::Relaxed) as usize] {
                         self.usage_changed();
@@ -383,12 +419,12 @@ impl ResourceInner {
     }
 
     /// Waits up to `wait` for capacity, in a queue bounded by `max_waiting`.
-    pub(crate) fn acquire_waiting(
+    pub(crate) async fn acquire_waiting(
         &self,
         units: u64,
         wait: Duration,
-    ) -> impl Future<Output = std::result::Result<PermitTicket, Rejected>> + Send + '_ {
-        async move {
+    ) -> std::result::Result<PermitTicket, Rejected> {
+        {
             match self.try_acquire(units) {
                 Err(Rejected::CapacityFull) => {}
                 other => return other,
@@ -450,7 +486,11 @@ impl ResourceInner {
             }
         }
         if let Some(w) = &self.window {
-            let now = if self.measure { self.shared.clock.now() } else { 0 };
+            let now = if self.measure {
+                self.shared.clock.now()
+            } else {
+                0
+            };
             let mut flags = 0;
             if failed {
                 flags |= FAILED;
@@ -566,7 +606,10 @@ impl ResourceInner {
             l -= 1;
         }
         self.level.store(l as u8, Ordering::Relaxed);
-        if l == LEVELS - 1 && self.settings.open_on_usage && self.breaker.load(Ordering::Acquire) == CLOSED {
+        if l == LEVELS - 1
+            && self.settings.open_on_usage
+            && self.breaker.load(Ordering::Acquire) == CLOSED
+        {
             self.open_locked(&mut cold, "usage", CLOSED);
         }
         self.publish_if_changed(&mut cold, "usage");
@@ -584,13 +627,24 @@ impl ResourceInner {
             return;
         }
         let s = &self.settings;
-        let factor = s.reset_backoff.powi(i32::try_from(cold.opens_in_row).unwrap_or(i32::MAX));
-        let timeout = s.reset_timeout.mul_f64(factor.min(1e9)).min(s.max_reset_timeout);
+        let factor = s
+            .reset_backoff
+            .powi(i32::try_from(cold.opens_in_row).unwrap_or(i32::MAX));
+        let timeout = s
+            .reset_timeout
+            .mul_f64(factor.min(1e9))
+            .min(s.max_reset_timeout);
         cold.opens_in_row = cold.opens_in_row.saturating_add(1);
         cold.generation += 1;
-        self.trials.store(cold.generation << TRIAL_BITS, Ordering::Release);
-        self.open_until
-            .store(self.shared.clock.now().saturating_add(duration_nanos(timeout)), Ordering::Release);
+        self.trials
+            .store(cold.generation << TRIAL_BITS, Ordering::Release);
+        self.open_until.store(
+            self.shared
+                .clock
+                .now()
+                .saturating_add(duration_nanos(timeout)),
+            Ordering::Release,
+        );
         self.breaker.store(OPEN, Ordering::Release);
     }
 
@@ -598,7 +652,8 @@ impl ResourceInner {
         cold.opens_in_row = 0;
         cold.legacy_trials = 0;
         cold.generation += 1;
-        self.trials.store(cold.generation << TRIAL_BITS, Ordering::Release);
+        self.trials
+            .store(cold.generation << TRIAL_BITS, Ordering::Release);
         if let Some(w) = &self.window {
             w.clear();
         }
@@ -625,7 +680,8 @@ impl ResourceInner {
         cold.trials_passed = 0;
         cold.legacy_trials = 0;
         let k = u64::from(self.settings.half_open_trials).min(TRIAL_MASK);
-        self.trials.store((cold.generation << TRIAL_BITS) | k, Ordering::Release);
+        self.trials
+            .store((cold.generation << TRIAL_BITS) | k, Ordering::Release);
         self.breaker.store(HALF_OPEN, Ordering::Release);
         self.publish_if_changed(&mut cold, "reset-timeout");
         true
@@ -634,7 +690,8 @@ impl ResourceInner {
     pub(crate) fn force_open(&self) {
         let mut cold = self.cold.lock();
         cold.generation += 1;
-        self.trials.store(cold.generation << TRIAL_BITS, Ordering::Release);
+        self.trials
+            .store(cold.generation << TRIAL_BITS, Ordering::Release);
         self.breaker.store(FORCED_OPEN, Ordering::Release);
         self.publish_if_changed(&mut cold, "forced-open");
     }
@@ -649,7 +706,8 @@ impl ResourceInner {
     pub(crate) fn reset(&self) {
         let mut cold = self.cold.lock();
         self.close_locked(&mut cold);
-        if self.settings.open_on_usage && self.level.load(Ordering::Relaxed) as usize == LEVELS - 1 {
+        if self.settings.open_on_usage && self.level.load(Ordering::Relaxed) as usize == LEVELS - 1
+        {
             self.open_locked(&mut cold, "usage", CLOSED);
         }
         self.publish_if_changed(&mut cold, "reset");
@@ -685,7 +743,8 @@ impl ResourceInner {
         };
         tracing::debug!(resource = %self.id(), ?previous, ?status, reason, "resource status changed");
         let bus = self.shared.bus.get();
-        let listened = self.shared.hub.has_subscribers() || bus.is_some_and(EventHub::has_subscribers);
+        let listened =
+            self.shared.hub.has_subscribers() || bus.is_some_and(EventHub::has_subscribers);
         if !listened {
             return;
         }
@@ -716,7 +775,11 @@ impl ResourceInner {
         let room = self.used.load(Ordering::Acquire) < self.capacity;
         match self.breaker.load(Ordering::Acquire) {
             CLOSED | DISABLED => room,
-            OPEN => self.maybe_half_open() && room && self.trials.load(Ordering::Acquire) & TRIAL_MASK > 0,
+            OPEN => {
+                self.maybe_half_open()
+                    && room
+                    && self.trials.load(Ordering::Acquire) & TRIAL_MASK > 0
+            }
             HALF_OPEN => room && self.trials.load(Ordering::Acquire) & TRIAL_MASK > 0,
             _ => false,
         }
@@ -757,7 +820,9 @@ impl ResourceInner {
 }
 
 fn rate_ok(l: &Limiter, units: u64) -> bool {
-    let n = u32::try_from(units).ok().and_then(std::num::NonZeroU32::new);
+    let n = u32::try_from(units)
+        .ok()
+        .and_then(std::num::NonZeroU32::new);
     match n {
         Some(n) => matches!(l.check_n(n), Ok(Ok(()))),
         None => false,
@@ -791,7 +856,13 @@ impl PermitRelease for ResourceInner {
 ///
 /// let manager = LoadManager::new();
 /// let db = manager
-///     .register(ResourceSettings::builder("db", ResourceType::Database, 2).build().unwrap())
+///     .register(
+///         ResourceSettings::builder("db", ResourceType::Database, 2)
+///             // A pool that is full refuses callers but is not a broken backend.
+///             .open_on_usage(false)
+///             .build()
+///             .unwrap(),
+///     )
 ///     .unwrap();
 /// let a = db.try_acquire(1).unwrap();
 /// let b = db.try_acquire(1).unwrap();
@@ -857,7 +928,11 @@ impl Resource {
 
     /// Takes `units`, waiting up to `wait` for capacity (not for an open circuit) in the
     /// bounded queue; refused at once with [`Rejected::QueueFull`] when the queue is full.
-    pub async fn acquire(&self, units: u64, wait: Duration) -> std::result::Result<Permit<'_>, Rejected> {
+    pub async fn acquire(
+        &self,
+        units: u64,
+        wait: Duration,
+    ) -> std::result::Result<Permit<'_>, Rejected> {
         let ticket = self.inner.acquire_waiting(units, wait).await?;
         Ok(Permit {
             resource: &self.inner,
@@ -871,7 +946,11 @@ impl Resource {
     #[inline]
     pub fn try_acquire_owned(&self, units: u64) -> std::result::Result<ResourcePermit, Rejected> {
         let ticket = self.inner.try_acquire(units)?;
-        Ok(ResourcePermit::with_ticket(self.inner.clone(), units, ticket))
+        Ok(ResourcePermit::with_ticket(
+            self.inner.clone(),
+            units,
+            ticket,
+        ))
     }
 
     /// Like [`acquire`](Self::acquire), as an owned core permit.
@@ -881,7 +960,11 @@ impl Resource {
         wait: Duration,
     ) -> std::result::Result<ResourcePermit, Rejected> {
         let ticket = self.inner.acquire_waiting(units, wait).await?;
-        Ok(ResourcePermit::with_ticket(self.inner.clone(), units, ticket))
+        Ok(ResourcePermit::with_ticket(
+            self.inner.clone(),
+            units,
+            ticket,
+        ))
     }
 
     /// Takes `units` without a permit (the original's `acquire_resource`); give them back
@@ -971,7 +1054,8 @@ impl Permit<'_> {
     fn finish(&mut self, outcome: CallOutcome) {
         if !self.done {
             self.done = true;
-            self.resource.release_ticket(self.units, outcome, self.ticket);
+            self.resource
+                .release_ticket(self.units, outcome, self.ticket);
         }
     }
 

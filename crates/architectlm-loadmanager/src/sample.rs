@@ -58,14 +58,17 @@ mod sampler {
             self.system.refresh_memory();
             self.disks.refresh(true);
             let total = self.system.total_memory();
-            let memory = (total > 0).then(|| self.system.used_memory() as f64 * 100.0 / total as f64);
-            let (size, free) = self
-                .disks
-                .list()
-                .iter()
-                .fold((0u64, 0u64), |(s, f), d| (s + d.total_space(), f + d.available_space()));
+            let memory =
+                (total > 0).then(|| self.system.used_memory() as f64 * 100.0 / total as f64);
+            let (size, free) = self.disks.list().iter().fold((0u64, 0u64), |(s, f), d| {
+                (s + d.total_space(), f + d.available_space())
+            });
             let disk = (size > 0).then(|| (size - free.min(size)) as f64 * 100.0 / size as f64);
-            SystemSample::new(Some(f64::from(self.system.global_cpu_usage())), memory, disk)
+            SystemSample::new(
+                Some(f64::from(self.system.global_cpu_usage())),
+                memory,
+                disk,
+            )
         }
     }
 

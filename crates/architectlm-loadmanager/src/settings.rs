@@ -57,8 +57,7 @@ impl RateLimit {
 
     pub(crate) fn quota(&self) -> Option<governor::Quota> {
         let burst = NonZeroU32::new(self.burst)?;
-        governor::Quota::with_period(self.period / self.burst)
-            .map(|q| q.allow_burst(burst))
+        governor::Quota::with_period(self.period / self.burst).map(|q| q.allow_burst(burst))
     }
 }
 
@@ -169,7 +168,11 @@ impl ResourceSettings {
     /// Checks every rule; the error names the field and the rejected value.
     pub fn validate(&self) -> Result<()> {
         if self.id.trim().is_empty() {
-            return Err(Error::invalid_config("id", format!("{:?}", self.id), "must not be empty"));
+            return Err(Error::invalid_config(
+                "id",
+                format!("{:?}", self.id),
+                "must not be empty",
+            ));
         }
         if self.capacity == 0 {
             return Err(Error::invalid_config("capacity", 0, "must be at least 1"));
@@ -205,7 +208,11 @@ impl ResourceSettings {
         }
         match self.window {
             SlidingWindow::Count(0) => {
-                return Err(Error::invalid_config("sliding_window.count", 0, "must be at least 1"));
+                return Err(Error::invalid_config(
+                    "sliding_window.count",
+                    0,
+                    "must be at least 1",
+                ));
             }
             SlidingWindow::Time(d) if d < Duration::from_micros(10) => {
                 return Err(Error::invalid_config(
@@ -217,13 +224,25 @@ impl ResourceSettings {
             _ => {}
         }
         if self.minimum_calls == 0 {
-            return Err(Error::invalid_config("minimum_calls", 0, "must be at least 1"));
+            return Err(Error::invalid_config(
+                "minimum_calls",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.consecutive_failures == Some(0) {
-            return Err(Error::invalid_config("consecutive_failures", 0, "must be at least 1"));
+            return Err(Error::invalid_config(
+                "consecutive_failures",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.half_open_trials == 0 {
-            return Err(Error::invalid_config("half_open_trials", 0, "must be at least 1"));
+            return Err(Error::invalid_config(
+                "half_open_trials",
+                0,
+                "must be at least 1",
+            ));
         }
         if !(self.reset_backoff >= 1.0 && self.reset_backoff.is_finite()) {
             return Err(Error::invalid_config(
@@ -241,7 +260,11 @@ impl ResourceSettings {
         }
         if let Some(r) = self.rate_limit {
             if r.burst == 0 {
-                return Err(Error::invalid_config("rate_limit.burst", 0, "must be at least 1"));
+                return Err(Error::invalid_config(
+                    "rate_limit.burst",
+                    0,
+                    "must be at least 1",
+                ));
             }
             if r.quota().is_none() {
                 return Err(Error::invalid_config(
@@ -259,7 +282,11 @@ fn percent(field: &str, v: f64) -> Result<()> {
     if (0.0..=100.0).contains(&v) {
         Ok(())
     } else {
-        Err(Error::invalid_config(field, v, "must be a percentage between 0 and 100"))
+        Err(Error::invalid_config(
+            field,
+            v,
+            "must be a percentage between 0 and 100",
+        ))
     }
 }
 
@@ -267,7 +294,11 @@ fn positive_percent(field: &str, v: f64) -> Result<()> {
     if v > 0.0 && v <= 100.0 {
         Ok(())
     } else {
-        Err(Error::invalid_config(field, v, "must be a percentage above 0 and at most 100"))
+        Err(Error::invalid_config(
+            field,
+            v,
+            "must be a percentage above 0 and at most 100",
+        ))
     }
 }
 
@@ -417,24 +448,36 @@ mod tests {
             msg(ResourceSettings::builder("r", ResourceType::Api, 0)),
             "invalid configuration: capacity = 0: must be at least 1"
         );
-        assert!(msg(b().thresholds(Thresholds::new(-1.0, 80.0, 90.0)))
-            .contains("thresholds.warning = -1"));
-        assert!(msg(b().thresholds(Thresholds::new(70.0, 80.0, 101.0)))
-            .contains("thresholds.circuit = 101"));
-        assert!(msg(b().thresholds(Thresholds::new(70.0, f64::NAN, 90.0)))
-            .contains("thresholds.critical = NaN"));
+        assert!(
+            msg(b().thresholds(Thresholds::new(-1.0, 80.0, 90.0)))
+                .contains("thresholds.warning = -1")
+        );
+        assert!(
+            msg(b().thresholds(Thresholds::new(70.0, 80.0, 101.0)))
+                .contains("thresholds.circuit = 101")
+        );
+        assert!(
+            msg(b().thresholds(Thresholds::new(70.0, f64::NAN, 90.0)))
+                .contains("thresholds.critical = NaN")
+        );
         assert_eq!(
             msg(b().thresholds(Thresholds::new(80.0, 60.0, 90.0))),
             "invalid configuration: thresholds.critical = 60: must not be below thresholds.warning (80)"
         );
-        assert!(msg(b().thresholds(Thresholds::new(50.0, 60.0, 55.0)))
-            .contains("thresholds.circuit = 55"));
+        assert!(
+            msg(b().thresholds(Thresholds::new(50.0, 60.0, 55.0)))
+                .contains("thresholds.circuit = 55")
+        );
         assert!(msg(b().half_open_trials(0)).contains("half_open_trials = 0"));
         assert!(msg(b().failure_rate_threshold(0.0)).contains("failure_rate_threshold = 0"));
-        assert!(msg(b().sliding_window(SlidingWindow::Count(0))).contains("sliding_window.count = 0"));
+        assert!(
+            msg(b().sliding_window(SlidingWindow::Count(0))).contains("sliding_window.count = 0")
+        );
         assert!(msg(b().consecutive_failures(0)).contains("consecutive_failures = 0"));
         assert!(msg(b().rate_limit(RateLimit::per_second(0))).contains("rate_limit.burst = 0"));
-        assert!(msg(b().reset_backoff(0.5, Duration::from_secs(60))).contains("reset_backoff = 0.5"));
+        assert!(
+            msg(b().reset_backoff(0.5, Duration::from_secs(60))).contains("reset_backoff = 0.5")
+        );
         assert!(msg(ResourceSettings::builder(" ", ResourceType::Api, 1)).contains("id = \" \""));
         assert_eq!(msg(b()), "accepted");
     }
@@ -453,6 +496,8 @@ mod tests {
 
         let bad = ResourceConfig::new("x", ResourceType::Cpu, 0);
         let err = ResourceSettings::try_from(bad).unwrap_err();
-        assert!(matches!(err, Error::InvalidConfig { ref field, ref value, .. } if field == "capacity" && value == "0"));
+        assert!(
+            matches!(err, Error::InvalidConfig { ref field, ref value, .. } if field == "capacity" && value == "0")
+        );
     }
 }

@@ -27,7 +27,7 @@ pub(crate) struct Totals {
 
 pub(crate) enum Window {
     Count(CountWindow),
-    Time(Mutex<TimeWindow>),
+    Time(Box<Mutex<TimeWindow>>),
 }
 
 impl Window {
@@ -154,7 +154,11 @@ impl TimeWindow {
             slow: 0,
             filling: true,
         };
-        for b in self.buckets.iter().filter(|b| b.epoch + 10 > epoch && b.epoch != 0) {
+        for b in self
+            .buckets
+            .iter()
+            .filter(|b| b.epoch + 10 > epoch && b.epoch != 0)
+        {
             t.calls += b.calls;
             t.failures += b.failures;
             t.slow += b.slow;

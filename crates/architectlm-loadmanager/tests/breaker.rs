@@ -41,7 +41,11 @@ fn half_open_admits_exactly_k_trials_among_100_concurrent_callers() {
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let (admitted, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
         assert_eq!(admitted.len(), k as usize, "exactly K trials for K = {k}");
-        assert!(refused.iter().all(|e| matches!(e, Err(Rejected::HalfOpenTrialsBusy))));
+        assert!(
+            refused
+                .iter()
+                .all(|e| matches!(e, Err(Rejected::HalfOpenTrialsBusy)))
+        );
         assert_eq!(r.status().status, CircuitStatus::HalfOpen);
         assert_eq!(r.used(), u64::from(k));
 
@@ -278,7 +282,10 @@ async fn usage_at_the_circuit_threshold_opens_and_only_the_reset_timeout_leaves_
     assert_eq!(r.status().status, CircuitStatus::HalfOpen);
     // A legacy acquisition is the trial; releasing its units passes it.
     r.acquire_units(1).unwrap();
-    assert_eq!(r.acquire_units(1).unwrap_err(), Rejected::HalfOpenTrialsBusy);
+    assert_eq!(
+        r.acquire_units(1).unwrap_err(),
+        Rejected::HalfOpenTrialsBusy
+    );
     r.release(1);
     assert_eq!(r.status().status, CircuitStatus::Closed);
     assert_eq!(

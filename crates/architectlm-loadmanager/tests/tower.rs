@@ -44,8 +44,14 @@ impl Service<&'static str> for Accounts {
         let balances = self.balances.clone();
         let backend = self.backend.clone();
         Box::pin(async move {
-            let _turn = backend.acquire().await.map_err(|_| UnknownAccount("closed".into()))?;
-            balances.get(account).copied().ok_or_else(|| UnknownAccount(account.to_owned()))
+            let _turn = backend
+                .acquire()
+                .await
+                .map_err(|_| UnknownAccount("closed".into()))?;
+            balances
+                .get(account)
+                .copied()
+                .ok_or_else(|| UnknownAccount(account.to_owned()))
         })
     }
 }
@@ -76,13 +82,23 @@ async fn failures_open_the_circuit_and_a_successful_trial_closes_it() {
 
     assert_eq!(svc.ready().await.unwrap().call("alice").await.unwrap(), 100);
     for _ in 0..2 {
-        let e = svc.ready().await.unwrap().call("mallory").await.unwrap_err();
+        let e = svc
+            .ready()
+            .await
+            .unwrap()
+            .call("mallory")
+            .await
+            .unwrap_err();
         assert!(matches!(e, LoadError::Service(UnknownAccount(ref a)) if a == "mallory"));
     }
     assert_eq!(r.status().status, CircuitStatus::Open);
     let e = svc.ready().await.unwrap().call("alice").await.unwrap_err();
     assert!(matches!(e, LoadError::Rejected(Rejected::CircuitOpen)));
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "a refused request never reaches the service");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "a refused request never reaches the service"
+    );
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(svc.ready().await.unwrap().call("bob").await.unwrap(), 7);
@@ -112,7 +128,11 @@ async fn a_full_resource_refuses_and_dropped_futures_release_their_permits() {
     assert!(matches!(e, LoadError::Rejected(r) if r.to_string() == "capacity full"));
 
     drop(a);
-    assert_eq!(r.used(), 1, "a dropped response future gives its permit back");
+    assert_eq!(
+        r.used(),
+        1,
+        "a dropped response future gives its permit back"
+    );
     backend.add_permits(1);
     assert_eq!(b.await.unwrap(), 7);
     assert_eq!(r.used(), 0);

@@ -37,7 +37,11 @@ fn hovering(hysteresis: f64) -> Vec<E> {
 #[test]
 fn hysteresis_limits_events_of_usage_hovering_at_a_threshold() {
     let without = hovering(0.0);
-    assert_eq!(without.len(), 100, "every crossing is a change of status without hysteresis");
+    assert_eq!(
+        without.len(),
+        100,
+        "every crossing is a change of status without hysteresis"
+    );
     let with = hovering(5.0);
     assert_eq!(with, vec![E::ThresholdWarning, E::CircuitClosed]);
 }
@@ -122,7 +126,11 @@ async fn waiting_acquisition_gets_released_capacity_or_times_out() {
     );
     let held = r.try_acquire_owned(2).unwrap();
     let r2 = r.clone();
-    let waiter = tokio::spawn(async move { r2.acquire_owned(1, Duration::from_secs(5)).await.map(|p| p.units()) });
+    let waiter = tokio::spawn(async move {
+        r2.acquire_owned(1, Duration::from_secs(5))
+            .await
+            .map(|p| p.units())
+    });
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!waiter.is_finished());
     held.success();
@@ -130,7 +138,10 @@ async fn waiting_acquisition_gets_released_capacity_or_times_out() {
 
     let _full = r.try_acquire_owned(2).unwrap();
     let start = tokio::time::Instant::now();
-    assert_eq!(r.acquire(1, Duration::from_secs(3)).await.unwrap_err(), Rejected::WaitTimedOut);
+    assert_eq!(
+        r.acquire(1, Duration::from_secs(3)).await.unwrap_err(),
+        Rejected::WaitTimedOut
+    );
     assert_eq!(start.elapsed(), Duration::from_secs(3));
 }
 
@@ -148,11 +159,16 @@ async fn the_bulkhead_refuses_rather_than_queues_when_full() {
     for _ in 0..2 {
         let r = r.clone();
         waiters.push(tokio::spawn(async move {
-            r.acquire_owned(1, Duration::from_secs(60)).await.map(|p| p.success())
+            r.acquire_owned(1, Duration::from_secs(60))
+                .await
+                .map(|p| p.success())
         }));
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(r.acquire(1, Duration::from_secs(60)).await.unwrap_err(), Rejected::QueueFull);
+    assert_eq!(
+        r.acquire(1, Duration::from_secs(60)).await.unwrap_err(),
+        Rejected::QueueFull
+    );
     // Refusals of an open circuit never wait.
     held.success();
     for w in waiters {
@@ -160,7 +176,10 @@ async fn the_bulkhead_refuses_rather_than_queues_when_full() {
     }
     assert_eq!(r.used(), 0);
     r.force_open();
-    assert_eq!(r.acquire(1, Duration::from_secs(60)).await.unwrap_err(), Rejected::ForcedOpen);
+    assert_eq!(
+        r.acquire(1, Duration::from_secs(60)).await.unwrap_err(),
+        Rejected::ForcedOpen
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -168,7 +187,8 @@ async fn rate_limits_follow_the_clock() {
     let m = LoadManager::new();
     let r = register(
         &m,
-        ResourceSettings::builder("api", ResourceType::Api, 100).rate_limit(RateLimit::per_second(2)),
+        ResourceSettings::builder("api", ResourceType::Api, 100)
+            .rate_limit(RateLimit::per_second(2)),
     );
     r.try_acquire(1).unwrap().success();
     r.try_acquire(1).unwrap().success();

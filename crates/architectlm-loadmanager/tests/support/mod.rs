@@ -16,7 +16,8 @@ pub(crate) fn manual() -> (LoadManager, Clock) {
 
 /// Registers the built settings.
 pub(crate) fn register(m: &LoadManager, b: ResourceSettingsBuilder) -> Resource {
-    m.register(b.build().expect("valid settings")).expect("registered")
+    m.register(b.build().expect("valid settings"))
+        .expect("registered")
 }
 
 /// Every event already published, in order.

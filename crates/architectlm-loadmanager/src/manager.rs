@@ -152,7 +152,7 @@ impl LoadManager {
                 "a resource with this id is already registered",
             ));
         }
-        let inner = ResourceInner::new(settings, self.shared.clone())?;
+        let inner = ResourceInner::new(settings, id.clone(), self.shared.clone())?;
         let r = Resource {
             inner: Arc::new(inner),
         };
@@ -265,6 +265,7 @@ impl LoadManager {
         n
     }
 
+    #[cfg(feature = "system")]
     pub(crate) fn set_sampler(&self, handle: tokio::task::JoinHandle<()>) {
         if let Some(old) = self.sampler.lock().replace(handle) {
             old.abort();

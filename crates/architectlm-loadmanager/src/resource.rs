@@ -134,6 +134,24 @@ struct Cold {
     opens_in_row: u32,
 }
 
+/// The settings the running resource needs, kept compact (a resource should cost a few hundred
+/// bytes so that a registry of 100,000 stays small).
+struct Rules {
+    id: Arc<str>,
+    resource_type: ResourceType,
+    open_on_usage: bool,
+    failure_rate: Option<f32>,
+    slow_rate: Option<f32>,
+    minimum_calls: u32,
+    /// 0 when the rule is off.
+    consecutive_failures: u32,
+    half_open_trials: u32,
+    max_waiting: u32,
+    reset_backoff: f32,
+    reset_timeout: Duration,
+    max_reset_timeout: Duration,
+}
+
 pub(crate) struct ResourceInner {
     // Hot, read or written on every call.
     used: AtomicU64,
@@ -153,11 +171,11 @@ pub(crate) struct ResourceInner {
     /// Any outcome rule configured.
     outcome_rules: bool,
     slow_nanos: u64,
-    window: Option<Window>,
+    window: Option<Box<Window>>,
     limiter: Option<Box<Limiter>>,
     notify: Notify,
     // Cold.
-    settings: Box<ResourceSettings>,
+    rules: Rules,
     shared: Arc<Shared>,
     cold: Mutex<Cold>,
 }
@@ -176,7 +194,11 @@ fn units_at(percent: f64, capacity: u64) -> u64 {
 }
 
 impl ResourceInner {
-    pub(crate) fn new(settings: ResourceSettings, shared: Arc<Shared>) -> Result<Self> {
+    pub(crate) fn new(
+        settings: ResourceSettings,
+        id: Arc<str>,
+        shared: Arc<Shared>,
+    ) -> Result<Self> {
         settings.validate()?;
         let cap = settings.capacity;
         let t = settings.thresholds;
@@ -195,11 +217,13 @@ impl ResourceInner {
         ];
         let slow_rule = settings.slow_call_rate_threshold.is_some();
         let rate_rule = settings.failure_rate_threshold.is_some() || slow_rule;
-        let window = rate_rule.then(|| match settings.window {
-            SlidingWindow::Count(n) => Window::Count(CountWindow::new(n)),
-            SlidingWindow::Time(d) => {
-                Window::Time(Box::new(Mutex::new(TimeWindow::new(duration_nanos(d)))))
-            }
+        let window = rate_rule.then(|| {
+            Box::new(match settings.window {
+                SlidingWindow::Count(n) => Window::Count(CountWindow::new(n)),
+                SlidingWindow::Time(d) => {
+                    Window::Time(Box::new(Mutex::new(TimeWindow::new(duration_nanos(d)))))
+                }
+            })
         });
         let limiter = settings.rate_limit.and_then(|r| r.quota()).map(|q| {
             Box::new(RateLimiter::direct_with_clock(
@@ -207,7 +231,7 @@ impl ResourceInner {
                 GovernorClock(shared.clock.clone()),
             ))
         });
-        let measure = slow_rule || matches!(window, Some(Window::Time(_)));
+        let measure = slow_rule || matches!(window.as_deref(), Some(Window::Time(_)));
         let now = shared.clock.now();
         let mut level = 0;
         while level < 3 && up[level] == 0 {
@@ -230,7 +254,20 @@ impl ResourceInner {
             window,
             limiter,
             notify: Notify::new(),
-            settings: Box::new(settings),
+            rules: Rules {
+                id,
+                resource_type: settings.resource_type,
+                open_on_usage: settings.open_on_usage,
+                failure_rate: settings.failure_rate_threshold.map(|r| r as f32),
+                slow_rate: settings.slow_call_rate_threshold.map(|r| r as f32),
+                minimum_calls: settings.minimum_calls,
+                consecutive_failures: settings.consecutive_failures.unwrap_or(0),
+                half_open_trials: settings.half_open_trials,
+                max_waiting: settings.max_waiting,
+                reset_backoff: settings.reset_backoff as f32,
+                reset_timeout: settings.reset_timeout,
+                max_reset_timeout: settings.max_reset_timeout,
+            },
             shared,
             cold: Mutex::new(Cold {
                 reported: CircuitStatus::Closed,
@@ -243,7 +280,7 @@ impl ResourceInner {
         };
         {
             let mut cold = r.cold.lock();
-            if level == 3 && r.settings.open_on_usage {
+            if level == 3 && r.rules.open_on_usage {
                 r.open_locked(&mut cold, "usage", CLOSED);
             }
             r.publish_if_changed(&mut cold, "registered");
@@ -252,20 +289,17 @@ impl ResourceInner {
     }
 
     pub(crate) fn id(&self) -> &str {
-        &self.settings.id
+        &self.rules.id
     }
 
     /// Approximate heap bytes owned by this resource (for capacity planning and benchmarks).
     pub(crate) fn footprint(&self) -> usize {
         std::mem::size_of::<Self>()
-            + std::mem::size_of::<ResourceSettings>()
-            + self.settings.id.capacity()
+            + self.rules.id.len()
             + self
-                .settings
-                .description
+                .window
                 .as_ref()
-                .map_or(0, String::capacity)
-            + self.window.as_ref().map_or(0, Window::bytes)
+                .map_or(0, |w| std::mem::size_of::<Window>() + w.bytes())
             + self
                 .limiter
                 .as_ref()
@@ -298,10 +332,7 @@ impl ResourceInner {
                 return Err(Rejected::RateLimited);
             }
         }
-        if tag != 0
-            && self.settings.open_on_usage
-            && self.used.load(Ordering::Acquire) >= self.up[2]
-        {
+        if tag != 0 && self.rules.open_on_usage && self.used.load(Ordering::Acquire) >= self.up[2] {
             // A trial that would take usage to the circuit threshold reopens the circuit.
             self.return_units(units);
             let mut cold = self.cold.lock();
@@ -429,7 +460,7 @@ impl ResourceInner {
                 Err(Rejected::CapacityFull) => {}
                 other => return other,
             }
-            if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.settings.max_waiting {
+            if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.rules.max_waiting {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 return Err(Rejected::QueueFull);
             }
@@ -463,7 +494,7 @@ impl ResourceInner {
     }
 
     fn is_slow(&self, started: u64, now: u64) -> bool {
-        self.settings.slow_call_rate_threshold.is_some()
+        self.rules.slow_rate.is_some()
             && started != 0
             && now.saturating_sub(started) >= self.slow_nanos
     }
@@ -475,7 +506,8 @@ impl ResourceInner {
             return;
         }
         let failed = outcome == CallOutcome::Failure;
-        if let Some(n) = self.settings.consecutive_failures {
+        let n = self.rules.consecutive_failures;
+        if n != 0 {
             if failed {
                 if self.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= n {
                     self.open_from(CLOSED, "consecutive-failures");
@@ -498,8 +530,7 @@ impl ResourceInner {
             if self.is_slow(started, now) {
                 flags |= SLOW;
             }
-            let t = w.record(flags, now);
-            if flags != 0 || t.filling {
+            if let Some(t) = w.record(flags, now) {
                 if let Some(reason) = self.rate_exceeded(t) {
                     self.open_from(CLOSED, reason);
                 }
@@ -508,17 +539,17 @@ impl ResourceInner {
     }
 
     fn rate_exceeded(&self, t: Totals) -> Option<&'static str> {
-        if t.calls < u64::from(self.settings.minimum_calls) {
+        if t.calls < u64::from(self.rules.minimum_calls) {
             return None;
         }
         let calls = t.calls as f64;
-        if let Some(r) = self.settings.failure_rate_threshold {
-            if t.failures as f64 * 100.0 >= r * calls {
+        if let Some(r) = self.rules.failure_rate {
+            if t.failures as f64 * 100.0 >= f64::from(r) * calls {
                 return Some("failure-rate");
             }
         }
-        if let Some(r) = self.settings.slow_call_rate_threshold {
-            if t.slow as f64 * 100.0 >= r * calls {
+        if let Some(r) = self.rules.slow_rate {
+            if t.slow as f64 * 100.0 >= f64::from(r) * calls {
                 return Some("slow-call-rate");
             }
         }
@@ -543,8 +574,8 @@ impl ResourceInner {
 
     fn trial_passed(&self, cold: &mut Cold) {
         cold.trials_passed += 1;
-        if cold.trials_passed >= self.settings.half_open_trials {
-            if self.settings.open_on_usage && self.used.load(Ordering::Acquire) >= self.up[2] {
+        if cold.trials_passed >= self.rules.half_open_trials {
+            if self.rules.open_on_usage && self.used.load(Ordering::Acquire) >= self.up[2] {
                 self.open_locked(cold, "usage", HALF_OPEN);
                 self.publish_if_changed(cold, "usage");
             } else {
@@ -607,7 +638,7 @@ impl ResourceInner {
         }
         self.level.store(l as u8, Ordering::Relaxed);
         if l == LEVELS - 1
-            && self.settings.open_on_usage
+            && self.rules.open_on_usage
             && self.breaker.load(Ordering::Acquire) == CLOSED
         {
             self.open_locked(&mut cold, "usage", CLOSED);
@@ -626,10 +657,9 @@ impl ResourceInner {
         if self.breaker.load(Ordering::Acquire) != from {
             return;
         }
-        let s = &self.settings;
-        let factor = s
-            .reset_backoff
-            .powi(i32::try_from(cold.opens_in_row).unwrap_or(i32::MAX));
+        let s = &self.rules;
+        let factor =
+            f64::from(s.reset_backoff).powi(i32::try_from(cold.opens_in_row).unwrap_or(i32::MAX));
         let timeout = s
             .reset_timeout
             .mul_f64(factor.min(1e9))
@@ -679,7 +709,7 @@ impl ResourceInner {
         cold.generation += 1;
         cold.trials_passed = 0;
         cold.legacy_trials = 0;
-        let k = u64::from(self.settings.half_open_trials).min(TRIAL_MASK);
+        let k = u64::from(self.rules.half_open_trials).min(TRIAL_MASK);
         self.trials
             .store((cold.generation << TRIAL_BITS) | k, Ordering::Release);
         self.breaker.store(HALF_OPEN, Ordering::Release);
@@ -706,8 +736,7 @@ impl ResourceInner {
     pub(crate) fn reset(&self) {
         let mut cold = self.cold.lock();
         self.close_locked(&mut cold);
-        if self.settings.open_on_usage && self.level.load(Ordering::Relaxed) as usize == LEVELS - 1
-        {
+        if self.rules.open_on_usage && self.level.load(Ordering::Relaxed) as usize == LEVELS - 1 {
             self.open_locked(&mut cold, "usage", CLOSED);
         }
         self.publish_if_changed(&mut cold, "reset");
@@ -797,7 +826,7 @@ impl ResourceInner {
             .then(|| clock.to_utc(self.open_until.load(Ordering::Acquire)));
         ResourceStatus::new(
             self.id(),
-            self.settings.resource_type,
+            self.rules.resource_type,
             self.capacity,
             used,
             status,
@@ -811,7 +840,7 @@ impl ResourceInner {
     }
 
     pub(crate) fn resource_type(&self) -> ResourceType {
-        self.settings.resource_type
+        self.rules.resource_type
     }
 
     pub(crate) fn capacity(&self) -> u64 {
@@ -906,11 +935,6 @@ impl Resource {
     /// Units in use now.
     pub fn used(&self) -> u64 {
         self.inner.used()
-    }
-
-    /// The settings it was registered with.
-    pub fn settings(&self) -> &ResourceSettings {
-        &self.inner.settings
     }
 
     /// Takes `units` now or says why not. The permit borrows the handle; see

@@ -21,8 +21,6 @@ pub(crate) struct Totals {
     pub(crate) calls: u64,
     pub(crate) failures: u64,
     pub(crate) slow: u64,
-    /// Whether a success could still raise a rate (the window is not yet full).
-    pub(crate) filling: bool,
 }
 
 pub(crate) enum Window {
@@ -31,10 +29,13 @@ pub(crate) enum Window {
 }
 
 impl Window {
-    pub(crate) fn record(&self, flags: u8, now: u64) -> Totals {
+    /// Records one outcome; returns the totals only when the record could have raised a rate
+    /// (a failure or slow call, or a window still filling up).
+    #[inline]
+    pub(crate) fn record(&self, flags: u8, now: u64) -> Option<Totals> {
         match self {
             Self::Count(w) => w.record(flags),
-            Self::Time(w) => w.lock().record(flags, now),
+            Self::Time(w) => Some(w.lock().record(flags, now)),
         }
     }
 
@@ -55,6 +56,8 @@ impl Window {
 
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
+    /// Lemire's fastmod constant for `slots.len()`: a slot index without a division.
+    magic: u64,
     head: AtomicU64,
     failures: AtomicI64,
     slow: AtomicI64,
@@ -62,8 +65,10 @@ pub(crate) struct CountWindow {
 
 impl CountWindow {
     pub(crate) fn new(size: u32) -> Self {
+        let size = size.max(1);
         Self {
-            slots: (0..size.max(1)).map(|_| AtomicU8::new(0)).collect(),
+            magic: (u64::MAX / u64::from(size)).wrapping_add(1),
+            slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
             head: AtomicU64::new(0),
             failures: AtomicI64::new(0),
             slow: AtomicI64::new(0),
@@ -71,11 +76,12 @@ impl CountWindow {
     }
 
     #[inline]
-    pub(crate) fn record(&self, flags: u8) -> Totals {
+    pub(crate) fn record(&self, flags: u8) -> Option<Totals> {
         let len = self.slots.len() as u64;
         let i = self.head.fetch_add(1, Ordering::Relaxed);
         let new = flags | FILLED;
-        let slot = &self.slots[(i % len) as usize];
+        // The index wraps at 2^32 calls: one out-of-order slot every four billion calls.
+        let slot = &self.slots[fastmod(i as u32, self.magic, len as u32) as usize];
         // A run of identical outcomes does not write the slot at all.
         let old = if slot.load(Ordering::Relaxed) == new {
             new
@@ -83,6 +89,11 @@ impl CountWindow {
             slot.swap(new, Ordering::Relaxed)
         };
         let changed = old ^ new;
+        let filling = i < len;
+        if changed == 0 && flags == 0 && !filling {
+            // A success over a success in a full window changes no rate.
+            return None;
+        }
         let mut failures = None;
         let mut slow = None;
         if changed & FAILED != 0 {
@@ -95,13 +106,12 @@ impl CountWindow {
         }
         let failures = failures.unwrap_or_else(|| self.failures.load(Ordering::Relaxed));
         let slow = slow.unwrap_or_else(|| self.slow.load(Ordering::Relaxed));
-        Totals {
+        Some(Totals {
             calls: (i + 1).min(len),
             // Counters can be transiently negative while racing updates land; clamp.
             failures: failures.max(0) as u64,
             slow: slow.max(0) as u64,
-            filling: i < len,
-        }
+        })
     }
 
     fn clear(&self) {
@@ -112,6 +122,14 @@ impl CountWindow {
         self.failures.store(0, Ordering::Relaxed);
         self.slow.store(0, Ordering::Relaxed);
     }
+}
+
+/// `a % d` with `magic = u64::MAX / d + 1` (Lemire, Kaser, Kurz: "Faster remainder by direct
+/// computation", 2019).
+#[inline]
+fn fastmod(a: u32, magic: u64, d: u32) -> u32 {
+    let low = magic.wrapping_mul(u64::from(a));
+    ((u128::from(low) * u128::from(d)) >> 64) as u32
 }
 
 #[derive(Clone, Copy, Default)]
@@ -152,7 +170,6 @@ impl TimeWindow {
             calls: 0,
             failures: 0,
             slow: 0,
-            filling: true,
         };
         for b in self
             .buckets
@@ -178,15 +195,31 @@ mod tests {
     #[test]
     fn count_window_keeps_the_last_n_outcomes() {
         let w = CountWindow::new(4);
-        assert_eq!(w.record(FAILED).failures, 1);
+        assert_eq!(w.record(FAILED).unwrap().failures, 1);
         w.record(FAILED);
         w.record(0);
-        let t = w.record(SLOW);
-        assert_eq!((t.calls, t.failures, t.slow, t.filling), (4, 2, 1, true));
+        let t = w.record(SLOW).unwrap();
+        assert_eq!((t.calls, t.failures, t.slow), (4, 2, 1));
         // Two successes push both failures out of the window.
         w.record(0);
-        let t = w.record(0);
-        assert_eq!((t.calls, t.failures, t.slow, t.filling), (4, 0, 1, false));
+        let t = w.record(0).unwrap();
+        assert_eq!((t.calls, t.failures, t.slow), (4, 0, 1));
+        // A success over a success in a full window reports nothing.
+        w.record(0);
+        w.record(0);
+        assert_eq!(w.record(0), None);
+        let t = w.record(FAILED).unwrap();
+        assert_eq!((t.calls, t.failures, t.slow), (4, 1, 0));
+    }
+
+    #[test]
+    fn fastmod_matches_the_remainder() {
+        for d in [1u32, 2, 3, 7, 10, 100, 1000, 65_537, u32::MAX] {
+            let magic = (u64::MAX / u64::from(d)).wrapping_add(1);
+            for a in [0u32, 1, 2, 99, 100, 101, 12_345, u32::MAX - 1, u32::MAX] {
+                assert_eq!(fastmod(a, magic, d), a % d, "{a} % {d}");
+            }
+        }
     }
 
     #[test]

@@ -487,7 +487,13 @@ impl ResourceInner {
     pub(crate) fn release_ticket(&self, units: u64, outcome: CallOutcome, ticket: PermitTicket) {
         self.return_units(units);
         if ticket.tag & TRIAL != 0 {
-            self.trial_done(ticket.tag & !TRIAL, outcome, ticket.started);
+            if outcome == CallOutcome::Unknown {
+                // A trial that decides nothing hands its slot to the next caller, so the
+                // circuit cannot stay half-open for want of an outcome.
+                self.give_back_trial(ticket.tag);
+            } else {
+                self.trial_done(ticket.tag & !TRIAL, outcome, ticket.started);
+            }
         } else if self.outcome_rules && outcome != CallOutcome::Unknown {
             self.record(outcome, ticket.started);
         }

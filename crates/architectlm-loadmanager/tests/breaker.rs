@@ -347,3 +347,24 @@ fn outcomes_of_calls_started_before_opening_do_not_close_the_circuit() {
     trial.success();
     assert_eq!(r.status().status, CircuitStatus::Closed);
 }
+
+#[test]
+fn a_trial_without_an_outcome_hands_its_slot_to_the_next_caller() {
+    let (m, clock) = manual();
+    let r = register(
+        &m,
+        ResourceSettings::builder("api", ResourceType::Api, 10)
+            .consecutive_failures(1)
+            .reset_timeout(secs(1)),
+    );
+    r.try_acquire(1).unwrap().failure();
+    clock.advance(secs(1));
+    let trial = r.try_acquire(1).unwrap();
+    assert_eq!(r.try_acquire(1).unwrap_err(), Rejected::HalfOpenTrialsBusy);
+    drop(trial);
+    assert_eq!(r.status().status, CircuitStatus::HalfOpen);
+    let next = r.try_acquire(1).unwrap();
+    assert!(next.is_trial());
+    next.success();
+    assert_eq!(r.status().status, CircuitStatus::Closed);
+}

@@ -390,10 +390,35 @@ impl Drop for ResourcePermit {
 /// Tracks resource usage and breaks circuits.
 ///
 /// # Rules
-/// - `Send + Sync`; every method may be called concurrently; `used` never exceeds capacity.
-/// - Events fire once per change of status.
+/// - `Send + Sync`; every method may be called concurrently; `used` never exceeds capacity and
+///   never goes below zero (releasing more than is used saturates at zero).
+/// - Status is `open` or `half-open` while the circuit says so, otherwise `closed`, `warning` or
+///   `critical` by usage. An event fires once per change of status, named after the new status
+///   (`threshold-warning`, `threshold-critical`, `circuit-open`, `circuit-half-open`,
+///   `circuit-closed`).
+/// - Usage at or above the circuit threshold opens the circuit; so may outcomes reported on
+///   permits. Releasing units never moves a circuit out of open: only the reset timeout does,
+///   to half-open, where a bounded number of trial calls is admitted and their outcomes close
+///   or reopen the circuit. An acquisition with `acquire_resource` while half-open is a trial
+///   that passes when its units are released.
 /// - Unknown ids give [`crate::Error::NotFound`]; invalid configurations
-///   [`crate::Error::InvalidConfig`] naming the field.
+///   [`crate::Error::InvalidConfig`] naming the field and value; zero units
+///   [`crate::Error::InvalidInput`].
+/// - Nothing here blocks a thread; only [`acquire_permit`](Self::acquire_permit) with a wait
+///   suspends the caller.
+///
+/// ```
+/// use architectlm_core::extensions::LoadManager;
+/// use architectlm_core::extensions::loadmanager::{ResourceConfig, ResourceType};
+///
+/// async fn guarded_payment(lm: &dyn LoadManager) -> architectlm_core::Result<()> {
+///     lm.register_resource(ResourceConfig::new("payment-api", ResourceType::Api, 100)).await?;
+///     let permit = lm.acquire_permit("payment-api", 1, None).await?;
+///     // ... call the payment API ...
+///     permit.success();
+///     Ok(())
+/// }
+/// ```
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait LoadManager: Send + Sync {

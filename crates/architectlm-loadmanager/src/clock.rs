@@ -75,6 +75,11 @@ impl Clock {
         }
     }
 
+    /// Whether this clock follows Tokio's (so Tokio timers agree with it).
+    pub(crate) fn is_tokio(&self) -> bool {
+        matches!(self.inner, Inner::Tokio(_))
+    }
+
     /// Nanoseconds since the clock was created (never 0).
     #[inline]
     pub fn now(&self) -> u64 {

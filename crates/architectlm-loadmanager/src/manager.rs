@@ -152,9 +152,11 @@ impl LoadManager {
                 "a resource with this id is already registered",
             ));
         }
-        let inner = ResourceInner::new(settings, id.clone(), self.shared.clone())?;
+        settings.validate()?;
+        let shared = self.shared.clone();
+        let key = id.clone();
         let r = Resource {
-            inner: Arc::new(inner),
+            inner: Arc::new_cyclic(|me| ResourceInner::new(settings, key, shared, me.clone())),
         };
         map.insert(id, r.clone());
         Ok(r)

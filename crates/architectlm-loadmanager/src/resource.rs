@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use architectlm_core::event::{Event, EventHub};
@@ -20,7 +20,7 @@ use architectlm_core::extensions::loadmanager::{
     CallOutcome, CircuitStatus, LoadEvent, LoadEventType, PermitRelease, PermitTicket,
     ResourcePermit, ResourceStatus, ResourceType,
 };
-use architectlm_core::{Error, Result};
+use architectlm_core::Error;
 use governor::RateLimiter;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -177,6 +177,8 @@ pub(crate) struct ResourceInner {
     // Cold.
     rules: Rules,
     shared: Arc<Shared>,
+    /// Itself, for the reset timer of an opening.
+    me: Weak<ResourceInner>,
     cold: Mutex<Cold>,
 }
 
@@ -194,12 +196,13 @@ fn units_at(percent: f64, capacity: u64) -> u64 {
 }
 
 impl ResourceInner {
+    /// A resource for validated `settings`.
     pub(crate) fn new(
         settings: ResourceSettings,
         id: Arc<str>,
         shared: Arc<Shared>,
-    ) -> Result<Self> {
-        settings.validate()?;
+        me: Weak<ResourceInner>,
+    ) -> Self {
         let cap = settings.capacity;
         let t = settings.thresholds;
         let h = settings.hysteresis;
@@ -269,6 +272,7 @@ impl ResourceInner {
                 max_reset_timeout: settings.max_reset_timeout,
             },
             shared,
+            me,
             cold: Mutex::new(Cold {
                 reported: CircuitStatus::Closed,
                 last_change: now,
@@ -285,7 +289,7 @@ impl ResourceInner {
             }
             r.publish_if_changed(&mut cold, "registered");
         }
-        Ok(r)
+        r
     }
 
     pub(crate) fn id(&self) -> &str {
@@ -682,6 +686,29 @@ impl ResourceInner {
             Ordering::Release,
         );
         self.breaker.store(OPEN, Ordering::Release);
+        self.schedule_half_open(cold.generation, timeout);
+    }
+
+    /// One timer per opening (never per call) moves the circuit to half-open when the reset
+    /// timeout has passed, so `circuit-half-open` fires even when no call arrives. Without a
+    /// Tokio runtime, or on a manual clock, the move happens on the next call or status read.
+    fn schedule_half_open(&self, generation: u64, after: Duration) {
+        if !self.shared.clock.is_tokio() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.me.clone();
+        handle.spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(r) = me.upgrade() {
+                let current = r.cold.lock().generation == generation;
+                if current {
+                    r.maybe_half_open();
+                }
+            }
+        });
     }
 
     fn close_locked(&self, cold: &mut Cold) {

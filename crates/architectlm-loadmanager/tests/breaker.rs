@@ -368,3 +368,29 @@ fn a_trial_without_an_outcome_hands_its_slot_to_the_next_caller() {
     next.success();
     assert_eq!(r.status().status, CircuitStatus::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_circuit_goes_half_open_on_time_without_any_call() {
+    let m = LoadManager::new();
+    let mut sub = m.subscribe("circuit-half-open");
+    let r = register(
+        &m,
+        ResourceSettings::builder("api", ResourceType::Api, 10)
+            .consecutive_failures(1)
+            .reset_timeout(secs(30)),
+    );
+    let opened = tokio::time::Instant::now();
+    r.try_acquire(1).unwrap().failure();
+    let e = tokio::time::timeout(secs(60), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.resource_id, "api");
+    assert_eq!(
+        opened.elapsed(),
+        secs(30),
+        "half-open exactly at the reset timeout"
+    );
+    assert_eq!(r.status().status, CircuitStatus::HalfOpen);
+    assert!(sub.try_recv().is_none(), "one event per change");
+}

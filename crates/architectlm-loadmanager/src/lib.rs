@@ -18,6 +18,18 @@
 //! - **System resources** (feature `system`): cpu, memory and disk resources fed by `sysinfo`.
 //! - **tower** (feature `tower`): [`LoadLayer`](crate::tower::LoadLayer) guards a service.
 //!
+//! # Choosing the meaning of "full"
+//!
+//! As in the original contract, usage at or above the circuit threshold *opens the circuit*
+//! (for the reset timeout), which suits shared backends whose saturation means trouble. For a
+//! pool whose being full is normal (connections, worker slots), build the resource with
+//! [`open_on_usage(false)`](ResourceSettingsBuilder::open_on_usage): it then refuses with
+//! [`Rejected::CapacityFull`] (or waits, with [`Resource::acquire`]) and stays closed.
+//!
+//! # Timing
+//! Reset timeouts, slow calls, time windows and rate limits read the manager's [`Clock`],
+//! which follows Tokio's clock by default, so `tokio::time::pause` drives them in tests.
+//!
 //! ```
 //! use std::time::Duration;
 //! use architectlm_core::extensions::loadmanager::{CircuitStatus, ResourceType};

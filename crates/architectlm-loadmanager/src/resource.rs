@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use architectlm_core::Error;
 use architectlm_core::event::{Event, EventHub};
 use architectlm_core::extensions::loadmanager::{
     CallOutcome, CircuitStatus, LoadEvent, LoadEventType, PermitRelease, PermitTicket,
     ResourcePermit, ResourceStatus, ResourceType,
 };
-use architectlm_core::Error;
 use governor::RateLimiter;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};

@@ -312,7 +312,8 @@ impl ResourceInner {
 
     // ---- acquisition -------------------------------------------------------------------
 
-    #[inline]
+    // Always inlined: the hot path is a handful of instructions and a call frame costs as many.
+    #[inline(always)]
     pub(crate) fn try_acquire(&self, units: u64) -> std::result::Result<PermitTicket, Rejected> {
         if units == 0 {
             return Err(Rejected::ZeroUnits);
@@ -406,6 +407,12 @@ impl ResourceInner {
         }
     }
 
+    /// The usage level as an index that needs no bounds check (levels are 0 to 3).
+    #[inline]
+    fn level_index(&self) -> usize {
+        usize::from(self.level.load(Ordering::Relaxed) & 3)
+    }
+
     #[inline]
     fn take_units(&self, units: u64) -> std::result::Result<(), Rejected> {
         let mut cur = self.used.load(Ordering::Relaxed);
@@ -419,7 +426,7 @@ impl ResourceInner {
                 .compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::Relaxed)
             {
                 Ok(_) => {
-                    if new >= self.up[self.level.load(Ordering::Relaxed) as usize] {
+                    if new >= self.up[self.level_index()] {
                         self.usage_changed();
                     }
                     return Ok(());
@@ -440,7 +447,7 @@ impl ResourceInner {
                 .compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::Relaxed)
             {
                 Ok(_) => {
-                    if new < self.down[self.level.load(Ordering::Relaxed) as usize] {
+                    if new < self.down[self.level_index()] {
                         self.usage_changed();
                     }
                     break;

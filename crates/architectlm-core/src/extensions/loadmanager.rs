@@ -378,6 +378,11 @@ impl ResourcePermit {
 
 impl Drop for ResourcePermit {
     fn drop(&mut self) {
+        if self.release.is_none() {
+            // Already completed (or detached): nothing to give back, no need to ask whether
+            // the thread panics.
+            return;
+        }
         let outcome = if std::thread::panicking() {
             CallOutcome::Failure
         } else {

@@ -167,6 +167,29 @@ fn tower_call<S: Service<u64>>(svc: &mut S, cx: &mut Context<'_>) {
 
 use std::future::Future;
 
+/// Instructions per call of case `i`, counted by callgrind on two runs of this binary with
+/// different call counts (so set-up cost cancels out). `None` without valgrind.
+fn instructions_per_call(i: usize) -> Option<u64> {
+    let exe = std::env::current_exe().ok()?;
+    let count = |n: u64| -> Option<u64> {
+        let out = std::process::Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .arg(&exe)
+            .args(["--only", &i.to_string(), &n.to_string()])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text.lines().find(|l| l.contains("Collected"))?;
+        line.split_whitespace()
+            .last()?
+            .replace(',', "")
+            .parse()
+            .ok()
+    };
+    let (a, b) = (count(100_000)?, count(200_000)?);
+    Some(b.saturating_sub(a) / 100_000)
+}
+
 fn versions() -> String {
     let lock = include_str!("../Cargo.lock");
     let mut out = vec![];
@@ -290,6 +313,11 @@ fn main() {
             }
         }
     }
+    let instructions: Vec<Option<u64>> = if args.iter().any(|a| a == "--instructions") {
+        (0..cases.len()).map(instructions_per_call).collect()
+    } else {
+        vec![None; cases.len()]
+    };
     let rows: Vec<(&str, Single)> = cases
         .iter()
         .zip(best)
@@ -400,19 +428,28 @@ fn main() {
     println!();
     println!(
         "Each call acquires one unit (or asks the breaker), reports success and releases; all circuits stay closed. \
-         Single thread: {} batches of {BATCH} calls in {reps} interleaved runs (best median kept), per-call time of each batch; two threads: {rounds} rounds of 2 × {contended_calls} calls on one shared resource; \
+         Single thread: {} batches of {BATCH} calls in {reps} interleaved runs (best median kept), per-call time of each batch, instructions per call from callgrind when `--instructions` is given; two threads: {rounds} rounds of 2 × {contended_calls} calls on one shared resource; \
          {cores} cores, {} mode.",
         batches,
         if quick { "quick" } else { "full" }
     );
     println!();
+    let rec_instr = rows
+        .iter()
+        .zip(&instructions)
+        .find(|((n, _), _)| n.starts_with("recloser"))
+        .and_then(|(_, i)| *i);
     println!(
-        "| single thread | median ns/call | p99 ns/call | Mcalls/s | allocs/call | vs recloser |"
+        "| single thread | median ns/call | p99 ns/call | Mcalls/s | allocs/call | vs recloser | instructions/call | vs recloser |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (name, s) in &rows {
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for ((name, s), instr) in rows.iter().zip(&instructions) {
+        let (i, ir) = match (instr, rec_instr) {
+            (Some(i), Some(r)) => (i.to_string(), format!("{:.2}×", *i as f64 / r as f64)),
+            _ => ("–".to_owned(), "–".to_owned()),
+        };
         println!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2}× |",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2}× | {i} | {ir} |",
             s.median,
             s.p99,
             1e3 / s.median,

@@ -152,9 +152,13 @@ struct Rules {
     max_reset_timeout: Duration,
 }
 
+// `repr(C)` keeps the declared order: the counters written on every call share a cache line.
+#[repr(C)]
 pub(crate) struct ResourceInner {
     // Hot, read or written on every call.
     used: AtomicU64,
+    /// Outcomes recorded into the count window (kept beside `used`: one contended line).
+    window_head: AtomicU64,
     breaker: AtomicU8,
     level: AtomicU8,
     waiting: AtomicU32,
@@ -242,6 +246,7 @@ impl ResourceInner {
         }
         let r = Self {
             used: AtomicU64::new(0),
+            window_head: AtomicU64::new(0),
             breaker: AtomicU8::new(CLOSED),
             level: AtomicU8::new(level as u8),
             waiting: AtomicU32::new(0),
@@ -547,7 +552,7 @@ impl ResourceInner {
             if self.is_slow(started, now) {
                 flags |= SLOW;
             }
-            if let Some(t) = w.record(flags, now) {
+            if let Some(t) = w.record(&self.window_head, flags, now) {
                 if let Some(reason) = self.rate_exceeded(t) {
                     self.open_from(CLOSED, reason);
                 }
@@ -725,7 +730,7 @@ impl ResourceInner {
         self.trials
             .store(cold.generation << TRIAL_BITS, Ordering::Release);
         if let Some(w) = &self.window {
-            w.clear();
+            w.clear(&self.window_head);
         }
         self.consecutive.store(0, Ordering::Relaxed);
         self.breaker.store(CLOSED, Ordering::Release);

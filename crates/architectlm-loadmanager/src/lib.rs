@@ -76,7 +76,7 @@ pub use architectlm_core::extensions::loadmanager::{
 };
 pub use clock::Clock;
 pub use manager::{LoadManager, LoadManagerBuilder};
-pub use resource::{EVENT_SOURCE, Permit, Rejected, Resource};
+pub use resource::{EVENT_SOURCE, Permit, Rejected, Resource, ResourceMetrics};
 pub use sample::SystemSample;
 #[cfg(feature = "system")]
 pub use sample::sample_system;

@@ -114,6 +114,23 @@ impl Rejected {
     }
 }
 
+/// Counters of a resource since registration. Refusals are counted only when they happen, so
+/// the admitted path pays nothing for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResourceMetrics {
+    /// Refused because the circuit was open, forced open, or half-open with every trial taken.
+    pub rejected_open: u64,
+    /// Refused for want of capacity (including requests larger than the capacity).
+    pub rejected_full: u64,
+    /// Refused by the rate limit.
+    pub rejected_rate_limited: u64,
+    /// Refused because the waiting queue was full, or the wait ran out.
+    pub rejected_queue: u64,
+    /// Times the circuit opened.
+    pub openings: u64,
+}
+
 /// Manager-wide state shared by every resource.
 pub(crate) struct Shared {
     pub(crate) clock: Clock,
@@ -132,6 +149,7 @@ struct Cold {
     trials_passed: u32,
     legacy_trials: u32,
     opens_in_row: u32,
+    openings: u64,
 }
 
 /// The settings the running resource needs, kept compact (a resource should cost a few hundred
@@ -178,6 +196,8 @@ pub(crate) struct ResourceInner {
     window: Option<Box<Window>>,
     limiter: Option<Box<Limiter>>,
     notify: Notify,
+    /// Refusals by reason: open, full, rate-limited, queue (only written when refusing).
+    rejected: [AtomicU64; 4],
     // Cold.
     rules: Rules,
     shared: Arc<Shared>,
@@ -262,6 +282,7 @@ impl ResourceInner {
             window,
             limiter,
             notify: Notify::new(),
+            rejected: Default::default(),
             rules: Rules {
                 id,
                 resource_type: settings.resource_type,
@@ -285,6 +306,7 @@ impl ResourceInner {
                 trials_passed: 0,
                 legacy_trials: 0,
                 opens_in_row: 0,
+                openings: 0,
             }),
         };
         {
@@ -320,6 +342,38 @@ impl ResourceInner {
     // Always inlined: the hot path is a handful of instructions and a call frame costs as many.
     #[inline(always)]
     pub(crate) fn try_acquire(&self, units: u64) -> std::result::Result<PermitTicket, Rejected> {
+        match self.admit(units) {
+            Ok(t) => Ok(t),
+            Err(r) => Err(self.count_rejection(r)),
+        }
+    }
+
+    #[cold]
+    fn count_rejection(&self, r: Rejected) -> Rejected {
+        let i = match r {
+            Rejected::CircuitOpen | Rejected::ForcedOpen | Rejected::HalfOpenTrialsBusy => 0,
+            Rejected::CapacityFull | Rejected::ExceedsCapacity => 1,
+            Rejected::RateLimited => 2,
+            Rejected::QueueFull | Rejected::WaitTimedOut => 3,
+            Rejected::ZeroUnits => return r,
+        };
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    pub(crate) fn metrics(&self) -> ResourceMetrics {
+        let n = |i: usize| self.rejected[i].load(Ordering::Relaxed);
+        ResourceMetrics {
+            rejected_open: n(0),
+            rejected_full: n(1),
+            rejected_rate_limited: n(2),
+            rejected_queue: n(3),
+            openings: self.cold.lock().openings,
+        }
+    }
+
+    #[inline(always)]
+    fn admit(&self, units: u64) -> std::result::Result<PermitTicket, Rejected> {
         if units == 0 {
             return Err(Rejected::ZeroUnits);
         }
@@ -471,8 +525,19 @@ impl ResourceInner {
         units: u64,
         wait: Duration,
     ) -> std::result::Result<PermitTicket, Rejected> {
+        match self.wait_for_units(units, wait).await {
+            Ok(t) => Ok(t),
+            Err(r) => Err(self.count_rejection(r)),
+        }
+    }
+
+    async fn wait_for_units(
+        &self,
+        units: u64,
+        wait: Duration,
+    ) -> std::result::Result<PermitTicket, Rejected> {
         {
-            match self.try_acquire(units) {
+            match self.admit(units) {
                 Err(Rejected::CapacityFull) => {}
                 other => return other,
             }
@@ -486,7 +551,7 @@ impl ResourceInner {
                 let notified = self.notify.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                match self.try_acquire(units) {
+                match self.admit(units) {
                     Err(Rejected::CapacityFull) => {}
                     other => return other,
                 }
@@ -687,6 +752,7 @@ impl ResourceInner {
             .mul_f64(factor.min(1e9))
             .min(s.max_reset_timeout);
         cold.opens_in_row = cold.opens_in_row.saturating_add(1);
+        cold.openings += 1;
         cold.generation += 1;
         self.trials
             .store(cold.generation << TRIAL_BITS, Ordering::Release);
@@ -1062,6 +1128,11 @@ impl Resource {
     /// A snapshot.
     pub fn status(&self) -> ResourceStatus {
         self.inner.status()
+    }
+
+    /// Counters of refusals and openings since registration.
+    pub fn metrics(&self) -> ResourceMetrics {
+        self.inner.metrics()
     }
 
     /// Opens the circuit until [`reset`](Self::reset); no reset timeout applies.

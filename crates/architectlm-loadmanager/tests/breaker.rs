@@ -112,6 +112,8 @@ fn a_failed_trial_reopens_and_the_reset_timeout_grows() {
             E::CircuitClosed
         ]
     );
+    let metrics = r.metrics();
+    assert_eq!((metrics.openings, metrics.rejected_open), (3, 2));
     // After closing, the timeout starts from the base again.
     r.try_acquire(1).unwrap().failure();
     r.try_acquire(1).unwrap().failure();

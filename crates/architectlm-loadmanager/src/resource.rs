@@ -740,7 +740,7 @@ impl ResourceInner {
         self.publish_if_changed(&mut cold, reason);
     }
 
-    fn open_locked(&self, cold: &mut Cold, _reason: &'static str, from: u8) {
+    fn open_locked(&self, cold: &mut Cold, reason: &'static str, from: u8) {
         if self.breaker.load(Ordering::Acquire) != from {
             return;
         }
@@ -753,6 +753,7 @@ impl ResourceInner {
             .min(s.max_reset_timeout);
         cold.opens_in_row = cold.opens_in_row.saturating_add(1);
         cold.openings += 1;
+        tracing::info!(resource = %self.id(), reason, ?timeout, "circuit opened");
         cold.generation += 1;
         self.trials
             .store(cold.generation << TRIAL_BITS, Ordering::Release);

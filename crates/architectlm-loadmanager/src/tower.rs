@@ -2,8 +2,10 @@
 //! classified from the response, and a typed error when the circuit is open or the resource
 //! full (feature `tower`).
 //!
-//! Admission is decided in `call` without waiting, like tower's `LoadShed`: a refused request
-//! fails at once with [`LoadError::Rejected`], so a caller can shed or retry elsewhere. The permit
+//! By default admission is decided in `call` without waiting, like tower's `LoadShed`: a refused
+//! request fails at once with [`LoadError::Rejected`], so a caller can shed or retry elsewhere.
+//! With [`LoadLayer::wait`], `poll_ready` waits for capacity (in the resource's bounded queue),
+//! like `ConcurrencyLimit`, and still reports a refusal through the response future. The permit
 //! lives in the response future: it is released when the response is ready, and also when the
 //! future is dropped or its task panics, so no capacity leaks.
 //!
@@ -30,6 +32,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use architectlm_core::extensions::loadmanager::{CallOutcome, ResourcePermit};
 use pin_project_lite::pin_project;
@@ -101,6 +104,7 @@ impl<E: std::error::Error + 'static> std::error::Error for LoadError<E> {
 pub struct LoadLayer<C = DefaultClassifier> {
     resource: Resource,
     units: u64,
+    wait: Option<Duration>,
     classifier: C,
 }
 
@@ -110,6 +114,7 @@ impl LoadLayer {
         Self {
             resource,
             units: 1,
+            wait: None,
             classifier: DefaultClassifier,
         }
     }
@@ -122,11 +127,20 @@ impl<C> LoadLayer<C> {
         self
     }
 
+    /// Waits up to `wait` for capacity in `poll_ready` (in the resource's bounded queue), like
+    /// tower's `ConcurrencyLimit`, instead of refusing at once. A refusal is still reported
+    /// by the response future, never as a `poll_ready` error, so the service stays usable.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
     /// Classifies responses with `classifier`, for example to count HTTP 5xx as failures.
     pub fn classifier<C2>(self, classifier: C2) -> LoadLayer<C2> {
         LoadLayer {
             resource: self.resource,
             units: self.units,
+            wait: self.wait,
             classifier,
         }
     }
@@ -138,6 +152,9 @@ impl<S, C: Clone> Layer<S> for LoadLayer<C> {
     fn layer(&self, inner: S) -> Self::Service {
         LoadService {
             inner,
+            wait: self.wait,
+            reserved: None,
+            waiting: None,
             resource: self.resource.clone(),
             units: self.units,
             classifier: self.classifier.clone(),
@@ -145,13 +162,49 @@ impl<S, C: Clone> Layer<S> for LoadLayer<C> {
     }
 }
 
+type Waiting = Pin<Box<dyn Future<Output = Result<ResourcePermit, Rejected>> + Send>>;
+
 /// A service guarded by a resource. Built by [`LoadLayer`].
-#[derive(Debug, Clone)]
+///
+/// With a [`wait`](LoadLayer::wait), `poll_ready` reserves the permit (waiting for capacity)
+/// and `call` uses it; a clone starts without a reservation.
 pub struct LoadService<S, C = DefaultClassifier> {
     inner: S,
     resource: Resource,
     units: u64,
+    wait: Option<Duration>,
+    /// A permit taken in `poll_ready`, or why none could be.
+    reserved: Option<Result<ResourcePermit, Rejected>>,
+    /// The wait for capacity in progress (allocated only when capacity is short).
+    waiting: Option<Waiting>,
     classifier: C,
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for LoadService<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadService")
+            .field("inner", &self.inner)
+            .field("resource", &self.resource)
+            .field("units", &self.units)
+            .field("wait", &self.wait)
+            .field("reserved", &self.reserved)
+            .field("waiting", &self.waiting.is_some())
+            .finish()
+    }
+}
+
+impl<S: Clone, C: Clone> Clone for LoadService<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            resource: self.resource.clone(),
+            units: self.units,
+            wait: self.wait,
+            reserved: None,
+            waiting: None,
+            classifier: self.classifier.clone(),
+        }
+    }
 }
 
 impl<S, C> LoadService<S, C> {
@@ -171,11 +224,33 @@ where
     type Future = ResponseFuture<S::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if let (Some(wait), None) = (self.wait, &self.reserved) {
+            if self.waiting.is_none() {
+                match self.resource.try_acquire_owned(self.units) {
+                    Err(Rejected::CapacityFull) => {
+                        let (resource, units) = (self.resource.clone(), self.units);
+                        self.waiting = Some(Box::pin(async move {
+                            resource.acquire_owned(units, wait).await
+                        }));
+                    }
+                    other => self.reserved = Some(other),
+                }
+            }
+            if let Some(w) = self.waiting.as_mut() {
+                let got = ready!(w.as_mut().poll(cx));
+                self.waiting = None;
+                self.reserved = Some(got);
+            }
+        }
         self.inner.poll_ready(cx).map_err(LoadError::Service)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.resource.try_acquire_owned(self.units) {
+        let admitted = match self.reserved.take() {
+            Some(r) => r,
+            None => self.resource.try_acquire_owned(self.units),
+        };
+        match admitted {
             Ok(permit) => ResponseFuture {
                 inner: Some(self.inner.call(req)),
                 permit: Some(permit),

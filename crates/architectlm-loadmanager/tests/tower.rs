@@ -168,3 +168,58 @@ async fn a_classifier_decides_what_counts_as_failure() {
     }
     assert_eq!(r.status().status, CircuitStatus::Open);
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_a_wait_requests_queue_for_capacity_in_poll_ready() {
+    let m = LoadManager::new();
+    let r = m
+        .register(
+            ResourceSettings::builder("accounts", ResourceType::Api, 1)
+                .open_on_usage(false)
+                .max_waiting(1)
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let inner = accounts(0);
+    let backend = inner.backend.clone();
+    let layer = LoadLayer::new(r.clone()).wait(Duration::from_secs(10));
+    let mut first = layer.layer(inner.clone());
+    let busy = first.ready().await.unwrap().call("alice");
+    assert_eq!(r.used(), 1);
+
+    // A second service waits in poll_ready until the first request finishes.
+    let mut second = layer.layer(inner.clone());
+    let waiter = tokio::spawn(async move { second.ready().await.unwrap().call("bob").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiter.is_finished());
+    // The queue holds one: a third is refused at once, without waiting.
+    let mut third = layer.layer(inner.clone());
+    let e = third
+        .ready()
+        .await
+        .unwrap()
+        .call("alice")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LoadError::Rejected(Rejected::QueueFull)));
+
+    backend.add_permits(2);
+    assert_eq!(busy.await.unwrap(), 100);
+    assert_eq!(waiter.await.unwrap().unwrap(), 7);
+    assert_eq!(r.used(), 0);
+
+    // Nothing frees up within the wait: the request is refused once the wait runs out.
+    let mut fourth = layer.layer(inner.clone());
+    let _held = r.try_acquire_owned(1).unwrap();
+    let start = tokio::time::Instant::now();
+    let e = fourth
+        .ready()
+        .await
+        .unwrap()
+        .call("alice")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LoadError::Rejected(Rejected::WaitTimedOut)));
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+}

@@ -49,6 +49,9 @@ static GLOBAL: Counting = Counting;
 
 const BATCH: u64 = 1_000;
 
+/// A named single-thread workload.
+type Case<'a> = (&'static str, Box<dyn FnMut() + 'a>);
+
 struct Single {
     median: f64,
     p99: f64,
@@ -197,10 +200,13 @@ fn versions() -> String {
     while let Some(l) = lines.next() {
         if let Some(name) = l.strip_prefix("name = \"") {
             let name = name.trim_end_matches('"');
-            if ["recloser", "failsafe", "governor", "tower"].contains(&name) {
-                if let Some(v) = lines.next().and_then(|v| v.strip_prefix("version = \"")) {
-                    out.push(format!("{name} {}", v.trim_end_matches('"')));
-                }
+            let wanted = ["recloser", "failsafe", "governor", "tower"].contains(&name);
+            if let Some(v) = lines
+                .next()
+                .filter(|_| wanted)
+                .and_then(|v| v.strip_prefix("version = \""))
+            {
+                out.push(format!("{name} {}", v.trim_end_matches('"')));
             }
         }
     }
@@ -242,7 +248,7 @@ fn main() {
         tower::load_shed::LoadShed::new(tower::limit::ConcurrencyLimit::new(inner, 1 << 20));
     let mut layered = LoadLayer::new(ours.clone()).layer(inner);
 
-    let mut cases: Vec<(&str, Box<dyn FnMut() + '_>)> = vec![
+    let mut cases: Vec<Case<'_>> = vec![
         (
             "bare `AtomicU64` (baseline)",
             Box::new(|| atomic_call(&atomic)),
@@ -349,7 +355,7 @@ fn main() {
         rounds,
         contended_calls,
         Arc::new(failsafe::Config::new().build()),
-        |c| failsafe_call(c),
+        failsafe_call,
     );
     let c_atomic = contended(
         rounds,

@@ -66,24 +66,7 @@ impl Timers {
 
     /// Arms (or moves) the timer of `timer.id`. Must be called inside a Tokio runtime.
     pub(crate) fn arm(&self, timer: Timer) {
-        let when = self.instant_for(timer.fire_at);
-        let mut q = self.inner.lock();
-        let Queue { queue, keys } = &mut *q;
-        let queue = queue.get_or_insert_with(DelayQueue::new);
-        match keys.get(&timer.id) {
-            Some(key) => {
-                // Moving keeps the slab slot; the carried due time must change too.
-                if let Some(old) = queue.try_remove(key) {
-                    drop(old);
-                }
-                let key = queue.insert_at(timer, when);
-                keys.insert(timer.id, key);
-            }
-            None => {
-                let key = queue.insert_at(timer, when);
-                keys.insert(timer.id, key);
-            }
-        }
+        self.arm_many(std::iter::once(timer));
     }
 
     /// Arms many timers under one lock (recovery, batch inserts).

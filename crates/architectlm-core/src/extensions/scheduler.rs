@@ -465,7 +465,7 @@ impl ScheduledTaskFilter {
         if !self.status.is_empty() && !self.status.contains(&task.status) {
             return false;
         }
-        if !self.task_id.is_empty() && !self.task_id.iter().any(|t| *t == task.task_id) {
+        if !self.task_id.is_empty() && !self.task_id.contains(&task.task_id) {
             return false;
         }
         if self.from.is_some() || self.to.is_some() {

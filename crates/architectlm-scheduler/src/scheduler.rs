@@ -201,6 +201,7 @@ struct Inner {
 /// - **Overlap** (a run is due while the previous one still runs): `allow` starts it (up to
 ///   `max_concurrent`, then up to 1024 wait); `skip` skips it (`misfired`, reason `overlap`);
 ///   `queue-one` keeps one to start when the running one ends. Waiting runs are claimed.
+///   The catch-up runs of `fire-all` are never skipped as overlaps: they wait for each other.
 /// - **Pause** stops new runs (running ones finish; waiting ones wait); **resume** treats what
 ///   was missed meanwhile by the misfire policy. **Cancel** is final; running runs finish,
 ///   waiting ones are dropped. **Trigger** runs an entry now, outside of its schedule, without
@@ -727,6 +728,9 @@ impl TaskScheduler {
             OverlapPolicy::QueueOne => 1,
             _ => ALLOW_QUEUE,
         };
+        // Catch-up runs of `fire-all` are all wanted: they wait for each other instead of
+        // being skipped as overlaps.
+        let cap = if misfire { cap.max(plan.run.len()) } else { cap };
         let mut start = Vec::new();
         let mut queue = Vec::new();
         let mut overlapped = Vec::new();

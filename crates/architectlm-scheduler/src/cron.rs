@@ -168,7 +168,9 @@ mod tests {
 
     #[test]
     fn bad_patterns_and_zones_name_the_value_and_the_reason() {
-        let e = CronSchedule::new("61 * * * *", None).unwrap_err().to_string();
+        let e = CronSchedule::new("61 * * * *", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"61 * * * *\""), "{e}");
         assert!(e.contains("pattern"), "{e}");
         let e = CronSchedule::new("* * * * *", Some("Mars/Olympus"))

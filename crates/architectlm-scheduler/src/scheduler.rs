@@ -359,10 +359,14 @@ impl TaskScheduler {
 
     /// The occurrence after `due` that the entry may still run, within `end_at` and
     /// `max_executions` (counting `claimed` more runs than recorded).
-    fn next_after(&self, e: &ScheduleEntry, due: DateTime<Utc>, claimed: u32) -> Option<DateTime<Utc>> {
+    fn next_after(
+        &self,
+        e: &ScheduleEntry,
+        due: DateTime<Utc>,
+        claimed: u32,
+    ) -> Option<DateTime<Utc>> {
         let sched = self.schedule_of(e).ok().flatten()?;
-        if e
-            .max_executions
+        if e.max_executions
             .is_some_and(|m| e.task.execution_count + claimed >= m)
         {
             return None;
@@ -376,7 +380,11 @@ impl TaskScheduler {
 
     fn check_task(&self, task_id: &str) -> Result<()> {
         if task_id.trim().is_empty() {
-            return Err(Error::invalid_config("task_id", "\"\"", "must not be empty"));
+            return Err(Error::invalid_config(
+                "task_id",
+                "\"\"",
+                "must not be empty",
+            ));
         }
         if let Some(r) = self.runtime() {
             if !r.system().tasks.contains_key(task_id) {
@@ -607,7 +615,13 @@ impl TaskScheduler {
     }
 
     /// Decides what a firing of `due` (observed at `now`, late by `late`) runs.
-    fn plan(&self, e: &ScheduleEntry, due: DateTime<Utc>, now: DateTime<Utc>, misfire: bool) -> Plan {
+    fn plan(
+        &self,
+        e: &ScheduleEntry,
+        due: DateTime<Utc>,
+        now: DateTime<Utc>,
+        misfire: bool,
+    ) -> Plan {
         if !e.task.is_recurring() {
             if !misfire {
                 return Plan {
@@ -671,8 +685,13 @@ impl TaskScheduler {
         let next = {
             let mut probe = e.clone();
             probe.task.execution_count += ran;
-            self.next_after(&probe, cur.max(last), 0)
-                .and_then(|n| if n <= now { self.next_after(&probe, now, 0) } else { Some(n) })
+            self.next_after(&probe, cur.max(last), 0).and_then(|n| {
+                if n <= now {
+                    self.next_after(&probe, now, 0)
+                } else {
+                    Some(n)
+                }
+            })
         };
         Plan {
             missed: count.saturating_sub(ran),
@@ -730,7 +749,11 @@ impl TaskScheduler {
         };
         // Catch-up runs of `fire-all` are all wanted: they wait for each other instead of
         // being skipped as overlaps.
-        let cap = if misfire { cap.max(plan.run.len()) } else { cap };
+        let cap = if misfire {
+            cap.max(plan.run.len())
+        } else {
+            cap
+        };
         let mut start = Vec::new();
         let mut queue = Vec::new();
         let mut overlapped = Vec::new();
@@ -881,7 +904,9 @@ impl TaskScheduler {
         }
         // Start a waiting run now that a place is free (not while paused).
         let mut next_run = None;
-        if e.task.status != ScheduledTaskStatus::Paused && e.task.status != ScheduledTaskStatus::Cancelled {
+        if e.task.status != ScheduledTaskStatus::Paused
+            && e.task.status != ScheduledTaskStatus::Cancelled
+        {
             if let Some(d) = st.pending.pop_front() {
                 next_run = Some(d);
             }
@@ -1198,7 +1223,9 @@ impl Scheduler for TaskScheduler {
                     e.task.execute_at = at;
                 }
                 e.task.next_execution_at = Some(at);
-                if e.task.status != ScheduledTaskStatus::Paused && e.task.status != ScheduledTaskStatus::Running {
+                if e.task.status != ScheduledTaskStatus::Paused
+                    && e.task.status != ScheduledTaskStatus::Running
+                {
                     e.task.status = ScheduledTaskStatus::Scheduled;
                 }
                 Ok(true)

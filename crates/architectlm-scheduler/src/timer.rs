@@ -46,7 +46,9 @@ pub(crate) struct Timers {
 
 impl std::fmt::Debug for Timers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Timers").field("armed", &self.len()).finish()
+        f.debug_struct("Timers")
+            .field("armed", &self.len())
+            .finish()
     }
 }
 
@@ -158,10 +160,26 @@ mod tests {
         let timers = Timers::new(clock.clone());
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let at = |s: i64| t0() + chrono::Duration::seconds(s);
-        timers.arm(Timer { id: a, due: at(5), fire_at: at(5) });
-        timers.arm(Timer { id: b, due: at(2), fire_at: at(2) });
-        timers.arm(Timer { id: c, due: at(3), fire_at: at(3) });
-        timers.arm(Timer { id: b, due: at(4), fire_at: at(4) });
+        timers.arm(Timer {
+            id: a,
+            due: at(5),
+            fire_at: at(5),
+        });
+        timers.arm(Timer {
+            id: b,
+            due: at(2),
+            fire_at: at(2),
+        });
+        timers.arm(Timer {
+            id: c,
+            due: at(3),
+            fire_at: at(3),
+        });
+        timers.arm(Timer {
+            id: b,
+            due: at(4),
+            fire_at: at(4),
+        });
         timers.disarm(c);
         assert_eq!(timers.len(), 2);
         let mut out = Vec::new();
@@ -181,7 +199,11 @@ mod tests {
         let timers = Timers::new(clock.clone());
         let id = Uuid::new_v4();
         let far = t0() + chrono::Duration::days(3 * 365);
-        timers.arm(Timer { id, due: far, fire_at: far });
+        timers.arm(Timer {
+            id,
+            due: far,
+            fire_at: far,
+        });
         let mut out = Vec::new();
         timers.next_batch(&mut out).await;
         assert_eq!(out[0].id, id);

@@ -37,12 +37,20 @@ fn berlin_spring_forward() {
     // 2026-03-29 02:00 CET jumps to 03:00 CEST (01:00 UTC).
     assert_eq!(
         runs("30 2 * * *", "Europe/Berlin", "2026-03-27T12:00:00Z", 3),
-        all(&["2026-03-28T01:30:00Z", "2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z"]),
+        all(&[
+            "2026-03-28T01:30:00Z",
+            "2026-03-29T01:00:00Z",
+            "2026-03-30T00:30:00Z"
+        ]),
         "a fixed time inside the gap runs right after it, at 03:00 CEST"
     );
     assert_eq!(
         runs("*/30 * * * *", "Europe/Berlin", "2026-03-29T00:15:00Z", 3),
-        all(&["2026-03-29T00:30:00Z", "2026-03-29T01:00:00Z", "2026-03-29T01:30:00Z"]),
+        all(&[
+            "2026-03-29T00:30:00Z",
+            "2026-03-29T01:00:00Z",
+            "2026-03-29T01:30:00Z"
+        ]),
         "an interval skips the wall-clock times inside the gap"
     );
 }
@@ -73,10 +81,19 @@ fn new_york_spring_forward() {
     // 2026-03-08 02:00 EST jumps to 03:00 EDT (07:00 UTC).
     assert_eq!(
         runs("30 2 * * *", "America/New_York", "2026-03-06T12:00:00Z", 3),
-        all(&["2026-03-07T07:30:00Z", "2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"]),
+        all(&[
+            "2026-03-07T07:30:00Z",
+            "2026-03-08T07:00:00Z",
+            "2026-03-09T06:30:00Z"
+        ]),
     );
     assert_eq!(
-        runs("*/20 * * * *", "America/New_York", "2026-03-08T06:45:00Z", 2),
+        runs(
+            "*/20 * * * *",
+            "America/New_York",
+            "2026-03-08T06:45:00Z",
+            2
+        ),
         all(&["2026-03-08T07:00:00Z", "2026-03-08T07:20:00Z"]),
     );
 }
@@ -89,7 +106,12 @@ fn new_york_fall_back() {
         all(&["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]),
     );
     assert_eq!(
-        runs("*/30 * * * *", "America/New_York", "2026-11-01T04:45:00Z", 5),
+        runs(
+            "*/30 * * * *",
+            "America/New_York",
+            "2026-11-01T04:45:00Z",
+            5
+        ),
         all(&[
             "2026-11-01T05:00:00Z",
             "2026-11-01T05:30:00Z",
@@ -148,7 +170,11 @@ async fn the_scheduler_fires_across_spring_forward_in_berlin() {
     let at: Vec<_> = h.seen("record").iter().map(|s| s.at).collect();
     assert_eq!(
         at,
-        all(&["2026-03-28T01:30:00Z", "2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z"])
+        all(&[
+            "2026-03-28T01:30:00Z",
+            "2026-03-29T01:00:00Z",
+            "2026-03-30T00:30:00Z"
+        ])
     );
     h.stop().await;
 }
@@ -159,7 +185,11 @@ fn field(lo: u32, hi: u32) -> impl Strategy<Value = String> {
         (1..=((hi - lo) / 2).max(1)).prop_map(|n| format!("*/{n}")),
         (lo..=hi).prop_map(|a| a.to_string()),
         (lo..=hi, lo..=hi).prop_map(|(a, b)| format!("{}-{}", a.min(b), a.max(b))),
-        (lo..=hi, lo..=hi).prop_map(|(a, b)| if a == b { a.to_string() } else { format!("{a},{b}") }),
+        (lo..=hi, lo..=hi).prop_map(|(a, b)| if a == b {
+            a.to_string()
+        } else {
+            format!("{a},{b}")
+        }),
     ]
 }
 

@@ -26,7 +26,9 @@ async fn a_one_shot_runs_its_task_with_its_input_at_its_time_and_records_the_res
     let due = t0() + secs(90);
     let id = h
         .scheduler
-        .schedule_task(ScheduledTaskConfig::new("record", json!({"n": 1}), due).description("hello"))
+        .schedule_task(
+            ScheduledTaskConfig::new("record", json!({"n": 1}), due).description("hello"),
+        )
         .await
         .unwrap();
     let scheduled = wait_for(&mut ev, T::Scheduled, 1, DAY).await;
@@ -38,7 +40,10 @@ async fn a_one_shot_runs_its_task_with_its_input_at_its_time_and_records_the_res
     assert!(seen[0].at >= due, "ran early: {} < {due}", seen[0].at);
     assert!(seen[0].at - due < chrono::Duration::milliseconds(5));
     assert_eq!(seen[0].input, json!({"n": 1}));
-    assert_eq!(seen[0].key.as_deref(), Some(format!("{id}@{}", due.to_rfc3339()).as_str()));
+    assert_eq!(
+        seen[0].key.as_deref(),
+        Some(format!("{id}@{}", due.to_rfc3339()).as_str())
+    );
     let task = h.scheduler.get_task(id).await.unwrap().unwrap();
     assert_eq!(task.status, ScheduledTaskStatus::Completed);
     assert_eq!(task.result, Some(json!({"echo": {"n": 1}})));
@@ -63,7 +68,10 @@ async fn scheduler_events_also_reach_the_runtime_bus() {
         .schedule_task(ScheduledTaskConfig::new("record", json!(1), t0() + secs(1)))
         .await
         .unwrap();
-    let e = tokio::time::timeout(DAY, bus.recv()).await.unwrap().unwrap();
+    let e = tokio::time::timeout(DAY, bus.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(e.source, "scheduler");
     assert_eq!(e.payload["type"], "completed");
     h.stop().await;
@@ -91,9 +99,8 @@ async fn a_past_execute_at_runs_at_once_and_is_not_a_misfire() {
 async fn a_failing_run_is_retried_by_policy_then_recorded_as_failed() {
     let h = Harness::start().await;
     let mut ev = h.events();
-    let policy = SchedulePolicy::default().retry(
-        RetryPolicy::attempts(3).with_initial_delay(Duration::from_millis(10)),
-    );
+    let policy = SchedulePolicy::default()
+        .retry(RetryPolicy::attempts(3).with_initial_delay(Duration::from_millis(10)));
     let id = h
         .scheduler
         .schedule_task(ScheduledTaskConfig::new("fail", json!({}), t0() + secs(5)).policy(policy))
@@ -145,12 +152,20 @@ async fn start_at_and_end_at_bound_the_runs() {
         .await
         .unwrap();
     assert_eq!(
-        h.scheduler.get_task(id).await.unwrap().unwrap().next_execution_at,
+        h.scheduler
+            .get_task(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .next_execution_at,
         Some(t0() + secs(120))
     );
     wait_for(&mut ev, T::Completed, 3, DAY).await;
     let at: Vec<_> = h.seen("record").iter().map(|s| s.at).collect();
-    assert_eq!(at, vec![t0() + secs(120), t0() + secs(180), t0() + secs(240)]);
+    assert_eq!(
+        at,
+        vec![t0() + secs(120), t0() + secs(180), t0() + secs(240)]
+    );
     let task = h.scheduler.get_task(id).await.unwrap().unwrap();
     assert_eq!(task.status, ScheduledTaskStatus::Completed);
     h.stop().await;
@@ -171,7 +186,11 @@ async fn jitter_delays_a_run_but_never_makes_it_early() {
     let started = wait_for(&mut ev, T::Started, 5, DAY).await;
     for (i, s) in h.seen("record").iter().enumerate() {
         let due = t0() + secs(10 * (i as i64 + 1));
-        assert!(s.at >= due && s.at <= due + secs(3), "run {i} at {} for {due}", s.at);
+        assert!(
+            s.at >= due && s.at <= due + secs(3),
+            "run {i} at {} for {due}",
+            s.at
+        );
         assert_eq!(started[i].payload["due_at"], json!(due));
     }
     h.stop().await;
@@ -211,7 +230,13 @@ async fn pause_stops_runs_and_resume_follows_the_misfire_policy() {
         assert!(h.scheduler.resume_task(id).await.unwrap());
         let misfired = wait_for(&mut ev, T::Misfired, 1, Duration::from_secs(1)).await;
         if expect_runs_at_resume > 0 {
-            wait_for(&mut ev, T::Completed, expect_runs_at_resume, Duration::from_secs(1)).await;
+            wait_for(
+                &mut ev,
+                T::Completed,
+                expect_runs_at_resume,
+                Duration::from_secs(1),
+            )
+            .await;
         }
         settle().await;
         assert_eq!(
@@ -234,7 +259,11 @@ async fn cancel_is_final_and_unknown_ids_answer_false() {
     let mut ev = h.events();
     let id = h
         .scheduler
-        .schedule_task(ScheduledTaskConfig::new("record", json!({}), t0() + secs(60)))
+        .schedule_task(ScheduledTaskConfig::new(
+            "record",
+            json!({}),
+            t0() + secs(60),
+        ))
         .await
         .unwrap();
     assert!(h.scheduler.cancel_task(id).await.unwrap());
@@ -261,10 +290,19 @@ async fn reschedule_moves_the_run_and_trigger_runs_now_without_moving_it() {
     let mut ev = h.events();
     let id = h
         .scheduler
-        .schedule_task(ScheduledTaskConfig::new("record", json!({}), t0() + secs(60)))
+        .schedule_task(ScheduledTaskConfig::new(
+            "record",
+            json!({}),
+            t0() + secs(60),
+        ))
         .await
         .unwrap();
-    assert!(h.scheduler.reschedule_task(id, t0() + secs(300)).await.unwrap());
+    assert!(
+        h.scheduler
+            .reschedule_task(id, t0() + secs(300))
+            .await
+            .unwrap()
+    );
     assert!(h.scheduler.trigger_task(id).await.unwrap());
     wait_for(&mut ev, T::Completed, 1, Duration::from_secs(1)).await;
     assert_eq!(h.seen("record")[0].at, t0());
@@ -424,10 +462,16 @@ async fn queries_filter_sort_and_paginate() {
     let all = s.get_tasks(ScheduledTaskFilter::new()).await.unwrap();
     assert_eq!(all.len(), 7);
     let next: Vec<_> = all.iter().map(|t| t.next_execution_at).collect();
-    assert!(next.windows(2).all(|w| w[0] <= w[1]), "sorted by next run: {next:?}");
+    assert!(
+        next.windows(2).all(|w| w[0] <= w[1]),
+        "sorted by next run: {next:?}"
+    );
     let q = ScheduledTaskFilter::new().task_id("slow");
     assert_eq!(s.get_tasks(q).await.unwrap().len(), 3);
-    let q = ScheduledTaskFilter::new().task_id("slow").task_id("record").recurring(false);
+    let q = ScheduledTaskFilter::new()
+        .task_id("slow")
+        .task_id("record")
+        .recurring(false);
     assert_eq!(s.get_tasks(q).await.unwrap().len(), 6);
     let q = ScheduledTaskFilter::new().recurring(true);
     assert_eq!(s.get_tasks(q).await.unwrap()[0].id, cron);
@@ -438,18 +482,28 @@ async fn queries_filter_sort_and_paginate() {
         .status(ScheduledTaskStatus::Scheduled);
     assert_eq!(s.get_tasks(q).await.unwrap().len(), 7);
     // Inclusive range on the next run: 360 s ..= 480 s holds entries 2, 3 and 4.
-    let q = ScheduledTaskFilter::new().from(t0() + secs(360)).to(t0() + secs(480));
+    let q = ScheduledTaskFilter::new()
+        .from(t0() + secs(360))
+        .to(t0() + secs(480));
     let got: Vec<_> = s.get_tasks(q).await.unwrap().iter().map(|t| t.id).collect();
     assert_eq!(got, vec![ids[4], ids[3], ids[2]]);
     let q = ScheduledTaskFilter::new().metadata("tenant", json!("b"));
     assert_eq!(s.get_tasks(q).await.unwrap().len(), 3);
     let page = s
-        .query(&ScheduledTaskFilter::new().recurring(false).offset(2).limit(2))
+        .query(
+            &ScheduledTaskFilter::new()
+                .recurring(false)
+                .offset(2)
+                .limit(2),
+        )
         .await
         .unwrap();
     assert_eq!(page.total, 6);
     assert_eq!(page.next_offset, Some(4));
-    assert_eq!(page.items.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[3], ids[2]]);
+    assert_eq!(
+        page.items.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![ids[3], ids[2]]
+    );
     h.stop().await;
 }
 
@@ -462,25 +516,34 @@ async fn a_restart_brings_every_entry_back_and_applies_the_misfire_policy() {
         .misfire_threshold(Duration::from_secs(5));
     let missed_skip = h
         .scheduler
-        .schedule_task(ScheduledTaskConfig::new("record", json!("skip"), t0() + secs(60)).policy(skip.clone()))
+        .schedule_task(
+            ScheduledTaskConfig::new("record", json!("skip"), t0() + secs(60)).policy(skip.clone()),
+        )
         .await
         .unwrap();
     let missed_fire = h
         .scheduler
-        .schedule_task(ScheduledTaskConfig::new("record", json!("fire"), t0() + secs(60)))
+        .schedule_task(ScheduledTaskConfig::new(
+            "record",
+            json!("fire"),
+            t0() + secs(60),
+        ))
         .await
         .unwrap();
     let later = h
         .scheduler
-        .schedule_task(ScheduledTaskConfig::new("record", json!("later"), t0() + secs(7200)))
+        .schedule_task(ScheduledTaskConfig::new(
+            "record",
+            json!("later"),
+            t0() + secs(7200),
+        ))
         .await
         .unwrap();
     let cron = h
         .scheduler
         .schedule_recurring_task(
-            RecurringTaskConfig::new("record", json!("cron"), "*/15 * * * *").policy(
-                SchedulePolicy::default().misfire(MisfirePolicy::FireAll { max: 2 }),
-            ),
+            RecurringTaskConfig::new("record", json!("cron"), "*/15 * * * *")
+                .policy(SchedulePolicy::default().misfire(MisfirePolicy::FireAll { max: 2 })),
         )
         .await
         .unwrap();
@@ -500,7 +563,13 @@ async fn a_restart_brings_every_entry_back_and_applies_the_misfire_policy() {
         async move { s.get_task(id).await.unwrap().unwrap() }
     };
     assert_eq!(t(missed_skip).await.status, ScheduledTaskStatus::Failed);
-    assert!(t(missed_skip).await.error.unwrap_or_default().contains("misfired"));
+    assert!(
+        t(missed_skip)
+            .await
+            .error
+            .unwrap_or_default()
+            .contains("misfired")
+    );
     assert_eq!(t(missed_fire).await.status, ScheduledTaskStatus::Completed);
     assert_eq!(t(later).await.status, ScheduledTaskStatus::Scheduled);
     let c = t(cron).await;

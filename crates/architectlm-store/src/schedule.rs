@@ -108,6 +108,7 @@ pub enum RunState {
 }
 
 impl RunState {
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))] // Only the SQLite backend stores it.
     fn as_str(self) -> &'static str {
         match self {
             Self::Claimed => "claimed",
@@ -431,6 +432,7 @@ impl ScheduleStore for InMemoryScheduleStore {
     }
 }
 
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))] // Only the SQLite backend stores it.
 fn status_str(s: ScheduledTaskStatus) -> &'static str {
     match s {
         ScheduledTaskStatus::Scheduled => "scheduled",
@@ -557,7 +559,11 @@ mod sqlite_impl {
     const RUN_COLUMNS: &str =
         "entry_id, due_at, state, claimed_at, finished_at, starts, result, error";
 
-    fn replace(txn: &rusqlite::Transaction<'_>, entry: &ScheduleEntry, expected: u64) -> Result<()> {
+    fn replace(
+        txn: &rusqlite::Transaction<'_>,
+        entry: &ScheduleEntry,
+        expected: u64,
+    ) -> Result<()> {
         let data = serde_json::to_string(entry)?;
         let id = entry.id();
         let n = txn
@@ -911,7 +917,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn at(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).single().unwrap_or_default()
+        Utc.timestamp_opt(1_800_000_000 + s, 0)
+            .single()
+            .unwrap_or_default()
     }
 
     fn entry(task: &str, next: i64, recurring: bool) -> ScheduleEntry {
@@ -950,7 +958,10 @@ mod tests {
         assert_eq!(store.query(&q).await.unwrap().items[0].id(), b.id());
         let q = ScheduledTaskFilter::new().offset(1).limit(1);
         let page = store.query(&q).await.unwrap();
-        assert_eq!((page.total, page.items.len(), page.next_offset), (3, 1, Some(2)));
+        assert_eq!(
+            (page.total, page.items.len(), page.next_offset),
+            (3, 1, Some(2))
+        );
         assert_eq!(page.items[0].id(), c.id());
         // Version check.
         c.version = 2;
@@ -958,10 +969,20 @@ mod tests {
         store.update(&c, 1).await.unwrap();
         assert!(matches!(
             store.update(&c, 1).await,
-            Err(Error::Conflict { expected: 1, actual: 2, .. })
+            Err(Error::Conflict {
+                expected: 1,
+                actual: 2,
+                ..
+            })
         ));
         assert_eq!(
-            store.get(c.id()).await.unwrap().unwrap().task.next_execution_at,
+            store
+                .get(c.id())
+                .await
+                .unwrap()
+                .unwrap()
+                .task
+                .next_execution_at,
             Some(at(40))
         );
         // Claims are unique per (entry, due time), and survive as unfinished until finished.
@@ -986,7 +1007,13 @@ mod tests {
         assert_eq!(store.unfinished_runs().await.unwrap().len(), 2);
         // A finished occurrence is never claimed again.
         c.version = 6;
-        assert!(store.claim(&c, 5, &[at(20)], at(50)).await.unwrap().is_empty());
+        assert!(
+            store
+                .claim(&c, 5, &[at(20)], at(50))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // Terminal entries are not loaded as active.
         c.version = 7;
         c.task.status = ScheduledTaskStatus::Cancelled;

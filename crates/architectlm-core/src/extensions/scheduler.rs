@@ -347,7 +347,12 @@ pub struct ScheduledTask {
 impl ScheduledTask {
     /// An entry in status `scheduled` that runs `task_id` with `input` at `execute_at`; the
     /// other fields are empty and set by the scheduler.
-    pub fn new(id: Uuid, task_id: impl Into<String>, input: Value, execute_at: DateTime<Utc>) -> Self {
+    pub fn new(
+        id: Uuid,
+        task_id: impl Into<String>,
+        input: Value,
+        execute_at: DateTime<Utc>,
+    ) -> Self {
         Self {
             id,
             task_id: task_id.into(),

@@ -35,7 +35,9 @@ pub(crate) struct Harness {
 
 /// Monday 2026-01-05 00:00:00 UTC.
 pub(crate) fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 5, 0, 0, 0).single().unwrap_or_default()
+    Utc.with_ymd_and_hms(2026, 1, 5, 0, 0, 0)
+        .single()
+        .unwrap_or_default()
 }
 
 pub(crate) fn secs(s: i64) -> chrono::Duration {

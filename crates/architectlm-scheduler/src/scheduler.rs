@@ -725,18 +725,26 @@ impl TaskScheduler {
             chrono::Duration::from_std(e.policy.misfire_threshold).unwrap_or(chrono::Duration::MAX);
         let misfire = now - from > threshold;
         let plan = self.plan(e, timer.due, now, misfire);
-        self.apply(&slot, &mut st, plan, now, misfire).await;
+        let mut start = self.apply(&mut st, plan, now, misfire).await;
+        drop(st);
+        // The first run goes on this task (spawned by the driver already); others get their own.
+        let first = (!start.is_empty()).then(|| start.remove(0));
+        for (entry, d) in start {
+            self.spawn_run(slot.clone(), entry, d, 1);
+        }
+        if let Some((entry, d)) = first {
+            self.run(slot, entry, d, 1).await;
+        }
     }
 
-    /// Claims and starts the runs of a plan under the entry's lock.
+    /// Claims the runs of a plan under the entry's lock; returns those to start now.
     async fn apply(
         &self,
-        slot: &Slot,
         st: &mut SlotState,
         plan: Plan,
         now: DateTime<Utc>,
         misfire: bool,
-    ) {
+    ) -> Vec<(ScheduleEntry, DateTime<Utc>)> {
         let p = &st.entry.policy;
         let limit = match p.overlap {
             OverlapPolicy::Allow => p.max_concurrent.unwrap_or(u32::MAX),
@@ -798,7 +806,7 @@ impl TaskScheduler {
                     t.fire_at = now + chrono::Duration::seconds(1);
                     self.inner.timers.arm(*t);
                 }
-                return;
+                return Vec::new();
             }
         };
         // Due times claimed before (and so already run or running elsewhere) are not run again.
@@ -823,12 +831,10 @@ impl TaskScheduler {
                 json!({"reason": "overlap", "skipped": overlapped, "policy": st.entry.policy.overlap}),
             );
         }
-        for d in start {
-            self.spawn_run(slot.clone(), st.entry.clone(), d, 1);
-        }
         if st.running == 0 && st.pending.is_empty() && !st.entry.is_active() {
             self.inner.slots.lock().remove(&st.entry.id());
         }
+        start.into_iter().map(|d| (st.entry.clone(), d)).collect()
     }
 
     fn spawn_run(&self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {

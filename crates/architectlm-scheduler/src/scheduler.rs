@@ -326,21 +326,26 @@ impl TaskScheduler {
         self.inner.clock.now()
     }
 
-    fn emit(&self, t: SchedulerEventType, entry: &ScheduleEntry, payload: Value) {
+    /// Publishes an event to the scheduler's hub and the runtime's bus; builds it only if
+    /// somebody listens.
+    fn emit(&self, t: SchedulerEventType, entry: &ScheduleEntry, payload: impl FnOnce() -> Value) {
+        let local = self.inner.events.has_subscribers();
         let runtime = self.runtime();
         let to_bus = runtime
             .as_ref()
             .is_some_and(|r| r.events().has_subscribers());
-        if !self.inner.events.has_subscribers() && !to_bus {
+        if !local && !to_bus {
             return;
         }
-        let mut event = SchedulerEvent::new(t, entry.id(), entry.task.task_id.clone(), payload);
+        let mut event = SchedulerEvent::new(t, entry.id(), entry.task.task_id.clone(), payload());
         event.timestamp = self.now();
         if let (Some(r), true) = (runtime, to_bus) {
             let payload = serde_json::to_value(&event).unwrap_or(Value::Null);
             r.publish(Event::new(t.as_str(), "scheduler", payload));
         }
-        self.inner.events.publish(event);
+        if local {
+            self.inner.events.publish(event);
+        }
     }
 
     fn slot(&self, id: Uuid) -> Option<Slot> {
@@ -530,7 +535,7 @@ impl TaskScheduler {
             self.emit(
                 SchedulerEventType::Scheduled,
                 e,
-                json!({"next_execution_at": e.task.next_execution_at, "kind": kind(e)}),
+                || json!({"next_execution_at": e.task.next_execution_at, "kind": kind(e)}),
             );
         }
         Ok(ids)
@@ -821,14 +826,14 @@ impl TaskScheduler {
             self.emit(
                 SchedulerEventType::Misfired,
                 &st.entry,
-                json!({"reason": "late", "missed": plan.missed, "running": due, "policy": st.entry.policy.misfire}),
+                || json!({"reason": "late", "missed": plan.missed, "running": due, "policy": st.entry.policy.misfire}),
             );
         }
         if !overlapped.is_empty() {
             self.emit(
                 SchedulerEventType::Misfired,
                 &st.entry,
-                json!({"reason": "overlap", "skipped": overlapped, "policy": st.entry.policy.overlap}),
+                || json!({"reason": "overlap", "skipped": overlapped, "policy": st.entry.policy.overlap}),
             );
         }
         if st.running == 0 && st.pending.is_empty() && !st.entry.is_active() {
@@ -852,7 +857,7 @@ impl TaskScheduler {
         self.emit(
             SchedulerEventType::Started,
             &entry,
-            json!({"due_at": due, "started_at": started, "idempotency_key": key, "starts": starts}),
+            || json!({"due_at": due, "started_at": started, "idempotency_key": key, "starts": starts}),
         );
         let mut options = ExecuteOptions::default().idempotency_key(key);
         if let Some(r) = entry.policy.retry.clone() {
@@ -936,12 +941,10 @@ impl TaskScheduler {
         } else {
             SchedulerEventType::Failed
         };
-        self.emit(
-            ev,
-            &st.entry,
+        self.emit(ev, &st.entry, || {
             json!({"due_at": due, "started_at": started, "finished_at": finished,
-                   "result": run.result, "error": run.error}),
-        );
+                   "result": run.result, "error": run.error})
+        });
         if let Some(d) = next_run {
             st.running += 1;
             self.spawn_run(slot.clone(), st.entry.clone(), d, 1);
@@ -1139,7 +1142,7 @@ impl Scheduler for TaskScheduler {
                 self.inner.slots.lock().remove(&id);
             }
         }
-        self.emit(SchedulerEventType::Cancelled, &e, json!({}));
+        self.emit(SchedulerEventType::Cancelled, &e, || json!({}));
         Ok(true)
     }
 
@@ -1163,7 +1166,7 @@ impl Scheduler for TaskScheduler {
         self.emit(
             SchedulerEventType::Paused,
             &e,
-            json!({"next_execution_at": e.task.next_execution_at}),
+            || json!({"next_execution_at": e.task.next_execution_at}),
         );
         Ok(true)
     }
@@ -1203,7 +1206,7 @@ impl Scheduler for TaskScheduler {
         self.emit(
             SchedulerEventType::Resumed,
             &e,
-            json!({"next_execution_at": e.task.next_execution_at}),
+            || json!({"next_execution_at": e.task.next_execution_at}),
         );
         Ok(true)
     }
@@ -1248,7 +1251,7 @@ impl Scheduler for TaskScheduler {
         self.emit(
             SchedulerEventType::Scheduled,
             &e,
-            json!({"next_execution_at": at, "kind": kind(&e), "rescheduled": true}),
+            || json!({"next_execution_at": at, "kind": kind(&e), "rescheduled": true}),
         );
         Ok(true)
     }

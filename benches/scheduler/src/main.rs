@@ -4,6 +4,7 @@
 //! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick]`
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync as parking;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -410,6 +411,115 @@ async fn durable(n: usize) -> Row {
     }
 }
 
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, in clock ticks (100 per second on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+async fn idle_recurring(n: usize, idle: Duration) -> Row {
+    use architectlm_core::extensions::scheduler::RecurringTaskConfig;
+    let rec = Recorder::new(0);
+    let sched = Arc::new(TaskScheduler::in_memory());
+    let _rt = ours_runtime(rec, sched.clone()).await;
+    let t = Instant::now();
+    for k in 0..n {
+        sched
+            .schedule_recurring_task(RecurringTaskConfig::new("tick", json!([k, 0]), "0 0 1 1 *"))
+            .await
+            .expect("schedule");
+    }
+    let insert = t.elapsed();
+    let cpu0 = cpu_seconds();
+    tokio::time::sleep(idle).await;
+    let cpu = cpu_seconds() - cpu0;
+    Row {
+        workload: format!("{n} recurring, due far ahead, idle {}s", idle.as_secs()),
+        name: "architectlm-scheduler (in-memory store)".into(),
+        n,
+        insert_per_s: n as f64 / insert.as_secs_f64(),
+        bytes_per_entry: f64::NAN,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        max_ms: f64::NAN,
+        extra: format!(
+            "idle CPU {:.3}% of a core (whole process, 10 ms tick resolution)",
+            cpu / idle.as_secs_f64() * 100.0
+        ),
+        ..Row::default()
+    }
+}
+
+async fn every_second(n: usize, window: u32) -> Row {
+    use architectlm_core::extensions::scheduler::RecurringTaskConfig;
+    let seen: Arc<parking::Mutex<Vec<(String, i64)>>> = Arc::new(parking::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let task = TaskDefinition::new("every", move |_input, ctx| {
+        let now = Utc::now();
+        let key = ctx.idempotency_key().unwrap_or_default().to_owned();
+        let due = key
+            .split_once('@')
+            .and_then(|(_, d)| DateTime::parse_from_rfc3339(d).ok())
+            .map_or(now, |d| d.with_timezone(&Utc));
+        s2.lock().unwrap_or_else(|e| e.into_inner()).push((key, wall_us(now) - wall_us(due)));
+        async { Ok(serde_json::Value::Null) }
+    })
+    .expect("task");
+    let sched = Arc::new(TaskScheduler::in_memory());
+    let system = ArchSystem::builder("bench").task(task).build().expect("system");
+    let rt = Runtime::builder(system).extension(sched.clone()).start().await.expect("rt");
+    // Start on a whole second, two seconds out, and stop after `window` occurrences each.
+    let start = Utc::now() + chrono::Duration::seconds(2);
+    let start = DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start);
+    let end = start + chrono::Duration::seconds(i64::from(window) - 1);
+    let mut ids = Vec::with_capacity(n);
+    for k in 0..n {
+        ids.push(
+            sched
+                .schedule_recurring_task(
+                    RecurringTaskConfig::new("every", json!([k, 0]), "* * * * * *")
+                        .start_at(start)
+                        .end_at(end),
+                )
+                .await
+                .expect("schedule"),
+        );
+    }
+    let expected = n * window as usize;
+    let deadline = Instant::now() + Duration::from_secs(u64::from(window) + 15);
+    while seen.lock().map(|v| v.len()).unwrap_or(0) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rt.shutdown(Duration::from_secs(1)).await;
+    let v = seen.lock().map(|v| v.clone()).unwrap_or_default();
+    let distinct: std::collections::HashSet<&str> = v.iter().map(|(k, _)| k.as_str()).collect();
+    let rec = Recorder::new(v.len());
+    for (i, (_, late)) in v.iter().enumerate() {
+        rec.record(i, *late);
+    }
+    let mut row = summarize(
+        &rec,
+        Row {
+            workload: format!("{n} every-second entries for {window}s"),
+            name: "architectlm-scheduler (in-memory store)".into(),
+            n: v.len(),
+            insert_per_s: f64::NAN,
+            bytes_per_entry: f64::NAN,
+            ..Row::default()
+        },
+    );
+    row.lost = expected.saturating_sub(distinct.len());
+    row.extra = format!(
+        "{expected} occurrences expected, {} distinct ran, {} duplicates",
+        distinct.len(),
+        v.len() - distinct.len()
+    );
+    row
+}
+
 fn fmt(x: f64) -> String {
     if x.is_nan() {
         "–".into()
@@ -443,6 +553,13 @@ async fn main() {
     rows.push(cancel_ours(cancel_n).await);
     rows.push(cancel_delay_queue(cancel_n).await);
     rows.push(durable(durable_n).await);
+    let (idle_n, idle_s, es_n, es_w) = if quick {
+        (20_000, Duration::from_secs(3), 2_000, 5)
+    } else {
+        (100_000, Duration::from_secs(10), 10_000, 60)
+    };
+    rows.push(idle_recurring(idle_n, idle_s).await);
+    rows.push(every_second(es_n, es_w).await);
 
     println!("### Scheduler");
     println!();

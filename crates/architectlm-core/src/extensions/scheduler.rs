@@ -581,9 +581,31 @@ pub type SchedulerEventHandler = Arc<dyn Fn(&SchedulerEvent) + Send + Sync>;
 /// # Rules
 /// - `Send + Sync`; every method may be called concurrently.
 /// - A change is persisted before it is announced (returned or emitted).
-/// - A run never starts before its due time.
+/// - A run never starts before its due time; a recurring entry's next run is found from its
+///   previous *scheduled* time.
+/// - Each `(entry, due time)` runs once; a run interrupted by a crash may run again (at least
+///   once) with the same idempotency key.
 /// - `cancel_task`, `pause_task`, `resume_task`, `reschedule_task` and `trigger_task` return
-///   `false` for an unknown id or a status that does not allow the change.
+///   `false` for an unknown id or a status that does not allow the change; bad configuration
+///   (an invalid pattern, an unknown time zone or task) is an error naming the value.
+/// - Events are published without blocking (see [`crate::event`]).
+///
+/// ```
+/// use architectlm_core::extensions::scheduler::{ScheduledTaskConfig, Scheduler};
+/// use chrono::{Duration, Utc};
+///
+/// /// Code that schedules a follow-up works with any implementation (or a mock).
+/// async fn remind_later(scheduler: &dyn Scheduler, to: &str) -> architectlm_core::Result<uuid::Uuid> {
+///     let at = Utc::now() + Duration::hours(24);
+///     scheduler
+///         .schedule_task(
+///             ScheduledTaskConfig::new("send-reminder", serde_json::json!({"to": to}), at)
+///                 .description("follow-up"),
+///         )
+///         .await
+/// }
+/// # let _ = remind_later;
+/// ```
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait Scheduler: Send + Sync {

@@ -136,7 +136,7 @@ impl TaskSchedulerBuilder {
                 runtime: RwLock::new(None),
                 slots: Mutex::new(HashMap::new()),
                 patterns: PatternCache::new(),
-                cancel: CancellationToken::new(),
+                cancel: Mutex::new(CancellationToken::new()),
                 stopped: AtomicBool::new(false),
                 driver: Mutex::new(None),
                 options: self.options,
@@ -169,7 +169,8 @@ struct Inner {
     runtime: RwLock<Option<Runtime>>,
     slots: Mutex<HashMap<Uuid, Slot>>,
     patterns: PatternCache,
-    cancel: CancellationToken,
+    /// Stops the driver; a fresh token per start, so a scheduler can be started again.
+    cancel: Mutex<CancellationToken>,
     stopped: AtomicBool,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
     options: SchedulerOptions,
@@ -1022,6 +1023,7 @@ impl TaskScheduler {
         }
         let mut timers = Vec::with_capacity(entries.len());
         let mut restarts = Vec::new();
+        let mut settled = Vec::new();
         {
             let mut slots = self.inner.slots.lock();
             for e in entries {
@@ -1043,10 +1045,31 @@ impl TaskScheduler {
                 if let Some(t) = self.timer_for(&state.entry) {
                     timers.push(t);
                 }
+                if state.entry.task.status == ScheduledTaskStatus::Running
+                    && state.running == 0
+                    && state.pending.is_empty()
+                {
+                    // Marked running, but nothing is left to run: settle it.
+                    let mut e = state.entry.clone();
+                    Self::settle(&mut e, 0, 0);
+                    settled.push((e, state.entry.version));
+                }
                 slots.insert(id, Arc::new(tokio::sync::Mutex::new(state)));
             }
         }
         self.inner.timers.arm_many(timers);
+        for (mut e, expected) in settled {
+            e.version = expected + 1;
+            store.update(&e, expected).await?;
+            if let Some(slot) = self.slot(e.id()) {
+                let mut st = slot.lock().await;
+                let done = !e.is_active();
+                st.entry = e;
+                if done {
+                    self.inner.slots.lock().remove(&st.entry.id());
+                }
+            }
+        }
         // Claims of entries that are no longer active (cancelled meanwhile) are closed.
         for (id, runs) in open {
             let Some(mut e) = store.get(id).await? else {
@@ -1079,11 +1102,11 @@ impl TaskScheduler {
         Ok(())
     }
 
-    async fn drive(self) {
+    async fn drive(self, cancel: CancellationToken) {
         let mut batch = Vec::new();
         loop {
             tokio::select! {
-                () = self.inner.cancel.cancelled() => break,
+                () = cancel.cancelled() => break,
                 () = self.inner.timers.next_batch(&mut batch) => {}
             }
             for t in batch.drain(..) {
@@ -1356,15 +1379,18 @@ impl Extension for TaskScheduler {
     async fn start(&self, runtime: Runtime) -> Result<()> {
         *self.inner.runtime.write() = Some(runtime);
         self.inner.stopped.store(false, Ordering::Release);
+        self.inner.slots.lock().clear();
         self.recover().await?;
-        let handle = tokio::spawn(self.clone().drive());
+        let cancel = CancellationToken::new();
+        *self.inner.cancel.lock() = cancel.clone();
+        let handle = tokio::spawn(self.clone().drive(cancel));
         *self.inner.driver.lock() = Some(handle);
         Ok(())
     }
 
     async fn shutdown(&self) {
         self.inner.stopped.store(true, Ordering::Release);
-        self.inner.cancel.cancel();
+        self.inner.cancel.lock().cancel();
         let handle = self.inner.driver.lock().take();
         if let Some(h) = handle {
             let _ = h.await;

@@ -615,3 +615,37 @@ async fn a_run_in_flight_at_a_stop_runs_again_with_the_same_key() {
     );
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn one_scheduler_can_be_stopped_and_started_again() {
+    let h = Harness::start().await;
+    let id = h
+        .scheduler
+        .schedule_task(ScheduledTaskConfig::new(
+            "record",
+            json!({}),
+            t0() + secs(30),
+        ))
+        .await
+        .unwrap();
+    h.stop().await;
+    // A new runtime on the same scheduler instance picks the entry up again.
+    let runtime = architectlm_core::Runtime::builder(support::system(
+        h.seen.clone(),
+        h.gate.clone(),
+        h.clock.clone(),
+    ))
+    .extension(h.scheduler.clone())
+    .start()
+    .await
+    .unwrap();
+    let mut ev = h.events();
+    wait_for(&mut ev, T::Completed, 1, DAY).await;
+    assert_eq!(h.seen("record").len(), 1);
+    assert!(h.seen("record")[0].at >= t0() + secs(30));
+    assert_eq!(
+        h.scheduler.get_task(id).await.unwrap().unwrap().status,
+        ScheduledTaskStatus::Completed
+    );
+    runtime.shutdown(Duration::from_secs(1)).await;
+}

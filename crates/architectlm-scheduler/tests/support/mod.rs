@@ -44,7 +44,11 @@ pub(crate) fn secs(s: i64) -> chrono::Duration {
     chrono::Duration::seconds(s)
 }
 
-fn system(seen: Arc<Mutex<Vec<Seen>>>, gate: Arc<Semaphore>, clock: Arc<TokioClock>) -> System {
+pub(crate) fn system(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    gate: Arc<Semaphore>,
+    clock: Arc<TokioClock>,
+) -> System {
     let record = {
         let (seen, clock) = (seen.clone(), clock.clone());
         TaskDefinition::new("record", move |input, ctx| {

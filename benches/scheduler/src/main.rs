@@ -122,7 +122,10 @@ async fn ours_runtime(rec: Arc<Recorder>, sched: Arc<TaskScheduler>) -> Runtime 
         async { Ok(serde_json::Value::Null) }
     })
     .expect("task");
-    let system = ArchSystem::builder("bench").task(task).build().expect("system");
+    let system = ArchSystem::builder("bench")
+        .task(task)
+        .build()
+        .expect("system");
     Runtime::builder(system)
         .extension(sched)
         .start()
@@ -153,7 +156,8 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
         let end = (i + 10_000).min(n);
         let batch = (i..end)
             .map(|k| {
-                let due = base + chrono::Duration::from_std(offset(k, n, span, same)).unwrap_or_default();
+                let due =
+                    base + chrono::Duration::from_std(offset(k, n, span, same)).unwrap_or_default();
                 let due = DateTime::from_timestamp_millis(due.timestamp_millis()).unwrap_or(due);
                 ScheduledTaskConfig::new("tick", json!([k, wall_us(due)]), due)
             })
@@ -464,13 +468,22 @@ async fn every_second(n: usize, window: u32) -> Row {
             .split_once('@')
             .and_then(|(_, d)| DateTime::parse_from_rfc3339(d).ok())
             .map_or(now, |d| d.with_timezone(&Utc));
-        s2.lock().unwrap_or_else(|e| e.into_inner()).push((key, wall_us(now) - wall_us(due)));
+        s2.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key, wall_us(now) - wall_us(due)));
         async { Ok(serde_json::Value::Null) }
     })
     .expect("task");
     let sched = Arc::new(TaskScheduler::in_memory());
-    let system = ArchSystem::builder("bench").task(task).build().expect("system");
-    let rt = Runtime::builder(system).extension(sched.clone()).start().await.expect("rt");
+    let system = ArchSystem::builder("bench")
+        .task(task)
+        .build()
+        .expect("system");
+    let rt = Runtime::builder(system)
+        .extension(sched.clone())
+        .start()
+        .await
+        .expect("rt");
     // Start on a whole second, two seconds out, and stop after `window` occurrences each.
     let start = Utc::now() + chrono::Duration::seconds(2);
     let start = DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start);
@@ -534,9 +547,23 @@ fn fmt(x: f64) -> String {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (n, span, same_n, tcs_n, cancel_n, durable_n) = if quick {
-        (50_000, Duration::from_secs(2), 20_000, 5_000, 100_000, 50_000)
+        (
+            50_000,
+            Duration::from_secs(2),
+            20_000,
+            5_000,
+            100_000,
+            50_000,
+        )
     } else {
-        (1_000_000, Duration::from_secs(10), 100_000, 20_000, 1_000_000, 1_000_000)
+        (
+            1_000_000,
+            Duration::from_secs(10),
+            100_000,
+            20_000,
+            1_000_000,
+            1_000_000,
+        )
     };
     let mut rows = Vec::new();
     let w = format!("{n} one-shots over {}s", span.as_secs());
@@ -568,7 +595,9 @@ async fn main() {
         if quick { "Quick" } else { "Full" }
     );
     println!();
-    println!("| workload | implementation | n | rate (/s) | B/entry | p50 ms | p99 ms | max ms | early | lost | rate vs DelayQueue | notes |");
+    println!(
+        "| workload | implementation | n | rate (/s) | B/entry | p50 ms | p99 ms | max ms | early | lost | rate vs DelayQueue | notes |"
+    );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         let peer = rows
@@ -593,5 +622,7 @@ async fn main() {
         );
     }
     println!();
-    println!("Peers: tokio-cron-scheduler 0.15, tokio-util 0.7 (DelayQueue), tokio 1 (spawn + sleep_until).");
+    println!(
+        "Peers: tokio-cron-scheduler 0.15, tokio-util 0.7 (DelayQueue), tokio 1 (spawn + sleep_until)."
+    );
 }

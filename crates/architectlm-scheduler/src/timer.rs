@@ -134,7 +134,20 @@ impl Timers {
             })
             .await;
             if !early.is_empty() {
-                self.arm_many(early);
+                // The monotonic deadline passed before the wall clock reached the due time (the
+                // clocks drift apart): wait for the rest, at least one tick, so this never spins.
+                let now = self.clock.now();
+                let mut q = self.inner.lock();
+                let Queue { queue, keys } = &mut *q;
+                let queue = queue.get_or_insert_with(DelayQueue::new);
+                for t in early {
+                    let rest = (t.fire_at - now)
+                        .to_std()
+                        .unwrap_or_default()
+                        .max(std::time::Duration::from_millis(1));
+                    let key = queue.insert_at(t, Instant::now() + rest.min(MAX_TIMER));
+                    keys.insert(t.id, key);
+                }
             }
             if !out.is_empty() {
                 return;

@@ -389,12 +389,12 @@ impl ResourceInner {
             self.give_back_trial(tag);
             return Err(r);
         }
-        if let Some(l) = &self.limiter {
-            if !rate_ok(l, units) {
-                self.return_units(units);
-                self.give_back_trial(tag);
-                return Err(Rejected::RateLimited);
-            }
+        if let Some(l) = &self.limiter
+            && !rate_ok(l, units)
+        {
+            self.return_units(units);
+            self.give_back_trial(tag);
+            return Err(Rejected::RateLimited);
         }
         if tag != 0 && self.rules.open_on_usage && self.used.load(Ordering::Acquire) >= self.up[2] {
             // A trial that would take usage to the circuit threshold reopens the circuit.
@@ -617,10 +617,10 @@ impl ResourceInner {
             if self.is_slow(started, now) {
                 flags |= SLOW;
             }
-            if let Some(t) = w.record(&self.window_head, flags, now) {
-                if let Some(reason) = self.rate_exceeded(t) {
-                    self.open_from(CLOSED, reason);
-                }
+            if let Some(t) = w.record(&self.window_head, flags, now)
+                && let Some(reason) = self.rate_exceeded(t)
+            {
+                self.open_from(CLOSED, reason);
             }
         }
     }
@@ -630,15 +630,15 @@ impl ResourceInner {
             return None;
         }
         let calls = t.calls as f64;
-        if let Some(r) = self.rules.failure_rate {
-            if t.failures as f64 * 100.0 >= f64::from(r) * calls {
-                return Some("failure-rate");
-            }
+        if let Some(r) = self.rules.failure_rate
+            && t.failures as f64 * 100.0 >= f64::from(r) * calls
+        {
+            return Some("failure-rate");
         }
-        if let Some(r) = self.rules.slow_rate {
-            if t.slow as f64 * 100.0 >= f64::from(r) * calls {
-                return Some("slow-call-rate");
-            }
+        if let Some(r) = self.rules.slow_rate
+            && t.slow as f64 * 100.0 >= f64::from(r) * calls
+        {
+            return Some("slow-call-rate");
         }
         None
     }

@@ -226,6 +226,28 @@ pub struct SupervisionStatus {
     pub error: Option<String>,
 }
 
+impl SupervisionStatus {
+    /// A fresh record for a target: no attempts, never checked, no error.
+    pub fn new(
+        target_id: Uuid,
+        target_type: TargetType,
+        status: HealthStatus,
+        max_recovery_attempts: u32,
+    ) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            target_id,
+            target_type,
+            status,
+            recovery_attempts: 0,
+            max_recovery_attempts,
+            last_check_at: None,
+            last_recovery_at: None,
+            error: None,
+        }
+    }
+}
+
 /// Supervision event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

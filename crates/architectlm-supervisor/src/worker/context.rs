@@ -46,7 +46,8 @@ pub struct WorkerContext {
     pub(crate) name: Arc<str>,
     pub(crate) path: Arc<str>,
     pub(crate) cancel: CancellationToken,
-    pub(crate) beat: Arc<Beat>,
+    /// `None` when the child has no heartbeat deadline: beating is then a no-op.
+    pub(crate) beat: Option<Arc<Beat>>,
     pub(crate) restart_count: u32,
 }
 
@@ -78,8 +79,11 @@ impl WorkerContext {
     }
 
     /// Tells the supervisor the worker is alive. One atomic store; call it as often as useful.
+    /// A no-op for a child without a heartbeat deadline.
     pub fn heartbeat(&self) {
-        self.beat.touch();
+        if let Some(b) = &self.beat {
+            b.touch();
+        }
     }
 
     /// Fires when the worker must stop.

@@ -215,21 +215,31 @@ pub(crate) fn tree(
 ) -> (SupervisorRef, BoxFuture<'static, TreeExit>) {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
-    let path: Arc<str> = match parent {
-        Some(p) => Arc::from(format!("{p}/{}", spec.name)),
-        None => spec.name.clone(),
+
+    let path_name = spec.name.clone();
+    let strategy = spec.strategy;
+    let intensity = spec.intensity;
+    let count_delayed = spec.count_delayed_restarts;
+    // The root owns its spec alone and moves the children out of it; a nested supervisor
+    // shares its spec with its parent (which needs it for the next incarnation) and copies.
+    let children: Vec<Child> = match Arc::try_unwrap(spec) {
+        Ok(owned) => owned.children.into_iter().map(Child::new).collect(),
+        Err(shared) => shared
+            .children
+            .iter()
+            .map(|c| Child::new(c.clone_spec()))
+            .collect(),
     };
-    let children = spec
-        .children
-        .iter()
-        .map(|c| Child::new(c.clone_spec()))
-        .collect();
+    let path: Arc<str> = match parent {
+        Some(p) => Arc::from(format!("{p}/{path_name}")),
+        None => path_name,
+    };
     let actor = Actor {
         path,
-        strategy: spec.strategy,
-        max_restarts: spec.intensity.max_restarts,
-        period: spec.intensity.period,
-        count_delayed: spec.count_delayed_restarts,
+        strategy,
+        max_restarts: intensity.max_restarts,
+        period: intensity.period,
+        count_delayed,
         children,
         restarts: VecDeque::new(),
         events,
@@ -383,23 +393,25 @@ impl Actor {
         let generation = c.generation;
         let cancel = CancellationToken::new();
         let beat = c.spec.heartbeat.map(|_| Arc::new(Beat::new(epoch)));
-        let fut: BoxFuture<'static, WorkerResult> = match &c.spec.kind {
-            ChildKind::Worker(factory) => {
-                let ctx = WorkerContext {
+        enum Run {
+            Worker(super::spec::Factory, WorkerContext),
+            Nested(BoxFuture<'static, WorkerResult>),
+        }
+        let run = match &c.spec.kind {
+            ChildKind::Worker(factory) => Run::Worker(
+                factory.clone(),
+                WorkerContext {
                     name: c.spec.name.clone(),
                     path,
                     cancel: cancel.clone(),
-                    beat: beat.clone().unwrap_or_else(|| Arc::new(Beat::new(epoch))),
+                    beat: beat.clone(),
                     restart_count: c.restart_count,
-                };
-                let factory = factory.clone();
-                // The factory is called inside the task so that a panic in it is caught too.
-                Box::pin(async move { factory(ctx).await })
-            }
+                },
+            ),
             ChildKind::Supervisor(spec) => {
                 let (sub, run) = tree(spec.clone(), cancel.clone(), events, Some(&path));
                 c.sub = Some(sub);
-                Box::pin(async move {
+                Run::Nested(Box::pin(async move {
                     match run.await {
                         TreeExit::Shutdown => Ok(()),
                         TreeExit::IntensityExceeded { child, cause, .. } => {
@@ -410,7 +422,7 @@ impl Actor {
                             }) as BoxError)
                         }
                     }
-                })
+                }))
             }
         };
         let nested_path = match &c.spec.kind {
@@ -423,6 +435,14 @@ impl Actor {
                 idx,
                 generation,
                 reason: None,
+            };
+            // The factory is called inside the task, under `catch_unwind`, so that a panic in
+            // it is caught like a panic of the worker.
+            let fut = async move {
+                match run {
+                    Run::Worker(factory, ctx) => factory(ctx).await,
+                    Run::Nested(fut) => fut.await,
+                }
             };
             let outcome = AssertUnwindSafe(fut).catch_unwind().await;
             guard.reason = Some(match outcome {

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use architectlm_supervisor::worker::{
     ChildSpec, RestartIntensity, SupervisorSpec, WorkerEventKind,
 };
+use kameo::Actor;
 use kameo::actor::{ActorId, ActorRef, Spawn, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
-use kameo::Actor;
 use tokio::sync::Notify;
 
 // ----- live-byte counting allocator -----------------------------------------------------------
@@ -37,7 +37,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -496,12 +499,12 @@ async fn heartbeat_ours(w: usize, run: Duration, victims: usize) -> (Duration, V
         while let Some(e) = missed.recv().await {
             let detected = std::time::SystemTime::from(e.timestamp);
             if let (Some(name), WorkerEventKind::HeartbeatMissed { .. }) = (&e.child, &e.kind)
-                && let Some(v) = name.strip_prefix("victim").and_then(|s| s.parse::<usize>().ok())
+                && let Some(v) = name
+                    .strip_prefix("victim")
+                    .and_then(|s| s.parse::<usize>().ok())
                 && let Some(beat) = lb2.lock().unwrap()[v]
             {
-                let late = detected
-                    .duration_since(beat + DEADLINE)
-                    .unwrap_or_default();
+                let late = detected.duration_since(beat + DEADLINE).unwrap_or_default();
                 l2.lock().unwrap().push(late);
             }
         }
@@ -543,17 +546,13 @@ fn main() {
     let spawns = 10_000;
     let dynamic = if quick { 2_000 } else { 10_000 };
     let workers = 10_000;
-    let hb_run = if quick { Duration::from_secs(2) } else { Duration::from_secs(10) };
+    let hb_run = if quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(10)
+    };
     let victims = 10;
 
-    rt.block_on(async {
-            for w in [0, 1000, 10_000] {
-                let (_, late) = heartbeat_ours(w, Duration::from_secs(2), 10).await;
-                eprintln!("workers {w}: lateness {:?}", late);
-            }
-        });
-        return;
-    }
     rt.block_on(async {
         // Warm up the allocator and the scheduler.
         restart_bare(200).await;

@@ -19,7 +19,9 @@
 //!   execution of a supervised task is recorded (with its input) and recovered by the task's
 //!   strategy: *retry* runs the task again with the same input and the same execution id,
 //!   *custom* runs the recovery task with `{task_id, execution_id, input, error, attempt}`.
-//!   Only executions that failed have a status; cancelled executions (shutdown) are ignored.
+//!   Only executions that failed have a status; cancelled executions (shutdown) are ignored,
+//!   and so are executions that ran as a process action (the process's supervision owns them:
+//!   rerunning the task alone would not update the instance).
 //! - **Statuses** go `unhealthy → recovering → recovered → healthy`, or `→ failed` once
 //!   `max_recovery_attempts` attempts failed. Attempts are counted per episode: an instance that
 //!   was healthy and falls ill again starts from zero.
@@ -926,7 +928,9 @@ impl Shared {
 
     /// Records a failed execution of a supervised task (called by the middleware).
     fn record_task_failure(&self, call: &TaskCall<'_>, error: &architectlm_core::TaskError) {
-        if error.kind == TaskErrorKind::Cancelled {
+        // A cancelled execution was stopped on purpose (shutdown); an execution that ran as a
+        // process action belongs to its instance, whose supervision retries it in place.
+        if error.kind == TaskErrorKind::Cancelled || call.instance_id.is_some() {
             return;
         }
         let (config, wake) = {

@@ -14,7 +14,7 @@
 //!   scan per deadline period, not one wake-up per beat.
 //! - Dropping the loop (its task aborted by a parent) aborts every child task it owns.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,6 +186,8 @@ struct Actor {
     period: Duration,
     count_delayed: bool,
     children: Vec<Child>,
+    /// The children's names, to refuse a duplicate in O(1).
+    names: HashSet<Arc<str>>,
     restarts: VecDeque<Instant>,
     events: EventHub<WorkerEvent>,
     exit_tx: mpsc::UnboundedSender<ExitMsg>,
@@ -240,6 +242,7 @@ pub(crate) fn tree(
         max_restarts: intensity.max_restarts,
         period: intensity.period,
         count_delayed,
+        names: children.iter().map(|c| c.spec.name.clone()).collect(),
         children,
         restarts: VecDeque::new(),
         events,
@@ -363,7 +366,7 @@ impl Actor {
 
     fn add_child(&mut self, spec: ChildSpec) -> Result<()> {
         spec.validate()?;
-        if self.children.iter().any(|c| c.spec.name == spec.name) {
+        if !self.names.insert(spec.name.clone()) {
             return Err(Error::invalid_config(
                 "children[].name",
                 format!("\"{}\"", spec.name),

@@ -661,3 +661,23 @@ async fn the_tree_can_be_listed_serialised_and_changed_at_run_time() {
     assert_eq!(names, vec!["cron", "web", "db"]);
     assert_eq!(*stops.lock(), vec!["web", "cron", "pool"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn tree_events_can_be_forwarded_to_the_runtime_bus() {
+    let system = architectlm_core::System::builder("s").build().unwrap();
+    let runtime = architectlm_core::Runtime::builder(system).start().await.unwrap();
+    let mut bus = runtime.subscribe("child-exited");
+    let handle = SupervisorSpec::builder("app")
+        .child(fails_once("flaky", counter()))
+        .build()
+        .unwrap()
+        .start();
+    let _forwarding = handle.forward_to(&runtime);
+    let event = next(&mut bus).await;
+    assert_eq!(event.source, "supervisor");
+    assert_eq!(event.payload["supervisor"], "app");
+    assert_eq!(event.payload["child"], "flaky");
+    assert_eq!(event.payload["reason"]["kind"], "failed");
+    assert_eq!(event.payload["reason"]["error"], "first run fails");
+    handle.shutdown().await;
+}

@@ -665,7 +665,10 @@ async fn the_tree_can_be_listed_serialised_and_changed_at_run_time() {
 #[tokio::test(start_paused = true)]
 async fn tree_events_can_be_forwarded_to_the_runtime_bus() {
     let system = architectlm_core::System::builder("s").build().unwrap();
-    let runtime = architectlm_core::Runtime::builder(system).start().await.unwrap();
+    let runtime = architectlm_core::Runtime::builder(system)
+        .start()
+        .await
+        .unwrap();
     let mut bus = runtime.subscribe("child-exited");
     let handle = SupervisorSpec::builder("app")
         .child(fails_once("flaky", counter()))

@@ -905,7 +905,8 @@ impl Runtime {
             .ok_or_else(|| Error::not_found("process", process_id))
     }
 
-    /// Creates an instance of a process in its initial state. Emits `PROCESS_CREATED`.
+    /// Creates an instance of a process in its initial state. Emits `PROCESS_CREATED` (its payload
+    /// carries the initial context, which a supervisor's restart strategy restores).
     pub async fn create_process(
         &self,
         process_id: &str,
@@ -933,7 +934,7 @@ impl Runtime {
             Event::new(
                 types::PROCESS_CREATED,
                 "runtime",
-                json!({"instance_id": instance.id, "process_id": &*instance.process_id, "state": &*instance.state}),
+                json!({"instance_id": instance.id, "process_id": &*instance.process_id, "state": &*instance.state, "context": &instance.context}),
             )
         });
         tracing::debug!(instance_id = %instance.id, process_id, "process created");

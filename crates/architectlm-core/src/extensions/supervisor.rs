@@ -226,6 +226,28 @@ pub struct SupervisionStatus {
     pub error: Option<String>,
 }
 
+impl SupervisionStatus {
+    /// A fresh record for a target: no attempts, never checked, no error.
+    pub fn new(
+        target_id: Uuid,
+        target_type: TargetType,
+        status: HealthStatus,
+        max_recovery_attempts: u32,
+    ) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            target_id,
+            target_type,
+            status,
+            recovery_attempts: 0,
+            max_recovery_attempts,
+            last_check_at: None,
+            last_recovery_at: None,
+            error: None,
+        }
+    }
+}
+
 /// Supervision event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -311,6 +333,29 @@ pub type SupervisionEventHandler = Arc<dyn Fn(&SupervisionEvent) + Send + Sync>;
 ///   `false`.
 /// - Attempts are bounded by `max_recovery_attempts`; reaching it sets status failed and emits
 ///   `max-recovery-attempts-reached` once.
+/// - A status goes `unhealthy` (with `unhealthy-detected`) → `recovering` (`recovery-started`)
+///   → `recovered` (`recovery-succeeded`, then `healthy` at the next check that finds the
+///   target well) or back to `unhealthy` (`recovery-failed`) until the limit.
+/// - Configurations are validated when given: a zero `check_interval` or
+///   `max_recovery_attempts`, or a custom strategy without a recovery task, is
+///   [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field and value.
+///
+/// ```
+/// use std::time::Duration;
+/// use architectlm_core::extensions::Supervisor;
+/// use architectlm_core::extensions::supervisor::{ProcessRecoveryStrategy, ProcessSupervisionConfig};
+///
+/// async fn watch_payments(supervisor: &dyn Supervisor) -> architectlm_core::Result<()> {
+///     supervisor
+///         .supervise_process(
+///             ProcessSupervisionConfig::new("payment", ProcessRecoveryStrategy::RetryLastAction)
+///                 .max_recovery_attempts(5)
+///                 .check_interval(Duration::from_secs(10))
+///                 .state_timeout_for("authorising", Duration::from_secs(60)),
+///         )
+///         .await
+/// }
+/// ```
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait Supervisor: Send + Sync {

@@ -1,0 +1,791 @@
+//! The supervisor loop: one Tokio task per supervisor owns its children's state, reacts to
+//! exits, fires one timer for heartbeats, backoff delays and kill deadlines, and answers the
+//! handle's commands.
+//!
+//! **Invariants.**
+//! - Only the loop touches children's state, so no lock is taken on the restart path: a
+//!   worker's exit travels as one message from its task to the loop, which spawns the
+//!   replacement.
+//! - Every start bumps the child's *generation*; an exit message of an older generation (a run
+//!   the loop already stopped or aborted) is ignored, so an exit is handled exactly once.
+//! - One timer per supervisor, armed at the earliest of: the next heartbeat deadline, the next
+//!   delayed restart, the next kill deadline. Heartbeats are one atomic store by the worker; the
+//!   loop reads them only when the timer fires, so 10 000 heartbeating workers cost the loop one
+//!   scan per deadline period, not one wake-up per beat.
+//! - Dropping the loop (its task aborted by a parent) aborts every child task it owns.
+
+use std::collections::{HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use architectlm_core::{BoxError, Error, EventHub, Result};
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::context::{Beat, WorkerContext};
+use super::spec::{ChildKind, ChildSpec, Restart, Strategy, SupervisorSpec, WorkerResult};
+use super::status::{
+    ChildKindName, ChildShutdown, ChildState, ChildStatus, ExitReason, ShutdownReport, StopOutcome,
+    TreeExit, WorkerEvent, WorkerEventKind,
+};
+
+pub(crate) enum Command {
+    Children(oneshot::Sender<Vec<(ChildStatus, Option<SupervisorRef>)>>),
+    Shutdown(oneshot::Sender<ShutdownReport>),
+    StartChild(ChildSpec, oneshot::Sender<Result<()>>),
+    TerminateChild(String, oneshot::Sender<Result<StopOutcome>>),
+}
+
+/// A way to talk to a running supervisor loop.
+#[derive(Clone)]
+pub(crate) struct SupervisorRef {
+    pub(crate) tx: mpsc::UnboundedSender<Command>,
+}
+
+/// The error a nested supervisor's run returns when its restart intensity was exceeded; the
+/// parent turns it into [`ExitReason::Escalated`].
+#[derive(Debug)]
+struct Escalation {
+    supervisor: String,
+    child: String,
+    cause: ExitReason,
+}
+
+impl std::fmt::Display for Escalation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "supervisor \"{}\" exceeded its restart intensity after child \"{}\" exited: {:?}",
+            self.supervisor, self.child, self.cause
+        )
+    }
+}
+
+impl std::error::Error for Escalation {}
+
+struct ExitMsg {
+    idx: usize,
+    generation: u64,
+    reason: ExitReason,
+}
+
+/// Sends the child's exit when its task ends, however it ends (returned, panicked, aborted).
+struct ExitGuard {
+    tx: mpsc::UnboundedSender<ExitMsg>,
+    idx: usize,
+    generation: u64,
+    reason: Option<ExitReason>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let reason = self
+            .reason
+            .take()
+            .unwrap_or(ExitReason::Killed { timeout_ms: 0 });
+        let _ = self.tx.send(ExitMsg {
+            idx: self.idx,
+            generation: self.generation,
+            reason,
+        });
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+struct Child {
+    spec: ChildSpec,
+    generation: u64,
+    state: ChildState,
+    ever_started: bool,
+    restart_count: u32,
+    consecutive: u32,
+    last_exit: Option<ExitReason>,
+    started_at: Option<Instant>,
+    started_wall: Option<DateTime<Utc>>,
+    cancel: Option<CancellationToken>,
+    join: Option<JoinHandle<()>>,
+    beat: Option<Arc<Beat>>,
+    pending_reason: Option<ExitReason>,
+    kill_at: Option<Instant>,
+    restart_at: Option<Instant>,
+    sub: Option<SupervisorRef>,
+}
+
+impl Child {
+    fn new(spec: ChildSpec) -> Self {
+        Self {
+            spec,
+            generation: 0,
+            state: ChildState::Stopped,
+            ever_started: false,
+            restart_count: 0,
+            consecutive: 0,
+            last_exit: None,
+            started_at: None,
+            started_wall: None,
+            cancel: None,
+            join: None,
+            beat: None,
+            pending_reason: None,
+            kill_at: None,
+            restart_at: None,
+            sub: None,
+        }
+    }
+
+    /// Running, stopping or waiting to restart: part of a group restart.
+    fn is_live(&self) -> bool {
+        self.state != ChildState::Stopped
+    }
+
+    fn status(&self) -> ChildStatus {
+        ChildStatus {
+            name: self.spec.name.to_string(),
+            kind: match self.spec.kind {
+                ChildKind::Worker(_) => ChildKindName::Worker,
+                ChildKind::Supervisor(_) => ChildKindName::Supervisor,
+            },
+            restart: self.spec.restart,
+            state: self.state,
+            restart_count: self.restart_count,
+            consecutive_failures: self.consecutive,
+            last_exit: self.last_exit.clone(),
+            started_at: self.started_wall,
+            children: Vec::new(),
+        }
+    }
+}
+
+fn min_opt(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+struct Actor {
+    path: Arc<str>,
+    strategy: Strategy,
+    max_restarts: u32,
+    period: Duration,
+    count_delayed: bool,
+    children: Vec<Child>,
+    /// The children's names, to refuse a duplicate in O(1).
+    names: HashSet<Arc<str>>,
+    restarts: VecDeque<Instant>,
+    events: EventHub<WorkerEvent>,
+    exit_tx: mpsc::UnboundedSender<ExitMsg>,
+    cancel: CancellationToken,
+    epoch: Instant,
+    next_hb: Option<Instant>,
+    next_restart: Option<Instant>,
+    next_kill: Option<Instant>,
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            if let Some(j) = c.join.take() {
+                j.abort();
+            }
+        }
+    }
+}
+
+/// Builds the loop of a supervisor; the future ends when the supervisor stops.
+pub(crate) fn tree(
+    spec: Arc<SupervisorSpec>,
+    cancel: CancellationToken,
+    events: EventHub<WorkerEvent>,
+    parent: Option<&str>,
+) -> (SupervisorRef, BoxFuture<'static, TreeExit>) {
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+
+    let path_name = spec.name.clone();
+    let strategy = spec.strategy;
+    let intensity = spec.intensity;
+    let count_delayed = spec.count_delayed_restarts;
+    // The root owns its spec alone and moves the children out of it; a nested supervisor
+    // shares its spec with its parent (which needs it for the next incarnation) and copies.
+    let children: Vec<Child> = match Arc::try_unwrap(spec) {
+        Ok(owned) => owned.children.into_iter().map(Child::new).collect(),
+        Err(shared) => shared
+            .children
+            .iter()
+            .map(|c| Child::new(c.clone_spec()))
+            .collect(),
+    };
+    let path: Arc<str> = match parent {
+        Some(p) => Arc::from(format!("{p}/{path_name}")),
+        None => path_name,
+    };
+    let actor = Actor {
+        path,
+        strategy,
+        max_restarts: intensity.max_restarts,
+        period: intensity.period,
+        count_delayed,
+        names: children.iter().map(|c| c.spec.name.clone()).collect(),
+        children,
+        restarts: VecDeque::new(),
+        events,
+        exit_tx,
+        cancel,
+        epoch: Instant::now(),
+        next_hb: None,
+        next_restart: None,
+        next_kill: None,
+    };
+    (
+        SupervisorRef { tx: cmd_tx },
+        Box::pin(actor.run(cmd_rx, exit_rx)),
+    )
+}
+
+impl ChildSpec {
+    /// A copy for a running child: the factory and nested specs are shared.
+    pub(crate) fn clone_spec(&self) -> ChildSpec {
+        ChildSpec {
+            name: self.name.clone(),
+            kind: match &self.kind {
+                ChildKind::Worker(f) => ChildKind::Worker(f.clone()),
+                ChildKind::Supervisor(s) => ChildKind::Supervisor(s.clone()),
+            },
+            restart: self.restart,
+            backoff: self.backoff,
+            heartbeat: self.heartbeat,
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+}
+
+impl Actor {
+    fn emit(&self, child: Option<&str>, kind: WorkerEventKind) {
+        self.events.publish_with(|| WorkerEvent {
+            supervisor: self.path.to_string(),
+            child: child.map(str::to_owned),
+            timestamp: Utc::now(),
+            kind,
+        });
+    }
+
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::UnboundedReceiver<Command>,
+        mut exit_rx: mpsc::UnboundedReceiver<ExitMsg>,
+    ) -> TreeExit {
+        for i in 0..self.children.len() {
+            self.start(i);
+        }
+        let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+        let sleep = tokio::time::sleep_until(far());
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
+        let mut commands_open = true;
+        loop {
+            let next = [self.next_hb, self.next_restart, self.next_kill]
+                .into_iter()
+                .flatten()
+                .min();
+            if next != armed {
+                sleep.as_mut().reset(next.unwrap_or_else(far));
+                armed = next;
+            }
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => {
+                    self.stop_all().await;
+                    return self.finish(TreeExit::Shutdown);
+                }
+                Some(msg) = exit_rx.recv() => {
+                    if let Some(exit) = self.on_exit(msg).await {
+                        return self.finish(exit);
+                    }
+                }
+                cmd = cmd_rx.recv(), if commands_open => match cmd {
+                    None => commands_open = false,
+                    Some(Command::Shutdown(reply)) => {
+                        let report = self.stop_all().await;
+                        let _ = reply.send(report);
+                        return self.finish(TreeExit::Shutdown);
+                    }
+                    Some(Command::Children(reply)) => {
+                        let list = self
+                            .children
+                            .iter()
+                            .map(|c| (c.status(), c.sub.clone()))
+                            .collect();
+                        let _ = reply.send(list);
+                    }
+                    Some(Command::StartChild(spec, reply)) => {
+                        let _ = reply.send(self.add_child(spec));
+                    }
+                    Some(Command::TerminateChild(name, reply)) => {
+                        let result = match self.children.iter().position(|c| *c.spec.name == *name) {
+                            None => Err(Error::not_found("child", &name)),
+                            Some(i) => Ok(self.stop_child(i).await),
+                        };
+                        let _ = reply.send(result);
+                    }
+                },
+                _ = &mut sleep, if armed.is_some() => {
+                    armed = None;
+                    if let Some(exit) = self.on_timer().await {
+                        return self.finish(exit);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&self, exit: TreeExit) -> TreeExit {
+        tracing::debug!(supervisor = %self.path, ?exit, "supervisor stopped");
+        self.emit(
+            None,
+            WorkerEventKind::SupervisorStopped { exit: exit.clone() },
+        );
+        exit
+    }
+
+    fn add_child(&mut self, spec: ChildSpec) -> Result<()> {
+        spec.validate()?;
+        if !self.names.insert(spec.name.clone()) {
+            return Err(Error::invalid_config(
+                "children[].name",
+                format!("\"{}\"", spec.name),
+                format!(
+                    "supervisor \"{}\" already has a child with this name",
+                    self.path
+                ),
+            ));
+        }
+        self.children.push(Child::new(spec));
+        self.start(self.children.len() - 1);
+        Ok(())
+    }
+
+    fn start(&mut self, idx: usize) {
+        let now = Instant::now();
+        let path = self.path.clone();
+        let events = self.events.clone();
+        let epoch = self.epoch;
+        let exit_tx = self.exit_tx.clone();
+        let c = &mut self.children[idx];
+        c.generation += 1;
+        if c.ever_started {
+            c.restart_count += 1;
+        }
+        c.ever_started = true;
+        let generation = c.generation;
+        let cancel = CancellationToken::new();
+        let beat = c.spec.heartbeat.map(|_| Arc::new(Beat::new(epoch)));
+        enum Run {
+            Worker(super::spec::Factory, WorkerContext),
+            Nested(BoxFuture<'static, WorkerResult>),
+        }
+        let run = match &c.spec.kind {
+            ChildKind::Worker(factory) => Run::Worker(
+                factory.clone(),
+                WorkerContext {
+                    name: c.spec.name.clone(),
+                    path,
+                    cancel: cancel.clone(),
+                    beat: beat.clone(),
+                    restart_count: c.restart_count,
+                },
+            ),
+            ChildKind::Supervisor(spec) => {
+                let (sub, run) = tree(spec.clone(), cancel.clone(), events, Some(&path));
+                c.sub = Some(sub);
+                Run::Nested(Box::pin(async move {
+                    match run.await {
+                        TreeExit::Shutdown => Ok(()),
+                        TreeExit::IntensityExceeded { child, cause, .. } => {
+                            Err(Box::new(Escalation {
+                                supervisor: String::new(),
+                                child,
+                                cause,
+                            }) as BoxError)
+                        }
+                    }
+                }))
+            }
+        };
+        let nested_path = match &c.spec.kind {
+            ChildKind::Supervisor(_) => Some(format!("{}/{}", self.path, c.spec.name)),
+            ChildKind::Worker(_) => None,
+        };
+        c.join = Some(tokio::spawn(async move {
+            let mut guard = ExitGuard {
+                tx: exit_tx,
+                idx,
+                generation,
+                reason: None,
+            };
+            // The factory is called inside the task, under `catch_unwind`, so that a panic in
+            // it is caught like a panic of the worker.
+            let fut = async move {
+                match run {
+                    Run::Worker(factory, ctx) => factory(ctx).await,
+                    Run::Nested(fut) => fut.await,
+                }
+            };
+            let outcome = AssertUnwindSafe(fut).catch_unwind().await;
+            guard.reason = Some(match outcome {
+                Ok(Ok(())) => ExitReason::Normal,
+                Ok(Err(e)) => match e.downcast::<Escalation>() {
+                    Ok(esc) => ExitReason::Escalated {
+                        supervisor: nested_path.unwrap_or(esc.supervisor),
+                        child: esc.child,
+                        cause: Box::new(esc.cause),
+                    },
+                    Err(e) => ExitReason::Failed {
+                        error: e.to_string(),
+                    },
+                },
+                Err(p) => ExitReason::Panicked {
+                    message: panic_message(&*p),
+                },
+            });
+        }));
+        c.cancel = Some(cancel);
+        c.state = ChildState::Running;
+        c.started_at = Some(now);
+        c.started_wall = Some(Utc::now());
+        c.restart_at = None;
+        c.kill_at = None;
+        c.pending_reason = None;
+        if let Some(hb) = c.spec.heartbeat {
+            self.next_hb = min_opt(self.next_hb, now + hb);
+        }
+        c.beat = beat;
+        let restart_count = c.restart_count;
+        let name = c.spec.name.clone();
+        self.emit(Some(&name), WorkerEventKind::ChildStarted { restart_count });
+    }
+
+    async fn on_exit(&mut self, msg: ExitMsg) -> Option<TreeExit> {
+        let c = self.children.get_mut(msg.idx)?;
+        if c.generation != msg.generation || c.join.is_none() {
+            return None;
+        }
+        let reason = c.pending_reason.take().unwrap_or(msg.reason);
+        c.join = None;
+        self.handle_exit(msg.idx, reason).await
+    }
+
+    /// A child's run ended (its task is gone or abandoned): apply its restart type, the
+    /// intensity limit and the strategy.
+    async fn handle_exit(&mut self, idx: usize, reason: ExitReason) -> Option<TreeExit> {
+        let now = Instant::now();
+        let c = &mut self.children[idx];
+        c.cancel = None;
+        c.kill_at = None;
+        c.beat = None;
+        c.sub = None;
+        c.state = ChildState::Stopped;
+        let ran = c
+            .started_at
+            .take()
+            .map(|s| now.saturating_duration_since(s))
+            .unwrap_or_default();
+        c.started_wall = None;
+        c.last_exit = Some(reason.clone());
+        let name = c.spec.name.clone();
+        let restart = match c.spec.restart {
+            Restart::Permanent => true,
+            Restart::Transient => reason.is_abnormal(),
+            Restart::Temporary => false,
+        };
+        if reason.is_abnormal() {
+            tracing::warn!(supervisor = %self.path, child = %name, ?reason, "child exited abnormally");
+        }
+        self.emit(
+            Some(&name),
+            WorkerEventKind::ChildExited {
+                reason: reason.clone(),
+                ran_for_ms: ms(ran),
+            },
+        );
+        if !restart {
+            return None;
+        }
+        let c = &mut self.children[idx];
+        if ran >= c.spec.backoff.reset_after {
+            c.consecutive = 0;
+        }
+        c.consecutive += 1;
+        let attempt = c.consecutive;
+        let delay = c.spec.backoff.delay(attempt);
+        if self.count_delayed || delay.is_zero() {
+            self.restarts.push_back(now);
+            while let Some(first) = self.restarts.front() {
+                if now.saturating_duration_since(*first) >= self.period {
+                    self.restarts.pop_front();
+                } else {
+                    break;
+                }
+            }
+            if self.restarts.len() > self.max_restarts as usize {
+                self.emit(
+                    Some(&name),
+                    WorkerEventKind::IntensityExceeded {
+                        cause: reason.clone(),
+                        max_restarts: self.max_restarts,
+                        period_ms: ms(self.period),
+                    },
+                );
+                tracing::error!(supervisor = %self.path, child = %name, "restart intensity exceeded; stopping");
+                self.stop_all().await;
+                return Some(TreeExit::IntensityExceeded {
+                    child: name.to_string(),
+                    cause: reason,
+                    max_restarts: self.max_restarts,
+                    period_ms: ms(self.period),
+                });
+            }
+        }
+        let n = self.children.len();
+        let mut group: Vec<usize> = match self.strategy {
+            Strategy::OneForOne => vec![idx],
+            Strategy::OneForAll => (0..n)
+                .filter(|&j| j == idx || self.children[j].is_live())
+                .collect(),
+            Strategy::RestForOne => (idx..n)
+                .filter(|&j| j == idx || self.children[j].is_live())
+                .collect(),
+        };
+        if group.len() > 1 {
+            for &j in group.iter().rev() {
+                if j != idx {
+                    self.stop_child(j).await;
+                }
+            }
+            group.retain(|&j| j == idx || self.children[j].spec.restart != Restart::Temporary);
+            let names = group
+                .iter()
+                .map(|&j| self.children[j].spec.name.to_string())
+                .collect();
+            self.emit(
+                Some(&name),
+                WorkerEventKind::GroupRestart {
+                    strategy: self.strategy,
+                    children: names,
+                },
+            );
+        }
+        if delay.is_zero() {
+            for j in group {
+                self.start(j);
+            }
+        } else {
+            let at = now + delay;
+            for j in group {
+                let c = &mut self.children[j];
+                c.state = ChildState::Restarting;
+                c.restart_at = Some(at);
+                let child = c.spec.name.clone();
+                self.emit(
+                    Some(&child),
+                    WorkerEventKind::RestartScheduled {
+                        delay_ms: ms(delay),
+                        attempt,
+                    },
+                );
+            }
+            self.next_restart = min_opt(self.next_restart, at);
+        }
+        None
+    }
+
+    /// Stops one child: cancel, wait up to its shutdown timeout, then abort.
+    async fn stop_child(&mut self, idx: usize) -> StopOutcome {
+        let now = Instant::now();
+        let path = self.path.clone();
+        let c = &mut self.children[idx];
+        c.restart_at = None;
+        c.kill_at = None;
+        c.pending_reason = None;
+        c.beat = None;
+        c.sub = None;
+        let Some(mut join) = c.join.take() else {
+            c.state = ChildState::Stopped;
+            return StopOutcome::NotRunning;
+        };
+        c.generation += 1;
+        c.state = ChildState::Stopping;
+        if let Some(cancel) = c.cancel.take() {
+            cancel.cancel();
+        }
+        let timeout = c.spec.effective_shutdown_timeout();
+        let (outcome, reason) = match tokio::time::timeout(timeout, &mut join).await {
+            Ok(_) => (StopOutcome::Graceful, ExitReason::Shutdown),
+            Err(_) => {
+                join.abort();
+                tracing::warn!(supervisor = %path, child = %c.spec.name, ?timeout, "child ignored its cancellation; aborted");
+                (
+                    StopOutcome::Killed,
+                    ExitReason::Killed {
+                        timeout_ms: ms(timeout),
+                    },
+                )
+            }
+        };
+        let ran = c
+            .started_at
+            .take()
+            .map(|s| now.saturating_duration_since(s))
+            .unwrap_or_default();
+        c.started_wall = None;
+        c.state = ChildState::Stopped;
+        c.last_exit = Some(reason.clone());
+        let name = c.spec.name.clone();
+        if outcome == StopOutcome::Killed {
+            self.emit(
+                Some(&name),
+                WorkerEventKind::ChildKilled {
+                    timeout_ms: ms(timeout),
+                },
+            );
+        }
+        self.emit(
+            Some(&name),
+            WorkerEventKind::ChildExited {
+                reason,
+                ran_for_ms: ms(ran),
+            },
+        );
+        outcome
+    }
+
+    /// Stops every child in reverse start order.
+    async fn stop_all(&mut self) -> ShutdownReport {
+        let mut report = ShutdownReport::default();
+        for j in (0..self.children.len()).rev() {
+            let outcome = self.stop_child(j).await;
+            report.children.push(ChildShutdown {
+                name: self.children[j].spec.name.to_string(),
+                outcome,
+            });
+        }
+        self.next_hb = None;
+        self.next_restart = None;
+        self.next_kill = None;
+        report
+    }
+
+    async fn on_timer(&mut self) -> Option<TreeExit> {
+        let now = Instant::now();
+        let mut to_start = Vec::new();
+        let mut hung = Vec::new();
+        let mut kill = Vec::new();
+        let (mut next_hb, mut next_restart, mut next_kill) = (None, None, None);
+        for (j, c) in self.children.iter_mut().enumerate() {
+            if let Some(t) = c.restart_at {
+                if t <= now {
+                    c.restart_at = None;
+                    to_start.push(j);
+                } else {
+                    next_restart = min_opt(next_restart, t);
+                }
+            }
+            if let Some(k) = c.kill_at {
+                if k <= now {
+                    kill.push(j);
+                } else {
+                    next_kill = min_opt(next_kill, k);
+                }
+            }
+            if c.state == ChildState::Running
+                && let (Some(hb), Some(beat)) = (c.spec.heartbeat, &c.beat)
+            {
+                let due = beat.last() + hb;
+                if due <= now {
+                    hung.push((j, now.saturating_duration_since(beat.last())));
+                } else {
+                    next_hb = min_opt(next_hb, due);
+                }
+            }
+        }
+        self.next_hb = next_hb;
+        self.next_restart = next_restart;
+        self.next_kill = next_kill;
+        for (j, silent) in hung {
+            let c = &mut self.children[j];
+            let Some(hb) = c.spec.heartbeat else { continue };
+            let timeout = c.spec.effective_shutdown_timeout();
+            if let Some(cancel) = &c.cancel {
+                cancel.cancel();
+            }
+            c.state = ChildState::Stopping;
+            c.pending_reason = Some(ExitReason::Hung {
+                deadline_ms: ms(hb),
+                aborted: false,
+            });
+            let at = now + timeout;
+            c.kill_at = Some(at);
+            let name = c.spec.name.clone();
+            tracing::warn!(supervisor = %self.path, child = %name, ?hb, "child missed its heartbeat; cancelling");
+            self.next_kill = min_opt(self.next_kill, at);
+            self.emit(
+                Some(&name),
+                WorkerEventKind::HeartbeatMissed {
+                    deadline_ms: ms(hb),
+                    silent_for_ms: ms(silent),
+                },
+            );
+        }
+        for j in kill {
+            let c = &mut self.children[j];
+            c.kill_at = None;
+            let Some(join) = c.join.take() else { continue };
+            join.abort();
+            // The task may be stuck in blocking code and never notice the abort; the loop does
+            // not wait for it.
+            c.generation += 1;
+            let timeout = c.spec.effective_shutdown_timeout();
+            let reason = match c.pending_reason.take() {
+                Some(ExitReason::Hung { deadline_ms, .. }) => ExitReason::Hung {
+                    deadline_ms,
+                    aborted: true,
+                },
+                _ => ExitReason::Killed {
+                    timeout_ms: ms(timeout),
+                },
+            };
+            let name = c.spec.name.clone();
+            self.emit(
+                Some(&name),
+                WorkerEventKind::ChildKilled {
+                    timeout_ms: ms(timeout),
+                },
+            );
+            if let Some(exit) = self.handle_exit(j, reason).await {
+                return Some(exit);
+            }
+        }
+        for j in to_start {
+            if self.children[j].state == ChildState::Restarting {
+                self.start(j);
+            }
+        }
+        None
+    }
+}

@@ -128,6 +128,12 @@ impl SagaStep {
         self.parallel_group = Some(group.into());
         self
     }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: Value) -> Self {
+        self.metadata.insert(key.into(), value);
+        self
+    }
 }
 
 /// A saga: steps run in order; when one fails for good, the completed ones are compensated in
@@ -195,6 +201,12 @@ impl SagaDefinition {
         self.description = Some(d.into());
         self
     }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: Value) -> Self {
+        self.metadata.insert(key.into(), value);
+        self
+    }
 }
 
 /// Status of a saga instance.
@@ -226,6 +238,62 @@ impl SagaStatus {
             self,
             Self::Completed | Self::Failed | Self::Compensated | Self::CompensationFailed
         )
+    }
+
+    /// The kebab-case name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Compensating => "compensating",
+            Self::Compensated => "compensated",
+            Self::CompensationFailed => "compensation-failed",
+        }
+    }
+
+    /// Parses a kebab-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "created" => Self::Created,
+            "running" => Self::Running,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "compensating" => Self::Compensating,
+            "compensated" => Self::Compensated,
+            "compensation-failed" => Self::CompensationFailed,
+            _ => return None,
+        })
+    }
+}
+
+impl SagaStepStatus {
+    /// The kebab-case name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Compensating => "compensating",
+            Self::Compensated => "compensated",
+            Self::CompensationFailed => "compensation-failed",
+        }
+    }
+
+    /// Parses a kebab-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "compensating" => Self::Compensating,
+            "compensated" => Self::Compensated,
+            "compensation-failed" => Self::CompensationFailed,
+            _ => return None,
+        })
     }
 }
 
@@ -276,6 +344,24 @@ pub struct SagaStepExecution {
     pub error: Option<String>,
 }
 
+impl SagaStepExecution {
+    /// A pending step record with its stable idempotency key.
+    pub fn new(id: Uuid, step_id: impl Into<String>, idempotency_key: impl Into<String>) -> Self {
+        Self {
+            id,
+            step_id: step_id.into(),
+            status: SagaStepStatus::Pending,
+            attempts: 0,
+            compensation_attempts: 0,
+            idempotency_key: idempotency_key.into(),
+            started_at: None,
+            completed_at: None,
+            result: None,
+            error: None,
+        }
+    }
+}
+
 /// A saga instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -302,6 +388,45 @@ pub struct SagaInstance {
     pub completed_at: Option<DateTime<Utc>>,
     /// Why it failed or was compensated.
     pub error: Option<String>,
+}
+
+impl SagaInstance {
+    /// A new instance in status `created`, with its step records; `context` starts as `{}`.
+    pub fn new(
+        id: Uuid,
+        saga_id: impl Into<String>,
+        saga_version: u32,
+        input: Value,
+        idempotency_key: Option<String>,
+        started_at: DateTime<Utc>,
+        steps: Vec<SagaStepExecution>,
+    ) -> Self {
+        Self {
+            id,
+            saga_id: saga_id.into(),
+            saga_version,
+            status: SagaStatus::Created,
+            steps,
+            input,
+            context: Value::Object(serde_json::Map::new()),
+            idempotency_key,
+            started_at,
+            completed_at: None,
+            error: None,
+        }
+    }
+
+    /// Rebuilds [`context`](Self::context) from the step records: the result of every step that
+    /// has one, by step id.
+    pub fn rebuild_context(&mut self) {
+        let mut map = serde_json::Map::new();
+        for s in &self.steps {
+            if let Some(r) = &s.result {
+                map.insert(s.step_id.clone(), r.clone());
+            }
+        }
+        self.context = Value::Object(map);
+    }
 }
 
 /// Options of [`SagaCoordinator::start_saga_with`].
@@ -335,6 +460,43 @@ pub struct SagaFilter {
     pub started_before: Option<DateTime<Utc>>,
     /// Which page.
     pub page: Pagination,
+}
+
+impl SagaFilter {
+    /// Every instance, first page.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only instances of this definition.
+    pub fn saga(mut self, saga_id: impl Into<String>) -> Self {
+        self.saga_id = Some(saga_id.into());
+        self
+    }
+
+    /// Adds a status to match (several statuses match any of them).
+    pub fn status(mut self, status: SagaStatus) -> Self {
+        self.status.push(status);
+        self
+    }
+
+    /// Only instances started at or after `t`.
+    pub fn started_after(mut self, t: DateTime<Utc>) -> Self {
+        self.started_after = Some(t);
+        self
+    }
+
+    /// Only instances started at or before `t`.
+    pub fn started_before(mut self, t: DateTime<Utc>) -> Self {
+        self.started_before = Some(t);
+        self
+    }
+
+    /// Sets the page.
+    pub fn page(mut self, page: Pagination) -> Self {
+        self.page = page;
+        self
+    }
 }
 
 /// Saga event types.

@@ -1,0 +1,604 @@
+//! The saga journal on the embedded SQLite database.
+//!
+//! Two tables: `saga_instances` (one row per instance, with `owner`, `lease_until` and
+//! `fencing` for shared backends) and `saga_steps` (one row per step of an instance, keyed by
+//! instance and position). Every [`SagaStore::apply`] is one closure on the database's writer
+//! thread, so journal entries of concurrent sagas share commits. Times are stored as
+//! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use uuid::Uuid;
+
+use architectlm_core::extensions::Page;
+use architectlm_core::extensions::saga::{
+    SagaFilter, SagaInstance, SagaStatus, SagaStepExecution, SagaStepStatus,
+};
+
+use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
+use crate::sqlite::{Migration, SqliteDb};
+use crate::{Error, Result};
+
+/// The versioned schema of the saga tables, applied by [`SqliteSagaStore::open`].
+pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
+    component: "saga",
+    version: 1,
+    description: "saga instances and step journal",
+    sql: "
+        CREATE TABLE saga_instances (
+            id BLOB PRIMARY KEY,
+            saga_id TEXT NOT NULL,
+            saga_version INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            input TEXT NOT NULL,
+            idempotency_key TEXT,
+            started_at INTEGER NOT NULL,
+            completed_at INTEGER,
+            error TEXT,
+            compensation_requested TEXT,
+            owner TEXT,
+            lease_until INTEGER,
+            fencing INTEGER NOT NULL DEFAULT 1
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX saga_instances_key
+            ON saga_instances (saga_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX saga_instances_started ON saga_instances (started_at);
+        CREATE INDEX saga_instances_unfinished ON saga_instances (status)
+            WHERE status IN ('created', 'running', 'compensating');
+        CREATE TABLE saga_steps (
+            instance_id BLOB NOT NULL,
+            idx INTEGER NOT NULL,
+            id BLOB NOT NULL,
+            step_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            compensation_attempts INTEGER NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            started_at INTEGER,
+            completed_at INTEGER,
+            result TEXT,
+            error TEXT,
+            PRIMARY KEY (instance_id, idx)
+        ) WITHOUT ROWID;
+    ",
+}];
+
+/// A [`SagaStore`] on an embedded SQLite database (see the [module docs](self)).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use architectlm_store::saga::SqliteSagaStore;
+/// use architectlm_store::sqlite::{SqliteDb, SqliteOptions};
+///
+/// let db = SqliteDb::open(SqliteOptions::memory())?;
+/// let store = SqliteSagaStore::open(db).await?; // applies the saga migrations
+/// # let _ = store;
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct SqliteSagaStore {
+    db: SqliteDb,
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::storage(e)
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(v)
+        .ok_or_else(|| Error::storage(format!("invalid timestamp {v} in the saga journal")))
+}
+
+fn opt_time(v: Option<i64>) -> Result<Option<DateTime<Utc>>> {
+    v.map(from_micros).transpose()
+}
+
+fn uuid_of(bytes: &[u8]) -> Result<Uuid> {
+    Uuid::from_slice(bytes)
+        .map_err(|e| Error::storage(format!("invalid id in the saga journal: {e}")))
+}
+
+fn json_of(text: &str) -> Result<Value> {
+    serde_json::from_str(text)
+        .map_err(|e| Error::storage(format!("invalid JSON in the saga journal: {e}")))
+}
+
+fn to_json(v: &Value) -> String {
+    // Serialising a `Value` cannot fail: its keys are strings.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+const INSTANCE_COLUMNS: &str = "id, saga_id, saga_version, status, input, idempotency_key, \
+     started_at, completed_at, error, compensation_requested, owner, lease_until, fencing";
+
+struct InstanceRow {
+    id: Vec<u8>,
+    saga_id: String,
+    saga_version: u32,
+    status: String,
+    input: String,
+    idempotency_key: Option<String>,
+    started_at: i64,
+    completed_at: Option<i64>,
+    error: Option<String>,
+    compensation_requested: Option<String>,
+    owner: Option<String>,
+    lease_until: Option<i64>,
+    fencing: i64,
+}
+
+fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
+    Ok(InstanceRow {
+        id: r.get(0)?,
+        saga_id: r.get(1)?,
+        saga_version: r.get(2)?,
+        status: r.get(3)?,
+        input: r.get(4)?,
+        idempotency_key: r.get(5)?,
+        started_at: r.get(6)?,
+        completed_at: r.get(7)?,
+        error: r.get(8)?,
+        compensation_requested: r.get(9)?,
+        owner: r.get(10)?,
+        lease_until: r.get(11)?,
+        fencing: r.get(12)?,
+    })
+}
+
+fn load_steps(conn: &Connection, id: &[u8]) -> Result<Vec<SagaStepExecution>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, step_id, status, attempts, compensation_attempts, idempotency_key, \
+             started_at, completed_at, result, error FROM saga_steps WHERE instance_id = ?1 \
+             ORDER BY idx",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, Option<String>>(9)?,
+            ))
+        })
+        .map_err(db_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (sid, step_id, status, attempts, comp, key, started, completed, result, error) =
+            row.map_err(db_err)?;
+        let mut s = SagaStepExecution::new(uuid_of(&sid)?, step_id, key);
+        s.status = SagaStepStatus::parse(&status).ok_or_else(|| {
+            Error::storage(format!(
+                "invalid step status \"{status}\" in the saga journal"
+            ))
+        })?;
+        s.attempts = attempts;
+        s.compensation_attempts = comp;
+        s.started_at = opt_time(started)?;
+        s.completed_at = opt_time(completed)?;
+        s.result = result.as_deref().map(json_of).transpose()?;
+        s.error = error;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn build(conn: &Connection, row: InstanceRow) -> Result<StoredSaga> {
+    let steps = load_steps(conn, &row.id)?;
+    let status = SagaStatus::parse(&row.status).ok_or_else(|| {
+        Error::storage(format!(
+            "invalid saga status \"{}\" in the journal",
+            row.status
+        ))
+    })?;
+    let mut instance = SagaInstance::new(
+        uuid_of(&row.id)?,
+        row.saga_id,
+        row.saga_version,
+        json_of(&row.input)?,
+        row.idempotency_key,
+        from_micros(row.started_at)?,
+        steps,
+    );
+    instance.status = status;
+    instance.completed_at = opt_time(row.completed_at)?;
+    instance.error = row.error;
+    instance.rebuild_context();
+    let mut stored = StoredSaga::new(instance, row.owner);
+    stored.lease_until = opt_time(row.lease_until)?;
+    stored.fencing = u64::try_from(row.fencing).unwrap_or(0);
+    stored.compensation_requested = row.compensation_requested;
+    Ok(stored)
+}
+
+fn load(conn: &Connection, id: Uuid) -> Result<Option<StoredSaga>> {
+    let row = conn
+        .prepare_cached(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM saga_instances WHERE id = ?1"
+        ))
+        .map_err(db_err)?
+        .query_row([id.as_bytes().as_slice()], instance_row)
+        .optional()
+        .map_err(db_err)?;
+    row.map(|r| build(conn, r)).transpose()
+}
+
+fn write_step(
+    conn: &Connection,
+    instance_id: &[u8],
+    idx: u32,
+    s: &SagaStepExecution,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO saga_steps (instance_id, idx, id, step_id, status, attempts, \
+         compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        instance_id,
+        idx,
+        s.id.as_bytes().as_slice(),
+        s.step_id,
+        s.status.as_str(),
+        s.attempts,
+        s.compensation_attempts,
+        s.idempotency_key,
+        s.started_at.map(micros),
+        s.completed_at.map(micros),
+        s.result.as_ref().map(to_json),
+        s.error,
+    ])
+    .map_err(db_err)?;
+    Ok(())
+}
+
+impl SqliteSagaStore {
+    /// Uses `db`, applying the saga migrations first.
+    pub async fn open(db: SqliteDb) -> Result<Self> {
+        db.migrate(SAGA_MIGRATIONS).await?;
+        Ok(Self { db })
+    }
+
+    /// The database (for its writer statistics).
+    pub fn db(&self) -> &SqliteDb {
+        &self.db
+    }
+}
+
+#[async_trait]
+impl SagaStore for SqliteSagaStore {
+    async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
+        let instance = instance.clone();
+        let owner = owner.to_owned();
+        self.db
+            .write(move |txn| {
+                if let Some(key) = &instance.idempotency_key {
+                    let existing: Option<Vec<u8>> = txn
+                        .prepare_cached(
+                            "SELECT id FROM saga_instances WHERE saga_id = ?1 AND idempotency_key = ?2",
+                        )
+                        .map_err(db_err)?
+                        .query_row(params![instance.saga_id, key], |r| r.get(0))
+                        .optional()
+                        .map_err(db_err)?;
+                    if let Some(id) = existing {
+                        let found = load(txn, uuid_of(&id)?)?.ok_or_else(|| {
+                            Error::storage("saga instance vanished during its idempotency check")
+                        })?;
+                        return Ok(CreateOutcome::Existing(found));
+                    }
+                }
+                let id = instance.id.as_bytes().as_slice();
+                txn.prepare_cached(
+                    "INSERT INTO saga_instances (id, saga_id, saga_version, status, input, \
+                     idempotency_key, started_at, completed_at, error, owner, fencing) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1)",
+                )
+                .map_err(db_err)?
+                .execute(params![
+                    id,
+                    instance.saga_id,
+                    instance.saga_version,
+                    instance.status.as_str(),
+                    to_json(&instance.input),
+                    instance.idempotency_key,
+                    micros(instance.started_at),
+                    instance.completed_at.map(micros),
+                    instance.error,
+                    owner,
+                ])
+                .map_err(db_err)?;
+                for (i, s) in instance.steps.iter().enumerate() {
+                    write_step(txn, id, i as u32, s)?;
+                }
+                Ok(CreateOutcome::Created(StoredSaga::new(instance, Some(owner))))
+            })
+            .await
+    }
+
+    async fn apply(&self, update: SagaUpdate) -> Result<()> {
+        self.db
+            .write(move |txn| {
+                let id = update.instance_id.as_bytes().as_slice();
+                let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
+                let n = txn
+                    .prepare_cached(
+                        "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 \
+                         WHERE id = ?1 AND fencing = ?5",
+                    )
+                    .map_err(db_err)?
+                    .execute(params![
+                        id,
+                        update.status.as_str(),
+                        update.error,
+                        update.completed_at.map(micros),
+                        fencing,
+                    ])
+                    .map_err(db_err)?;
+                if n == 0 {
+                    let actual: Option<i64> = txn
+                        .query_row(
+                            "SELECT fencing FROM saga_instances WHERE id = ?1",
+                            [id],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(db_err)?;
+                    return Err(match actual {
+                        None => Error::not_found("saga instance", update.instance_id),
+                        Some(actual) => Error::Conflict {
+                            kind: "saga instance",
+                            id: update.instance_id.to_string(),
+                            expected: update.fencing,
+                            actual: u64::try_from(actual).unwrap_or(0),
+                        },
+                    });
+                }
+                for (idx, s) in &update.steps {
+                    write_step(txn, id, *idx, s)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn request_compensation(
+        &self,
+        instance_id: Uuid,
+        reason: &str,
+    ) -> Result<Option<StoredSaga>> {
+        let reason = reason.to_owned();
+        self.db
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_instances SET compensation_requested = ?2 WHERE id = ?1 \
+                     AND status IN ('created', 'running') AND compensation_requested IS NULL",
+                    params![instance_id.as_bytes().as_slice(), reason],
+                )
+                .map_err(db_err)?;
+                load(txn, instance_id)
+            })
+            .await
+    }
+
+    async fn claim(
+        &self,
+        instance_id: Uuid,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Option<StoredSaga>> {
+        let owner = owner.to_owned();
+        self.db
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_instances SET owner = ?2, lease_until = ?3, fencing = fencing + 1 \
+                     WHERE id = ?1",
+                    params![
+                        instance_id.as_bytes().as_slice(),
+                        owner,
+                        lease_until.map(micros)
+                    ],
+                )
+                .map_err(db_err)?;
+                load(txn, instance_id)
+            })
+            .await
+    }
+
+    async fn claim_unfinished(
+        &self,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<StoredSaga>> {
+        let owner = owner.to_owned();
+        self.db
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_instances SET owner = ?1, lease_until = ?2, fencing = fencing + 1 \
+                     WHERE status IN ('created', 'running', 'compensating')",
+                    params![owner, lease_until.map(micros)],
+                )
+                .map_err(db_err)?;
+                let mut stmt = txn
+                    .prepare(&format!(
+                        "SELECT {INSTANCE_COLUMNS} FROM saga_instances \
+                         WHERE status IN ('created', 'running', 'compensating') \
+                         ORDER BY started_at, id"
+                    ))
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map([], instance_row)
+                    .map_err(db_err)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(db_err)?;
+                rows.into_iter().map(|r| build(txn, r)).collect()
+            })
+            .await
+    }
+
+    async fn get(&self, instance_id: Uuid) -> Result<Option<StoredSaga>> {
+        self.db.read(move |conn| load(conn, instance_id)).await
+    }
+
+    async fn list(&self, filter: &SagaFilter) -> Result<Page<SagaInstance>> {
+        let filter = filter.clone();
+        self.db
+            .read(move |conn| {
+                let mut clauses: Vec<String> = Vec::new();
+                let mut args: Vec<rusqlite::types::Value> = Vec::new();
+                if let Some(s) = &filter.saga_id {
+                    args.push(s.clone().into());
+                    clauses.push(format!("saga_id = ?{}", args.len()));
+                }
+                if !filter.status.is_empty() {
+                    let mut marks = Vec::new();
+                    for s in &filter.status {
+                        args.push(s.as_str().to_owned().into());
+                        marks.push(format!("?{}", args.len()));
+                    }
+                    clauses.push(format!("status IN ({})", marks.join(", ")));
+                }
+                if let Some(t) = filter.started_after {
+                    args.push(micros(t).into());
+                    clauses.push(format!("started_at >= ?{}", args.len()));
+                }
+                if let Some(t) = filter.started_before {
+                    args.push(micros(t).into());
+                    clauses.push(format!("started_at <= ?{}", args.len()));
+                }
+                let where_ = if clauses.is_empty() {
+                    String::new()
+                } else {
+                    format!("WHERE {}", clauses.join(" AND "))
+                };
+                let total: i64 = conn
+                    .query_row(
+                        &format!("SELECT COUNT(*) FROM saga_instances {where_}"),
+                        rusqlite::params_from_iter(args.iter()),
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                let total = u64::try_from(total).unwrap_or(0);
+                let limit = i64::try_from(filter.page.limit).unwrap_or(i64::MAX);
+                let offset = i64::try_from(filter.page.offset).unwrap_or(i64::MAX);
+                let mut stmt = conn
+                    .prepare(&format!(
+                        "SELECT {INSTANCE_COLUMNS} FROM saga_instances {where_} \
+                         ORDER BY started_at, id LIMIT {limit} OFFSET {offset}"
+                    ))
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(args.iter()), instance_row)
+                    .map_err(db_err)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(db_err)?;
+                let items = rows
+                    .into_iter()
+                    .map(|r| build(conn, r).map(|s| s.instance))
+                    .collect::<Result<Vec<_>>>()?;
+                let end = filter.page.offset.saturating_add(items.len() as u64);
+                let next = (end < total).then_some(end);
+                Ok(Page::new(items, total, next))
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteOptions;
+
+    fn instance(key: Option<&str>) -> SagaInstance {
+        let id = Uuid::now_v7();
+        let steps = (0..3)
+            .map(|i| SagaStepExecution::new(Uuid::now_v7(), format!("s{i}"), format!("{id}:s{i}")))
+            .collect();
+        SagaInstance::new(
+            id,
+            "order",
+            2,
+            serde_json::json!({"n": 1}),
+            key.map(str::to_owned),
+            Utc::now(),
+            steps,
+        )
+    }
+
+    #[tokio::test]
+    async fn journal_round_trips_and_fences_stale_writers() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let inst = instance(Some("k1"));
+        let CreateOutcome::Created(created) = store.create(&inst, "a").await.unwrap() else {
+            panic!("expected a new instance");
+        };
+        let again = store.create(&instance(Some("k1")), "a").await.unwrap();
+        assert_eq!(again, CreateOutcome::Existing(created.clone()));
+
+        let mut step = inst.steps[0].clone();
+        step.status = SagaStepStatus::Completed;
+        step.result = Some(serde_json::json!({"reserved": true}));
+        step.attempts = 2;
+        let mut up = SagaUpdate::new(inst.id, created.fencing, SagaStatus::Running);
+        up.steps.push((0, step));
+        store.apply(up.clone()).await.unwrap();
+        let got = store.get(inst.id).await.unwrap().unwrap();
+        assert_eq!(got.instance.status, SagaStatus::Running);
+        assert_eq!(got.instance.steps[0].attempts, 2);
+        assert_eq!(
+            got.instance.context,
+            serde_json::json!({"s0": {"reserved": true}})
+        );
+        assert_eq!(got.instance.saga_version, 2);
+
+        let claimed = store.claim_unfinished("b", None).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].fencing, created.fencing + 1);
+        assert_eq!(claimed[0].owner.as_deref(), Some("b"));
+        let err = store.apply(up).await.unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn list_filters_and_pages() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            store.create(&instance(None), "a").await.unwrap();
+        }
+        let page = store
+            .list(
+                &SagaFilter::all()
+                    .saga("order")
+                    .page(architectlm_core::extensions::Pagination::new(0, 2)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.total, 5);
+        assert_eq!(page.items.len(), 2);
+        assert_eq!(page.next_offset, Some(2));
+        let none = store
+            .list(&SagaFilter::all().status(SagaStatus::Completed))
+            .await
+            .unwrap();
+        assert_eq!(none.total, 0);
+    }
+}

@@ -6,7 +6,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -586,7 +585,7 @@ impl Coordinator {
             prep.def.version,
             input,
             key,
-            Utc::now(),
+            crate::now(),
             steps,
         )
     }

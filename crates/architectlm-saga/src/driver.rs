@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use chrono::Utc;
 use futures::future::{BoxFuture, join_all};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -91,7 +90,7 @@ impl Run {
         }
         let deadline = prep.timeout().map(|t| {
             // The deadline counts from the durable start time, so it survives restarts.
-            let elapsed = (Utc::now() - stored.instance.started_at)
+            let elapsed = (crate::now() - stored.instance.started_at)
                 .to_std()
                 .unwrap_or_default();
             Instant::now() + t.saturating_sub(elapsed)
@@ -169,7 +168,7 @@ impl Run {
             match self.forward().await? {
                 Forward::Done => {
                     self.inst.status = SagaStatus::Completed;
-                    self.inst.completed_at = Some(Utc::now());
+                    self.inst.completed_at = Some(crate::now());
                     let ctx = self.results();
                     self.event(
                         SagaEventType::SagaCompleted,
@@ -233,16 +232,23 @@ impl Run {
             if todo.is_empty() {
                 continue;
             }
-            if let Some(reason) = self.control.requested() {
-                return Ok(Forward::Unwind(format!("compensation requested: {reason}")));
-            }
-            if self.timed_out() {
-                return Ok(Forward::Unwind(self.timeout_reason()));
+            // A step that was running at a crash may have taken effect: it runs again (at
+            // least once) before any unwind, so that its result can be compensated.
+            let resuming = todo
+                .iter()
+                .any(|&i| self.inst.steps[i].status == SagaStepStatus::Running);
+            if !resuming {
+                if let Some(reason) = self.control.requested() {
+                    return Ok(Forward::Unwind(format!("compensation requested: {reason}")));
+                }
+                if self.timed_out() {
+                    return Ok(Forward::Unwind(self.timeout_reason()));
+                }
             }
             if self.stopping() {
                 return Ok(Forward::Stopped);
             }
-            let now = Utc::now();
+            let now = crate::now();
             for &i in &todo {
                 let s = &mut self.inst.steps[i];
                 s.status = SagaStepStatus::Running;
@@ -265,7 +271,7 @@ impl Run {
                 // The steps stay `running` in the journal; recovery runs them again.
                 return Ok(Forward::Stopped);
             }
-            let now = Utc::now();
+            let now = crate::now();
             let mut failure = None;
             for (i, o) in outcomes {
                 let s = &mut self.inst.steps[i];
@@ -347,7 +353,7 @@ impl Run {
             if outcomes.iter().any(|(_, o)| matches!(o, Exec::Stopped)) {
                 return Ok(Ended::Stopped);
             }
-            let now = Utc::now();
+            let now = crate::now();
             let mut failure = None;
             for (i, o) in outcomes {
                 let s = &mut self.inst.steps[i];
@@ -390,7 +396,7 @@ impl Run {
                 let cause = self.inst.error.take().unwrap_or_default();
                 self.inst.status = SagaStatus::CompensationFailed;
                 self.inst.error = Some(format!("{f} (unwinding because {cause})"));
-                self.inst.completed_at = Some(Utc::now());
+                self.inst.completed_at = Some(crate::now());
                 let error = self.inst.error.clone();
                 self.event(
                     SagaEventType::SagaFailed,
@@ -418,7 +424,7 @@ impl Run {
         } else {
             SagaStatus::Compensated
         };
-        self.inst.completed_at = Some(Utc::now());
+        self.inst.completed_at = Some(crate::now());
         let (status, error) = (self.inst.status, self.inst.error.clone());
         self.event(
             SagaEventType::SagaFailed,

@@ -1,6 +1,7 @@
 //! Crash test: a child process runs many sagas on a SQLite file and is killed with SIGKILL in
 //! the middle; a restart on the same file must finish every saga, and the ledger the steps
 //! write must show no step completed twice except the ones running at the kill.
+#![cfg(feature = "sqlite")]
 
 mod support;
 
@@ -146,7 +147,13 @@ async fn sigkill_mid_run_loses_nothing_and_repeats_only_running_steps() {
     std::fs::create_dir_all(&dir).unwrap();
     let ledger_path = dir.join("ledger.txt");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "crash_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -158,7 +165,10 @@ async fn sigkill_mid_run_loses_nothing_and_repeats_only_running_steps() {
         if ledger_lines(&ledger_path).len() >= 1500 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the child exited on its own");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child exited on its own"
+        );
         assert!(Instant::now() < deadline, "the child made no progress");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -189,7 +199,10 @@ async fn sigkill_mid_run_loses_nothing_and_repeats_only_running_steps() {
             }
         }
     }
-    assert!(unfinished_at_kill > 0, "the kill should interrupt running sagas");
+    assert!(
+        unfinished_at_kill > 0,
+        "the kill should interrupt running sagas"
+    );
 
     // Restart on the same file: recovery carries every saga on.
     let ledger = Ledger::open(&ledger_path);
@@ -208,7 +221,11 @@ async fn sigkill_mid_run_loses_nothing_and_repeats_only_running_steps() {
         if open.total == 0 && sagas.active() == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{} sagas never finished", open.total);
+        assert!(
+            Instant::now() < deadline,
+            "{} sagas never finished",
+            open.total
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     rt.shutdown(Duration::from_secs(5)).await;
@@ -221,8 +238,16 @@ async fn sigkill_mid_run_loses_nothing_and_repeats_only_running_steps() {
     }
     for i in &after {
         let fail = i.input["fail"] == json!(true);
-        let expected = if fail { SagaStatus::Compensated } else { SagaStatus::Completed };
-        assert_eq!(i.status, expected, "saga {} ({:?}) ended {:?}", i.id, i.input, i.status);
+        let expected = if fail {
+            SagaStatus::Compensated
+        } else {
+            SagaStatus::Completed
+        };
+        assert_eq!(
+            i.status, expected,
+            "saga {} ({:?}) ended {:?}",
+            i.id, i.input, i.status
+        );
         let keys: Vec<String> = if fail {
             vec![
                 i.steps[0].idempotency_key.clone(),
@@ -234,7 +259,10 @@ async fn sigkill_mid_run_loses_nothing_and_repeats_only_running_steps() {
             i.steps.iter().map(|s| s.idempotency_key.clone()).collect()
         };
         for k in keys {
-            assert!(counts.contains_key(&k), "completed step {k} left no ledger line");
+            assert!(
+                counts.contains_key(&k),
+                "completed step {k} left no ledger line"
+            );
         }
         if fail {
             assert!(!counts.contains_key(&i.steps[3].idempotency_key));

@@ -11,9 +11,12 @@ use architectlm_saga::Coordinator;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-/// What the tasks of a test did, in order: `(task id, input, idempotency key)`.
+/// One call: `(task id, input, idempotency key)`.
+pub type Call = (String, Value, Option<String>);
+
+/// What the tasks of a test did, in order.
 #[derive(Debug, Default, Clone)]
-pub struct Log(pub Arc<Mutex<Vec<(String, Value, Option<String>)>>>);
+pub struct Log(pub Arc<Mutex<Vec<Call>>>);
 
 impl Log {
     pub fn push(&self, task: &str, input: &Value, key: Option<&str>) {

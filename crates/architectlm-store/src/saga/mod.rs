@@ -12,7 +12,7 @@
 //! Every instance records the node that owns it (`owner`), until when that ownership holds
 //! (`lease_until`, `None` meaning "until the owner gives it up") and a fencing token (`fencing`)
 //! that grows by one each time the instance is claimed. Every [`SagaUpdate`] carries the fencing
-//! token its writer holds, and the store refuses it with [`Error::Conflict`] when the token is
+//! token its writer holds, and the store refuses it with [`Error::Conflict`](crate::Error::Conflict) when the token is
 //! stale. With one node (SQLite, memory) a claim always succeeds and the token only guards
 //! against a forgotten driver of the same process; a backend shared by several nodes (such as
 //! PostgreSQL) grants a claim only when the instance is unowned, owned by the claimant, or its

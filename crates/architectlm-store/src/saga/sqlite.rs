@@ -65,7 +65,12 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
     ",
 }];
 
-/// A [`SagaStore`] on an embedded SQLite database (see the [module docs](self)).
+/// A [`SagaStore`] on an embedded SQLite database.
+///
+/// Two tables: `saga_instances` (one row per instance, with `owner`, `lease_until` and
+/// `fencing`) and `saga_steps` (one row per step, keyed by instance and position). Each journal
+/// entry is one closure on the database's writer thread, so entries of concurrent sagas share
+/// commits; reads use the reader pool. The schema is versioned ([`SAGA_MIGRATIONS`]).
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -535,7 +540,7 @@ mod tests {
             2,
             serde_json::json!({"n": 1}),
             key.map(str::to_owned),
-            Utc::now(),
+            DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap(),
             steps,
         )
     }

@@ -33,9 +33,27 @@ pub const SOURCE: &str = "saga-coordinator";
 #[derive(Debug, Default)]
 pub(crate) struct Control {
     requested: Mutex<Option<String>>,
+    finished: std::sync::atomic::AtomicBool,
+    done: tokio::sync::Notify,
 }
 
 impl Control {
+    fn finish(&self) {
+        self.finished
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.done.notify_waiters();
+    }
+
+    async fn finished(&self) {
+        loop {
+            let wake = self.done.notified();
+            if self.finished.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            wake.await;
+        }
+    }
+
     pub(crate) fn request(&self, reason: String) {
         self.requested.lock().get_or_insert(reason);
     }
@@ -391,6 +409,10 @@ impl Coordinator {
                 if inst.instance.status.is_terminal() && !self.is_active(instance_id) {
                     return Ok(inst.instance);
                 }
+                if self.is_active(instance_id) {
+                    self.settled(instance_id).await;
+                    continue;
+                }
                 // Wake on this instance's next event; poll now and then in case it was missed.
                 let next = async {
                     while let Some(e) = sub.recv().await {
@@ -514,8 +536,20 @@ impl Coordinator {
                     );
                 }
             }
-            inner.active.lock().remove(&id);
+            if let Some(c) = inner.active.lock().remove(&id) {
+                c.finish();
+            }
         });
+    }
+
+    /// Waits until this node no longer drives the instance: it reached a terminal status, or
+    /// was stopped by shutdown. Returns at once if this node does not drive it. Cheaper than
+    /// [`wait_for`](Self::wait_for) (no read of the journal).
+    pub async fn settled(&self, instance_id: Uuid) {
+        let control = self.inner.active.lock().get(&instance_id).cloned();
+        if let Some(c) = control {
+            c.finished().await;
+        }
     }
 
     /// Claims an instance and drives it from `status` (used to unwind a completed saga and to
@@ -564,7 +598,9 @@ impl Coordinator {
             Ok::<_, Error>(stored)
         }
         .await;
-        self.inner.active.lock().remove(&id);
+        if let Some(c) = self.inner.active.lock().remove(&id) {
+            c.finish();
+        }
         let stored = result?;
         let instance = stored.instance.clone();
         self.spawn(runtime, prep, stored);

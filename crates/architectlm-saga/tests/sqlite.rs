@@ -265,11 +265,16 @@ async fn concurrent_sagas_share_journal_commits() {
     }
     let commits = store.db().stats().commits.load(Ordering::Relaxed) - c0;
     let writes = store.db().stats().writes.load(Ordering::Relaxed) - w0;
-    // One create and six journal entries per saga (five starts, the last carrying the end).
-    assert_eq!(writes, 200 * 7);
+    // One create and six journal entries per saga (five starts, the last carrying the end):
+    // 1,400 entries shared far fewer write closures and commits.
+    let entries = 200 * 7;
     assert!(
-        commits < writes,
-        "{commits} commits for {writes} journal writes"
+        writes < entries,
+        "{writes} write closures for {entries} journal entries"
+    );
+    assert!(
+        commits <= writes,
+        "{commits} commits for {writes} write closures"
     );
     assert_eq!(log.tasks().len(), 1000);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());

@@ -2,14 +2,19 @@
 //!
 //! Two tables: `saga_instances` (one row per instance, with `owner`, `lease_until` and
 //! `fencing` for shared backends) and `saga_steps` (one row per step of an instance, keyed by
-//! instance and position). Every [`SagaStore::apply`] is one closure on the database's writer
-//! thread, so journal entries of concurrent sagas share commits. Times are stored as
+//! instance and position). Journal writes (creates and updates) queue up and a flusher
+//! applies everything queued in one closure on the database's writer thread, so journal
+//! entries of concurrent sagas share one savepoint and one commit. Times are stored as
 //! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use architectlm_core::extensions::Page;
@@ -83,9 +88,18 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
 /// # Ok::<_, architectlm_core::Error>(())
 /// # }).unwrap();
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SqliteSagaStore {
     db: SqliteDb,
+    queue: Arc<Mutex<Queue>>,
+}
+
+impl std::fmt::Debug for SqliteSagaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteSagaStore")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
@@ -242,7 +256,7 @@ fn load(conn: &Connection, id: Uuid) -> Result<Option<StoredSaga>> {
     row.map(|r| build(conn, r)).transpose()
 }
 
-fn write_step(
+fn insert_step(
     conn: &Connection,
     instance_id: &[u8],
     idx: u32,
@@ -272,11 +286,224 @@ fn write_step(
     Ok(())
 }
 
+/// Updates the mutable columns of a step row (the row exists from the instance's creation).
+fn update_step(
+    conn: &Connection,
+    instance_id: &[u8],
+    idx: u32,
+    s: &SagaStepExecution,
+) -> Result<()> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE saga_steps SET status = ?3, attempts = ?4, compensation_attempts = ?5, \
+             started_at = ?6, completed_at = ?7, result = ?8, error = ?9 \
+             WHERE instance_id = ?1 AND idx = ?2",
+        )
+        .map_err(db_err)?
+        .execute(params![
+            instance_id,
+            idx,
+            s.status.as_str(),
+            s.attempts,
+            s.compensation_attempts,
+            s.started_at.map(micros),
+            s.completed_at.map(micros),
+            s.result.as_ref().map(to_json),
+            s.error,
+        ])
+        .map_err(db_err)?;
+    if n == 0 {
+        insert_step(conn, instance_id, idx, s)?;
+    }
+    Ok(())
+}
+
+/// A journal write waiting for the next batch.
+enum Op {
+    Create(SagaInstance, String),
+    Apply(SagaUpdate),
+}
+
+enum OpOut {
+    Created(Box<CreateOutcome>),
+    Applied,
+}
+
+type Reply = oneshot::Sender<Result<OpOut>>;
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<(Op, Reply)>,
+    flushing: bool,
+}
+
+/// Most journal writes one batch takes.
+const MAX_BATCH: usize = 2048;
+
+fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<CreateOutcome> {
+    if let Some(key) = &instance.idempotency_key {
+        let existing: Option<Vec<u8>> = txn
+            .prepare_cached(
+                "SELECT id FROM saga_instances WHERE saga_id = ?1 AND idempotency_key = ?2",
+            )
+            .map_err(db_err)?
+            .query_row(params![instance.saga_id, key], |r| r.get(0))
+            .optional()
+            .map_err(db_err)?;
+        if let Some(id) = existing {
+            let found = load(txn, uuid_of(&id)?)?.ok_or_else(|| {
+                Error::storage("saga instance vanished during its idempotency check")
+            })?;
+            return Ok(CreateOutcome::Existing(found));
+        }
+    }
+    let id = instance.id.as_bytes().as_slice();
+    txn.prepare_cached(
+        "INSERT INTO saga_instances (id, saga_id, saga_version, status, input, \
+         idempotency_key, started_at, completed_at, error, owner, fencing) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1)",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        id,
+        instance.saga_id,
+        instance.saga_version,
+        instance.status.as_str(),
+        to_json(&instance.input),
+        instance.idempotency_key,
+        micros(instance.started_at),
+        instance.completed_at.map(micros),
+        instance.error,
+        owner,
+    ])
+    .map_err(db_err)?;
+    for (i, s) in instance.steps.iter().enumerate() {
+        insert_step(txn, id, i as u32, s)?;
+    }
+    Ok(CreateOutcome::Created(StoredSaga::new(
+        instance,
+        Some(owner),
+    )))
+}
+
+/// Applies an update, or refuses it (`Conflict`, `NotFound`) before changing anything.
+fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
+    let id = update.instance_id.as_bytes().as_slice();
+    let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
+    let n = txn
+        .prepare_cached(
+            "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 \
+             WHERE id = ?1 AND fencing = ?5",
+        )
+        .map_err(db_err)?
+        .execute(params![
+            id,
+            update.status.as_str(),
+            update.error,
+            update.completed_at.map(micros),
+            fencing,
+        ])
+        .map_err(db_err)?;
+    if n == 0 {
+        let actual: Option<i64> = txn
+            .query_row(
+                "SELECT fencing FROM saga_instances WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        return Err(match actual {
+            None => Error::not_found("saga instance", update.instance_id),
+            Some(actual) => Error::Conflict {
+                kind: "saga instance",
+                id: update.instance_id.to_string(),
+                expected: update.fencing,
+                actual: u64::try_from(actual).unwrap_or(0),
+            },
+        });
+    }
+    for (idx, s) in &update.steps {
+        update_step(txn, id, *idx, s)?;
+    }
+    Ok(())
+}
+
+/// Runs one batch in one write closure. A refusal (`Conflict`, `NotFound`) answers its own
+/// caller; any other error aborts the whole closure, so no write is half applied.
+fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<Vec<Result<OpOut>>> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let r = match op {
+            Op::Create(instance, owner) => {
+                create_in(txn, instance, owner).map(|c| OpOut::Created(Box::new(c)))
+            }
+            Op::Apply(update) => apply_in(txn, &update).map(|()| OpOut::Applied),
+        };
+        match r {
+            Err(e @ (Error::Conflict { .. } | Error::NotFound { .. })) => out.push(Err(e)),
+            Err(e) => return Err(e),
+            Ok(v) => out.push(Ok(v)),
+        }
+    }
+    Ok(out)
+}
+
+async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>) {
+    loop {
+        let batch = {
+            let mut q = queue.lock();
+            if q.ops.is_empty() {
+                q.flushing = false;
+                return;
+            }
+            let take = q.ops.len().min(MAX_BATCH);
+            q.ops.drain(..take).collect::<Vec<_>>()
+        };
+        let (ops, replies): (Vec<Op>, Vec<Reply>) = batch.into_iter().unzip();
+        match db.write(move |txn| run_batch(txn, ops)).await {
+            Ok(results) => {
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(Error::storage(format!(
+                        "saga journal write failed: {msg}"
+                    ))));
+                }
+            }
+        }
+    }
+}
+
 impl SqliteSagaStore {
     /// Uses `db`, applying the saga migrations first.
     pub async fn open(db: SqliteDb) -> Result<Self> {
         db.migrate(SAGA_MIGRATIONS).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            queue: Arc::new(Mutex::new(Queue::default())),
+        })
+    }
+
+    /// Queues a journal write; the first writer of an idle queue starts the flusher, which
+    /// takes everything queued into one write closure (one savepoint), commits, answers, and
+    /// goes on while writes keep arriving.
+    async fn submit(&self, op: Op) -> Result<OpOut> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut q = self.queue.lock();
+            q.ops.push((op, tx));
+            !std::mem::replace(&mut q.flushing, true)
+        };
+        if start {
+            tokio::spawn(flush(self.db.clone(), self.queue.clone()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Error::storage("the saga journal flusher stopped")))
     }
 
     /// The database (for its writer statistics).
@@ -288,98 +515,19 @@ impl SqliteSagaStore {
 #[async_trait]
 impl SagaStore for SqliteSagaStore {
     async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
-        let instance = instance.clone();
-        let owner = owner.to_owned();
-        self.db
-            .write(move |txn| {
-                if let Some(key) = &instance.idempotency_key {
-                    let existing: Option<Vec<u8>> = txn
-                        .prepare_cached(
-                            "SELECT id FROM saga_instances WHERE saga_id = ?1 AND idempotency_key = ?2",
-                        )
-                        .map_err(db_err)?
-                        .query_row(params![instance.saga_id, key], |r| r.get(0))
-                        .optional()
-                        .map_err(db_err)?;
-                    if let Some(id) = existing {
-                        let found = load(txn, uuid_of(&id)?)?.ok_or_else(|| {
-                            Error::storage("saga instance vanished during its idempotency check")
-                        })?;
-                        return Ok(CreateOutcome::Existing(found));
-                    }
-                }
-                let id = instance.id.as_bytes().as_slice();
-                txn.prepare_cached(
-                    "INSERT INTO saga_instances (id, saga_id, saga_version, status, input, \
-                     idempotency_key, started_at, completed_at, error, owner, fencing) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1)",
-                )
-                .map_err(db_err)?
-                .execute(params![
-                    id,
-                    instance.saga_id,
-                    instance.saga_version,
-                    instance.status.as_str(),
-                    to_json(&instance.input),
-                    instance.idempotency_key,
-                    micros(instance.started_at),
-                    instance.completed_at.map(micros),
-                    instance.error,
-                    owner,
-                ])
-                .map_err(db_err)?;
-                for (i, s) in instance.steps.iter().enumerate() {
-                    write_step(txn, id, i as u32, s)?;
-                }
-                Ok(CreateOutcome::Created(StoredSaga::new(instance, Some(owner))))
-            })
-            .await
+        match self
+            .submit(Op::Create(instance.clone(), owner.to_owned()))
+            .await?
+        {
+            OpOut::Created(c) => Ok(*c),
+            OpOut::Applied => Err(Error::storage(
+                "the saga journal answered a create with an update",
+            )),
+        }
     }
 
     async fn apply(&self, update: SagaUpdate) -> Result<()> {
-        self.db
-            .write(move |txn| {
-                let id = update.instance_id.as_bytes().as_slice();
-                let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
-                let n = txn
-                    .prepare_cached(
-                        "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 \
-                         WHERE id = ?1 AND fencing = ?5",
-                    )
-                    .map_err(db_err)?
-                    .execute(params![
-                        id,
-                        update.status.as_str(),
-                        update.error,
-                        update.completed_at.map(micros),
-                        fencing,
-                    ])
-                    .map_err(db_err)?;
-                if n == 0 {
-                    let actual: Option<i64> = txn
-                        .query_row(
-                            "SELECT fencing FROM saga_instances WHERE id = ?1",
-                            [id],
-                            |r| r.get(0),
-                        )
-                        .optional()
-                        .map_err(db_err)?;
-                    return Err(match actual {
-                        None => Error::not_found("saga instance", update.instance_id),
-                        Some(actual) => Error::Conflict {
-                            kind: "saga instance",
-                            id: update.instance_id.to_string(),
-                            expected: update.fencing,
-                            actual: u64::try_from(actual).unwrap_or(0),
-                        },
-                    });
-                }
-                for (idx, s) in &update.steps {
-                    write_step(txn, id, *idx, s)?;
-                }
-                Ok(())
-            })
-            .await
+        self.submit(Op::Apply(update)).await.map(|_| ())
     }
 
     async fn request_compensation(

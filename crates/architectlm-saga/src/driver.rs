@@ -75,6 +75,8 @@ pub(crate) struct Run {
     events: Vec<SagaEvent>,
     deadline: Option<Instant>,
     listening: bool,
+    /// Results of the completed steps by step id, kept as they complete (the steps' input).
+    results: serde_json::Map<String, Value>,
 }
 
 impl Run {
@@ -106,7 +108,20 @@ impl Run {
             events: Vec::new(),
             deadline,
             listening: false,
+            results: serde_json::Map::new(),
         }
+        .with_results()
+    }
+
+    fn with_results(mut self) -> Self {
+        for s in &self.inst.steps {
+            if s.status == SagaStepStatus::Completed {
+                if let Some(r) = &s.result {
+                    self.results.insert(s.step_id.clone(), r.clone());
+                }
+            }
+        }
+        self
     }
 
     fn event(&mut self, t: SagaEventType, step: Option<usize>, payload: impl FnOnce() -> Value) {
@@ -199,15 +214,7 @@ impl Run {
     }
 
     fn results(&self) -> Value {
-        let mut map = serde_json::Map::new();
-        for s in &self.inst.steps {
-            if s.status == SagaStepStatus::Completed {
-                if let Some(r) = &s.result {
-                    map.insert(s.step_id.clone(), r.clone());
-                }
-            }
-        }
-        Value::Object(map)
+        Value::Object(self.results.clone())
     }
 
     fn timed_out(&self) -> bool {
@@ -280,6 +287,7 @@ impl Run {
                         s.status = SagaStepStatus::Completed;
                         s.attempts += n;
                         s.completed_at = Some(now);
+                        self.results.insert(s.step_id.clone(), v.clone());
                         s.result = Some(v);
                         let attempts = s.attempts;
                         self.touch(i);
@@ -480,6 +488,13 @@ impl Run {
             );
             async move { (i, fut.await) }
         });
+        let mut execs: Vec<_> = execs.collect();
+        if execs.len() == 1 && token.is_none() {
+            // The common case: one step, no deadline; no join machinery.
+            if let Some(only) = execs.pop() {
+                return (vec![only.await], false);
+            }
+        }
         let all = join_all(execs);
         match (self.deadline, &token) {
             (Some(deadline), Some(token)) => {

@@ -1,8 +1,8 @@
 //! The saga journal on the embedded SQLite database.
 //!
-//! Two tables: `saga_instances` (one row per instance, with `owner`, `lease_until` and
-//! `fencing` for shared backends) and `saga_steps` (one row per step of an instance, keyed by
-//! instance and position). Journal writes (creates and updates) queue up and a flusher
+//! One table, `saga_instances`: one row per instance, with `owner`, `lease_until` and
+//! `fencing` for shared backends, and the step records as a JSON array patched in place by each
+//! journal entry (one statement per entry). Journal writes (creates and updates) queue up and a flusher
 //! applies everything queued in one closure on the database's writer thread, so journal
 //! entries of concurrent sagas share one savepoint and one commit. Times are stored as
 //! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
@@ -18,9 +18,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use architectlm_core::extensions::Page;
-use architectlm_core::extensions::saga::{
-    SagaFilter, SagaInstance, SagaStatus, SagaStepExecution, SagaStepStatus,
-};
+use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, SagaStepExecution};
 
 use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
 use crate::sqlite::{Migration, SqliteDb};
@@ -30,10 +28,10 @@ use crate::{Error, Result};
 pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
     component: "saga",
     version: 1,
-    description: "saga instances and step journal",
+    description: "saga instances with their step journal",
     sql: "
         CREATE TABLE saga_instances (
-            id BLOB PRIMARY KEY,
+            id BLOB NOT NULL UNIQUE,
             saga_id TEXT NOT NULL,
             saga_version INTEGER NOT NULL,
             status TEXT NOT NULL,
@@ -45,37 +43,24 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
             compensation_requested TEXT,
             owner TEXT,
             lease_until INTEGER,
-            fencing INTEGER NOT NULL DEFAULT 1
-        ) WITHOUT ROWID;
+            fencing INTEGER NOT NULL DEFAULT 1,
+            steps TEXT NOT NULL
+        );
         CREATE UNIQUE INDEX saga_instances_key
             ON saga_instances (saga_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
         CREATE INDEX saga_instances_started ON saga_instances (started_at);
         CREATE INDEX saga_instances_unfinished ON saga_instances (status)
             WHERE status IN ('created', 'running', 'compensating');
-        CREATE TABLE saga_steps (
-            instance_id BLOB NOT NULL,
-            idx INTEGER NOT NULL,
-            id BLOB NOT NULL,
-            step_id TEXT NOT NULL,
-            status TEXT NOT NULL,
-            attempts INTEGER NOT NULL,
-            compensation_attempts INTEGER NOT NULL,
-            idempotency_key TEXT NOT NULL,
-            started_at INTEGER,
-            completed_at INTEGER,
-            result TEXT,
-            error TEXT,
-            PRIMARY KEY (instance_id, idx)
-        ) WITHOUT ROWID;
     ",
 }];
 
 /// A [`SagaStore`] on an embedded SQLite database.
 ///
-/// Two tables: `saga_instances` (one row per instance, with `owner`, `lease_until` and
-/// `fencing`) and `saga_steps` (one row per step, keyed by instance and position). Each journal
-/// entry is one closure on the database's writer thread, so entries of concurrent sagas share
-/// commits; reads use the reader pool. The schema is versioned ([`SAGA_MIGRATIONS`]).
+/// One table, `saga_instances`: one row per instance, with `owner`, `lease_until` and `fencing`
+/// for shared backends, and the step records as a JSON array that journal entries patch in
+/// place (`json_set`), so an entry is one statement. Journal writes of concurrent sagas queue
+/// up and share one write closure and one commit; reads use the reader pool. The schema is
+/// versioned ([`SAGA_MIGRATIONS`]).
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -135,7 +120,7 @@ fn to_json(v: &Value) -> String {
 }
 
 const INSTANCE_COLUMNS: &str = "id, saga_id, saga_version, status, input, idempotency_key, \
-     started_at, completed_at, error, compensation_requested, owner, lease_until, fencing";
+     started_at, completed_at, error, compensation_requested, owner, lease_until, fencing, steps";
 
 struct InstanceRow {
     id: Vec<u8>,
@@ -151,6 +136,7 @@ struct InstanceRow {
     owner: Option<String>,
     lease_until: Option<i64>,
     fencing: i64,
+    steps: String,
 }
 
 fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
@@ -168,56 +154,13 @@ fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
         owner: r.get(10)?,
         lease_until: r.get(11)?,
         fencing: r.get(12)?,
+        steps: r.get(13)?,
     })
 }
 
-fn load_steps(conn: &Connection, id: &[u8]) -> Result<Vec<SagaStepExecution>> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT id, step_id, status, attempts, compensation_attempts, idempotency_key, \
-             started_at, completed_at, result, error FROM saga_steps WHERE instance_id = ?1 \
-             ORDER BY idx",
-        )
-        .map_err(db_err)?;
-    let rows = stmt
-        .query_map([id], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, u32>(3)?,
-                r.get::<_, u32>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<i64>>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-                r.get::<_, Option<String>>(8)?,
-                r.get::<_, Option<String>>(9)?,
-            ))
-        })
-        .map_err(db_err)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (sid, step_id, status, attempts, comp, key, started, completed, result, error) =
-            row.map_err(db_err)?;
-        let mut s = SagaStepExecution::new(uuid_of(&sid)?, step_id, key);
-        s.status = SagaStepStatus::parse(&status).ok_or_else(|| {
-            Error::storage(format!(
-                "invalid step status \"{status}\" in the saga journal"
-            ))
-        })?;
-        s.attempts = attempts;
-        s.compensation_attempts = comp;
-        s.started_at = opt_time(started)?;
-        s.completed_at = opt_time(completed)?;
-        s.result = result.as_deref().map(json_of).transpose()?;
-        s.error = error;
-        out.push(s);
-    }
-    Ok(out)
-}
-
-fn build(conn: &Connection, row: InstanceRow) -> Result<StoredSaga> {
-    let steps = load_steps(conn, &row.id)?;
+fn build(row: InstanceRow) -> Result<StoredSaga> {
+    let steps: Vec<SagaStepExecution> = serde_json::from_str(&row.steps)
+        .map_err(|e| Error::storage(format!("invalid step records in the saga journal: {e}")))?;
     let status = SagaStatus::parse(&row.status).ok_or_else(|| {
         Error::storage(format!(
             "invalid saga status \"{}\" in the journal",
@@ -253,69 +196,25 @@ fn load(conn: &Connection, id: Uuid) -> Result<Option<StoredSaga>> {
         .query_row([id.as_bytes().as_slice()], instance_row)
         .optional()
         .map_err(db_err)?;
-    row.map(|r| build(conn, r)).transpose()
+    row.map(build).transpose()
 }
 
-fn insert_step(
-    conn: &Connection,
-    instance_id: &[u8],
-    idx: u32,
-    s: &SagaStepExecution,
-) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO saga_steps (instance_id, idx, id, step_id, status, attempts, \
-         compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        instance_id,
-        idx,
-        s.id.as_bytes().as_slice(),
-        s.step_id,
-        s.status.as_str(),
-        s.attempts,
-        s.compensation_attempts,
-        s.idempotency_key,
-        s.started_at.map(micros),
-        s.completed_at.map(micros),
-        s.result.as_ref().map(to_json),
-        s.error,
-    ])
-    .map_err(db_err)?;
-    Ok(())
+fn step_json(s: &SagaStepExecution) -> Result<String> {
+    serde_json::to_string(s)
+        .map_err(|e| Error::storage(format!("cannot serialise step \"{}\": {e}", s.step_id)))
 }
 
-/// Updates the mutable columns of a step row (the row exists from the instance's creation).
-fn update_step(
-    conn: &Connection,
-    instance_id: &[u8],
-    idx: u32,
-    s: &SagaStepExecution,
-) -> Result<()> {
-    let n = conn
-        .prepare_cached(
-            "UPDATE saga_steps SET status = ?3, attempts = ?4, compensation_attempts = ?5, \
-             started_at = ?6, completed_at = ?7, result = ?8, error = ?9 \
-             WHERE instance_id = ?1 AND idx = ?2",
-        )
-        .map_err(db_err)?
-        .execute(params![
-            instance_id,
-            idx,
-            s.status.as_str(),
-            s.attempts,
-            s.compensation_attempts,
-            s.started_at.map(micros),
-            s.completed_at.map(micros),
-            s.result.as_ref().map(to_json),
-            s.error,
-        ])
-        .map_err(db_err)?;
-    if n == 0 {
-        insert_step(conn, instance_id, idx, s)?;
+/// `UPDATE` of an instance patching `n` step records in place.
+fn update_sql(n: usize) -> String {
+    let mut steps = String::from("steps");
+    for i in 0..n {
+        let (path, value) = (6 + 2 * i, 7 + 2 * i);
+        steps = format!("json_set({steps}, ?{path}, json(?{value}))");
     }
-    Ok(())
+    format!(
+        "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4, steps = {steps} \
+         WHERE id = ?1 AND fencing = ?5"
+    )
 }
 
 /// A journal write waiting for the next batch.
@@ -360,8 +259,8 @@ fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<
     let id = instance.id.as_bytes().as_slice();
     txn.prepare_cached(
         "INSERT INTO saga_instances (id, saga_id, saga_version, status, input, \
-         idempotency_key, started_at, completed_at, error, owner, fencing) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1)",
+         idempotency_key, started_at, completed_at, error, owner, fencing, steps) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11)",
     )
     .map_err(db_err)?
     .execute(params![
@@ -375,11 +274,10 @@ fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<
         instance.completed_at.map(micros),
         instance.error,
         owner,
+        serde_json::to_string(&instance.steps)
+            .map_err(|e| Error::storage(format!("cannot serialise step records: {e}")))?,
     ])
     .map_err(db_err)?;
-    for (i, s) in instance.steps.iter().enumerate() {
-        insert_step(txn, id, i as u32, s)?;
-    }
     Ok(CreateOutcome::Created(StoredSaga::new(
         instance,
         Some(owner),
@@ -390,19 +288,20 @@ fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<
 fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
     let id = update.instance_id.as_bytes().as_slice();
     let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
+    let mut args: Vec<rusqlite::types::Value> = Vec::with_capacity(5 + 2 * update.steps.len());
+    args.push(id.to_vec().into());
+    args.push(update.status.as_str().to_owned().into());
+    args.push(update.error.clone().into());
+    args.push(update.completed_at.map(micros).into());
+    args.push(fencing.into());
+    for (idx, s) in &update.steps {
+        args.push(format!("$[{idx}]").into());
+        args.push(step_json(s)?.into());
+    }
     let n = txn
-        .prepare_cached(
-            "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 \
-             WHERE id = ?1 AND fencing = ?5",
-        )
+        .prepare_cached(&update_sql(update.steps.len()))
         .map_err(db_err)?
-        .execute(params![
-            id,
-            update.status.as_str(),
-            update.error,
-            update.completed_at.map(micros),
-            fencing,
-        ])
+        .execute(rusqlite::params_from_iter(args))
         .map_err(db_err)?;
     if n == 0 {
         let actual: Option<i64> = txn
@@ -422,9 +321,6 @@ fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
                 actual: u64::try_from(actual).unwrap_or(0),
             },
         });
-    }
-    for (idx, s) in &update.steps {
-        update_step(txn, id, *idx, s)?;
     }
     Ok(())
 }
@@ -599,7 +495,7 @@ impl SagaStore for SqliteSagaStore {
                     .map_err(db_err)?
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db_err)?;
-                rows.into_iter().map(|r| build(txn, r)).collect()
+                rows.into_iter().map(build).collect()
             })
             .await
     }
@@ -662,7 +558,7 @@ impl SagaStore for SqliteSagaStore {
                     .map_err(db_err)?;
                 let items = rows
                     .into_iter()
-                    .map(|r| build(conn, r).map(|s| s.instance))
+                    .map(|r| build(r).map(|s| s.instance))
                     .collect::<Result<Vec<_>>>()?;
                 let end = filter.page.offset.saturating_add(items.len() as u64);
                 let next = (end < total).then_some(end);
@@ -676,6 +572,7 @@ impl SagaStore for SqliteSagaStore {
 mod tests {
     use super::*;
     use crate::sqlite::SqliteOptions;
+    use architectlm_core::extensions::saga::SagaStepStatus;
 
     fn instance(key: Option<&str>) -> SagaInstance {
         let id = Uuid::now_v7();

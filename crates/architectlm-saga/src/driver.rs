@@ -180,7 +180,9 @@ impl Run {
             );
         }
         if self.inst.status == SagaStatus::Running {
-            match self.forward().await? {
+            // Boxed: the driver parks inside a step for long, and a boxed inner future takes only
+            // the memory of the path it is on.
+            match Box::pin(self.forward()).await? {
                 Forward::Done => {
                     self.inst.status = SagaStatus::Completed;
                     self.inst.completed_at = Some(crate::now());
@@ -201,7 +203,7 @@ impl Run {
             }
         }
         if self.inst.status == SagaStatus::Compensating {
-            return self.unwind().await;
+            return Box::pin(self.unwind()).await;
         }
         Ok(Ended::Finished)
     }
@@ -445,71 +447,78 @@ impl Run {
 
     /// Runs the actions (or compensations) of `todo` together. Returns the outcomes and
     /// whether the saga's deadline passed while they ran (the steps were then asked to stop).
-    async fn run_group(
-        &self,
+    ///
+    /// Returns a boxed future built for the case at hand: a saga parks here for as long as
+    /// its step runs, so a single step without a deadline carries no join or timer state.
+    fn run_group<'a>(
+        &'a self,
         todo: &[usize],
         input: &Value,
         compensate: bool,
-    ) -> (Vec<(usize, Exec)>, bool) {
+    ) -> BoxFuture<'a, (Vec<(usize, Exec)>, bool)> {
         let token = (!compensate && self.deadline.is_some())
             .then(|| self.runtime.cancellation().child_token());
-        let execs = todo.iter().map(|&i| {
-            let step = &self.prep.def.steps[i];
-            let rec = &self.inst.steps[i];
-            let (task, retry, timeout, key, input, execution_id) = if compensate {
-                (
-                    step.compensation.clone(),
-                    step.compensation_retry.clone(),
-                    None,
-                    format!("{}:compensation", rec.idempotency_key),
-                    rec.result.clone().unwrap_or(Value::Null),
-                    None,
-                )
-            } else {
-                (
-                    Some(step.action.clone()),
-                    step.retry.clone(),
-                    step.timeout,
-                    rec.idempotency_key.clone(),
-                    input.clone(),
-                    Some(rec.id),
-                )
-            };
-            let fut = execute(
-                &self.runtime,
-                step,
-                task,
-                retry,
-                timeout,
-                key,
-                input,
-                execution_id,
-                token.clone(),
-            );
-            async move { (i, fut.await) }
-        });
-        let mut execs: Vec<_> = execs.collect();
+        let mut execs: Vec<BoxFuture<'a, (usize, Exec)>> = todo
+            .iter()
+            .map(|&i| {
+                let step = &self.prep.def.steps[i];
+                let rec = &self.inst.steps[i];
+                let (task, retry, timeout, key, input, execution_id) = if compensate {
+                    (
+                        step.compensation.clone(),
+                        step.compensation_retry.clone(),
+                        None,
+                        format!("{}:compensation", rec.idempotency_key),
+                        rec.result.clone().unwrap_or(Value::Null),
+                        None,
+                    )
+                } else {
+                    (
+                        Some(step.action.clone()),
+                        step.retry.clone(),
+                        step.timeout,
+                        rec.idempotency_key.clone(),
+                        input.clone(),
+                        Some(rec.id),
+                    )
+                };
+                let fut = execute(
+                    &self.runtime,
+                    step,
+                    task,
+                    retry,
+                    timeout,
+                    key,
+                    input,
+                    execution_id,
+                    token.clone(),
+                );
+                Box::pin(async move { (i, fut.await) }) as BoxFuture<'a, (usize, Exec)>
+            })
+            .collect();
         if execs.len() == 1 && token.is_none() {
-            // The common case: one step, no deadline; no join machinery.
             if let Some(only) = execs.pop() {
-                return (vec![only.await], false);
+                return Box::pin(async move { (vec![only.await], false) });
             }
         }
-        let all = join_all(execs);
-        match (self.deadline, &token) {
-            (Some(deadline), Some(token)) => {
-                tokio::pin!(all);
-                tokio::select! {
-                    out = &mut all => (out, false),
-                    () = tokio::time::sleep_until(deadline) => {
-                        // Steps are asked to stop; each ends when it notices (or finishes).
-                        token.cancel();
-                        (all.await, true)
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let all = join_all(execs);
+            match (deadline, token) {
+                (Some(deadline), Some(token)) => {
+                    tokio::pin!(all);
+                    tokio::select! {
+                        out = &mut all => (out, false),
+                        () = tokio::time::sleep_until(deadline) => {
+                            // Steps are asked to stop; each ends when it notices (or finishes).
+                            token.cancel();
+                            (all.await, true)
+                        }
                     }
                 }
+                _ => (all.await, false),
             }
-            _ => (all.await, false),
-        }
+        })
     }
 }
 

@@ -596,12 +596,44 @@ pub type SagaEventHandler = Arc<dyn Fn(&SagaEvent) + Send + Sync>;
 ///
 /// # Rules
 /// - `Send + Sync`; every method may be called concurrently.
-/// - `start_saga` returns as soon as the instance is durably recorded; the steps run in the
-///   background.
-/// - Starting with an idempotency key that was already used returns the existing instance.
-/// - Steps run at least once: a step that was running at a crash runs again after recovery, with
-///   the same idempotency key.
+/// - `start_saga` returns as soon as the instance is durably recorded (status `created`); the
+///   steps run in the background.
+/// - Starting with an idempotency key that was already used for the same definition returns
+///   the existing instance and starts nothing.
+/// - **At least once.** A step is recorded as running before it runs and its result before the
+///   next step starts. A step that was running at a crash runs again after recovery, with the
+///   same idempotency key ([`crate::TaskContext::idempotency_key`]): steps must be idempotent
+///   or hand the key to the system they call. Compensations follow the same rule.
+/// - An instance runs the definition version it started with; recovering an instance whose
+///   version is no longer registered is an error naming the version, never a silent mismatch.
+/// - `compensate_saga` on a running saga stops forward progress after the running step and
+///   unwinds (the running step, if it completes, is compensated too). On a **completed** saga
+///   it unwinds it: every completed step is compensated in reverse order and the saga ends
+///   `compensated` (the undo stack of a completed saga is intact; this is how a finished
+///   business transaction is reversed). On a `compensated` or `failed` saga it changes
+///   nothing; on a `compensation-failed` one it resumes the unwind.
 /// - Events are delivered as in [`crate::event`]: never blocking the saga, never lost silently.
+///
+/// ```
+/// use architectlm_core::extensions::SagaCoordinator;
+/// use architectlm_core::extensions::saga::{SagaDefinition, SagaStep};
+///
+/// // Any implementation is used through the trait, for example from a task with
+/// // `ctx.saga_coordinator()?`.
+/// async fn place_order(sagas: &dyn SagaCoordinator) -> architectlm_core::Result<()> {
+///     sagas
+///         .define_saga(
+///             SagaDefinition::new("order")
+///                 .step(SagaStep::task("reserve", "reserve-stock").compensate_with("release-stock"))
+///                 .step(SagaStep::task("charge", "charge-card").compensate_with("refund-card")),
+///         )
+///         .await?;
+///     let instance = sagas.start_saga("order", serde_json::json!({"order": 42})).await?;
+///     let _ = sagas.get_saga_status(instance.id).await?;
+///     Ok(())
+/// }
+/// # let _ = place_order;
+/// ```
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait SagaCoordinator: Send + Sync {
@@ -618,7 +650,8 @@ pub trait SagaCoordinator: Send + Sync {
     ) -> Result<SagaInstance>;
     /// The instance with its step timeline.
     async fn get_saga_status(&self, instance_id: Uuid) -> Result<Option<SagaInstance>>;
-    /// Stops forward progress after the running step and undoes the completed steps.
+    /// Stops forward progress after the running step and undoes the completed steps; unwinds
+    /// a completed saga (see the rules above).
     async fn compensate_saga(&self, instance_id: Uuid, reason: &str) -> Result<SagaInstance>;
     /// Carries on an unwind that stopped in `compensation-failed`.
     async fn resume_compensation(&self, instance_id: Uuid) -> Result<SagaInstance>;

@@ -84,7 +84,7 @@ pub struct StrandedSaga {
     pub reason: String,
 }
 
-/// What [`Coordinator::recover`] found.
+/// What recovery found at start-up ([`Coordinator::recovery_report`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RecoveryReport {
@@ -102,6 +102,7 @@ pub(crate) struct Inner {
     events: EventHub<SagaEvent>,
     active: Mutex<HashMap<Uuid, Arc<Control>>>,
     stranded: Mutex<Vec<StrandedSaga>>,
+    last_recovery: Mutex<Option<RecoveryReport>>,
     tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
     shutdown_timeout: Duration,
@@ -329,6 +330,7 @@ impl CoordinatorBuilder {
                 events: EventHub::with_capacity(SOURCE, self.event_capacity),
                 active: Mutex::new(HashMap::new()),
                 stranded: Mutex::new(Vec::new()),
+                last_recovery: Mutex::new(None),
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
                 shutdown_timeout: self.shutdown_timeout,
@@ -389,6 +391,11 @@ impl Coordinator {
         self.inner.stranded.lock().clone()
     }
 
+    /// What recovery found when the runtime started the coordinator (`None` before that).
+    pub fn recovery_report(&self) -> Option<RecoveryReport> {
+        self.inner.last_recovery.lock().clone()
+    }
+
     /// How many instances this node is driving now.
     pub fn active(&self) -> usize {
         self.inner.active.lock().len()
@@ -438,9 +445,10 @@ impl Coordinator {
         self.inner.active.lock().contains_key(&id)
     }
 
-    /// Carries on every unfinished instance in the journal. Called by [`Extension::start`];
-    /// call it again to pick up instances written by another process into a shared store.
-    pub async fn recover(&self) -> Result<RecoveryReport> {
+    /// Carries on every unfinished instance in the journal. Called once, by
+    /// [`Extension::start`]: claiming bumps every unfinished instance's fencing token, which
+    /// would fence out drivers already running here.
+    async fn recover(&self) -> Result<RecoveryReport> {
         let runtime = self.runtime()?;
         let claimed = self
             .inner
@@ -794,7 +802,8 @@ impl Extension for Coordinator {
                 source: "the coordinator is already bound to a runtime".into(),
             });
         }
-        self.recover().await?;
+        let report = self.recover().await?;
+        *self.inner.last_recovery.lock() = Some(report);
         Ok(())
     }
 

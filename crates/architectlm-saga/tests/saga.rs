@@ -608,6 +608,8 @@ async fn an_instance_keeps_its_version_and_an_unregistered_version_is_reported_u
     .await;
     let stranded = second.stranded();
     assert_eq!(stranded.len(), 1);
+    let report = second.recovery_report().unwrap();
+    assert_eq!((report.resumed, report.stranded.len()), (0, 1));
     assert_eq!(stranded[0].instance_id, old.id);
     assert!(
         stranded[0]

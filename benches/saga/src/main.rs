@@ -188,7 +188,10 @@ async fn sqlite(quick: bool) -> Row {
     let rt = start(&sagas, noop_system(None)).await;
     closed_loop(&sagas, "noop", 200, 1_000, None).await;
     let stats = store.db().stats();
-    let (c0, w0) = (stats.commits.load(Ordering::Relaxed), stats.writes.load(Ordering::Relaxed));
+    let (c0, w0) = (
+        stats.commits.load(Ordering::Relaxed),
+        stats.writes.load(Ordering::Relaxed),
+    );
     let (lat, el) = closed_loop(&sagas, "noop", 200, n, None).await;
     let commits = stats.commits.load(Ordering::Relaxed) - c0;
     let writes = stats.writes.load(Ordering::Relaxed) - w0;
@@ -204,7 +207,7 @@ async fn sqlite(quick: bool) -> Row {
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         extra: format!(
-            "{:.3} commits/step ({:.2} journal writes/step)",
+            "{:.3} commits/step, {:.3} write closures/step (7 journal entries per saga)",
             commits as f64 / steps,
             writes as f64 / steps
         ),
@@ -276,7 +279,10 @@ async fn raw_inserts(quick: bool) -> (Row, Row) {
         extra: "rows/s (baseline)".into(),
     };
     (
-        row("raw SQLite NORMAL: single-row writes, 200 concurrent (group commit)", single),
+        row(
+            "raw SQLite NORMAL: single-row writes, 200 concurrent (group commit)",
+            single,
+        ),
         row("raw SQLite NORMAL: 1,000-row transactions", batched),
     )
 }
@@ -285,7 +291,10 @@ async fn duroxide_workload(quick: bool) -> Row {
     let dir = temp_dir();
     let store = sqlite_store(&dir.join("sagas.sqlite")).await;
     let sagas = Coordinator::with_store(Arc::new(store));
-    sagas.define_saga(five_steps("sleepy")).await.expect("define");
+    sagas
+        .define_saga(five_steps("sleepy"))
+        .await
+        .expect("define");
     let rt = start(&sagas, noop_system(Some(Duration::from_millis(10)))).await;
     let run_for = Duration::from_secs(if quick { 3 } else { 10 });
     let (lat, el) = closed_loop(&sagas, "sleepy", 20, 0, Some(run_for)).await;
@@ -390,7 +399,10 @@ async fn memory(quick: bool) -> Row {
     let before = rss_kb("VmRSS:");
     let live_before = LIVE.load(Ordering::Relaxed);
     for _ in 0..n {
-        sagas.start_saga("parked", json!({"order": 1})).await.expect("start");
+        sagas
+            .start_saga("parked", json!({"order": 1}))
+            .await
+            .expect("start");
     }
     while entered.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -422,7 +434,8 @@ fn fmt(v: f64, digits: usize) -> String {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--only=memory|sqlite|...` runs one workload, for profiling.
-    if let Some(only) = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_owned)) {
+    if let Some(only) = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_owned))
+    {
         let r = match only.as_str() {
             "in-memory" => in_memory(quick).await,
             "sqlite" => sqlite(quick).await,
@@ -430,7 +443,15 @@ async fn main() {
             "recovery" => recovery().await,
             _ => memory(quick).await,
         };
-        println!("{} | {} | {} | {} | {} | {}", r.workload, r.sagas, fmt(r.per_sec, 0), fmt(r.p50_ms, 2), fmt(r.p99_ms, 2), r.extra);
+        println!(
+            "{} | {} | {} | {} | {} | {}",
+            r.workload,
+            r.sagas,
+            fmt(r.per_sec, 0),
+            fmt(r.p50_ms, 2),
+            fmt(r.p99_ms, 2),
+            r.extra
+        );
         return;
     }
     let mem = in_memory(quick).await;
@@ -440,11 +461,16 @@ async fn main() {
     let rec = recovery().await;
     let park = memory(quick).await;
     let sql_steps_per_sec = sql.per_sec * 5.0;
-    println!("### Saga coordinator{}", if quick { " (quick)" } else { "" });
+    println!(
+        "### Saga coordinator{}",
+        if quick { " (quick)" } else { "" }
+    );
     println!();
     println!(
         "5-step sagas through `Runtime::execute`, closed loops (start, wait until settled); SQLite in a file, WAL, `synchronous=NORMAL`; {} cores; peak RSS {} MB.",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         rss_kb("VmHWM:") / 1024
     );
     println!();
@@ -454,7 +480,11 @@ async fn main() {
         println!(
             "| {} | {} | {} | {} | {} | {} |",
             r.workload,
-            if r.sagas == 0 { "–".into() } else { r.sagas.to_string() },
+            if r.sagas == 0 {
+                "–".into()
+            } else {
+                r.sagas.to_string()
+            },
             fmt(r.per_sec, 0),
             fmt(r.p50_ms, 2),
             fmt(r.p99_ms, 2),

@@ -7,6 +7,7 @@
 //! entries of concurrent sagas share one savepoint and one commit. Times are stored as
 //! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -77,6 +78,10 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
 pub struct SqliteSagaStore {
     db: SqliteDb,
     queue: Arc<Mutex<Queue>>,
+    /// The serialised step records of the unfinished instances this store created, so an
+    /// update can write the whole array without SQLite parsing JSON. Dropped on any doubt
+    /// (a claim, a refused or failed write, a terminal status): updates then patch in SQL.
+    steps: Arc<Mutex<HashMap<Uuid, Vec<String>>>>,
 }
 
 impl std::fmt::Debug for SqliteSagaStore {
@@ -220,7 +225,8 @@ fn update_sql(n: usize) -> String {
 /// A journal write waiting for the next batch.
 enum Op {
     Create(SagaInstance, String),
-    Apply(SagaUpdate),
+    /// The update, and the instance's whole step array when the store has it at hand.
+    Apply(SagaUpdate, Option<String>),
 }
 
 enum OpOut {
@@ -285,24 +291,41 @@ fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<
 }
 
 /// Applies an update, or refuses it (`Conflict`, `NotFound`) before changing anything.
-fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
+fn apply_in(txn: &Connection, update: &SagaUpdate, full: Option<String>) -> Result<()> {
     let id = update.instance_id.as_bytes().as_slice();
     let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
-    let mut args: Vec<rusqlite::types::Value> = Vec::with_capacity(5 + 2 * update.steps.len());
-    args.push(id.to_vec().into());
-    args.push(update.status.as_str().to_owned().into());
-    args.push(update.error.clone().into());
-    args.push(update.completed_at.map(micros).into());
-    args.push(fencing.into());
-    for (idx, s) in &update.steps {
-        args.push(format!("$[{idx}]").into());
-        args.push(step_json(s)?.into());
-    }
-    let n = txn
-        .prepare_cached(&update_sql(update.steps.len()))
+    let n = if let Some(steps) = full {
+        // The whole array is at hand: no JSON work inside SQLite.
+        txn.prepare_cached(
+            "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4, steps = ?6 \
+             WHERE id = ?1 AND fencing = ?5",
+        )
         .map_err(db_err)?
-        .execute(rusqlite::params_from_iter(args))
-        .map_err(db_err)?;
+        .execute(params![
+            id,
+            update.status.as_str(),
+            update.error,
+            update.completed_at.map(micros),
+            fencing,
+            steps,
+        ])
+        .map_err(db_err)?
+    } else {
+        let mut args: Vec<rusqlite::types::Value> = Vec::with_capacity(5 + 2 * update.steps.len());
+        args.push(id.to_vec().into());
+        args.push(update.status.as_str().to_owned().into());
+        args.push(update.error.clone().into());
+        args.push(update.completed_at.map(micros).into());
+        args.push(fencing.into());
+        for (idx, s) in &update.steps {
+            args.push(format!("$[{idx}]").into());
+            args.push(step_json(s)?.into());
+        }
+        txn.prepare_cached(&update_sql(update.steps.len()))
+            .map_err(db_err)?
+            .execute(rusqlite::params_from_iter(args))
+            .map_err(db_err)?
+    };
     if n == 0 {
         let actual: Option<i64> = txn
             .query_row(
@@ -334,7 +357,7 @@ fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<Vec<Result<OpOut>>> {
             Op::Create(instance, owner) => {
                 create_in(txn, instance, owner).map(|c| OpOut::Created(Box::new(c)))
             }
-            Op::Apply(update) => apply_in(txn, &update).map(|()| OpOut::Applied),
+            Op::Apply(update, full) => apply_in(txn, &update, full).map(|()| OpOut::Applied),
         };
         match r {
             Err(e @ (Error::Conflict { .. } | Error::NotFound { .. })) => out.push(Err(e)),
@@ -382,6 +405,7 @@ impl SqliteSagaStore {
         Ok(Self {
             db,
             queue: Arc::new(Mutex::new(Queue::default())),
+            steps: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -411,11 +435,21 @@ impl SqliteSagaStore {
 #[async_trait]
 impl SagaStore for SqliteSagaStore {
     async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
+        let parts = instance
+            .steps
+            .iter()
+            .map(step_json)
+            .collect::<Result<Vec<_>>>()?;
         match self
             .submit(Op::Create(instance.clone(), owner.to_owned()))
             .await?
         {
-            OpOut::Created(c) => Ok(*c),
+            OpOut::Created(c) => {
+                if matches!(*c, CreateOutcome::Created(_)) {
+                    self.steps.lock().insert(instance.id, parts);
+                }
+                Ok(*c)
+            }
             OpOut::Applied => Err(Error::storage(
                 "the saga journal answered a create with an update",
             )),
@@ -423,7 +457,34 @@ impl SagaStore for SqliteSagaStore {
     }
 
     async fn apply(&self, update: SagaUpdate) -> Result<()> {
-        self.submit(Op::Apply(update)).await.map(|_| ())
+        let id = update.instance_id;
+        let full = {
+            let mut cache = self.steps.lock();
+            match cache.get_mut(&id) {
+                Some(parts) => {
+                    let mut ok = true;
+                    for (idx, s) in &update.steps {
+                        match (parts.get_mut(*idx as usize), step_json(s)) {
+                            (Some(slot), Ok(text)) => *slot = text,
+                            _ => ok = false,
+                        }
+                    }
+                    if ok {
+                        Some(format!("[{}]", parts.join(",")))
+                    } else {
+                        cache.remove(&id);
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        let terminal = update.status.is_terminal();
+        let out = self.submit(Op::Apply(update, full)).await.map(|_| ());
+        if terminal || out.is_err() {
+            self.steps.lock().remove(&id);
+        }
+        out
     }
 
     async fn request_compensation(
@@ -452,6 +513,7 @@ impl SagaStore for SqliteSagaStore {
         lease_until: Option<DateTime<Utc>>,
     ) -> Result<Option<StoredSaga>> {
         let owner = owner.to_owned();
+        self.steps.lock().remove(&instance_id);
         self.db
             .write(move |txn| {
                 txn.execute(
@@ -475,6 +537,7 @@ impl SagaStore for SqliteSagaStore {
         lease_until: Option<DateTime<Utc>>,
     ) -> Result<Vec<StoredSaga>> {
         let owner = owner.to_owned();
+        self.steps.lock().clear();
         self.db
             .write(move |txn| {
                 txn.execute(
@@ -624,6 +687,25 @@ mod tests {
         assert_eq!(claimed[0].owner.as_deref(), Some("b"));
         let err = store.apply(up).await.unwrap_err();
         assert!(matches!(err, Error::Conflict { .. }), "{err}");
+
+        // After a claim the store patches the step array inside SQLite; same outcome.
+        let mut step = inst.steps[1].clone();
+        step.status = SagaStepStatus::Failed;
+        step.error = Some("card declined".into());
+        let mut up = SagaUpdate::new(inst.id, claimed[0].fencing, SagaStatus::Compensating);
+        up.steps.push((1, step));
+        store.apply(up).await.unwrap();
+        let got = store.get(inst.id).await.unwrap().unwrap();
+        assert_eq!(got.instance.status, SagaStatus::Compensating);
+        assert_eq!(
+            got.instance.steps[0].result,
+            Some(serde_json::json!({"reserved": true}))
+        );
+        assert_eq!(
+            got.instance.steps[1].error.as_deref(),
+            Some("card declined")
+        );
+        assert_eq!(got.instance.steps[2].status, SagaStepStatus::Pending);
     }
 
     #[tokio::test]

@@ -11,8 +11,20 @@ use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{self};
 use duroxide::{ActivityContext, Client, OrchestrationContext, OrchestrationRegistry};
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+fn main() {
+    // duroxide logs through `tracing` to stdout; the output must be the table row only.
+    if std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LOG", "off") };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let quick = std::env::args().any(|a| a == "--quick");
     let dir = std::env::temp_dir().join(format!("duroxide-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

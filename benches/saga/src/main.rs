@@ -493,7 +493,7 @@ async fn main() {
     }
     println!();
     println!(
-        "Ratios in this run: SQLite journal steps/s vs raw single-row writes/s = {:.2}; duroxide workload vs its 400/s bound = {:.2} (duroxide itself published 16–28/s on this workload; it is not run here, see below).",
+        "Ratios in this run: SQLite journal steps/s vs raw single-row writes/s = {:.2}; duroxide workload vs its 400/s bound = {:.2} (duroxide itself published 16–28/s on this workload; run in the same invocation by `benches/saga-duroxide`, row below).",
         sql_steps_per_sec / raw1.per_sec,
         dur.per_sec / 400.0
     );

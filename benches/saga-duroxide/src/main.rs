@@ -49,8 +49,7 @@ async fn run() {
     let orchestrations = OrchestrationRegistry::builder()
         .register("Saga", orchestration)
         .build();
-    let rt = runtime::Runtime::start_with_store(store.clone(), activities, orchestrations)
-        .await;
+    let rt = runtime::Runtime::start_with_store(store.clone(), activities, orchestrations).await;
     let client = Arc::new(Client::new(store.clone()));
 
     let run_for = Duration::from_secs(if quick { 3 } else { 10 });

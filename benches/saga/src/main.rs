@@ -215,7 +215,7 @@ async fn sqlite(quick: bool) -> Row {
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         extra: format!(
-            "{:.3} commits/step, {:.3} write closures/step (7 journal entries per saga)",
+            "{:.3} commits/step, {:.3} write closures/step (6 journal entries per saga)",
             commits as f64 / steps,
             writes as f64 / steps
         ),

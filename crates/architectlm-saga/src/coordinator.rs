@@ -516,6 +516,10 @@ impl Coordinator {
 
     /// Starts the driver of an instance (the caller made sure none is running).
     fn spawn(&self, runtime: Runtime, prep: Arc<Prepared>, stored: StoredSaga) {
+        self.spawn_run(runtime, prep, stored, false);
+    }
+
+    fn spawn_run(&self, runtime: Runtime, prep: Arc<Prepared>, stored: StoredSaga, fresh: bool) {
         let id = stored.instance.id;
         let control = Arc::new(Control::default());
         {
@@ -527,7 +531,7 @@ impl Coordinator {
         }
         let inner = self.inner.clone();
         self.inner.tracker.spawn(async move {
-            let run = Run::new(inner.clone(), runtime.clone(), prep, stored, control);
+            let run = Run::new(inner.clone(), runtime.clone(), prep, stored, control).fresh(fresh);
             match run.run().await {
                 Ok(Ended::Finished | Ended::Stopped) => {}
                 Err(e @ Error::Conflict { .. }) => {
@@ -702,13 +706,26 @@ impl SagaCoordinator for Coordinator {
                 .cloned()
                 .ok_or_else(|| Error::not_found("saga definition", saga_id))?
         };
-        let instance = self.build_instance(&prep, input, options.idempotency_key);
+        let mut instance = self.build_instance(&prep, input, options.idempotency_key);
+        let runtime = self.inner.runtime.get().cloned();
+        if runtime.is_some() {
+            // One journal entry records the instance and its first steps as running: the
+            // write-ahead rule holds and the saga saves a round trip.
+            instance.status = SagaStatus::Running;
+            let now = crate::now();
+            if let Some(first) = prep.groups.first() {
+                for s in &mut instance.steps[first.clone()] {
+                    s.status = architectlm_core::extensions::saga::SagaStepStatus::Running;
+                    s.started_at = Some(now);
+                }
+            }
+        }
         match self.inner.store.create(&instance, &self.inner.node).await? {
             CreateOutcome::Existing(found) => Ok(found.instance),
             CreateOutcome::Created(stored) => {
                 // Before the runtime is bound, recovery at start-up picks the instance up.
-                if let Some(rt) = self.inner.runtime.get() {
-                    self.spawn(rt.clone(), prep, stored);
+                if let Some(rt) = runtime {
+                    self.spawn_run(rt, prep, stored, true);
                 }
                 Ok(instance)
             }

@@ -77,6 +77,9 @@ pub(crate) struct Run {
     listening: bool,
     /// Results of the completed steps by step id, kept as they complete (the steps' input).
     results: serde_json::Map<String, Value>,
+    /// Created by `start_saga` just now (already journaled as running): still owes
+    /// `saga-started`.
+    fresh: bool,
 }
 
 impl Run {
@@ -109,8 +112,15 @@ impl Run {
             deadline,
             listening: false,
             results: serde_json::Map::new(),
+            fresh: false,
         }
         .with_results()
+    }
+
+    /// Marks an instance `start_saga` just created (see [`Run::fresh`]).
+    pub(crate) fn fresh(mut self, fresh: bool) -> Self {
+        self.fresh = fresh;
+        self
     }
 
     fn with_results(mut self) -> Self {
@@ -156,11 +166,15 @@ impl Run {
             .map(|i| (i, self.inst.steps[i as usize].clone()))
             .collect();
         self.inner.store.apply(up).await?;
+        self.publish_events();
+        Ok(())
+    }
+
+    fn publish_events(&mut self) {
         for e in self.events.drain(..) {
             self.inner.emit(&self.runtime, e);
         }
         self.listening = self.inner.listening(&self.runtime);
-        Ok(())
     }
 
     fn stopping(&self) -> bool {
@@ -169,7 +183,7 @@ impl Run {
 
     pub(crate) async fn run(mut self) -> Result<Ended> {
         self.listening = self.inner.listening(&self.runtime);
-        if self.inst.status == SagaStatus::Created {
+        if self.inst.status == SagaStatus::Created || self.fresh {
             self.inst.status = SagaStatus::Running;
             let input = self.inst.input.clone();
             let version = self.inst.saga_version;
@@ -257,22 +271,37 @@ impl Run {
             if self.stopping() {
                 return Ok(Forward::Stopped);
             }
+            // Steps already journaled as running (by `start_saga`, or before a crash) need no
+            // new entry unless results of earlier steps wait to be journaled.
+            let journaled = self.dirty.is_empty()
+                && resuming
+                && todo
+                    .iter()
+                    .all(|&i| self.inst.steps[i].status == SagaStepStatus::Running);
             let now = crate::now();
             for &i in &todo {
                 let s = &mut self.inst.steps[i];
-                s.status = SagaStepStatus::Running;
-                s.started_at = Some(now);
-                s.completed_at = None;
-                s.error = None;
+                if !journaled {
+                    s.status = SagaStepStatus::Running;
+                    s.started_at = Some(now);
+                    s.completed_at = None;
+                    s.error = None;
+                }
                 let attempts = s.attempts;
-                self.touch(i);
+                if !journaled {
+                    self.touch(i);
+                }
                 self.event(
                     SagaEventType::StepStarted,
                     Some(i),
                     || json!({"attempts_before": attempts}),
                 );
             }
-            self.journal().await?;
+            if journaled {
+                self.publish_events();
+            } else {
+                self.journal().await?;
+            }
 
             let input = json!({"input": self.inst.input, "results": self.results()});
             let (outcomes, timed_out) = self.run_group(&todo, &input, false).await;

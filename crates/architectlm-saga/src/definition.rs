@@ -101,13 +101,13 @@ pub(crate) fn check_tasks(p: &Prepared, runtime: &Runtime) -> Result<()> {
             ("action", Some(&step.action)),
             ("compensation", step.compensation.as_ref()),
         ] {
-            if let Some(TaskRef::Id(id)) = r {
-                if !tasks.contains_key(id.as_str()) {
-                    return Err(Error::definition(format!(
-                        "step \"{}\" of saga \"{}\" names unknown {what} task \"{id}\"",
-                        step.id, p.def.id
-                    )));
-                }
+            if let Some(TaskRef::Id(id)) = r
+                && !tasks.contains_key(id.as_str())
+            {
+                return Err(Error::definition(format!(
+                    "step \"{}\" of saga \"{}\" names unknown {what} task \"{id}\"",
+                    step.id, p.def.id
+                )));
             }
         }
     }

@@ -125,10 +125,10 @@ impl Run {
 
     fn with_results(mut self) -> Self {
         for s in &self.inst.steps {
-            if s.status == SagaStepStatus::Completed {
-                if let Some(r) = &s.result {
-                    self.results.insert(s.step_id.clone(), r.clone());
-                }
+            if s.status == SagaStepStatus::Completed
+                && let Some(r) = &s.result
+            {
+                self.results.insert(s.step_id.clone(), r.clone());
             }
         }
         self
@@ -525,10 +525,11 @@ impl Run {
                 Box::pin(async move { (i, fut.await) }) as BoxFuture<'a, (usize, Exec)>
             })
             .collect();
-        if execs.len() == 1 && token.is_none() {
-            if let Some(only) = execs.pop() {
-                return Box::pin(async move { (vec![only.await], false) });
-            }
+        if execs.len() == 1
+            && token.is_none()
+            && let Some(only) = execs.pop()
+        {
+            return Box::pin(async move { (vec![only.await], false) });
         }
         let deadline = self.deadline;
         Box::pin(async move {

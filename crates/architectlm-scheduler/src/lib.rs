@@ -1,3 +1,32 @@
 //! # architectlm-scheduler
 //!
-//! A durable one-shot and cron scheduler for ArchitectLM.
+//! A durable scheduler of one-shot and cron runs of ArchitectLM tasks: [`TaskScheduler`]
+//! implements the [`Scheduler`](architectlm_core::extensions::Scheduler) contract and plugs into
+//! a runtime as an [`Extension`](architectlm_core::Extension).
+//!
+//! - **On time, never early.** One timer driver over a slab-backed hierarchical delay queue
+//!   ([`tokio_util::time::DelayQueue`], 1 ms resolution) holds one timer per entry; no task per
+//!   timer, no periodic scan. An expired timer is checked against the wall clock again.
+//! - **Cron** patterns with 5, 6 or 7 fields, `L`, `W`, `#` and nicknames, in IANA time zones,
+//!   with croner's DST rules ([`cron`]); the next run follows the previous *scheduled* time;
+//!   `start_at`, `end_at`, `max_executions` and jitter.
+//! - **Policies** per entry: misfire (skip, fire once, fire all up to a cap) with a threshold,
+//!   overlap (allow, skip, queue one), retries with the core `RetryPolicy`, a concurrency limit.
+//! - **Durable**: entries and run claims live in a
+//!   [`ScheduleStore`](architectlm_store::schedule::ScheduleStore) (SQLite with the `sqlite`
+//!   feature, or memory). Each `(entry, due time)` is claimed once; after a restart every entry
+//!   is back, missed runs follow the misfire policy, and runs interrupted by a crash run again
+//!   (at least once, with a stable idempotency key).
+//! - **Time is injectable** ([`Clock`]): tests run on a paused Tokio clock with [`TokioClock`].
+//!
+//! See [`TaskScheduler`] for the exact semantics and an example.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod clock;
+pub mod cron;
+mod scheduler;
+mod timer;
+
+pub use clock::{Clock, SystemClock, TokioClock};
+pub use cron::{CronSchedule, PatternCache};
+pub use scheduler::{SchedulerOptions, TaskScheduler, TaskSchedulerBuilder};

@@ -65,6 +65,38 @@ pub struct SchedulePolicy {
     pub max_concurrent: Option<u32>,
 }
 
+impl SchedulePolicy {
+    /// Sets the misfire policy.
+    pub fn misfire(mut self, m: MisfirePolicy) -> Self {
+        self.misfire = m;
+        self
+    }
+
+    /// Sets how late a run may start before it counts as missed.
+    pub fn misfire_threshold(mut self, t: Duration) -> Self {
+        self.misfire_threshold = t;
+        self
+    }
+
+    /// Sets the overlap policy.
+    pub fn overlap(mut self, o: OverlapPolicy) -> Self {
+        self.overlap = o;
+        self
+    }
+
+    /// Sets the retry policy of each run.
+    pub fn retry(mut self, r: RetryPolicy) -> Self {
+        self.retry = Some(r);
+        self
+    }
+
+    /// Sets the most runs of the entry at once.
+    pub fn max_concurrent(mut self, n: u32) -> Self {
+        self.max_concurrent = Some(n);
+        self
+    }
+}
+
 impl Default for SchedulePolicy {
     fn default() -> Self {
         Self {
@@ -260,6 +292,20 @@ pub struct RunRecord {
     pub attempts: u32,
 }
 
+impl RunRecord {
+    /// A run of the occurrence due at `due_at` that started at `started_at`.
+    pub fn new(due_at: DateTime<Utc>, started_at: DateTime<Utc>) -> Self {
+        Self {
+            due_at,
+            started_at,
+            finished_at: None,
+            result: None,
+            error: None,
+            attempts: 0,
+        }
+    }
+}
+
 /// A scheduled entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -298,7 +344,53 @@ pub struct ScheduledTask {
     pub history: Vec<RunRecord>,
 }
 
+impl ScheduledTask {
+    /// An entry in status `scheduled` that runs `task_id` with `input` at `execute_at`; the
+    /// other fields are empty and set by the scheduler.
+    pub fn new(
+        id: Uuid,
+        task_id: impl Into<String>,
+        input: Value,
+        execute_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id,
+            task_id: task_id.into(),
+            status: ScheduledTaskStatus::Scheduled,
+            execute_at,
+            executed_at: None,
+            next_execution_at: Some(execute_at),
+            pattern: None,
+            timezone: None,
+            remaining_executions: None,
+            execution_count: 0,
+            input,
+            result: None,
+            error: None,
+            description: None,
+            metadata: serde_json::Map::new(),
+            history: Vec::new(),
+        }
+    }
+
+    /// Whether it is a recurring (cron) entry.
+    pub fn is_recurring(&self) -> bool {
+        self.pattern.is_some()
+    }
+}
+
 /// Which entries [`Scheduler::get_tasks`] returns; sorted by next run.
+///
+/// ```
+/// use architectlm_core::extensions::scheduler::{ScheduledTaskFilter, ScheduledTaskStatus};
+///
+/// let filter = ScheduledTaskFilter::new()
+///     .status(ScheduledTaskStatus::Scheduled)
+///     .task_id("send-reminder")
+///     .recurring(false)
+///     .limit(20);
+/// assert_eq!(filter.page.limit, 20);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct ScheduledTaskFilter {
@@ -316,6 +408,86 @@ pub struct ScheduledTaskFilter {
     pub metadata: serde_json::Map<String, Value>,
     /// Which page.
     pub page: Pagination,
+}
+
+impl ScheduledTaskFilter {
+    /// Every entry, first page.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a status (entries in any of the added statuses match).
+    pub fn status(mut self, s: ScheduledTaskStatus) -> Self {
+        self.status.push(s);
+        self
+    }
+
+    /// Adds a runtime task id (entries running any of the added tasks match).
+    pub fn task_id(mut self, t: impl Into<String>) -> Self {
+        self.task_id.push(t.into());
+        self
+    }
+
+    /// Next run at or after `t`.
+    pub fn from(mut self, t: DateTime<Utc>) -> Self {
+        self.from = Some(t);
+        self
+    }
+
+    /// Next run at or before `t`.
+    pub fn to(mut self, t: DateTime<Utc>) -> Self {
+        self.to = Some(t);
+        self
+    }
+
+    /// Only recurring (`true`) or only one-shot (`false`) entries.
+    pub fn recurring(mut self, r: bool) -> Self {
+        self.recurring = Some(r);
+        self
+    }
+
+    /// Entries whose metadata has `key` equal to `value`.
+    pub fn metadata(mut self, key: impl Into<String>, value: Value) -> Self {
+        self.metadata.insert(key.into(), value);
+        self
+    }
+
+    /// Skips `offset` entries.
+    pub fn offset(mut self, offset: u64) -> Self {
+        self.page.offset = offset;
+        self
+    }
+
+    /// Returns at most `limit` entries.
+    pub fn limit(mut self, limit: u64) -> Self {
+        self.page.limit = limit;
+        self
+    }
+
+    /// Whether `task` passes every condition (pagination aside). Entries without a next run
+    /// fail a `from`/`to` condition.
+    pub fn matches(&self, task: &ScheduledTask) -> bool {
+        if !self.status.is_empty() && !self.status.contains(&task.status) {
+            return false;
+        }
+        if !self.task_id.is_empty() && !self.task_id.contains(&task.task_id) {
+            return false;
+        }
+        if self.from.is_some() || self.to.is_some() {
+            let Some(next) = task.next_execution_at else {
+                return false;
+            };
+            if self.from.is_some_and(|f| next < f) || self.to.is_some_and(|t| next > t) {
+                return false;
+            }
+        }
+        if self.recurring.is_some_and(|r| r != task.is_recurring()) {
+            return false;
+        }
+        self.metadata
+            .iter()
+            .all(|(k, v)| task.metadata.get(k) == Some(v))
+    }
 }
 
 /// Scheduler event types.
@@ -409,9 +581,31 @@ pub type SchedulerEventHandler = Arc<dyn Fn(&SchedulerEvent) + Send + Sync>;
 /// # Rules
 /// - `Send + Sync`; every method may be called concurrently.
 /// - A change is persisted before it is announced (returned or emitted).
-/// - A run never starts before its due time.
+/// - A run never starts before its due time; a recurring entry's next run is found from its
+///   previous *scheduled* time.
+/// - Each `(entry, due time)` runs once; a run interrupted by a crash may run again (at least
+///   once) with the same idempotency key.
 /// - `cancel_task`, `pause_task`, `resume_task`, `reschedule_task` and `trigger_task` return
-///   `false` for an unknown id or a status that does not allow the change.
+///   `false` for an unknown id or a status that does not allow the change; bad configuration
+///   (an invalid pattern, an unknown time zone or task) is an error naming the value.
+/// - Events are published without blocking (see [`crate::event`]).
+///
+/// ```
+/// use architectlm_core::extensions::scheduler::{ScheduledTaskConfig, Scheduler};
+/// use chrono::{Duration, Utc};
+///
+/// /// Code that schedules a follow-up works with any implementation (or a mock).
+/// async fn remind_later(scheduler: &dyn Scheduler, to: &str) -> architectlm_core::Result<uuid::Uuid> {
+///     let at = Utc::now() + Duration::hours(24);
+///     scheduler
+///         .schedule_task(
+///             ScheduledTaskConfig::new("send-reminder", serde_json::json!({"to": to}), at)
+///                 .description("follow-up"),
+///         )
+///         .await
+/// }
+/// # let _ = remind_later;
+/// ```
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait Scheduler: Send + Sync {

@@ -1,0 +1,628 @@
+//! Scheduler workloads run on architectlm-scheduler and its peers in one invocation; prints one
+//! markdown section.
+//!
+//! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick]`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync as parking;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use architectlm_core::extensions::scheduler::{ScheduledTaskConfig, Scheduler};
+use architectlm_core::{Runtime, System as ArchSystem, TaskDefinition};
+use architectlm_scheduler::TaskScheduler;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// Safety: every call is forwarded unchanged to the system allocator; only sizes are counted.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_add(n, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Signed lateness per timer in microseconds; `i64::MIN` means it never fired.
+struct Recorder {
+    late: Vec<AtomicI64>,
+    fired: AtomicUsize,
+}
+
+impl Recorder {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            late: (0..n).map(|_| AtomicI64::new(i64::MIN)).collect(),
+            fired: AtomicUsize::new(0),
+        })
+    }
+    fn record(&self, i: usize, late_us: i64) {
+        if let Some(slot) = self.late.get(i) {
+            if slot.swap(late_us, Ordering::Relaxed) == i64::MIN {
+                self.fired.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    async fn wait(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.fired.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    workload: String,
+    name: String,
+    n: usize,
+    insert_per_s: f64,
+    bytes_per_entry: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    early: usize,
+    lost: usize,
+    extra: String,
+}
+
+fn summarize(rec: &Recorder, mut row: Row) -> Row {
+    let mut v: Vec<i64> = rec
+        .late
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .filter(|x| *x != i64::MIN)
+        .collect();
+    row.lost = row.n - v.len();
+    row.early = v.iter().filter(|x| **x < 0).count();
+    v.sort_unstable();
+    let q = |p: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+        }
+    };
+    row.p50_ms = q(0.5);
+    row.p99_ms = q(0.99);
+    row.max_ms = v.last().map_or(f64::NAN, |x| *x as f64 / 1000.0);
+    row
+}
+
+fn wall_us(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+async fn ours_runtime(rec: Arc<Recorder>, sched: Arc<TaskScheduler>) -> Runtime {
+    let task = TaskDefinition::new("tick", move |input, _ctx| {
+        let now = wall_us(Utc::now());
+        let i = input[0].as_u64().unwrap_or(0) as usize;
+        let due = input[1].as_i64().unwrap_or(0);
+        rec.record(i, now - due);
+        async { Ok(serde_json::Value::Null) }
+    })
+    .expect("task");
+    let system = ArchSystem::builder("bench")
+        .task(task)
+        .build()
+        .expect("system");
+    Runtime::builder(system)
+        .extension(sched)
+        .start()
+        .await
+        .expect("runtime")
+}
+
+/// Due offsets: `n` timers spread evenly over `span` (all at `span` when `same_instant`).
+fn offset(i: usize, n: usize, span: Duration, same_instant: bool) -> Duration {
+    if same_instant {
+        span
+    } else {
+        span.mul_f64((i as f64 + 1.0) / n as f64)
+    }
+}
+
+const LEAD: Duration = Duration::from_millis(1500);
+
+async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
+    let rec = Recorder::new(n);
+    let sched = Arc::new(TaskScheduler::in_memory());
+    let _rt = ours_runtime(rec.clone(), sched.clone()).await;
+    let base = Utc::now() + chrono::Duration::from_std(LEAD).unwrap_or_default();
+    let before = live();
+    let t = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let end = (i + 10_000).min(n);
+        let batch = (i..end)
+            .map(|k| {
+                let due =
+                    base + chrono::Duration::from_std(offset(k, n, span, same)).unwrap_or_default();
+                let due = DateTime::from_timestamp_millis(due.timestamp_millis()).unwrap_or(due);
+                ScheduledTaskConfig::new("tick", json!([k, wall_us(due)]), due)
+            })
+            .collect();
+        sched.schedule_many(batch).await.expect("schedule");
+        i = end;
+    }
+    let insert = t.elapsed();
+    let bytes = live().saturating_sub(before) as f64 / n as f64;
+    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    summarize(
+        &rec,
+        Row {
+            workload: workload.into(),
+            name: "architectlm-scheduler (in-memory store)".into(),
+            n,
+            insert_per_s: n as f64 / insert.as_secs_f64(),
+            bytes_per_entry: bytes,
+            ..Row::default()
+        },
+    )
+}
+
+async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Row {
+    use tokio_util::time::DelayQueue;
+    let rec = Recorder::new(n);
+    let base = tokio::time::Instant::now() + LEAD;
+    let before = live();
+    let t = Instant::now();
+    let mut q = DelayQueue::with_capacity(0);
+    for k in 0..n {
+        q.insert_at(k, base + offset(k, n, span, same));
+    }
+    let insert = t.elapsed();
+    let bytes = live().saturating_sub(before) as f64 / n as f64;
+    let r = rec.clone();
+    let h = tokio::spawn(async move {
+        use std::future::poll_fn;
+        while let Some(e) = poll_fn(|cx| q.poll_expired(cx)).await {
+            let now = tokio::time::Instant::now();
+            let due = e.deadline();
+            let late = if now >= due {
+                (now - due).as_micros() as i64
+            } else {
+                -((due - now).as_micros() as i64)
+            };
+            r.record(e.into_inner(), late);
+        }
+    });
+    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    h.abort();
+    summarize(
+        &rec,
+        Row {
+            workload: workload.into(),
+            name: "tokio-util DelayQueue".into(),
+            n,
+            insert_per_s: n as f64 / insert.as_secs_f64(),
+            bytes_per_entry: bytes,
+            ..Row::default()
+        },
+    )
+}
+
+async fn spawn_sleep(workload: &str, n: usize, span: Duration, same: bool) -> Row {
+    let rec = Recorder::new(n);
+    let base = tokio::time::Instant::now() + LEAD;
+    let before = live();
+    let t = Instant::now();
+    let mut handles = Vec::with_capacity(n);
+    for k in 0..n {
+        let r = rec.clone();
+        let due = base + offset(k, n, span, same);
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep_until(due).await;
+            let now = tokio::time::Instant::now();
+            let late = if now >= due {
+                (now - due).as_micros() as i64
+            } else {
+                -((due - now).as_micros() as i64)
+            };
+            r.record(k, late);
+        }));
+    }
+    let insert = t.elapsed();
+    let bytes = live().saturating_sub(before) as f64 / n as f64;
+    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    drop(handles);
+    summarize(
+        &rec,
+        Row {
+            workload: workload.into(),
+            name: "tokio spawn + sleep_until".into(),
+            n,
+            insert_per_s: n as f64 / insert.as_secs_f64(),
+            bytes_per_entry: bytes,
+            ..Row::default()
+        },
+    )
+}
+
+async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row {
+    use tokio_cron_scheduler::{Job, JobScheduler};
+    let rec = Recorder::new(n);
+    let sched = JobScheduler::new().await.expect("tcs");
+    sched.start().await.expect("tcs start");
+    let base = Instant::now() + LEAD;
+    let before = live();
+    let t = Instant::now();
+    for k in 0..n {
+        let r = rec.clone();
+        let due = base + offset(k, n, span, same);
+        let job = Job::new_one_shot_at_instant(due, move |_id, _l| {
+            let now = Instant::now();
+            let late = if now >= due {
+                (now - due).as_micros() as i64
+            } else {
+                -((due - now).as_micros() as i64)
+            };
+            r.record(k, late);
+        })
+        .expect("job");
+        sched.add(job).await.expect("add");
+    }
+    let insert = t.elapsed();
+    let bytes = live().saturating_sub(before) as f64 / n as f64;
+    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    let mut sched = sched;
+    let _ = sched.shutdown().await;
+    summarize(
+        &rec,
+        Row {
+            workload: workload.into(),
+            name: "tokio-cron-scheduler 0.15".into(),
+            n,
+            insert_per_s: n as f64 / insert.as_secs_f64(),
+            bytes_per_entry: bytes,
+            ..Row::default()
+        },
+    )
+}
+
+async fn cancel_ours(n: usize) -> Row {
+    let rec = Recorder::new(0);
+    let sched = Arc::new(TaskScheduler::in_memory());
+    let _rt = ours_runtime(rec, sched.clone()).await;
+    let due = Utc::now() + chrono::Duration::hours(1);
+    let before = live();
+    let mut ids = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let end = (i + 10_000).min(n);
+        let batch = (i..end)
+            .map(|k| ScheduledTaskConfig::new("tick", json!([k, 0]), due))
+            .collect();
+        ids.extend(sched.schedule_many(batch).await.expect("schedule"));
+        i = end;
+    }
+    let full = live().saturating_sub(before);
+    let cancel = n * 4 / 5;
+    let t = Instant::now();
+    for id in &ids[..cancel] {
+        sched.cancel_task(*id).await.expect("cancel");
+    }
+    let el = t.elapsed();
+    let after = live().saturating_sub(before);
+    Row {
+        workload: "cancel 80%".into(),
+        name: "architectlm-scheduler (in-memory store)".into(),
+        n,
+        insert_per_s: cancel as f64 / el.as_secs_f64(),
+        bytes_per_entry: full as f64 / n as f64,
+        extra: format!(
+            "live memory {:.0} MB → {:.0} MB (cancelled entries stay queryable in the store)",
+            full as f64 / 1e6,
+            after as f64 / 1e6
+        ),
+        ..Row::default()
+    }
+}
+
+async fn cancel_delay_queue(n: usize) -> Row {
+    use tokio_util::time::DelayQueue;
+    let before = live();
+    let base = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let mut q = DelayQueue::new();
+    let keys: Vec<_> = (0..n).map(|k| q.insert_at(k, base)).collect();
+    let full = live().saturating_sub(before);
+    let cancel = n * 4 / 5;
+    let t = Instant::now();
+    for k in &keys[..cancel] {
+        q.remove(k);
+    }
+    let el = t.elapsed();
+    q.shrink_to_fit();
+    let after = live().saturating_sub(before);
+    drop(keys);
+    Row {
+        workload: "cancel 80%".into(),
+        name: "tokio-util DelayQueue".into(),
+        n,
+        insert_per_s: cancel as f64 / el.as_secs_f64(),
+        bytes_per_entry: full as f64 / n as f64,
+        extra: format!(
+            "live memory {:.0} MB → {:.0} MB",
+            full as f64 / 1e6,
+            after as f64 / 1e6
+        ),
+        ..Row::default()
+    }
+}
+
+async fn durable(n: usize) -> Row {
+    let dir = std::env::temp_dir().join(format!("alm-sched-bench-{}", uuid::Uuid::new_v4()));
+    let path = dir.join("s.sqlite");
+    let rec = Recorder::new(0);
+    let sched = Arc::new(TaskScheduler::sqlite(&path).await.expect("sqlite"));
+    let rt = ours_runtime(rec.clone(), sched.clone()).await;
+    let due = Utc::now() + chrono::Duration::hours(1);
+    let t = Instant::now();
+    let mut i = 0;
+    while i < n {
+        let end = (i + 10_000).min(n);
+        let batch = (i..end)
+            .map(|k| ScheduledTaskConfig::new("tick", json!([k, 0]), due))
+            .collect();
+        sched.schedule_many(batch).await.expect("schedule");
+        i = end;
+    }
+    let insert = t.elapsed();
+    rt.shutdown(Duration::from_secs(1)).await;
+    drop(rt);
+    drop(sched);
+    let sched = Arc::new(TaskScheduler::sqlite(&path).await.expect("sqlite"));
+    let t = Instant::now();
+    let rt = ours_runtime(rec, sched.clone()).await;
+    let reload = t.elapsed();
+    let active = sched.active_entries();
+    rt.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Row {
+        workload: "durable (SQLite WAL, synchronous=NORMAL)".into(),
+        name: "architectlm-scheduler (SQLite store)".into(),
+        n,
+        insert_per_s: n as f64 / insert.as_secs_f64(),
+        extra: format!(
+            "batches of 10,000; restart reloaded {active} entries in {:.2} s",
+            reload.as_secs_f64()
+        ),
+        bytes_per_entry: f64::NAN,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        max_ms: f64::NAN,
+        ..Row::default()
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, in clock ticks (100 per second on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+async fn idle_recurring(n: usize, idle: Duration) -> Row {
+    use architectlm_core::extensions::scheduler::RecurringTaskConfig;
+    let rec = Recorder::new(0);
+    let sched = Arc::new(TaskScheduler::in_memory());
+    let _rt = ours_runtime(rec, sched.clone()).await;
+    let t = Instant::now();
+    for k in 0..n {
+        sched
+            .schedule_recurring_task(RecurringTaskConfig::new("tick", json!([k, 0]), "0 0 1 1 *"))
+            .await
+            .expect("schedule");
+    }
+    let insert = t.elapsed();
+    let cpu0 = cpu_seconds();
+    tokio::time::sleep(idle).await;
+    let cpu = cpu_seconds() - cpu0;
+    Row {
+        workload: format!("{n} recurring, due far ahead, idle {}s", idle.as_secs()),
+        name: "architectlm-scheduler (in-memory store)".into(),
+        n,
+        insert_per_s: n as f64 / insert.as_secs_f64(),
+        bytes_per_entry: f64::NAN,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        max_ms: f64::NAN,
+        extra: format!(
+            "idle CPU {:.3}% of a core (whole process, 10 ms tick resolution)",
+            cpu / idle.as_secs_f64() * 100.0
+        ),
+        ..Row::default()
+    }
+}
+
+async fn every_second(n: usize, window: u32) -> Row {
+    use architectlm_core::extensions::scheduler::RecurringTaskConfig;
+    let seen: Arc<parking::Mutex<Vec<(String, i64)>>> = Arc::new(parking::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let task = TaskDefinition::new("every", move |_input, ctx| {
+        let now = Utc::now();
+        let key = ctx.idempotency_key().unwrap_or_default().to_owned();
+        let due = key
+            .split_once('@')
+            .and_then(|(_, d)| DateTime::parse_from_rfc3339(d).ok())
+            .map_or(now, |d| d.with_timezone(&Utc));
+        s2.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key, wall_us(now) - wall_us(due)));
+        async { Ok(serde_json::Value::Null) }
+    })
+    .expect("task");
+    let sched = Arc::new(TaskScheduler::in_memory());
+    let system = ArchSystem::builder("bench")
+        .task(task)
+        .build()
+        .expect("system");
+    let rt = Runtime::builder(system)
+        .extension(sched.clone())
+        .start()
+        .await
+        .expect("rt");
+    // Start on a whole second, two seconds out, and stop after `window` occurrences each.
+    let start = Utc::now() + chrono::Duration::seconds(2);
+    let start = DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start);
+    let end = start + chrono::Duration::seconds(i64::from(window) - 1);
+    let mut ids = Vec::with_capacity(n);
+    for k in 0..n {
+        ids.push(
+            sched
+                .schedule_recurring_task(
+                    RecurringTaskConfig::new("every", json!([k, 0]), "* * * * * *")
+                        .start_at(start)
+                        .end_at(end),
+                )
+                .await
+                .expect("schedule"),
+        );
+    }
+    let expected = n * window as usize;
+    let deadline = Instant::now() + Duration::from_secs(u64::from(window) + 15);
+    while seen.lock().map(|v| v.len()).unwrap_or(0) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rt.shutdown(Duration::from_secs(1)).await;
+    let v = seen.lock().map(|v| v.clone()).unwrap_or_default();
+    let distinct: std::collections::HashSet<&str> = v.iter().map(|(k, _)| k.as_str()).collect();
+    let rec = Recorder::new(v.len());
+    for (i, (_, late)) in v.iter().enumerate() {
+        rec.record(i, *late);
+    }
+    let mut row = summarize(
+        &rec,
+        Row {
+            workload: format!("{n} every-second entries for {window}s"),
+            name: "architectlm-scheduler (in-memory store)".into(),
+            n: v.len(),
+            insert_per_s: f64::NAN,
+            bytes_per_entry: f64::NAN,
+            ..Row::default()
+        },
+    );
+    row.lost = expected.saturating_sub(distinct.len());
+    row.extra = format!(
+        "{expected} occurrences expected, {} distinct ran, {} duplicates",
+        distinct.len(),
+        v.len() - distinct.len()
+    );
+    row
+}
+
+fn fmt(x: f64) -> String {
+    if x.is_nan() {
+        "–".into()
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, span, same_n, tcs_n, cancel_n, durable_n) = if quick {
+        (
+            50_000,
+            Duration::from_secs(2),
+            20_000,
+            5_000,
+            100_000,
+            50_000,
+        )
+    } else {
+        (
+            1_000_000,
+            Duration::from_secs(10),
+            100_000,
+            20_000,
+            1_000_000,
+            1_000_000,
+        )
+    };
+    let mut rows = Vec::new();
+    let w = format!("{n} one-shots over {}s", span.as_secs());
+    rows.push(ours(&w, n, span, false).await);
+    rows.push(delay_queue(&w, n, span, false).await);
+    rows.push(spawn_sleep(&w, n, span, false).await);
+    let wt = format!("{tcs_n} one-shots over {}s", span.as_secs());
+    rows.push(ours(&wt, tcs_n, span, false).await);
+    rows.push(tokio_cron(&wt, tcs_n, span, false).await);
+    let ws = format!("{same_n} due at one instant");
+    rows.push(ours(&ws, same_n, Duration::ZERO, true).await);
+    rows.push(delay_queue(&ws, same_n, Duration::ZERO, true).await);
+    rows.push(spawn_sleep(&ws, same_n, Duration::ZERO, true).await);
+    rows.push(cancel_ours(cancel_n).await);
+    rows.push(cancel_delay_queue(cancel_n).await);
+    rows.push(durable(durable_n).await);
+    let (idle_n, idle_s, es_n, es_w) = if quick {
+        (20_000, Duration::from_secs(3), 2_000, 5)
+    } else {
+        (100_000, Duration::from_secs(10), 10_000, 60)
+    };
+    rows.push(idle_recurring(idle_n, idle_s).await);
+    rows.push(every_second(es_n, es_w).await);
+
+    println!("### Scheduler");
+    println!();
+    println!(
+        "{} mode, 2 Tokio workers, release build. Lateness is signed (start of the job body minus its due time), measured inside the job; 'early' counts negative values. Memory is live heap bytes (counting allocator) per pending entry, input included (a 2-number JSON array). The cancel rows give cancels/s in the rate column. Peers run in the same process, one after another.",
+        if quick { "Quick" } else { "Full" }
+    );
+    println!();
+    println!(
+        "| workload | implementation | n | rate (/s) | B/entry | p50 ms | p99 ms | max ms | early | lost | rate vs DelayQueue | notes |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in &rows {
+        let peer = rows
+            .iter()
+            .find(|p| p.workload == r.workload && p.name.starts_with("tokio-util"))
+            .map(|p| p.insert_per_s);
+        let ratio = peer.map_or("–".into(), |p| format!("{:.2}×", r.insert_per_s / p));
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.workload,
+            r.name,
+            r.n,
+            fmt(r.insert_per_s),
+            fmt(r.bytes_per_entry),
+            fmt(r.p50_ms),
+            fmt(r.p99_ms),
+            fmt(r.max_ms),
+            r.early,
+            r.lost,
+            ratio,
+            r.extra
+        );
+    }
+    println!();
+    println!(
+        "Peers: tokio-cron-scheduler 0.15, tokio-util 0.7 (DelayQueue), tokio 1 (spawn + sleep_until)."
+    );
+}

@@ -1,0 +1,1399 @@
+//! [`TaskScheduler`]: the [`Scheduler`] implementation and its life cycle as an [`Extension`].
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use architectlm_core::event::{Event, EventFilter, EventHub, EventSubscription};
+use architectlm_core::extensions::scheduler::{
+    MisfirePolicy, OverlapPolicy, RecurringTaskConfig, RunRecord, SchedulePolicy, ScheduledTask,
+    ScheduledTaskConfig, ScheduledTaskFilter, ScheduledTaskStatus, Scheduler, SchedulerEvent,
+    SchedulerEventHandler, SchedulerEventType,
+};
+use architectlm_core::{
+    Error, ExecuteOptions, Extension, Result, Runtime, ServiceRegistry, TaskRef, random_unit,
+};
+use architectlm_store::schedule::{
+    InMemoryScheduleStore, RunState, ScheduleEntry, ScheduleRun, ScheduleStore, truncate_ms,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::clock::{Clock, SystemClock};
+use crate::cron::{CronSchedule, PatternCache, parse_timezone};
+use crate::timer::{Timer, Timers};
+
+/// Runs queued behind a busy entry (overlap `allow` with `max_concurrent`) at most; more are
+/// skipped and reported as `misfired` with reason `overlap`.
+const ALLOW_QUEUE: usize = 1024;
+
+/// Missed occurrences counted one by one at most when catching up; beyond, the count is capped.
+const MISSED_COUNT_LIMIT: u32 = 10_000;
+
+/// Settings of a [`TaskScheduler`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SchedulerOptions {
+    /// Runs kept in each entry's `history` (default 20).
+    pub history_limit: usize,
+    /// How far an event subscriber may fall behind (default 1024).
+    pub event_capacity: usize,
+    /// Most entries that may be active (scheduled, running or paused) at once; scheduling more
+    /// fails with [`Error::Unavailable`] instead of growing without bound (default 50 million).
+    pub max_active: usize,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        Self {
+            history_limit: 20,
+            event_capacity: architectlm_core::event::DEFAULT_EVENT_CAPACITY,
+            max_active: 50_000_000,
+        }
+    }
+}
+
+/// Builds a [`TaskScheduler`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use architectlm_scheduler::{TaskScheduler, TokioClock};
+/// use architectlm_store::schedule::InMemoryScheduleStore;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let scheduler = TaskScheduler::builder()
+///     .store(Arc::new(InMemoryScheduleStore::new()))
+///     .clock(Arc::new(TokioClock::starting_at(chrono::Utc::now())))
+///     .history_limit(5)
+///     .build();
+/// assert_eq!(scheduler.armed_timers(), 0);
+/// # });
+/// ```
+#[must_use]
+pub struct TaskSchedulerBuilder {
+    store: Option<Arc<dyn ScheduleStore>>,
+    clock: Arc<dyn Clock>,
+    options: SchedulerOptions,
+}
+
+impl fmt::Debug for TaskSchedulerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskSchedulerBuilder")
+            .field("store", &self.store)
+            .field("clock", &self.clock)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl TaskSchedulerBuilder {
+    /// Keeps entries in `store` (default: in memory).
+    pub fn store(mut self, store: Arc<dyn ScheduleStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Reads wall time from `clock` (default: [`SystemClock`]).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Runs kept in each entry's history.
+    pub fn history_limit(mut self, n: usize) -> Self {
+        self.options.history_limit = n;
+        self
+    }
+
+    /// How far an event subscriber may fall behind.
+    pub fn event_capacity(mut self, n: usize) -> Self {
+        self.options.event_capacity = n;
+        self
+    }
+
+    /// Most active entries at once.
+    pub fn max_active(mut self, n: usize) -> Self {
+        self.options.max_active = n;
+        self
+    }
+
+    /// Builds the scheduler. It runs nothing until started by a runtime.
+    pub fn build(self) -> TaskScheduler {
+        let clock = self.clock;
+        TaskScheduler {
+            inner: Arc::new(Inner {
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(InMemoryScheduleStore::new())),
+                timers: Timers::new(clock.clone()),
+                clock,
+                events: EventHub::with_capacity("scheduler", self.options.event_capacity),
+                runtime: RwLock::new(None),
+                slots: Mutex::new(HashMap::new()),
+                patterns: PatternCache::new(),
+                cancel: Mutex::new(CancellationToken::new()),
+                stopped: AtomicBool::new(false),
+                driver: Mutex::new(None),
+                options: self.options,
+            }),
+        }
+    }
+}
+
+/// One active entry held in memory, with what only this node knows about it.
+struct SlotState {
+    entry: ScheduleEntry,
+    /// Runs of this entry going on now.
+    running: u32,
+    /// Claimed runs waiting for a free place (overlap `queue-one`, or `allow` at its limit).
+    pending: VecDeque<DateTime<Utc>>,
+    /// The time lateness is measured from when the armed timer fires, if later than the due
+    /// time: the time of scheduling (a past `execute_at` runs at once, it is not a misfire).
+    /// `None` after a restart or a resume, so that what was missed then follows the misfire
+    /// policy.
+    late_from: Option<DateTime<Utc>>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
+
+struct Inner {
+    store: Arc<dyn ScheduleStore>,
+    clock: Arc<dyn Clock>,
+    timers: Timers,
+    events: EventHub<SchedulerEvent>,
+    runtime: RwLock<Option<Runtime>>,
+    slots: Mutex<HashMap<Uuid, Slot>>,
+    patterns: PatternCache,
+    /// Stops the driver; a fresh token per start, so a scheduler can be started again.
+    cancel: Mutex<CancellationToken>,
+    stopped: AtomicBool,
+    driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    options: SchedulerOptions,
+}
+
+/// A durable scheduler of one-shot and cron runs of the runtime's tasks.
+///
+/// # Semantics
+/// - **Time.** A run never starts before its due time (the timer driver re-checks the wall
+///   clock). A recurring entry's next run is found from its previous *scheduled* time, so late
+///   runs never shift the schedule. Time zones and DST follow [`crate::cron`].
+/// - **A past `execute_at`** means "run now": the entry is accepted and runs at once; its
+///   recorded due time is the given `execute_at`. The misfire policy applies only to runs
+///   missed while the scheduler was stopped, the entry was paused, or the scheduler fell
+///   behind by more than the misfire threshold.
+/// - **Durability.** Each change is written to the [`ScheduleStore`] before it is returned or
+///   announced. Before a run starts, its `(entry, due time)` is claimed in the store in the same
+///   write that advances the entry's next run; a due time is claimed at most once, so a run
+///   that completed is never run again for the same due time.
+/// - **Crash (at-least-once).** A run that was claimed but had not finished when the process
+///   died is started again on the next start, with the same idempotency key
+///   (`"{entry id}@{due time, RFC 3339}"`, visible to the task as
+///   [`TaskContext::idempotency_key`](architectlm_core::TaskContext::idempotency_key)); its
+///   run record counts the extra start. Tasks that must not repeat a side effect use the key.
+/// - **Misfires** (missed by more than `misfire_threshold`): `skip` runs none of them and
+///   carries on from the next due time (a skipped one-shot entry ends `failed`); `fire-once`
+///   runs once, for the latest missed due time; `fire-all { max }` runs the earliest `max`
+///   missed ones. Each decision emits `misfired` with the count.
+/// - **Overlap** (a run is due while the previous one still runs): `allow` starts it (up to
+///   `max_concurrent`, then up to 1024 wait); `skip` skips it (`misfired`, reason `overlap`);
+///   `queue-one` keeps one to start when the running one ends. Waiting runs are claimed.
+///   The catch-up runs of `fire-all` are never skipped as overlaps: they wait for each other.
+/// - **Pause** stops new runs (running ones finish; waiting ones wait); **resume** treats what
+///   was missed meanwhile by the misfire policy. **Cancel** is final; running runs finish,
+///   waiting ones are dropped. **Trigger** runs an entry now, outside of its schedule, without
+///   moving it or counting toward `max_executions`. **Reschedule** moves the next run.
+/// - **Shutdown** stops the timer driver; runs the runtime is finishing are recorded.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use architectlm_core::extensions::scheduler::{RecurringTaskConfig, ScheduledTaskConfig, Scheduler};
+/// use architectlm_core::{Runtime, System, TaskDefinition};
+/// use architectlm_scheduler::TaskScheduler;
+/// use serde_json::json;
+///
+/// let system = System::builder("shop")
+///     .task(TaskDefinition::new("send-reminder", |input, _ctx| async move { Ok(input) })?)
+///     .build()?;
+/// let scheduler = Arc::new(TaskScheduler::in_memory());
+/// let runtime = Runtime::builder(system).extension(scheduler.clone()).start().await?;
+///
+/// let in_a_minute = chrono::Utc::now() + chrono::Duration::minutes(1);
+/// let id = scheduler
+///     .schedule_task(ScheduledTaskConfig::new("send-reminder", json!({"to": "ada"}), in_a_minute))
+///     .await?;
+/// assert_eq!(scheduler.get_task(id).await?.unwrap().next_execution_at.map(|t| t.timestamp()),
+///            Some(in_a_minute.timestamp()));
+/// let daily = scheduler
+///     .schedule_recurring_task(
+///         RecurringTaskConfig::new("send-reminder", json!({}), "0 9 * * MON-FRI").timezone("Europe/Berlin"),
+///     )
+///     .await?;
+/// assert!(scheduler.cancel_task(daily).await?);
+/// runtime.shutdown(std::time::Duration::from_secs(1)).await;
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct TaskScheduler {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TaskScheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskScheduler")
+            .field("store", &self.inner.store)
+            .field("active", &self.inner.slots.lock().len())
+            .field("armed", &self.inner.timers.len())
+            .finish()
+    }
+}
+
+/// What to do at one firing of an entry.
+#[derive(Debug, Default)]
+struct Plan {
+    /// Due times to run (claimed together).
+    run: Vec<DateTime<Utc>>,
+    /// Occurrences missed and not run.
+    missed: u32,
+    /// The next due time after this firing.
+    next: Option<DateTime<Utc>>,
+}
+
+fn kind(e: &ScheduleEntry) -> &'static str {
+    if e.task.is_recurring() {
+        "recurring"
+    } else {
+        "one-shot"
+    }
+}
+
+impl TaskScheduler {
+    /// Starts building a scheduler.
+    pub fn builder() -> TaskSchedulerBuilder {
+        TaskSchedulerBuilder {
+            store: None,
+            clock: Arc::new(SystemClock),
+            options: SchedulerOptions::default(),
+        }
+    }
+
+    /// A scheduler keeping its entries in memory (lost with the process).
+    pub fn in_memory() -> Self {
+        Self::builder().build()
+    }
+
+    /// A scheduler keeping its entries in the SQLite database at `path` (created if missing).
+    #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+    pub async fn sqlite(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        use architectlm_store::schedule::SqliteScheduleStore;
+        use architectlm_store::sqlite::{SqliteDb, SqliteOptions};
+        let db = SqliteDb::open(SqliteOptions::file(path))?;
+        let store = SqliteScheduleStore::open(db).await?;
+        Ok(Self::builder().store(Arc::new(store)).build())
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ScheduleStore> {
+        &self.inner.store
+    }
+
+    /// Timers armed now (one per entry waiting for its next run).
+    pub fn armed_timers(&self) -> usize {
+        self.inner.timers.len()
+    }
+
+    /// Entries held in memory (active ones).
+    pub fn active_entries(&self) -> usize {
+        self.inner.slots.lock().len()
+    }
+
+    /// The cache of parsed cron patterns.
+    pub fn patterns(&self) -> &PatternCache {
+        &self.inner.patterns
+    }
+
+    fn runtime(&self) -> Option<Runtime> {
+        self.inner.runtime.read().clone()
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    /// Publishes an event to the scheduler's hub and the runtime's bus; builds it only if
+    /// somebody listens.
+    fn emit(&self, t: SchedulerEventType, entry: &ScheduleEntry, payload: impl FnOnce() -> Value) {
+        let local = self.inner.events.has_subscribers();
+        let runtime = self.runtime();
+        let to_bus = runtime
+            .as_ref()
+            .is_some_and(|r| r.events().has_subscribers());
+        if !local && !to_bus {
+            return;
+        }
+        let mut event = SchedulerEvent::new(t, entry.id(), entry.task.task_id.clone(), payload());
+        event.timestamp = self.now();
+        if let (Some(r), true) = (runtime, to_bus) {
+            let payload = serde_json::to_value(&event).unwrap_or(Value::Null);
+            r.publish(Event::new(t.as_str(), "scheduler", payload));
+        }
+        if local {
+            self.inner.events.publish(event);
+        }
+    }
+
+    fn slot(&self, id: Uuid) -> Option<Slot> {
+        self.inner.slots.lock().get(&id).cloned()
+    }
+
+    fn schedule_of(&self, e: &ScheduleEntry) -> Result<Option<CronSchedule>> {
+        match &e.task.pattern {
+            None => Ok(None),
+            Some(p) => {
+                CronSchedule::with_cache(&self.inner.patterns, p, e.task.timezone.as_deref())
+                    .map(Some)
+            }
+        }
+    }
+
+    /// The occurrence after `due` that the entry may still run, within `end_at` and
+    /// `max_executions` (counting `claimed` more runs than recorded).
+    fn next_after(
+        &self,
+        e: &ScheduleEntry,
+        due: DateTime<Utc>,
+        claimed: u32,
+    ) -> Option<DateTime<Utc>> {
+        let sched = self.schedule_of(e).ok().flatten()?;
+        if e.max_executions
+            .is_some_and(|m| e.task.execution_count + claimed >= m)
+        {
+            return None;
+        }
+        let next = sched.next_after(due)?;
+        if e.end_at.is_some_and(|end| next > end) {
+            return None;
+        }
+        Some(next)
+    }
+
+    fn check_task(&self, task_id: &str) -> Result<()> {
+        if task_id.trim().is_empty() {
+            return Err(Error::invalid_config(
+                "task_id",
+                "\"\"",
+                "must not be empty",
+            ));
+        }
+        if let Some(r) = self.runtime() {
+            if !r.system().tasks.contains_key(task_id) {
+                return Err(Error::not_found("task", task_id));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_policy(p: &SchedulePolicy) -> Result<()> {
+        if let Some(r) = &p.retry {
+            r.validate()?;
+        }
+        if p.max_concurrent == Some(0) {
+            return Err(Error::invalid_config(
+                "policy.max_concurrent",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if let MisfirePolicy::FireAll { max: 0 } = p.misfire {
+            return Err(Error::invalid_config(
+                "policy.misfire.max",
+                0,
+                "fire-all needs a cap of at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_capacity(&self, n: usize) -> Result<()> {
+        let active = self.inner.slots.lock().len();
+        if active + n > self.inner.options.max_active {
+            return Err(Error::Unavailable {
+                id: "scheduler".into(),
+                reason: format!(
+                    "{active} active entries; the limit is {}",
+                    self.inner.options.max_active
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn one_shot_entry(&self, c: ScheduledTaskConfig) -> Result<ScheduleEntry> {
+        self.check_task(&c.task_id)?;
+        Self::check_policy(&c.policy)?;
+        let at = truncate_ms(c.execute_at);
+        let mut task = ScheduledTask::new(Uuid::now_v7(), c.task_id, c.input, at);
+        task.description = c.description;
+        task.metadata = c.metadata;
+        task.remaining_executions = Some(1);
+        Ok(ScheduleEntry::new(task, c.policy))
+    }
+
+    fn recurring_entry(&self, c: RecurringTaskConfig) -> Result<ScheduleEntry> {
+        self.check_task(&c.task_id)?;
+        Self::check_policy(&c.policy)?;
+        if let Some(tz) = &c.timezone {
+            parse_timezone(tz)?;
+        }
+        let sched =
+            CronSchedule::with_cache(&self.inner.patterns, &c.pattern, c.timezone.as_deref())?;
+        if c.max_executions == Some(0) {
+            return Err(Error::invalid_config(
+                "max_executions",
+                0,
+                "must be at least 1 (leave it unset for no limit)",
+            ));
+        }
+        let now = self.now();
+        if let (Some(s), Some(e)) = (c.start_at, c.end_at) {
+            if e < s {
+                return Err(Error::invalid_config(
+                    "end_at",
+                    e.to_rfc3339(),
+                    format!("is before start_at {}", s.to_rfc3339()),
+                ));
+            }
+        }
+        let first = match c.start_at {
+            Some(s) if s > now => sched.next_from(s),
+            _ => sched.next_after(now),
+        };
+        let first = match (first, c.end_at) {
+            (Some(f), Some(end)) if f > end => None,
+            (f, _) => f,
+        };
+        let Some(first) = first else {
+            return Err(match c.end_at {
+                Some(end) if end < now => Error::invalid_config(
+                    "end_at",
+                    end.to_rfc3339(),
+                    format!("is before the start {}", now.to_rfc3339()),
+                ),
+                Some(end) => Error::invalid_config(
+                    "pattern",
+                    format!("\"{}\"", c.pattern),
+                    format!("has no occurrence before end_at {}", end.to_rfc3339()),
+                ),
+                None => Error::invalid_config(
+                    "pattern",
+                    format!("\"{}\"", c.pattern),
+                    "has no future occurrence",
+                ),
+            });
+        };
+        let mut task = ScheduledTask::new(Uuid::now_v7(), c.task_id, c.input, first);
+        task.pattern = Some(c.pattern);
+        task.timezone = c.timezone;
+        task.description = c.description;
+        task.metadata = c.metadata;
+        task.remaining_executions = c.max_executions;
+        let mut entry = ScheduleEntry::new(task, c.policy);
+        entry.start_at = c.start_at;
+        entry.end_at = c.end_at;
+        entry.max_executions = c.max_executions;
+        entry.jitter = c.jitter;
+        Ok(entry)
+    }
+
+    /// Persists new entries in one batch, then arms them and emits `scheduled` for each.
+    async fn add(&self, entries: Vec<ScheduleEntry>) -> Result<Vec<Uuid>> {
+        self.check_capacity(entries.len())?;
+        self.inner.store.insert(entries.clone()).await?;
+        let ids = entries.iter().map(ScheduleEntry::id).collect();
+        let started = self.runtime().is_some() && !self.inner.stopped.load(Ordering::Acquire);
+        if started {
+            let now = self.now();
+            let mut timers = Vec::with_capacity(entries.len());
+            {
+                let mut slots = self.inner.slots.lock();
+                for e in &entries {
+                    if let Some(t) = self.timer_for(e) {
+                        timers.push(t);
+                    }
+                    slots.insert(e.id(), Self::new_slot(e.clone(), Some(now)));
+                }
+            }
+            self.inner.timers.arm_many(timers);
+        }
+        for e in &entries {
+            self.emit(
+                SchedulerEventType::Scheduled,
+                e,
+                || json!({"next_execution_at": e.task.next_execution_at, "kind": kind(e)}),
+            );
+        }
+        Ok(ids)
+    }
+
+    fn new_slot(entry: ScheduleEntry, late_from: Option<DateTime<Utc>>) -> Slot {
+        Arc::new(tokio::sync::Mutex::new(SlotState {
+            entry,
+            running: 0,
+            pending: VecDeque::new(),
+            late_from,
+        }))
+    }
+
+    /// The timer for an entry's next run, with its jitter.
+    fn timer_for(&self, e: &ScheduleEntry) -> Option<Timer> {
+        if !matches!(
+            e.task.status,
+            ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
+        ) {
+            return None;
+        }
+        let due = e.task.next_execution_at?;
+        let fire_at = match e.jitter {
+            Some(j) if !j.is_zero() => {
+                let ms = (j.as_millis() as f64 * random_unit()) as i64;
+                due + chrono::Duration::milliseconds(ms)
+            }
+            _ => due,
+        };
+        Some(Timer {
+            id: e.id(),
+            due,
+            fire_at,
+        })
+    }
+
+    fn arm(&self, e: &ScheduleEntry) {
+        match self.timer_for(e) {
+            Some(t) if !self.inner.stopped.load(Ordering::Acquire) => self.inner.timers.arm(t),
+            _ => self.inner.timers.disarm(e.id()),
+        }
+    }
+
+    /// Schedules many one-shot runs in one durable batch (one commit); returns their ids in
+    /// order. Every config is checked before anything is stored.
+    pub async fn schedule_many(&self, configs: Vec<ScheduledTaskConfig>) -> Result<Vec<Uuid>> {
+        let entries = configs
+            .into_iter()
+            .map(|c| self.one_shot_entry(c))
+            .collect::<Result<Vec<_>>>()?;
+        self.add(entries).await
+    }
+
+    /// The status an entry settles in given what runs and what comes next.
+    fn settle(e: &mut ScheduleEntry, running: u32, pending: usize) {
+        let s = &mut e.task.status;
+        if matches!(
+            *s,
+            ScheduledTaskStatus::Cancelled | ScheduledTaskStatus::Paused
+        ) {
+            return;
+        }
+        *s = if running > 0 || pending > 0 {
+            ScheduledTaskStatus::Running
+        } else if e.task.next_execution_at.is_some() {
+            ScheduledTaskStatus::Scheduled
+        } else if e.task.error.is_some() {
+            ScheduledTaskStatus::Failed
+        } else {
+            ScheduledTaskStatus::Completed
+        };
+    }
+
+    fn remaining(e: &ScheduleEntry) -> Option<u32> {
+        if e.task.is_recurring() {
+            e.max_executions
+                .map(|m| m.saturating_sub(e.task.execution_count))
+        } else {
+            Some(u32::from(e.task.execution_count == 0))
+        }
+    }
+
+    /// Decides what a firing of `due` (observed at `now`, late by `late`) runs.
+    fn plan(
+        &self,
+        e: &ScheduleEntry,
+        due: DateTime<Utc>,
+        now: DateTime<Utc>,
+        misfire: bool,
+    ) -> Plan {
+        if !e.task.is_recurring() {
+            if !misfire {
+                return Plan {
+                    run: vec![due],
+                    missed: 0,
+                    next: None,
+                };
+            }
+            return match e.policy.misfire {
+                MisfirePolicy::Skip => Plan {
+                    run: vec![],
+                    missed: 1,
+                    next: None,
+                },
+                _ => Plan {
+                    run: vec![due],
+                    missed: 0,
+                    next: None,
+                },
+            };
+        }
+        if !misfire {
+            return Plan {
+                run: vec![due],
+                missed: 0,
+                next: self.next_after(e, due, 1),
+            };
+        }
+        // Every occurrence from `due` up to `now` was missed.
+        let cap = match e.policy.misfire {
+            MisfirePolicy::FireAll { max } => max,
+            _ => 0,
+        };
+        let mut missed = vec![due];
+        let mut last = due;
+        let mut count: u32 = 1;
+        let mut cur = due;
+        while let Some(n) = self.next_after(e, cur, count) {
+            if n > now {
+                break;
+            }
+            count = count.saturating_add(1);
+            if (missed.len() as u32) < cap {
+                missed.push(n);
+            }
+            last = n;
+            cur = n;
+            if count >= MISSED_COUNT_LIMIT {
+                // Jump ahead without counting each one.
+                cur = now;
+                break;
+            }
+        }
+        let run = match e.policy.misfire {
+            MisfirePolicy::Skip => vec![],
+            MisfirePolicy::FireAll { .. } => missed,
+            _ => vec![last],
+        };
+        let ran = run.len() as u32;
+        // With max_executions, only the runs actually made count.
+        let next = {
+            let mut probe = e.clone();
+            probe.task.execution_count += ran;
+            self.next_after(&probe, cur.max(last), 0).and_then(|n| {
+                if n <= now {
+                    self.next_after(&probe, now, 0)
+                } else {
+                    Some(n)
+                }
+            })
+        };
+        Plan {
+            missed: count.saturating_sub(ran),
+            run,
+            next,
+        }
+    }
+
+    /// Handles an expired timer.
+    async fn fire(self, timer: Timer) {
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(slot) = self.slot(timer.id) else {
+            return;
+        };
+        let mut st = slot.lock().await;
+        let e = &st.entry;
+        if e.task.next_execution_at != Some(timer.due)
+            || !matches!(
+                e.task.status,
+                ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
+            )
+        {
+            // A stale timer: the entry moved, paused or ended meanwhile.
+            return;
+        }
+        let now = self.now();
+        let from = st.late_from.map_or(timer.fire_at, |l| l.max(timer.fire_at));
+        let threshold =
+            chrono::Duration::from_std(e.policy.misfire_threshold).unwrap_or(chrono::Duration::MAX);
+        let misfire = now - from > threshold;
+        let plan = self.plan(e, timer.due, now, misfire);
+        let mut start = self.apply(&mut st, plan, now, misfire).await;
+        drop(st);
+        // The first run goes on this task (spawned by the driver already); others get their own.
+        let first = (!start.is_empty()).then(|| start.remove(0));
+        for (entry, d) in start {
+            self.spawn_run(slot.clone(), entry, d, 1);
+        }
+        if let Some((entry, d)) = first {
+            self.run(slot, entry, d, 1).await;
+        }
+    }
+
+    /// Claims the runs of a plan under the entry's lock; returns those to start now.
+    async fn apply(
+        &self,
+        st: &mut SlotState,
+        plan: Plan,
+        now: DateTime<Utc>,
+        misfire: bool,
+    ) -> Vec<(ScheduleEntry, DateTime<Utc>)> {
+        let p = &st.entry.policy;
+        let limit = match p.overlap {
+            OverlapPolicy::Allow => p.max_concurrent.unwrap_or(u32::MAX),
+            _ => 1,
+        };
+        let cap = match p.overlap {
+            OverlapPolicy::Skip => 0,
+            OverlapPolicy::QueueOne => 1,
+            _ => ALLOW_QUEUE,
+        };
+        // Catch-up runs of `fire-all` are all wanted: they wait for each other instead of
+        // being skipped as overlaps.
+        let cap = if misfire {
+            cap.max(plan.run.len())
+        } else {
+            cap
+        };
+        let mut start = Vec::new();
+        let mut queue = Vec::new();
+        let mut overlapped = Vec::new();
+        for d in plan.run {
+            if st.running + (start.len() as u32) < limit && st.pending.is_empty() {
+                start.push(d);
+            } else if st.pending.len() + queue.len() < cap {
+                queue.push(d);
+            } else {
+                overlapped.push(d);
+            }
+        }
+        let mut e = st.entry.clone();
+        let claimed = (start.len() + queue.len()) as u32;
+        e.task.execution_count += claimed;
+        e.task.remaining_executions = Self::remaining(&e);
+        e.task.next_execution_at = plan.next;
+        if plan.missed > 0 && !e.task.is_recurring() && claimed == 0 {
+            e.task.error = Some(format!(
+                "misfired: due at {} and skipped by the misfire policy",
+                st.entry.task.execute_at.to_rfc3339()
+            ));
+        }
+        if !start.is_empty() {
+            e.task.executed_at = Some(now);
+        }
+        Self::settle(
+            &mut e,
+            st.running + start.len() as u32,
+            st.pending.len() + queue.len(),
+        );
+        let expected = e.version;
+        e.version += 1;
+        let due: Vec<DateTime<Utc>> = start.iter().chain(queue.iter()).copied().collect();
+        let newly = match self.inner.store.claim(&e, expected, &due, now).await {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::error!(entry = %e.id(), error = %err, "cannot claim a due run; it will be retried");
+                // Retry the firing a little later; nothing was changed.
+                let mut t = self.timer_for(&st.entry);
+                if let Some(t) = t.as_mut() {
+                    t.fire_at = now + chrono::Duration::seconds(1);
+                    self.inner.timers.arm(*t);
+                }
+                return Vec::new();
+            }
+        };
+        // Due times claimed before (and so already run or running elsewhere) are not run again.
+        start.retain(|d| newly.contains(d));
+        queue.retain(|d| newly.contains(d));
+        st.entry = e;
+        st.late_from = Some(now);
+        st.running += start.len() as u32;
+        st.pending.extend(queue.iter().copied());
+        self.arm(&st.entry);
+        if plan.missed > 0 || misfire {
+            self.emit(
+                SchedulerEventType::Misfired,
+                &st.entry,
+                || json!({"reason": "late", "missed": plan.missed, "running": due, "policy": st.entry.policy.misfire}),
+            );
+        }
+        if !overlapped.is_empty() {
+            self.emit(
+                SchedulerEventType::Misfired,
+                &st.entry,
+                || json!({"reason": "overlap", "skipped": overlapped, "policy": st.entry.policy.overlap}),
+            );
+        }
+        if st.running == 0 && st.pending.is_empty() && !st.entry.is_active() {
+            self.inner.slots.lock().remove(&st.entry.id());
+        }
+        start.into_iter().map(|d| (st.entry.clone(), d)).collect()
+    }
+
+    fn spawn_run(&self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
+        let this = self.clone();
+        tokio::spawn(async move { this.run(slot, entry, due, starts).await });
+    }
+
+    /// One run: executes the task and records its outcome.
+    async fn run(self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
+        let Some(runtime) = self.runtime() else {
+            return;
+        };
+        let started = self.now();
+        let key = format!("{}@{}", entry.id(), due.to_rfc3339());
+        self.emit(
+            SchedulerEventType::Started,
+            &entry,
+            || json!({"due_at": due, "started_at": started, "idempotency_key": key, "starts": starts}),
+        );
+        let mut options = ExecuteOptions::default().idempotency_key(key);
+        if let Some(r) = entry.policy.retry.clone() {
+            options = options.retry(r);
+        }
+        let outcome = runtime
+            .execute(
+                TaskRef::Id(entry.task.task_id.clone()),
+                entry.task.input.clone(),
+                options,
+            )
+            .await;
+        if matches!(outcome, Err(Error::ShuttingDown)) {
+            // Not run: the claim stays open and the next start runs it.
+            let mut st = slot.lock().await;
+            st.running = st.running.saturating_sub(1);
+            return;
+        }
+        let finished = self.now();
+        let mut record = RunRecord::new(due, started);
+        record.finished_at = Some(finished);
+        let attempts = entry.policy.retry.as_ref().map_or(1, |r| r.max_attempts);
+        let mut run = ScheduleRun::claimed(entry.id(), due, started);
+        run.starts = starts;
+        run.finished_at = Some(finished);
+        match &outcome {
+            Ok(v) => {
+                record.result = Some(v.clone());
+                record.attempts = 1;
+                run.state = RunState::Completed;
+                run.result = Some(v.clone());
+            }
+            Err(err) => {
+                let msg = match err {
+                    Error::TaskFailed { error, .. } => error.message.clone(),
+                    other => other.to_string(),
+                };
+                record.error = Some(msg.clone());
+                record.attempts = attempts;
+                run.state = RunState::Failed;
+                run.error = Some(msg);
+            }
+        }
+        let mut st = slot.lock().await;
+        st.running = st.running.saturating_sub(1);
+        let mut e = st.entry.clone();
+        e.task.result = record.result.clone();
+        e.task.error = record.error.clone();
+        e.task.executed_at = Some(started);
+        e.task.history.push(record);
+        let limit = self.inner.options.history_limit;
+        if e.task.history.len() > limit {
+            let drop = e.task.history.len() - limit;
+            e.task.history.drain(..drop);
+        }
+        // Start a waiting run now that a place is free (not while paused).
+        let mut next_run = None;
+        if e.task.status != ScheduledTaskStatus::Paused
+            && e.task.status != ScheduledTaskStatus::Cancelled
+        {
+            if let Some(d) = st.pending.pop_front() {
+                next_run = Some(d);
+            }
+        }
+        Self::settle(
+            &mut e,
+            st.running + u32::from(next_run.is_some()),
+            st.pending.len(),
+        );
+        let expected = e.version;
+        e.version += 1;
+        match self.inner.store.finish(&e, expected, &run).await {
+            Ok(()) => st.entry = e,
+            Err(err) => {
+                tracing::error!(entry = %entry.id(), %due, error = %err,
+                    "cannot record the end of a run; it stays claimed and runs again at the next start");
+            }
+        }
+        let ev = if outcome.is_ok() {
+            SchedulerEventType::Completed
+        } else {
+            SchedulerEventType::Failed
+        };
+        self.emit(ev, &st.entry, || {
+            json!({"due_at": due, "started_at": started, "finished_at": finished,
+                   "result": run.result, "error": run.error})
+        });
+        if let Some(d) = next_run {
+            st.running += 1;
+            self.spawn_run(slot.clone(), st.entry.clone(), d, 1);
+        }
+        if st.running == 0 && st.pending.is_empty() && !st.entry.is_active() {
+            self.inner.slots.lock().remove(&st.entry.id());
+        }
+    }
+
+    /// Applies `change` to an entry under its lock and persists it; `Ok(false)` when the entry
+    /// is unknown or `change` refuses.
+    async fn modify(
+        &self,
+        id: Uuid,
+        change: impl FnOnce(&mut ScheduleEntry, &SlotState) -> Result<bool>,
+    ) -> Result<Option<(Slot, ScheduleEntry)>> {
+        let Some(slot) = self.slot(id) else {
+            return Ok(None);
+        };
+        let mut st = slot.lock().await;
+        let mut e = st.entry.clone();
+        if !change(&mut e, &st)? {
+            return Ok(None);
+        }
+        let expected = e.version;
+        e.version += 1;
+        self.inner.store.update(&e, expected).await?;
+        st.entry = e.clone();
+        drop(st);
+        Ok(Some((slot, e)))
+    }
+
+    /// Without a runtime, changes go to the store directly (the entry is not in memory).
+    async fn modify_stored(
+        &self,
+        id: Uuid,
+        change: impl FnOnce(&mut ScheduleEntry) -> Result<bool>,
+    ) -> Result<Option<ScheduleEntry>> {
+        let Some(mut e) = self.inner.store.get(id).await? else {
+            return Ok(None);
+        };
+        if !change(&mut e)? {
+            return Ok(None);
+        }
+        let expected = e.version;
+        e.version += 1;
+        self.inner.store.update(&e, expected).await?;
+        Ok(Some(e))
+    }
+
+    async fn change(
+        &self,
+        id: Uuid,
+        change: impl Fn(&mut ScheduleEntry, Option<&SlotState>) -> Result<bool>,
+    ) -> Result<Option<(Option<Slot>, ScheduleEntry)>> {
+        if self.runtime().is_some() {
+            Ok(self
+                .modify(id, |e, st| change(e, Some(st)))
+                .await?
+                .map(|(s, e)| (Some(s), e)))
+        } else {
+            Ok(self
+                .modify_stored(id, |e| change(e, None))
+                .await?
+                .map(|e| (None, e)))
+        }
+    }
+
+    async fn recover(&self) -> Result<()> {
+        let store = &self.inner.store;
+        let entries = store.load_active().await?;
+        let mut open: HashMap<Uuid, Vec<ScheduleRun>> = HashMap::new();
+        for r in store.unfinished_runs().await? {
+            open.entry(r.entry_id).or_default().push(r);
+        }
+        let mut timers = Vec::with_capacity(entries.len());
+        let mut restarts = Vec::new();
+        let mut settled = Vec::new();
+        {
+            let mut slots = self.inner.slots.lock();
+            for e in entries {
+                let id = e.id();
+                let mut state = SlotState {
+                    entry: e,
+                    running: 0,
+                    pending: VecDeque::new(),
+                    late_from: None,
+                };
+                for r in open.remove(&id).unwrap_or_default() {
+                    if state.entry.task.status == ScheduledTaskStatus::Paused {
+                        state.pending.push_back(r.due_at);
+                    } else {
+                        state.running += 1;
+                        restarts.push((id, r));
+                    }
+                }
+                if let Some(t) = self.timer_for(&state.entry) {
+                    timers.push(t);
+                }
+                if state.entry.task.status == ScheduledTaskStatus::Running
+                    && state.running == 0
+                    && state.pending.is_empty()
+                {
+                    // Marked running, but nothing is left to run: settle it.
+                    let mut e = state.entry.clone();
+                    Self::settle(&mut e, 0, 0);
+                    settled.push((e, state.entry.version));
+                }
+                slots.insert(id, Arc::new(tokio::sync::Mutex::new(state)));
+            }
+        }
+        self.inner.timers.arm_many(timers);
+        for (mut e, expected) in settled {
+            e.version = expected + 1;
+            store.update(&e, expected).await?;
+            if let Some(slot) = self.slot(e.id()) {
+                let mut st = slot.lock().await;
+                let done = !e.is_active();
+                st.entry = e;
+                if done {
+                    self.inner.slots.lock().remove(&st.entry.id());
+                }
+            }
+        }
+        // Claims of entries that are no longer active (cancelled meanwhile) are closed.
+        for (id, runs) in open {
+            let Some(mut e) = store.get(id).await? else {
+                continue;
+            };
+            for r in runs {
+                let mut run = r.clone();
+                run.state = RunState::Failed;
+                run.error = Some("abandoned: the entry is no longer active".into());
+                run.finished_at = Some(self.now());
+                let expected = e.version;
+                e.version += 1;
+                store.finish(&e, expected, &run).await?;
+            }
+        }
+        let n = restarts.len();
+        for (id, r) in restarts {
+            let starts = store.restart(id, r.due_at).await?;
+            if let Some(slot) = self.slot(id) {
+                let entry = slot.lock().await.entry.clone();
+                tracing::info!(entry = %id, due = %r.due_at, starts, "restarting a run interrupted by a stop");
+                self.spawn_run(slot, entry, r.due_at, starts);
+            }
+        }
+        tracing::info!(
+            active = self.inner.slots.lock().len(),
+            restarted = n,
+            "scheduler recovered"
+        );
+        Ok(())
+    }
+
+    async fn drive(self, cancel: CancellationToken) {
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.inner.timers.next_batch(&mut batch) => {}
+            }
+            for t in batch.drain(..) {
+                tokio::spawn(self.clone().fire(t));
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Scheduler for TaskScheduler {
+    async fn schedule_task(&self, config: ScheduledTaskConfig) -> Result<Uuid> {
+        let e = self.one_shot_entry(config)?;
+        let id = e.id();
+        self.add(vec![e]).await?;
+        Ok(id)
+    }
+
+    async fn schedule_recurring_task(&self, config: RecurringTaskConfig) -> Result<Uuid> {
+        let e = self.recurring_entry(config)?;
+        let id = e.id();
+        self.add(vec![e]).await?;
+        Ok(id)
+    }
+
+    async fn cancel_task(&self, id: Uuid) -> Result<bool> {
+        let Some((slot, e)) = self
+            .change(id, |e, _| {
+                if !e.is_active() {
+                    return Ok(false);
+                }
+                e.task.status = ScheduledTaskStatus::Cancelled;
+                e.task.next_execution_at = None;
+                Ok(true)
+            })
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.inner.timers.disarm(id);
+        if let Some(slot) = slot {
+            let mut st = slot.lock().await;
+            // Waiting runs will not start: close their claims.
+            while let Some(d) = st.pending.pop_front() {
+                let mut run = ScheduleRun::claimed(id, d, self.now());
+                run.state = RunState::Failed;
+                run.error = Some("cancelled before it started".into());
+                run.finished_at = Some(self.now());
+                let mut next = st.entry.clone();
+                let expected = next.version;
+                next.version += 1;
+                self.inner.store.finish(&next, expected, &run).await?;
+                st.entry = next;
+            }
+            if st.running == 0 {
+                self.inner.slots.lock().remove(&id);
+            }
+        }
+        self.emit(SchedulerEventType::Cancelled, &e, || json!({}));
+        Ok(true)
+    }
+
+    async fn pause_task(&self, id: Uuid) -> Result<bool> {
+        let Some((_, e)) = self
+            .change(id, |e, _| {
+                if !matches!(
+                    e.task.status,
+                    ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
+                ) {
+                    return Ok(false);
+                }
+                e.task.status = ScheduledTaskStatus::Paused;
+                Ok(true)
+            })
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.inner.timers.disarm(id);
+        self.emit(
+            SchedulerEventType::Paused,
+            &e,
+            || json!({"next_execution_at": e.task.next_execution_at}),
+        );
+        Ok(true)
+    }
+
+    async fn resume_task(&self, id: Uuid) -> Result<bool> {
+        let Some((slot, e)) = self
+            .change(id, |e, st| {
+                if e.task.status != ScheduledTaskStatus::Paused {
+                    return Ok(false);
+                }
+                e.task.status = ScheduledTaskStatus::Scheduled;
+                let (running, pending) = st.map_or((0, 0), |s| (s.running, s.pending.len()));
+                Self::settle(e, running, pending);
+                Ok(true)
+            })
+            .await?
+        else {
+            return Ok(false);
+        };
+        if let Some(slot) = slot {
+            let mut st = slot.lock().await;
+            // What was missed while paused follows the misfire policy.
+            st.late_from = None;
+            let limit = match st.entry.policy.overlap {
+                OverlapPolicy::Allow => st.entry.policy.max_concurrent.unwrap_or(u32::MAX),
+                _ => 1,
+            };
+            while st.running < limit {
+                let Some(d) = st.pending.pop_front() else {
+                    break;
+                };
+                st.running += 1;
+                self.spawn_run(slot.clone(), st.entry.clone(), d, 1);
+            }
+            self.arm(&st.entry);
+        }
+        self.emit(
+            SchedulerEventType::Resumed,
+            &e,
+            || json!({"next_execution_at": e.task.next_execution_at}),
+        );
+        Ok(true)
+    }
+
+    async fn reschedule_task(&self, id: Uuid, execute_at: DateTime<Utc>) -> Result<bool> {
+        let at = truncate_ms(execute_at);
+        let Some((slot, e)) = self
+            .change(id, |e, _| {
+                if !e.is_active() {
+                    return Ok(false);
+                }
+                if e.end_at.is_some_and(|end| at > end) {
+                    return Err(Error::invalid_config(
+                        "execute_at",
+                        at.to_rfc3339(),
+                        "is after the entry's end_at",
+                    ));
+                }
+                if !e.task.is_recurring() {
+                    if e.task.execution_count > 0 {
+                        return Ok(false);
+                    }
+                    e.task.execute_at = at;
+                }
+                e.task.next_execution_at = Some(at);
+                if e.task.status != ScheduledTaskStatus::Paused
+                    && e.task.status != ScheduledTaskStatus::Running
+                {
+                    e.task.status = ScheduledTaskStatus::Scheduled;
+                }
+                Ok(true)
+            })
+            .await?
+        else {
+            return Ok(false);
+        };
+        if let Some(slot) = slot {
+            let mut st = slot.lock().await;
+            st.late_from = Some(self.now());
+            self.arm(&st.entry);
+        }
+        self.emit(
+            SchedulerEventType::Scheduled,
+            &e,
+            || json!({"next_execution_at": at, "kind": kind(&e), "rescheduled": true}),
+        );
+        Ok(true)
+    }
+
+    async fn trigger_task(&self, id: Uuid) -> Result<bool> {
+        if self.runtime().is_none() {
+            return Ok(false);
+        }
+        let Some(slot) = self.slot(id) else {
+            return Ok(false);
+        };
+        let mut st = slot.lock().await;
+        if !st.entry.is_active() {
+            return Ok(false);
+        }
+        let mut due = truncate_ms(self.now());
+        let mut e = st.entry.clone();
+        let expected = e.version;
+        e.version += 1;
+        let mut claimed = self.inner.store.claim(&e, expected, &[due], due).await?;
+        if claimed.is_empty() {
+            // Another run holds this millisecond: take the next one.
+            due += chrono::Duration::milliseconds(1);
+            let expected = e.version;
+            e.version += 1;
+            claimed = self.inner.store.claim(&e, expected, &[due], due).await?;
+        }
+        st.entry = e;
+        if claimed.is_empty() {
+            return Ok(false);
+        }
+        st.running += 1;
+        self.spawn_run(slot.clone(), st.entry.clone(), due, 1);
+        Ok(true)
+    }
+
+    async fn get_task(&self, id: Uuid) -> Result<Option<ScheduledTask>> {
+        if let Some(slot) = self.slot(id) {
+            return Ok(Some(slot.lock().await.entry.task.clone()));
+        }
+        Ok(self.inner.store.get(id).await?.map(|e| e.task))
+    }
+
+    async fn get_tasks(&self, filter: ScheduledTaskFilter) -> Result<Vec<ScheduledTask>> {
+        Ok(self
+            .inner
+            .store
+            .query(&filter)
+            .await?
+            .items
+            .into_iter()
+            .map(|e| e.task)
+            .collect())
+    }
+
+    fn on_scheduler_event(
+        &self,
+        filter: EventFilter,
+        handler: SchedulerEventHandler,
+    ) -> EventSubscription {
+        self.inner.events.on(filter, move |e| handler(e))
+    }
+}
+
+impl TaskScheduler {
+    /// Subscribes to scheduler events as a stream (`on_scheduler_event` with a callback is the
+    /// contract's way; this one suits tests and loops).
+    pub fn subscribe(
+        &self,
+        filter: impl Into<EventFilter>,
+    ) -> architectlm_core::Subscription<SchedulerEvent> {
+        self.inner.events.subscribe(filter)
+    }
+
+    /// Entries matching a filter, one page with the total count.
+    pub async fn query(
+        &self,
+        filter: &ScheduledTaskFilter,
+    ) -> Result<architectlm_core::extensions::Page<ScheduledTask>> {
+        let page = self.inner.store.query(filter).await?;
+        Ok(architectlm_core::extensions::Page::new(
+            page.items.into_iter().map(|e| e.task).collect(),
+            page.total,
+            page.next_offset,
+        ))
+    }
+}
+
+#[async_trait]
+impl Extension for TaskScheduler {
+    fn name(&self) -> &'static str {
+        "scheduler"
+    }
+
+    fn register(self: Arc<Self>, registry: &mut ServiceRegistry) {
+        registry.set_scheduler(self);
+    }
+
+    /// Binds to the runtime, reloads every active entry from the store, restarts runs a stop
+    /// interrupted, and starts the timer driver. Overdue entries fire at once and follow their
+    /// misfire policy.
+    async fn start(&self, runtime: Runtime) -> Result<()> {
+        *self.inner.runtime.write() = Some(runtime);
+        self.inner.stopped.store(false, Ordering::Release);
+        self.inner.slots.lock().clear();
+        self.recover().await?;
+        let cancel = CancellationToken::new();
+        *self.inner.cancel.lock() = cancel.clone();
+        let handle = tokio::spawn(self.clone().drive(cancel));
+        *self.inner.driver.lock() = Some(handle);
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        self.inner.stopped.store(true, Ordering::Release);
+        self.inner.cancel.lock().cancel();
+        let handle = self.inner.driver.lock().take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+}

@@ -128,6 +128,12 @@ impl SagaStep {
         self.parallel_group = Some(group.into());
         self
     }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: Value) -> Self {
+        self.metadata.insert(key.into(), value);
+        self
+    }
 }
 
 /// A saga: steps run in order; when one fails for good, the completed ones are compensated in
@@ -195,6 +201,12 @@ impl SagaDefinition {
         self.description = Some(d.into());
         self
     }
+
+    /// Adds a metadata entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: Value) -> Self {
+        self.metadata.insert(key.into(), value);
+        self
+    }
 }
 
 /// Status of a saga instance.
@@ -226,6 +238,62 @@ impl SagaStatus {
             self,
             Self::Completed | Self::Failed | Self::Compensated | Self::CompensationFailed
         )
+    }
+
+    /// The kebab-case name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Compensating => "compensating",
+            Self::Compensated => "compensated",
+            Self::CompensationFailed => "compensation-failed",
+        }
+    }
+
+    /// Parses a kebab-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "created" => Self::Created,
+            "running" => Self::Running,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "compensating" => Self::Compensating,
+            "compensated" => Self::Compensated,
+            "compensation-failed" => Self::CompensationFailed,
+            _ => return None,
+        })
+    }
+}
+
+impl SagaStepStatus {
+    /// The kebab-case name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Compensating => "compensating",
+            Self::Compensated => "compensated",
+            Self::CompensationFailed => "compensation-failed",
+        }
+    }
+
+    /// Parses a kebab-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "compensating" => Self::Compensating,
+            "compensated" => Self::Compensated,
+            "compensation-failed" => Self::CompensationFailed,
+            _ => return None,
+        })
     }
 }
 
@@ -276,6 +344,24 @@ pub struct SagaStepExecution {
     pub error: Option<String>,
 }
 
+impl SagaStepExecution {
+    /// A pending step record with its stable idempotency key.
+    pub fn new(id: Uuid, step_id: impl Into<String>, idempotency_key: impl Into<String>) -> Self {
+        Self {
+            id,
+            step_id: step_id.into(),
+            status: SagaStepStatus::Pending,
+            attempts: 0,
+            compensation_attempts: 0,
+            idempotency_key: idempotency_key.into(),
+            started_at: None,
+            completed_at: None,
+            result: None,
+            error: None,
+        }
+    }
+}
+
 /// A saga instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -302,6 +388,45 @@ pub struct SagaInstance {
     pub completed_at: Option<DateTime<Utc>>,
     /// Why it failed or was compensated.
     pub error: Option<String>,
+}
+
+impl SagaInstance {
+    /// A new instance in status `created`, with its step records; `context` starts as `{}`.
+    pub fn new(
+        id: Uuid,
+        saga_id: impl Into<String>,
+        saga_version: u32,
+        input: Value,
+        idempotency_key: Option<String>,
+        started_at: DateTime<Utc>,
+        steps: Vec<SagaStepExecution>,
+    ) -> Self {
+        Self {
+            id,
+            saga_id: saga_id.into(),
+            saga_version,
+            status: SagaStatus::Created,
+            steps,
+            input,
+            context: Value::Object(serde_json::Map::new()),
+            idempotency_key,
+            started_at,
+            completed_at: None,
+            error: None,
+        }
+    }
+
+    /// Rebuilds [`context`](Self::context) from the step records: the result of every step that
+    /// has one, by step id.
+    pub fn rebuild_context(&mut self) {
+        let mut map = serde_json::Map::new();
+        for s in &self.steps {
+            if let Some(r) = &s.result {
+                map.insert(s.step_id.clone(), r.clone());
+            }
+        }
+        self.context = Value::Object(map);
+    }
 }
 
 /// Options of [`SagaCoordinator::start_saga_with`].
@@ -335,6 +460,43 @@ pub struct SagaFilter {
     pub started_before: Option<DateTime<Utc>>,
     /// Which page.
     pub page: Pagination,
+}
+
+impl SagaFilter {
+    /// Every instance, first page.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only instances of this definition.
+    pub fn saga(mut self, saga_id: impl Into<String>) -> Self {
+        self.saga_id = Some(saga_id.into());
+        self
+    }
+
+    /// Adds a status to match (several statuses match any of them).
+    pub fn status(mut self, status: SagaStatus) -> Self {
+        self.status.push(status);
+        self
+    }
+
+    /// Only instances started at or after `t`.
+    pub fn started_after(mut self, t: DateTime<Utc>) -> Self {
+        self.started_after = Some(t);
+        self
+    }
+
+    /// Only instances started at or before `t`.
+    pub fn started_before(mut self, t: DateTime<Utc>) -> Self {
+        self.started_before = Some(t);
+        self
+    }
+
+    /// Sets the page.
+    pub fn page(mut self, page: Pagination) -> Self {
+        self.page = page;
+        self
+    }
 }
 
 /// Saga event types.
@@ -436,10 +598,42 @@ pub type SagaEventHandler = Arc<dyn Fn(&SagaEvent) + Send + Sync>;
 /// - `Send + Sync`; every method may be called concurrently.
 /// - `start_saga` returns as soon as the instance is durably recorded; the steps run in the
 ///   background.
-/// - Starting with an idempotency key that was already used returns the existing instance.
-/// - Steps run at least once: a step that was running at a crash runs again after recovery, with
-///   the same idempotency key.
+/// - Starting with an idempotency key that was already used for the same definition returns
+///   the existing instance and starts nothing.
+/// - **At least once.** A step is recorded as running before it runs and its result before the
+///   next step starts. A step that was running at a crash runs again after recovery, with the
+///   same idempotency key ([`crate::TaskContext::idempotency_key`]): steps must be idempotent
+///   or hand the key to the system they call. Compensations follow the same rule.
+/// - An instance runs the definition version it started with; recovering an instance whose
+///   version is no longer registered is an error naming the version, never a silent mismatch.
+/// - `compensate_saga` on a running saga stops forward progress after the running step and
+///   unwinds (the running step, if it completes, is compensated too). On a **completed** saga
+///   it unwinds it: every completed step is compensated in reverse order and the saga ends
+///   `compensated` (the undo stack of a completed saga is intact; this is how a finished
+///   business transaction is reversed). On a `compensated` or `failed` saga it changes
+///   nothing; on a `compensation-failed` one it resumes the unwind.
 /// - Events are delivered as in [`crate::event`]: never blocking the saga, never lost silently.
+///
+/// ```
+/// use architectlm_core::extensions::SagaCoordinator;
+/// use architectlm_core::extensions::saga::{SagaDefinition, SagaStep};
+///
+/// // Any implementation is used through the trait, for example from a task with
+/// // `ctx.saga_coordinator()?`.
+/// async fn place_order(sagas: &dyn SagaCoordinator) -> architectlm_core::Result<()> {
+///     sagas
+///         .define_saga(
+///             SagaDefinition::new("order")
+///                 .step(SagaStep::task("reserve", "reserve-stock").compensate_with("release-stock"))
+///                 .step(SagaStep::task("charge", "charge-card").compensate_with("refund-card")),
+///         )
+///         .await?;
+///     let instance = sagas.start_saga("order", serde_json::json!({"order": 42})).await?;
+///     let _ = sagas.get_saga_status(instance.id).await?;
+///     Ok(())
+/// }
+/// # let _ = place_order;
+/// ```
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait SagaCoordinator: Send + Sync {
@@ -456,7 +650,8 @@ pub trait SagaCoordinator: Send + Sync {
     ) -> Result<SagaInstance>;
     /// The instance with its step timeline.
     async fn get_saga_status(&self, instance_id: Uuid) -> Result<Option<SagaInstance>>;
-    /// Stops forward progress after the running step and undoes the completed steps.
+    /// Stops forward progress after the running step and undoes the completed steps; unwinds
+    /// a completed saga (see the rules above).
     async fn compensate_saga(&self, instance_id: Uuid, reason: &str) -> Result<SagaInstance>;
     /// Carries on an unwind that stopped in `compensation-failed`.
     async fn resume_compensation(&self, instance_id: Uuid) -> Result<SagaInstance>;

@@ -1,0 +1,614 @@
+//! Drives one saga instance: forward through its step groups, or backward through the undo
+//! stack, journaling every move before making the next one.
+//!
+//! # Journal discipline
+//! - Before a group of steps runs, one journal entry marks them `running` (and carries the
+//!   results of the previous group, if those were not journaled yet).
+//! - A step's result is journaled at the latest together with the next group's start, and always
+//!   before that group runs.
+//! - Events are published after the journal entry that makes them true is durable.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use futures::future::{BoxFuture, join_all};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use architectlm_core::extensions::saga::{
+    SagaEvent, SagaEventType, SagaInstance, SagaStatus, SagaStep, SagaStepStatus,
+};
+use architectlm_core::{
+    Error, ExecuteOptions, Result, RetryPolicy, Runtime, TaskContext, TaskErrorKind, TaskHandler,
+    TaskRef, TaskResult,
+};
+use architectlm_store::saga::{SagaUpdate, StoredSaga};
+
+use crate::coordinator::{Control, Inner};
+use crate::definition::Prepared;
+
+/// How a run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The saga reached a terminal status.
+    Finished,
+    /// Shutdown stopped it; recovery carries it on.
+    Stopped,
+}
+
+enum Forward {
+    Done,
+    Unwind(String),
+    Stopped,
+}
+
+/// What one execution of a step's action or compensation gave.
+enum Exec {
+    Ok(Value, u32),
+    Failed(String, u32),
+    Stopped,
+}
+
+/// Counts attempts: the runtime retries inside `execute`, and the timeline shows them.
+struct Counting {
+    inner: Arc<dyn TaskHandler>,
+    attempts: Arc<AtomicU32>,
+}
+
+impl TaskHandler for Counting {
+    fn call(&self, input: Value, ctx: TaskContext) -> BoxFuture<'static, TaskResult> {
+        self.attempts.fetch_max(ctx.attempt(), Ordering::Relaxed);
+        self.inner.call(input, ctx)
+    }
+}
+
+pub(crate) struct Run {
+    inner: Arc<Inner>,
+    runtime: Runtime,
+    prep: Arc<Prepared>,
+    inst: SagaInstance,
+    fencing: u64,
+    control: Arc<Control>,
+    dirty: Vec<u32>,
+    events: Vec<SagaEvent>,
+    deadline: Option<Instant>,
+    listening: bool,
+    /// Results of the completed steps by step id, kept as they complete (the steps' input).
+    results: serde_json::Map<String, Value>,
+    /// Created by `start_saga` just now (already journaled as running): still owes
+    /// `saga-started`.
+    fresh: bool,
+}
+
+impl Run {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        runtime: Runtime,
+        prep: Arc<Prepared>,
+        stored: StoredSaga,
+        control: Arc<Control>,
+    ) -> Self {
+        if let Some(reason) = stored.compensation_requested.clone() {
+            control.request(reason);
+        }
+        let deadline = prep.timeout().map(|t| {
+            // The deadline counts from the durable start time, so it survives restarts.
+            let elapsed = (crate::now() - stored.instance.started_at)
+                .to_std()
+                .unwrap_or_default();
+            Instant::now() + t.saturating_sub(elapsed)
+        });
+        Self {
+            inner,
+            runtime,
+            prep,
+            inst: stored.instance,
+            fencing: stored.fencing,
+            control,
+            dirty: Vec::new(),
+            events: Vec::new(),
+            deadline,
+            listening: false,
+            results: serde_json::Map::new(),
+            fresh: false,
+        }
+        .with_results()
+    }
+
+    /// Marks an instance `start_saga` just created (see [`Run::fresh`]).
+    pub(crate) fn fresh(mut self, fresh: bool) -> Self {
+        self.fresh = fresh;
+        self
+    }
+
+    fn with_results(mut self) -> Self {
+        for s in &self.inst.steps {
+            if s.status == SagaStepStatus::Completed
+                && let Some(r) = &s.result
+            {
+                self.results.insert(s.step_id.clone(), r.clone());
+            }
+        }
+        self
+    }
+
+    fn event(&mut self, t: SagaEventType, step: Option<usize>, payload: impl FnOnce() -> Value) {
+        if !self.listening {
+            return;
+        }
+        let step_id = step.map(|i| self.inst.steps[i].step_id.clone());
+        self.events.push(SagaEvent::new(
+            t,
+            self.inst.saga_id.clone(),
+            self.inst.id,
+            step_id,
+            payload(),
+        ));
+    }
+
+    fn touch(&mut self, i: usize) {
+        let i = i as u32;
+        if !self.dirty.contains(&i) {
+            self.dirty.push(i);
+        }
+    }
+
+    /// Writes the pending journal entry, then publishes the events it made true.
+    async fn journal(&mut self) -> Result<()> {
+        let mut up = SagaUpdate::new(self.inst.id, self.fencing, self.inst.status);
+        up.error.clone_from(&self.inst.error);
+        up.completed_at = self.inst.completed_at;
+        up.steps = self
+            .dirty
+            .drain(..)
+            .map(|i| (i, self.inst.steps[i as usize].clone()))
+            .collect();
+        self.inner.store.apply(up).await?;
+        self.publish_events();
+        Ok(())
+    }
+
+    fn publish_events(&mut self) {
+        for e in self.events.drain(..) {
+            self.inner.emit(&self.runtime, e);
+        }
+        self.listening = self.inner.listening(&self.runtime);
+    }
+
+    fn stopping(&self) -> bool {
+        self.inner.stop.is_cancelled() || self.runtime.is_shutting_down()
+    }
+
+    pub(crate) async fn run(mut self) -> Result<Ended> {
+        self.listening = self.inner.listening(&self.runtime);
+        if self.inst.status == SagaStatus::Created || self.fresh {
+            self.inst.status = SagaStatus::Running;
+            let input = self.inst.input.clone();
+            let version = self.inst.saga_version;
+            self.event(
+                SagaEventType::SagaStarted,
+                None,
+                || json!({"input": input, "version": version}),
+            );
+        }
+        if self.inst.status == SagaStatus::Running {
+            // Boxed: the driver parks inside a step for long, and a boxed inner future takes only
+            // the memory of the path it is on.
+            match Box::pin(self.forward()).await? {
+                Forward::Done => {
+                    self.inst.status = SagaStatus::Completed;
+                    self.inst.completed_at = Some(crate::now());
+                    let ctx = self.results();
+                    self.event(
+                        SagaEventType::SagaCompleted,
+                        None,
+                        || json!({"results": ctx}),
+                    );
+                    self.journal().await?;
+                    return Ok(Ended::Finished);
+                }
+                Forward::Stopped => return self.stop().await,
+                Forward::Unwind(reason) => {
+                    self.inst.status = SagaStatus::Compensating;
+                    self.inst.error = Some(reason);
+                }
+            }
+        }
+        if self.inst.status == SagaStatus::Compensating {
+            return Box::pin(self.unwind()).await;
+        }
+        Ok(Ended::Finished)
+    }
+
+    async fn stop(&mut self) -> Result<Ended> {
+        if !self.dirty.is_empty() {
+            self.journal().await?;
+        }
+        Ok(Ended::Stopped)
+    }
+
+    fn results(&self) -> Value {
+        Value::Object(self.results.clone())
+    }
+
+    fn timed_out(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn timeout_reason(&self) -> String {
+        format!(
+            "saga \"{}\" timed out after {:?}",
+            self.inst.saga_id,
+            self.prep.timeout().unwrap_or_default()
+        )
+    }
+
+    async fn forward(&mut self) -> Result<Forward> {
+        let groups = self.prep.groups.clone();
+        for g in groups {
+            let todo: Vec<usize> = g
+                .clone()
+                .filter(|&i| self.inst.steps[i].status != SagaStepStatus::Completed)
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            // A step that was running at a crash may have taken effect: it runs again (at
+            // least once) before any unwind, so that its result can be compensated.
+            let resuming = todo
+                .iter()
+                .any(|&i| self.inst.steps[i].status == SagaStepStatus::Running);
+            if !resuming {
+                if let Some(reason) = self.control.requested() {
+                    return Ok(Forward::Unwind(format!("compensation requested: {reason}")));
+                }
+                if self.timed_out() {
+                    return Ok(Forward::Unwind(self.timeout_reason()));
+                }
+            }
+            if self.stopping() {
+                return Ok(Forward::Stopped);
+            }
+            // Steps already journaled as running (by `start_saga`, or before a crash) need no
+            // new entry unless results of earlier steps wait to be journaled.
+            let journaled = self.dirty.is_empty()
+                && resuming
+                && todo
+                    .iter()
+                    .all(|&i| self.inst.steps[i].status == SagaStepStatus::Running);
+            let now = crate::now();
+            for &i in &todo {
+                let s = &mut self.inst.steps[i];
+                if !journaled {
+                    s.status = SagaStepStatus::Running;
+                    s.started_at = Some(now);
+                    s.completed_at = None;
+                    s.error = None;
+                }
+                let attempts = s.attempts;
+                if !journaled {
+                    self.touch(i);
+                }
+                self.event(
+                    SagaEventType::StepStarted,
+                    Some(i),
+                    || json!({"attempts_before": attempts}),
+                );
+            }
+            if journaled {
+                self.publish_events();
+            } else {
+                self.journal().await?;
+            }
+
+            let input = json!({"input": self.inst.input, "results": self.results()});
+            let (outcomes, timed_out) = self.run_group(&todo, &input, false).await;
+            if outcomes.iter().any(|(_, o)| matches!(o, Exec::Stopped)) {
+                // The steps stay `running` in the journal; recovery runs them again.
+                return Ok(Forward::Stopped);
+            }
+            let now = crate::now();
+            let mut failure = None;
+            for (i, o) in outcomes {
+                let s = &mut self.inst.steps[i];
+                match o {
+                    Exec::Ok(v, n) => {
+                        s.status = SagaStepStatus::Completed;
+                        s.attempts += n;
+                        s.completed_at = Some(now);
+                        self.results.insert(s.step_id.clone(), v.clone());
+                        s.result = Some(v);
+                        let attempts = s.attempts;
+                        self.touch(i);
+                        self.event(
+                            SagaEventType::StepCompleted,
+                            Some(i),
+                            || json!({"attempts": attempts}),
+                        );
+                    }
+                    Exec::Failed(msg, n) => {
+                        s.status = SagaStepStatus::Failed;
+                        s.attempts += n;
+                        s.completed_at = Some(now);
+                        s.error = Some(msg.clone());
+                        let attempts = s.attempts;
+                        let step_id = s.step_id.clone();
+                        self.touch(i);
+                        let m = msg.clone();
+                        self.event(
+                            SagaEventType::StepFailed,
+                            Some(i),
+                            || json!({"attempts": attempts, "error": m}),
+                        );
+                        failure.get_or_insert(format!("step \"{step_id}\" failed: {msg}"));
+                    }
+                    Exec::Stopped => {}
+                }
+            }
+            if timed_out {
+                return Ok(Forward::Unwind(self.timeout_reason()));
+            }
+            if let Some(reason) = failure {
+                return Ok(Forward::Unwind(reason));
+            }
+        }
+        Ok(Forward::Done)
+    }
+
+    async fn unwind(&mut self) -> Result<Ended> {
+        let groups = self.prep.groups.clone();
+        for g in groups.into_iter().rev() {
+            let todo: Vec<usize> = g
+                .filter(|&i| {
+                    self.prep.def.steps[i].compensation.is_some()
+                        && matches!(
+                            self.inst.steps[i].status,
+                            SagaStepStatus::Completed
+                                | SagaStepStatus::Compensating
+                                | SagaStepStatus::CompensationFailed
+                        )
+                })
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            if self.stopping() {
+                return self.stop().await;
+            }
+            for &i in &todo {
+                self.inst.steps[i].status = SagaStepStatus::Compensating;
+                self.touch(i);
+                let result = self.inst.steps[i].result.clone();
+                self.event(
+                    SagaEventType::CompensationStarted,
+                    Some(i),
+                    || json!({"result": result}),
+                );
+            }
+            self.journal().await?;
+            let (outcomes, _) = self.run_group(&todo, &Value::Null, true).await;
+            if outcomes.iter().any(|(_, o)| matches!(o, Exec::Stopped)) {
+                return Ok(Ended::Stopped);
+            }
+            let now = crate::now();
+            let mut failure = None;
+            for (i, o) in outcomes {
+                let s = &mut self.inst.steps[i];
+                match o {
+                    Exec::Ok(_, n) => {
+                        s.status = SagaStepStatus::Compensated;
+                        s.compensation_attempts += n;
+                        s.completed_at = Some(now);
+                        s.error = None;
+                        let attempts = s.compensation_attempts;
+                        self.touch(i);
+                        self.event(
+                            SagaEventType::CompensationCompleted,
+                            Some(i),
+                            || json!({"attempts": attempts}),
+                        );
+                    }
+                    Exec::Failed(msg, n) => {
+                        s.status = SagaStepStatus::CompensationFailed;
+                        s.compensation_attempts += n;
+                        s.completed_at = Some(now);
+                        s.error = Some(msg.clone());
+                        let attempts = s.compensation_attempts;
+                        let step_id = s.step_id.clone();
+                        self.touch(i);
+                        let m = msg.clone();
+                        self.event(
+                            SagaEventType::CompensationFailed,
+                            Some(i),
+                            || json!({"attempts": attempts, "error": m}),
+                        );
+                        failure.get_or_insert(format!(
+                            "compensation of step \"{step_id}\" failed: {msg}"
+                        ));
+                    }
+                    Exec::Stopped => {}
+                }
+            }
+            if let Some(f) = failure {
+                let cause = self.inst.error.take().unwrap_or_default();
+                self.inst.status = SagaStatus::CompensationFailed;
+                self.inst.error = Some(format!("{f} (unwinding because {cause})"));
+                self.inst.completed_at = Some(crate::now());
+                let error = self.inst.error.clone();
+                self.event(
+                    SagaEventType::SagaFailed,
+                    None,
+                    || json!({"status": SagaStatus::CompensationFailed, "error": error}),
+                );
+                self.journal().await?;
+                return Ok(Ended::Finished);
+            }
+        }
+        let undid_work = self.inst.steps.iter().any(|s| {
+            matches!(
+                s.status,
+                SagaStepStatus::Compensated | SagaStepStatus::Completed
+            )
+        });
+        let step_failed = self
+            .inst
+            .steps
+            .iter()
+            .any(|s| s.status == SagaStepStatus::Failed);
+        // `failed` means a step failed before anything was done: there was nothing to undo.
+        self.inst.status = if step_failed && !undid_work {
+            SagaStatus::Failed
+        } else {
+            SagaStatus::Compensated
+        };
+        self.inst.completed_at = Some(crate::now());
+        let (status, error) = (self.inst.status, self.inst.error.clone());
+        self.event(
+            SagaEventType::SagaFailed,
+            None,
+            || json!({"status": status, "error": error}),
+        );
+        self.journal().await?;
+        Ok(Ended::Finished)
+    }
+
+    /// Runs the actions (or compensations) of `todo` together. Returns the outcomes and
+    /// whether the saga's deadline passed while they ran (the steps were then asked to stop).
+    ///
+    /// Returns a boxed future built for the case at hand: a saga parks here for as long as
+    /// its step runs, so a single step without a deadline carries no join or timer state.
+    fn run_group<'a>(
+        &'a self,
+        todo: &[usize],
+        input: &Value,
+        compensate: bool,
+    ) -> BoxFuture<'a, (Vec<(usize, Exec)>, bool)> {
+        let token = (!compensate && self.deadline.is_some())
+            .then(|| self.runtime.cancellation().child_token());
+        let mut execs: Vec<BoxFuture<'a, (usize, Exec)>> = todo
+            .iter()
+            .map(|&i| {
+                let step = &self.prep.def.steps[i];
+                let rec = &self.inst.steps[i];
+                let (task, retry, timeout, key, input, execution_id) = if compensate {
+                    (
+                        step.compensation.clone(),
+                        step.compensation_retry.clone(),
+                        None,
+                        format!("{}:compensation", rec.idempotency_key),
+                        rec.result.clone().unwrap_or(Value::Null),
+                        None,
+                    )
+                } else {
+                    (
+                        Some(step.action.clone()),
+                        step.retry.clone(),
+                        step.timeout,
+                        rec.idempotency_key.clone(),
+                        input.clone(),
+                        Some(rec.id),
+                    )
+                };
+                let fut = execute(
+                    &self.runtime,
+                    step,
+                    task,
+                    retry,
+                    timeout,
+                    key,
+                    input,
+                    execution_id,
+                    token.clone(),
+                );
+                Box::pin(async move { (i, fut.await) }) as BoxFuture<'a, (usize, Exec)>
+            })
+            .collect();
+        if execs.len() == 1
+            && token.is_none()
+            && let Some(only) = execs.pop()
+        {
+            return Box::pin(async move { (vec![only.await], false) });
+        }
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let all = join_all(execs);
+            match (deadline, token) {
+                (Some(deadline), Some(token)) => {
+                    tokio::pin!(all);
+                    tokio::select! {
+                        out = &mut all => (out, false),
+                        () = tokio::time::sleep_until(deadline) => {
+                            // Steps are asked to stop; each ends when it notices (or finishes).
+                            token.cancel();
+                            (all.await, true)
+                        }
+                    }
+                }
+                _ => (all.await, false),
+            }
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // One call site; the arguments are the step's settings.
+async fn execute(
+    runtime: &Runtime,
+    step: &SagaStep,
+    task: Option<TaskRef>,
+    retry: Option<RetryPolicy>,
+    timeout: Option<std::time::Duration>,
+    key: String,
+    input: Value,
+    execution_id: Option<Uuid>,
+    cancel: Option<CancellationToken>,
+) -> Exec {
+    let Some(task) = task else {
+        return Exec::Ok(Value::Null, 0);
+    };
+    let (name, handler, retry, timeout) = match task {
+        TaskRef::Id(id) => match runtime.system().tasks.get(id.as_str()) {
+            Some(def) => (
+                Arc::<str>::from(id.as_str()),
+                def.handler.clone(),
+                retry.or_else(|| def.retry.clone()),
+                timeout.or(def.timeout),
+            ),
+            None => {
+                return Exec::Failed(
+                    format!("step \"{}\" names unknown task \"{id}\"", step.id),
+                    0,
+                );
+            }
+        },
+        TaskRef::Handler { name, handler } => (name, handler, retry, timeout),
+    };
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counted = TaskRef::Handler {
+        name,
+        handler: Arc::new(Counting {
+            inner: handler,
+            attempts: attempts.clone(),
+        }),
+    };
+    let mut opts = ExecuteOptions::default();
+    opts.retry = retry;
+    opts.timeout = timeout;
+    opts.idempotency_key = Some(key);
+    opts.cancel = cancel;
+    opts.execution_id = execution_id;
+    let out = runtime.execute(counted, input, opts).await;
+    let n = attempts.load(Ordering::Relaxed);
+    match out {
+        Ok(v) => Exec::Ok(v, n),
+        Err(Error::ShuttingDown) => Exec::Stopped,
+        Err(Error::TaskFailed { error, .. })
+            if error.kind == TaskErrorKind::Cancelled && runtime.is_shutting_down() =>
+        {
+            Exec::Stopped
+        }
+        Err(Error::TaskFailed { error, .. }) => Exec::Failed(error.message, n),
+        Err(e) => Exec::Failed(e.to_string(), n),
+    }
+}

@@ -1,0 +1,714 @@
+//! Behaviour of the saga coordinator on the in-memory journal: execution, compensation,
+//! retries, timeouts, parallel groups, idempotency, versions, queries and events.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use architectlm_core::extensions::Pagination;
+use architectlm_core::extensions::SagaCoordinator;
+use architectlm_core::extensions::saga::{
+    SagaDefinition, SagaEventType as E, SagaFilter, SagaStatus, SagaStep, SagaStepStatus,
+    StartSagaOptions,
+};
+use architectlm_core::{Error, RetryPolicy, TaskDefinition, TaskError, TaskErrorKind};
+use architectlm_saga::{Coordinator, InMemorySagaStore};
+use serde_json::{Value, json};
+use support::*;
+use tokio::sync::Notify;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn four_steps(fail_at: Option<usize>) -> SagaDefinition {
+    let mut d = SagaDefinition::new("order");
+    for i in 1..=4 {
+        let action = if fail_at == Some(i) { "fail" } else { "step" };
+        let id: &'static str = ["", "s1", "s2", "s3", "s4"][i];
+        let mut s = SagaStep::task(id, action);
+        s.action = architectlm_core::TaskRef::Id(format!(
+            "{action}{}",
+            if action == "step" {
+                i.to_string()
+            } else {
+                String::new()
+            }
+        ));
+        d = d.step(s.compensate_with(format!("undo{i}")));
+    }
+    d
+}
+
+fn four_step_system(log: &Log) -> architectlm_core::System {
+    system(vec![
+        ok_task("step1", log),
+        ok_task("step2", log),
+        ok_task("step3", log),
+        ok_task("step4", log),
+        failing_task("fail", log),
+        ok_task("undo1", log),
+        ok_task("undo2", log),
+        ok_task("undo3", log),
+        ok_task("undo4", log),
+    ])
+}
+
+#[tokio::test]
+async fn happy_path_runs_steps_in_order_with_previous_results_and_events() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(None)).await.unwrap();
+    let rt = runtime(four_step_system(&log), &sagas).await;
+    let mut sub = sagas.events().subscribe("*");
+    let mut bus = rt.subscribe("saga-completed");
+
+    let started = sagas
+        .start_saga("order", json!({"order": 7}))
+        .await
+        .unwrap();
+    let events = events_until_end(&mut sub, started.id).await;
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+
+    assert_eq!(done.status, SagaStatus::Completed);
+    assert_eq!(log.tasks(), vec!["step1", "step2", "step3", "step4"]);
+    // Each step sees the input and the results of the steps before it.
+    assert_eq!(
+        log.inputs_of("step3")[0],
+        json!({"input": {"order": 7}, "results": {"s1": {"done": "step1"}, "s2": {"done": "step2"}}})
+    );
+    assert_eq!(done.context["s4"], json!({"done": "step4"}));
+    assert!(
+        done.steps
+            .iter()
+            .all(|s| s.status == SagaStepStatus::Completed && s.attempts == 1)
+    );
+    assert!(done.completed_at.is_some());
+    // Each step got its own stable key.
+    assert_eq!(
+        log.keys_of("step2")[0].as_deref(),
+        Some(done.steps[1].idempotency_key.as_str())
+    );
+    assert_eq!(done.steps[1].idempotency_key, format!("{}:s2", done.id));
+    let mut expected = vec![(E::SagaStarted, None)];
+    for s in ["s1", "s2", "s3", "s4"] {
+        expected.push((E::StepStarted, Some(s.to_owned())));
+        expected.push((E::StepCompleted, Some(s.to_owned())));
+    }
+    expected.push((E::SagaCompleted, None));
+    assert_eq!(events, expected);
+    // Forwarded to the runtime's bus with the coordinator as the source.
+    let e = tokio::time::timeout(WAIT, bus.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.source, "saga-coordinator");
+    assert_eq!(e.payload["instance_id"], json!(started.id));
+}
+
+#[tokio::test]
+async fn failure_at_step_k_compensates_previous_steps_in_reverse_with_their_results() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(Some(3))).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let mut sub = sagas.events().subscribe("*");
+
+    let started = sagas.start_saga("order", json!({})).await.unwrap();
+    let events = events_until_end(&mut sub, started.id).await;
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(
+        log.tasks(),
+        vec!["step1", "step2", "fail", "undo2", "undo1"]
+    );
+    assert_eq!(log.inputs_of("undo2"), vec![json!({"done": "step2"})]);
+    assert_eq!(log.inputs_of("undo1"), vec![json!({"done": "step1"})]);
+    let st: Vec<SagaStepStatus> = done.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        st,
+        vec![
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Failed,
+            SagaStepStatus::Pending
+        ]
+    );
+    assert!(
+        done.steps[2]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("fail refused")
+    );
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap()
+            .contains("step \"s3\" failed")
+    );
+    assert_eq!(
+        log.keys_of("undo2")[0].as_deref(),
+        Some(format!("{}:s2:compensation", done.id).as_str())
+    );
+    let tail: Vec<_> = events.iter().rev().take(6).rev().cloned().collect();
+    assert_eq!(
+        tail,
+        vec![
+            (E::StepFailed, Some("s3".into())),
+            (E::CompensationStarted, Some("s2".into())),
+            (E::CompensationCompleted, Some("s2".into())),
+            (E::CompensationStarted, Some("s1".into())),
+            (E::CompensationCompleted, Some("s1".into())),
+            (E::SagaFailed, None),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn failure_at_the_first_step_leaves_nothing_to_undo_and_ends_failed() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(Some(1))).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let started = sagas.start_saga("order", json!({})).await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Failed);
+    assert_eq!(log.tasks(), vec!["fail"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_retries_with_the_same_key_then_succeeds() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let keys = Log::default();
+    let (c, k) = (calls.clone(), keys.clone());
+    let flaky = TaskDefinition::new("flaky", move |input: Value, ctx| {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            k.push("flaky", &input, ctx.idempotency_key());
+            if c.fetch_add(1, Ordering::SeqCst) < 2 {
+                Err(TaskError::new("not yet"))
+            } else {
+                Ok(json!("ok"))
+            }
+        }
+    })
+    .unwrap();
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("retry")
+                .step(SagaStep::task("only", "flaky").retry(
+                    RetryPolicy::attempts(3).with_initial_delay(Duration::from_millis(100)),
+                )),
+        )
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![flaky]), &sagas).await;
+    let started = sagas.start_saga("retry", json!({})).await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+    assert_eq!(done.steps[0].attempts, 3);
+    let ks = keys.keys_of("flaky");
+    assert_eq!(ks.len(), 3);
+    assert!(ks.iter().all(|k| k == &ks[0] && k.is_some()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_saga_timeout_cancels_the_running_step_and_unwinds() {
+    let log = Log::default();
+    let slow = TaskDefinition::new("slow", |_input: Value, ctx| async move {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => Ok(json!("late")),
+            _ = ctx.cancellation().cancelled() => {
+                Err(TaskError::with_kind(TaskErrorKind::Cancelled, "stopped"))
+            }
+        }
+    })
+    .unwrap();
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("slow")
+                .timeout(Duration::from_secs(2))
+                .step(SagaStep::task("a", "step1").compensate_with("undo1"))
+                .step(SagaStep::task("b", "slow").compensate_with("undo2")),
+        )
+        .await
+        .unwrap();
+    let _rt = runtime(
+        system(vec![
+            ok_task("step1", &log),
+            slow,
+            ok_task("undo1", &log),
+            ok_task("undo2", &log),
+        ]),
+        &sagas,
+    )
+    .await;
+    let t0 = tokio::time::Instant::now();
+    let started = sagas.start_saga("slow", json!({})).await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert!(
+        done.error.as_deref().unwrap().contains("timed out"),
+        "{:?}",
+        done.error
+    );
+    assert_eq!(done.steps[1].status, SagaStepStatus::Failed);
+    assert_eq!(log.tasks(), vec!["step1", "undo1"]);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(60),
+        "{waited:?}"
+    );
+}
+
+/// A task that waits until released, then succeeds.
+fn gated(id: &'static str, gate: Arc<Notify>, entered: Arc<Notify>, log: &Log) -> TaskDefinition {
+    let log = log.clone();
+    TaskDefinition::new(id, move |input: Value, ctx| {
+        let (gate, entered, log) = (gate.clone(), entered.clone(), log.clone());
+        async move {
+            entered.notify_one();
+            gate.notified().await;
+            log.push(id, &input, ctx.idempotency_key());
+            Ok(json!({"done": id}))
+        }
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn manual_compensation_stops_after_the_running_step_and_unwinds_it_too() {
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("manual")
+                .step(SagaStep::task("a", "step1").compensate_with("undo1"))
+                .step(SagaStep::task("b", "gated").compensate_with("undo2"))
+                .step(SagaStep::task("c", "step3").compensate_with("undo3")),
+        )
+        .await
+        .unwrap();
+    let _rt = runtime(
+        system(vec![
+            ok_task("step1", &log),
+            gated("gated", gate.clone(), entered.clone(), &log),
+            ok_task("step3", &log),
+            ok_task("undo1", &log),
+            ok_task("undo2", &log),
+            ok_task("undo3", &log),
+        ]),
+        &sagas,
+    )
+    .await;
+    let started = sagas.start_saga("manual", json!({})).await.unwrap();
+    tokio::time::timeout(WAIT, entered.notified())
+        .await
+        .unwrap();
+    let during = sagas
+        .compensate_saga(started.id, "customer cancelled")
+        .await
+        .unwrap();
+    assert_eq!(during.status, SagaStatus::Running);
+    gate.notify_one();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(log.tasks(), vec!["step1", "gated", "undo2", "undo1"]);
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap()
+            .contains("customer cancelled")
+    );
+    assert_eq!(done.steps[2].status, SagaStepStatus::Pending);
+}
+
+#[tokio::test]
+async fn compensating_a_completed_saga_unwinds_it_and_a_second_call_changes_nothing() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(None)).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let started = sagas.start_saga("order", json!({})).await.unwrap();
+    sagas.wait_for(started.id, WAIT).await.unwrap();
+    sagas.compensate_saga(started.id, "refund").await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(
+        log.tasks()[4..].to_vec(),
+        vec!["undo4", "undo3", "undo2", "undo1"]
+    );
+    let again = sagas.compensate_saga(started.id, "refund").await.unwrap();
+    assert_eq!(again.status, SagaStatus::Compensated);
+    assert_eq!(log.tasks().len(), 8);
+}
+
+#[tokio::test]
+async fn a_failed_compensation_stops_in_compensation_failed_and_resumes_on_request() {
+    let log = Log::default();
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let b = broken.clone();
+    let l = log.clone();
+    let undo1 = TaskDefinition::new("undo1", move |input: Value, ctx| {
+        let (b, l) = (b.clone(), l.clone());
+        async move {
+            l.push("undo1", &input, ctx.idempotency_key());
+            if b.load(Ordering::SeqCst) {
+                Err(TaskError::permanent("ledger offline"))
+            } else {
+                Ok(json!(null))
+            }
+        }
+    })
+    .unwrap();
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("stuck")
+                .step(SagaStep::task("a", "step1").compensate_with("undo1"))
+                .step(SagaStep::task("b", "step2").compensate_with("undo2"))
+                .step(SagaStep::task("c", "fail")),
+        )
+        .await
+        .unwrap();
+    let _rt = runtime(
+        system(vec![
+            ok_task("step1", &log),
+            ok_task("step2", &log),
+            failing_task("fail", &log),
+            undo1,
+            ok_task("undo2", &log),
+        ]),
+        &sagas,
+    )
+    .await;
+    let started = sagas.start_saga("stuck", json!({})).await.unwrap();
+    let stuck = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(stuck.status, SagaStatus::CompensationFailed);
+    assert_eq!(stuck.steps[0].status, SagaStepStatus::CompensationFailed);
+    assert_eq!(stuck.steps[1].status, SagaStepStatus::Compensated);
+    assert!(stuck.error.as_deref().unwrap().contains("ledger offline"));
+    // The undo stack is intact: the failed compensation's step keeps its result.
+    assert_eq!(stuck.steps[0].result, Some(json!({"done": "step1"})));
+
+    let not_stuck = sagas.resume_compensation(Uuid::now_v7()).await.unwrap_err();
+    assert!(matches!(not_stuck, Error::NotFound { .. }), "{not_stuck}");
+    broken.store(false, Ordering::SeqCst);
+    sagas.resume_compensation(started.id).await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(done.steps[0].status, SagaStepStatus::Compensated);
+    assert_eq!(done.steps[0].compensation_attempts, 2);
+    // Resuming ran only what was left: undo2 once, undo1 twice.
+    assert_eq!(
+        log.tasks(),
+        vec!["step1", "step2", "fail", "undo2", "undo1", "undo1"]
+    );
+    let err = sagas.resume_compensation(started.id).await.unwrap_err();
+    assert!(err.to_string().contains("not compensation-failed"), "{err}");
+}
+
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_group_runs_together_and_is_compensated_together_when_one_fails() {
+    let log = Log::default();
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let mk = |id: &'static str, fail: bool| {
+        let (log, barrier) = (log.clone(), barrier.clone());
+        TaskDefinition::new(id, move |input: Value, ctx| {
+            let (log, barrier) = (log.clone(), barrier.clone());
+            async move {
+                // Both members must be running at once to pass the barrier.
+                barrier.wait().await;
+                log.push(id, &input, ctx.idempotency_key());
+                if fail {
+                    Err(TaskError::permanent("no stock"))
+                } else {
+                    Ok(json!(id))
+                }
+            }
+        })
+        .unwrap()
+    };
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("par")
+                .step(SagaStep::task("a", "step1").compensate_with("undo1"))
+                .step(
+                    SagaStep::task("b", "pb")
+                        .compensate_with("undo2")
+                        .parallel("g"),
+                )
+                .step(
+                    SagaStep::task("c", "pc")
+                        .compensate_with("undo3")
+                        .parallel("g"),
+                )
+                .step(SagaStep::task("d", "step4").compensate_with("undo4")),
+        )
+        .await
+        .unwrap();
+    let _rt = runtime(
+        system(vec![
+            ok_task("step1", &log),
+            mk("pb", false),
+            mk("pc", true),
+            ok_task("step4", &log),
+            ok_task("undo1", &log),
+            ok_task("undo2", &log),
+            ok_task("undo3", &log),
+            ok_task("undo4", &log),
+        ]),
+        &sagas,
+    )
+    .await;
+    let started = sagas.start_saga("par", json!({})).await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    let t = log.tasks();
+    assert!(
+        !t.contains(&"step4".to_owned()) && !t.contains(&"undo3".to_owned()),
+        "{t:?}"
+    );
+    // b is undone before a; c failed, so it has nothing to undo.
+    let pos = |x: &str| t.iter().position(|y| y == x).unwrap();
+    assert!(pos("undo2") < pos("undo1"), "{t:?}");
+    assert_eq!(done.steps[1].status, SagaStepStatus::Compensated);
+    assert_eq!(done.steps[2].status, SagaStepStatus::Failed);
+}
+
+#[tokio::test]
+async fn starting_twice_with_one_idempotency_key_runs_one_saga() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(None)).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let a = sagas
+        .start_saga_with(
+            "order",
+            json!({"n": 1}),
+            StartSagaOptions::idempotency_key("order-1"),
+        )
+        .await
+        .unwrap();
+    let b = sagas
+        .start_saga_with(
+            "order",
+            json!({"n": 2}),
+            StartSagaOptions::idempotency_key("order-1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.id, b.id);
+    assert_eq!(b.input, json!({"n": 1}));
+    sagas.wait_for(a.id, WAIT).await.unwrap();
+    assert_eq!(log.tasks().iter().filter(|t| *t == "step1").count(), 1);
+    let page = sagas.list_sagas(SagaFilter::all()).await.unwrap();
+    assert_eq!(page.total, 1);
+}
+
+#[tokio::test]
+async fn bad_definitions_and_unknown_ids_are_refused_with_clear_errors() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    let cases = [
+        (SagaDefinition::new("empty"), "has no steps"),
+        (
+            SagaDefinition::new("dup")
+                .step(SagaStep::task("x", "step1"))
+                .step(SagaStep::task("x", "step2")),
+            "duplicate step id \"x\"",
+        ),
+        (
+            SagaDefinition::new("zero")
+                .timeout(Duration::ZERO)
+                .step(SagaStep::task("x", "step1")),
+            "zero timeout",
+        ),
+        (
+            SagaDefinition::new("badretry")
+                .step(SagaStep::task("x", "step1").retry(RetryPolicy::attempts(0))),
+            "retry.max_attempts",
+        ),
+    ];
+    for (def, msg) in cases {
+        let e = sagas.define_saga(def).await.unwrap_err().to_string();
+        assert!(e.contains(msg), "{e} should mention {msg}");
+    }
+    let _rt = runtime(system(vec![ok_task("step1", &log)]), &sagas).await;
+    let e = sagas
+        .define_saga(SagaDefinition::new("ghost").step(SagaStep::task("x", "nope")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown action task \"nope\""), "{e}");
+    let e = sagas.start_saga("missing", json!({})).await.unwrap_err();
+    assert_eq!(e.to_string(), "unknown saga definition \"missing\"");
+    let id = Uuid::now_v7();
+    let e = sagas.compensate_saga(id, "x").await.unwrap_err();
+    assert_eq!(e.to_string(), format!("unknown saga instance \"{id}\""));
+    assert!(sagas.get_saga_status(id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_definition_naming_an_unknown_task_fails_runtime_start() {
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("s").step(SagaStep::task("x", "t").compensate_with("undo")),
+        )
+        .await
+        .unwrap();
+    let log = Log::default();
+    let err = architectlm_core::Runtime::builder(system(vec![ok_task("t", &log)]))
+        .extension(Arc::new(sagas.clone()))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown compensation task \"undo\""), "{err}");
+}
+
+#[tokio::test]
+async fn an_instance_keeps_its_version_and_an_unregistered_version_is_reported_until_defined() {
+    let log = Log::default();
+    let store = Arc::new(InMemorySagaStore::new());
+    let v1 = || {
+        SagaDefinition::new("ver")
+            .version(1)
+            .step(SagaStep::task("a", "step1"))
+    };
+    let v2 = || {
+        SagaDefinition::new("ver")
+            .version(2)
+            .step(SagaStep::task("a", "step2"))
+    };
+
+    // An instance of version 1 is journaled by a node that never ran it.
+    let first = Coordinator::with_store(store.clone());
+    first.define_saga(v1()).await.unwrap();
+    let old = first.start_saga("ver", json!({})).await.unwrap();
+    assert_eq!(old.saga_version, 1);
+    drop(first);
+
+    // A node that knows only version 2 leaves it alone and says why.
+    let second = Coordinator::with_store(store.clone());
+    second.define_saga(v2()).await.unwrap();
+    let _rt = runtime(
+        system(vec![ok_task("step1", &log), ok_task("step2", &log)]),
+        &second,
+    )
+    .await;
+    let stranded = second.stranded();
+    assert_eq!(stranded.len(), 1);
+    let report = second.recovery_report().unwrap();
+    assert_eq!((report.resumed, report.stranded.len()), (0, 1));
+    assert_eq!(stranded[0].instance_id, old.id);
+    assert!(
+        stranded[0]
+            .reason
+            .contains("\"ver\" version 1 is not registered (registered versions: [2])"),
+        "{}",
+        stranded[0].reason
+    );
+    let status = second.get_saga_status(old.id).await.unwrap().unwrap();
+    assert_eq!(status.status, SagaStatus::Created);
+    let new = second.start_saga("ver", json!({})).await.unwrap();
+    assert_eq!(new.saga_version, 2);
+    second.wait_for(new.id, WAIT).await.unwrap();
+
+    // Defining version 1 again carries the old instance on with its own steps.
+    second.define_saga(v1()).await.unwrap();
+    let done = second.wait_for(old.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+    assert_eq!(done.saga_version, 1);
+    assert_eq!(log.tasks(), vec!["step2", "step1"]);
+    assert!(second.stranded().is_empty());
+}
+
+#[tokio::test]
+async fn list_sagas_filters_by_definition_status_and_time_and_pages() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(None)).await.unwrap();
+    sagas
+        .define_saga(SagaDefinition::new("other").step(SagaStep::task("x", "fail")))
+        .await
+        .unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let before = chrono::Utc::now();
+    let mut ids = vec![];
+    for _ in 0..5 {
+        ids.push(sagas.start_saga("order", json!({})).await.unwrap().id);
+    }
+    let o = sagas.start_saga("other", json!({})).await.unwrap();
+    for id in ids.iter().chain([&o.id]) {
+        sagas.wait_for(*id, WAIT).await.unwrap();
+    }
+    let p1 = sagas
+        .list_sagas(SagaFilter::all().saga("order").page(Pagination::new(0, 3)))
+        .await
+        .unwrap();
+    assert_eq!((p1.total, p1.items.len(), p1.next_offset), (5, 3, Some(3)));
+    let p2 = sagas
+        .list_sagas(SagaFilter::all().saga("order").page(Pagination::new(3, 3)))
+        .await
+        .unwrap();
+    assert_eq!((p2.items.len(), p2.next_offset), (2, None));
+    let mut seen: Vec<Uuid> = p1.items.iter().chain(&p2.items).map(|i| i.id).collect();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
+    let failed = sagas
+        .list_sagas(SagaFilter::all().status(SagaStatus::Failed))
+        .await
+        .unwrap();
+    assert_eq!(
+        failed.items.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![o.id]
+    );
+    let later = sagas
+        .list_sagas(SagaFilter::all().started_before(before))
+        .await
+        .unwrap();
+    assert_eq!(later.total, 0);
+}
+
+#[tokio::test]
+async fn closures_work_as_steps_and_reach_services_through_the_context() {
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("closures")
+                .step(SagaStep::closure("nested", |_input, ctx| async move {
+                    // A step can reach the coordinator itself through the runtime's services.
+                    let me = ctx
+                        .saga_coordinator()
+                        .map_err(|e| TaskError::new(e.to_string()))?;
+                    let page = me
+                        .list_sagas(SagaFilter::all().saga("closures"))
+                        .await
+                        .map_err(|e| TaskError::new(e.to_string()))?;
+                    Ok(json!(page.total))
+                }))
+                .step(SagaStep::closure("boom", |_i, _c| async {
+                    Err(TaskError::permanent("boom"))
+                }))
+                .step(SagaStep::closure("never", |_i, _c| async { Ok(json!(1)) })),
+        )
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![]), &sagas).await;
+    let started = sagas.start_saga("closures", json!({})).await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.steps[0].result, Some(json!(1)));
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(done.steps[2].status, SagaStepStatus::Pending);
+}

@@ -1,1 +1,0 @@
-//! Storage of saga definitions versions, instances and the step journal.

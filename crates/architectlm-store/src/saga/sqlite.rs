@@ -1,0 +1,736 @@
+//! The saga journal on the embedded SQLite database.
+//!
+//! One table, `saga_instances`: one row per instance, with `owner`, `lease_until` and
+//! `fencing` for shared backends, and the step records as a JSON array patched in place by each
+//! journal entry (one statement per entry). Journal writes (creates and updates) queue up and a flusher
+//! applies everything queued in one closure on the database's writer thread, so journal
+//! entries of concurrent sagas share one savepoint and one commit. Times are stored as
+//! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use architectlm_core::extensions::Page;
+use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, SagaStepExecution};
+
+use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
+use crate::sqlite::{Migration, SqliteDb};
+use crate::{Error, Result};
+
+/// The versioned schema of the saga tables, applied by [`SqliteSagaStore::open`].
+pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
+    component: "saga",
+    version: 1,
+    description: "saga instances with their step journal",
+    sql: "
+        CREATE TABLE saga_instances (
+            id BLOB NOT NULL UNIQUE,
+            saga_id TEXT NOT NULL,
+            saga_version INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            input TEXT NOT NULL,
+            idempotency_key TEXT,
+            started_at INTEGER NOT NULL,
+            completed_at INTEGER,
+            error TEXT,
+            compensation_requested TEXT,
+            owner TEXT,
+            lease_until INTEGER,
+            fencing INTEGER NOT NULL DEFAULT 1,
+            steps TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX saga_instances_key
+            ON saga_instances (saga_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX saga_instances_started ON saga_instances (started_at);
+        CREATE INDEX saga_instances_unfinished ON saga_instances (status)
+            WHERE status IN ('created', 'running', 'compensating');
+    ",
+}];
+
+/// A [`SagaStore`] on an embedded SQLite database.
+///
+/// One table, `saga_instances`: one row per instance, with `owner`, `lease_until` and `fencing`
+/// for shared backends, and the step records as a JSON array that journal entries patch in
+/// place (`json_set`), so an entry is one statement. Journal writes of concurrent sagas queue
+/// up and share one write closure and one commit; reads use the reader pool. The schema is
+/// versioned ([`SAGA_MIGRATIONS`]).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use architectlm_store::saga::SqliteSagaStore;
+/// use architectlm_store::sqlite::{SqliteDb, SqliteOptions};
+///
+/// let db = SqliteDb::open(SqliteOptions::memory())?;
+/// let store = SqliteSagaStore::open(db).await?; // applies the saga migrations
+/// # let _ = store;
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct SqliteSagaStore {
+    db: SqliteDb,
+    queue: Arc<Mutex<Queue>>,
+    /// The serialised step records of the unfinished instances this store created, so an
+    /// update can write the whole array without SQLite parsing JSON. Dropped on any doubt
+    /// (a claim, a refused or failed write, a terminal status): updates then patch in SQL.
+    steps: Arc<Mutex<HashMap<Uuid, Vec<String>>>>,
+}
+
+impl std::fmt::Debug for SqliteSagaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteSagaStore")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::storage(e)
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(v)
+        .ok_or_else(|| Error::storage(format!("invalid timestamp {v} in the saga journal")))
+}
+
+fn opt_time(v: Option<i64>) -> Result<Option<DateTime<Utc>>> {
+    v.map(from_micros).transpose()
+}
+
+fn uuid_of(bytes: &[u8]) -> Result<Uuid> {
+    Uuid::from_slice(bytes)
+        .map_err(|e| Error::storage(format!("invalid id in the saga journal: {e}")))
+}
+
+fn json_of(text: &str) -> Result<Value> {
+    serde_json::from_str(text)
+        .map_err(|e| Error::storage(format!("invalid JSON in the saga journal: {e}")))
+}
+
+fn to_json(v: &Value) -> String {
+    // Serialising a `Value` cannot fail: its keys are strings.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
+const INSTANCE_COLUMNS: &str = "id, saga_id, saga_version, status, input, idempotency_key, \
+     started_at, completed_at, error, compensation_requested, owner, lease_until, fencing, steps";
+
+struct InstanceRow {
+    id: Vec<u8>,
+    saga_id: String,
+    saga_version: u32,
+    status: String,
+    input: String,
+    idempotency_key: Option<String>,
+    started_at: i64,
+    completed_at: Option<i64>,
+    error: Option<String>,
+    compensation_requested: Option<String>,
+    owner: Option<String>,
+    lease_until: Option<i64>,
+    fencing: i64,
+    steps: String,
+}
+
+fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
+    Ok(InstanceRow {
+        id: r.get(0)?,
+        saga_id: r.get(1)?,
+        saga_version: r.get(2)?,
+        status: r.get(3)?,
+        input: r.get(4)?,
+        idempotency_key: r.get(5)?,
+        started_at: r.get(6)?,
+        completed_at: r.get(7)?,
+        error: r.get(8)?,
+        compensation_requested: r.get(9)?,
+        owner: r.get(10)?,
+        lease_until: r.get(11)?,
+        fencing: r.get(12)?,
+        steps: r.get(13)?,
+    })
+}
+
+fn build(row: InstanceRow) -> Result<StoredSaga> {
+    let steps: Vec<SagaStepExecution> = serde_json::from_str(&row.steps)
+        .map_err(|e| Error::storage(format!("invalid step records in the saga journal: {e}")))?;
+    let status = SagaStatus::parse(&row.status).ok_or_else(|| {
+        Error::storage(format!(
+            "invalid saga status \"{}\" in the journal",
+            row.status
+        ))
+    })?;
+    let mut instance = SagaInstance::new(
+        uuid_of(&row.id)?,
+        row.saga_id,
+        row.saga_version,
+        json_of(&row.input)?,
+        row.idempotency_key,
+        from_micros(row.started_at)?,
+        steps,
+    );
+    instance.status = status;
+    instance.completed_at = opt_time(row.completed_at)?;
+    instance.error = row.error;
+    instance.rebuild_context();
+    let mut stored = StoredSaga::new(instance, row.owner);
+    stored.lease_until = opt_time(row.lease_until)?;
+    stored.fencing = u64::try_from(row.fencing).unwrap_or(0);
+    stored.compensation_requested = row.compensation_requested;
+    Ok(stored)
+}
+
+fn load(conn: &Connection, id: Uuid) -> Result<Option<StoredSaga>> {
+    let row = conn
+        .prepare_cached(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM saga_instances WHERE id = ?1"
+        ))
+        .map_err(db_err)?
+        .query_row([id.as_bytes().as_slice()], instance_row)
+        .optional()
+        .map_err(db_err)?;
+    row.map(build).transpose()
+}
+
+fn step_json(s: &SagaStepExecution) -> Result<String> {
+    serde_json::to_string(s)
+        .map_err(|e| Error::storage(format!("cannot serialise step \"{}\": {e}", s.step_id)))
+}
+
+/// `UPDATE` of an instance patching `n` step records in place.
+fn update_sql(n: usize) -> String {
+    let mut steps = String::from("steps");
+    for i in 0..n {
+        let (path, value) = (6 + 2 * i, 7 + 2 * i);
+        steps = format!("json_set({steps}, ?{path}, json(?{value}))");
+    }
+    format!(
+        "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4, steps = {steps} \
+         WHERE id = ?1 AND fencing = ?5"
+    )
+}
+
+/// A journal write waiting for the next batch.
+enum Op {
+    Create(SagaInstance, String),
+    /// The update, and the instance's whole step array when the store has it at hand.
+    Apply(SagaUpdate, Option<String>),
+}
+
+enum OpOut {
+    Created(Box<CreateOutcome>),
+    Applied,
+}
+
+type Reply = oneshot::Sender<Result<OpOut>>;
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<(Op, Reply)>,
+    flushing: bool,
+}
+
+/// Most journal writes one batch takes.
+const MAX_BATCH: usize = 2048;
+
+fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<CreateOutcome> {
+    if let Some(key) = &instance.idempotency_key {
+        let existing: Option<Vec<u8>> = txn
+            .prepare_cached(
+                "SELECT id FROM saga_instances WHERE saga_id = ?1 AND idempotency_key = ?2",
+            )
+            .map_err(db_err)?
+            .query_row(params![instance.saga_id, key], |r| r.get(0))
+            .optional()
+            .map_err(db_err)?;
+        if let Some(id) = existing {
+            let found = load(txn, uuid_of(&id)?)?.ok_or_else(|| {
+                Error::storage("saga instance vanished during its idempotency check")
+            })?;
+            return Ok(CreateOutcome::Existing(found));
+        }
+    }
+    let id = instance.id.as_bytes().as_slice();
+    txn.prepare_cached(
+        "INSERT INTO saga_instances (id, saga_id, saga_version, status, input, \
+         idempotency_key, started_at, completed_at, error, owner, fencing, steps) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11)",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        id,
+        instance.saga_id,
+        instance.saga_version,
+        instance.status.as_str(),
+        to_json(&instance.input),
+        instance.idempotency_key,
+        micros(instance.started_at),
+        instance.completed_at.map(micros),
+        instance.error,
+        owner,
+        serde_json::to_string(&instance.steps)
+            .map_err(|e| Error::storage(format!("cannot serialise step records: {e}")))?,
+    ])
+    .map_err(db_err)?;
+    Ok(CreateOutcome::Created(StoredSaga::new(
+        instance,
+        Some(owner),
+    )))
+}
+
+/// Applies an update, or refuses it (`Conflict`, `NotFound`) before changing anything.
+fn apply_in(txn: &Connection, update: &SagaUpdate, full: Option<String>) -> Result<()> {
+    let id = update.instance_id.as_bytes().as_slice();
+    let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
+    let n = if let Some(steps) = full {
+        // The whole array is at hand: no JSON work inside SQLite.
+        txn.prepare_cached(
+            "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4, steps = ?6 \
+             WHERE id = ?1 AND fencing = ?5",
+        )
+        .map_err(db_err)?
+        .execute(params![
+            id,
+            update.status.as_str(),
+            update.error,
+            update.completed_at.map(micros),
+            fencing,
+            steps,
+        ])
+        .map_err(db_err)?
+    } else {
+        let mut args: Vec<rusqlite::types::Value> = Vec::with_capacity(5 + 2 * update.steps.len());
+        args.push(id.to_vec().into());
+        args.push(update.status.as_str().to_owned().into());
+        args.push(update.error.clone().into());
+        args.push(update.completed_at.map(micros).into());
+        args.push(fencing.into());
+        for (idx, s) in &update.steps {
+            args.push(format!("$[{idx}]").into());
+            args.push(step_json(s)?.into());
+        }
+        txn.prepare_cached(&update_sql(update.steps.len()))
+            .map_err(db_err)?
+            .execute(rusqlite::params_from_iter(args))
+            .map_err(db_err)?
+    };
+    if n == 0 {
+        let actual: Option<i64> = txn
+            .query_row(
+                "SELECT fencing FROM saga_instances WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        return Err(match actual {
+            None => Error::not_found("saga instance", update.instance_id),
+            Some(actual) => Error::Conflict {
+                kind: "saga instance",
+                id: update.instance_id.to_string(),
+                expected: update.fencing,
+                actual: u64::try_from(actual).unwrap_or(0),
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Runs one batch in one write closure. A refusal (`Conflict`, `NotFound`) answers its own
+/// caller; any other error aborts the whole closure, so no write is half applied.
+fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<Vec<Result<OpOut>>> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let r = match op {
+            Op::Create(instance, owner) => {
+                create_in(txn, instance, owner).map(|c| OpOut::Created(Box::new(c)))
+            }
+            Op::Apply(update, full) => apply_in(txn, &update, full).map(|()| OpOut::Applied),
+        };
+        match r {
+            Err(e @ (Error::Conflict { .. } | Error::NotFound { .. })) => out.push(Err(e)),
+            Err(e) => return Err(e),
+            Ok(v) => out.push(Ok(v)),
+        }
+    }
+    Ok(out)
+}
+
+async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>) {
+    loop {
+        let batch = {
+            let mut q = queue.lock();
+            if q.ops.is_empty() {
+                q.flushing = false;
+                return;
+            }
+            let take = q.ops.len().min(MAX_BATCH);
+            q.ops.drain(..take).collect::<Vec<_>>()
+        };
+        let (ops, replies): (Vec<Op>, Vec<Reply>) = batch.into_iter().unzip();
+        match db.write(move |txn| run_batch(txn, ops)).await {
+            Ok(results) => {
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(Error::storage(format!(
+                        "saga journal write failed: {msg}"
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+impl SqliteSagaStore {
+    /// Uses `db`, applying the saga migrations first.
+    pub async fn open(db: SqliteDb) -> Result<Self> {
+        db.migrate(SAGA_MIGRATIONS).await?;
+        Ok(Self {
+            db,
+            queue: Arc::new(Mutex::new(Queue::default())),
+            steps: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Queues a journal write; the first writer of an idle queue starts the flusher, which
+    /// takes everything queued into one write closure (one savepoint), commits, answers, and
+    /// goes on while writes keep arriving.
+    async fn submit(&self, op: Op) -> Result<OpOut> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut q = self.queue.lock();
+            q.ops.push((op, tx));
+            !std::mem::replace(&mut q.flushing, true)
+        };
+        if start {
+            tokio::spawn(flush(self.db.clone(), self.queue.clone()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Error::storage("the saga journal flusher stopped")))
+    }
+
+    /// The database (for its writer statistics).
+    pub fn db(&self) -> &SqliteDb {
+        &self.db
+    }
+}
+
+#[async_trait]
+impl SagaStore for SqliteSagaStore {
+    async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
+        let parts = instance
+            .steps
+            .iter()
+            .map(step_json)
+            .collect::<Result<Vec<_>>>()?;
+        match self
+            .submit(Op::Create(instance.clone(), owner.to_owned()))
+            .await?
+        {
+            OpOut::Created(c) => {
+                if matches!(*c, CreateOutcome::Created(_)) {
+                    self.steps.lock().insert(instance.id, parts);
+                }
+                Ok(*c)
+            }
+            OpOut::Applied => Err(Error::storage(
+                "the saga journal answered a create with an update",
+            )),
+        }
+    }
+
+    async fn apply(&self, update: SagaUpdate) -> Result<()> {
+        let id = update.instance_id;
+        let full = {
+            let mut cache = self.steps.lock();
+            match cache.get_mut(&id) {
+                Some(parts) => {
+                    let mut ok = true;
+                    for (idx, s) in &update.steps {
+                        match (parts.get_mut(*idx as usize), step_json(s)) {
+                            (Some(slot), Ok(text)) => *slot = text,
+                            _ => ok = false,
+                        }
+                    }
+                    if ok {
+                        Some(format!("[{}]", parts.join(",")))
+                    } else {
+                        cache.remove(&id);
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        let terminal = update.status.is_terminal();
+        let out = self.submit(Op::Apply(update, full)).await.map(|_| ());
+        if terminal || out.is_err() {
+            self.steps.lock().remove(&id);
+        }
+        out
+    }
+
+    async fn request_compensation(
+        &self,
+        instance_id: Uuid,
+        reason: &str,
+    ) -> Result<Option<StoredSaga>> {
+        let reason = reason.to_owned();
+        self.db
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_instances SET compensation_requested = ?2 WHERE id = ?1 \
+                     AND status IN ('created', 'running') AND compensation_requested IS NULL",
+                    params![instance_id.as_bytes().as_slice(), reason],
+                )
+                .map_err(db_err)?;
+                load(txn, instance_id)
+            })
+            .await
+    }
+
+    async fn claim(
+        &self,
+        instance_id: Uuid,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Option<StoredSaga>> {
+        let owner = owner.to_owned();
+        self.steps.lock().remove(&instance_id);
+        self.db
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_instances SET owner = ?2, lease_until = ?3, fencing = fencing + 1 \
+                     WHERE id = ?1",
+                    params![
+                        instance_id.as_bytes().as_slice(),
+                        owner,
+                        lease_until.map(micros)
+                    ],
+                )
+                .map_err(db_err)?;
+                load(txn, instance_id)
+            })
+            .await
+    }
+
+    async fn claim_unfinished(
+        &self,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<StoredSaga>> {
+        let owner = owner.to_owned();
+        self.steps.lock().clear();
+        self.db
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_instances SET owner = ?1, lease_until = ?2, fencing = fencing + 1 \
+                     WHERE status IN ('created', 'running', 'compensating')",
+                    params![owner, lease_until.map(micros)],
+                )
+                .map_err(db_err)?;
+                let mut stmt = txn
+                    .prepare(&format!(
+                        "SELECT {INSTANCE_COLUMNS} FROM saga_instances \
+                         WHERE status IN ('created', 'running', 'compensating') \
+                         ORDER BY started_at, id"
+                    ))
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map([], instance_row)
+                    .map_err(db_err)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(db_err)?;
+                rows.into_iter().map(build).collect()
+            })
+            .await
+    }
+
+    async fn get(&self, instance_id: Uuid) -> Result<Option<StoredSaga>> {
+        self.db.read(move |conn| load(conn, instance_id)).await
+    }
+
+    async fn list(&self, filter: &SagaFilter) -> Result<Page<SagaInstance>> {
+        let filter = filter.clone();
+        self.db
+            .read(move |conn| {
+                let mut clauses: Vec<String> = Vec::new();
+                let mut args: Vec<rusqlite::types::Value> = Vec::new();
+                if let Some(s) = &filter.saga_id {
+                    args.push(s.clone().into());
+                    clauses.push(format!("saga_id = ?{}", args.len()));
+                }
+                if !filter.status.is_empty() {
+                    let mut marks = Vec::new();
+                    for s in &filter.status {
+                        args.push(s.as_str().to_owned().into());
+                        marks.push(format!("?{}", args.len()));
+                    }
+                    clauses.push(format!("status IN ({})", marks.join(", ")));
+                }
+                if let Some(t) = filter.started_after {
+                    args.push(micros(t).into());
+                    clauses.push(format!("started_at >= ?{}", args.len()));
+                }
+                if let Some(t) = filter.started_before {
+                    args.push(micros(t).into());
+                    clauses.push(format!("started_at <= ?{}", args.len()));
+                }
+                let where_ = if clauses.is_empty() {
+                    String::new()
+                } else {
+                    format!("WHERE {}", clauses.join(" AND "))
+                };
+                let total: i64 = conn
+                    .query_row(
+                        &format!("SELECT COUNT(*) FROM saga_instances {where_}"),
+                        rusqlite::params_from_iter(args.iter()),
+                        |r| r.get(0),
+                    )
+                    .map_err(db_err)?;
+                let total = u64::try_from(total).unwrap_or(0);
+                let limit = i64::try_from(filter.page.limit).unwrap_or(i64::MAX);
+                let offset = i64::try_from(filter.page.offset).unwrap_or(i64::MAX);
+                let mut stmt = conn
+                    .prepare(&format!(
+                        "SELECT {INSTANCE_COLUMNS} FROM saga_instances {where_} \
+                         ORDER BY started_at, id LIMIT {limit} OFFSET {offset}"
+                    ))
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(args.iter()), instance_row)
+                    .map_err(db_err)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(db_err)?;
+                let items = rows
+                    .into_iter()
+                    .map(|r| build(r).map(|s| s.instance))
+                    .collect::<Result<Vec<_>>>()?;
+                let end = filter.page.offset.saturating_add(items.len() as u64);
+                let next = (end < total).then_some(end);
+                Ok(Page::new(items, total, next))
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteOptions;
+    use architectlm_core::extensions::saga::SagaStepStatus;
+
+    fn instance(key: Option<&str>) -> SagaInstance {
+        let id = Uuid::now_v7();
+        let steps = (0..3)
+            .map(|i| SagaStepExecution::new(Uuid::now_v7(), format!("s{i}"), format!("{id}:s{i}")))
+            .collect();
+        SagaInstance::new(
+            id,
+            "order",
+            2,
+            serde_json::json!({"n": 1}),
+            key.map(str::to_owned),
+            DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap(),
+            steps,
+        )
+    }
+
+    #[tokio::test]
+    async fn journal_round_trips_and_fences_stale_writers() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let inst = instance(Some("k1"));
+        let CreateOutcome::Created(created) = store.create(&inst, "a").await.unwrap() else {
+            panic!("expected a new instance");
+        };
+        let again = store.create(&instance(Some("k1")), "a").await.unwrap();
+        assert_eq!(again, CreateOutcome::Existing(created.clone()));
+
+        let mut step = inst.steps[0].clone();
+        step.status = SagaStepStatus::Completed;
+        step.result = Some(serde_json::json!({"reserved": true}));
+        step.attempts = 2;
+        let mut up = SagaUpdate::new(inst.id, created.fencing, SagaStatus::Running);
+        up.steps.push((0, step));
+        store.apply(up.clone()).await.unwrap();
+        let got = store.get(inst.id).await.unwrap().unwrap();
+        assert_eq!(got.instance.status, SagaStatus::Running);
+        assert_eq!(got.instance.steps[0].attempts, 2);
+        assert_eq!(
+            got.instance.context,
+            serde_json::json!({"s0": {"reserved": true}})
+        );
+        assert_eq!(got.instance.saga_version, 2);
+
+        let claimed = store.claim_unfinished("b", None).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].fencing, created.fencing + 1);
+        assert_eq!(claimed[0].owner.as_deref(), Some("b"));
+        let err = store.apply(up).await.unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+
+        // After a claim the store patches the step array inside SQLite; same outcome.
+        let mut step = inst.steps[1].clone();
+        step.status = SagaStepStatus::Failed;
+        step.error = Some("card declined".into());
+        let mut up = SagaUpdate::new(inst.id, claimed[0].fencing, SagaStatus::Compensating);
+        up.steps.push((1, step));
+        store.apply(up).await.unwrap();
+        let got = store.get(inst.id).await.unwrap().unwrap();
+        assert_eq!(got.instance.status, SagaStatus::Compensating);
+        assert_eq!(
+            got.instance.steps[0].result,
+            Some(serde_json::json!({"reserved": true}))
+        );
+        assert_eq!(
+            got.instance.steps[1].error.as_deref(),
+            Some("card declined")
+        );
+        assert_eq!(got.instance.steps[2].status, SagaStepStatus::Pending);
+    }
+
+    #[tokio::test]
+    async fn list_filters_and_pages() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            store.create(&instance(None), "a").await.unwrap();
+        }
+        let page = store
+            .list(
+                &SagaFilter::all()
+                    .saga("order")
+                    .page(architectlm_core::extensions::Pagination::new(0, 2)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.total, 5);
+        assert_eq!(page.items.len(), 2);
+        assert_eq!(page.next_offset, Some(2));
+        let none = store
+            .list(&SagaFilter::all().status(SagaStatus::Completed))
+            .await
+            .unwrap();
+        assert_eq!(none.total, 0);
+    }
+}

@@ -10,7 +10,10 @@
 //! | `supervisor` | [`supervisor`]: health checks, recovery, OTP-style worker trees |
 //! | `loadmanager` | [`loadmanager`]: resources, thresholds, circuit breakers |
 //! | `sqlite` (default) | the embedded SQLite store of the durable extensions |
-//! | `mock` | mockall mocks of the four extension traits ([`mock`]) |
+//! | `postgres` | the PostgreSQL store, for several nodes sharing one database |
+//! | `tower` | a tower `Layer` guarding a service with a load-manager resource |
+//! | `system` | cpu, memory and disk resources fed from the machine |
+//! | `mock` | mockall mocks of the four extension traits (`architectlm::mock`) |
 //! | `full` | all of the above but `mock` |
 //!
 //! The umbrella holds no logic: it re-exports [`architectlm_core`] and the enabled extensions.
@@ -44,9 +47,9 @@ pub use architectlm_supervisor as supervisor;
 pub use architectlm_loadmanager as loadmanager;
 
 /// The storage layer shared by the durable extensions.
-#[cfg(any(feature = "saga", feature = "scheduler"))]
+#[cfg(any(feature = "saga", feature = "scheduler", feature = "postgres"))]
 #[doc(inline)]
-pub use architectlm_store as store_backends;
+pub use architectlm_store as storage;
 
 /// The types most programs need.
 pub mod prelude {

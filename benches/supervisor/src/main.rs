@@ -132,6 +132,12 @@ struct Dist {
     p99: Duration,
 }
 
+impl Dist {
+    fn show(&self) {
+        eprintln!("p50 {:?} p99 {:?}", self.p50, self.p99);
+    }
+}
+
 fn dist(lat: &Mutex<Latency>) -> Dist {
     let mut s = lat.lock().unwrap().samples.clone();
     s.sort();
@@ -588,6 +594,31 @@ fn main() {
         Duration::from_secs(10)
     };
     let victims = 10;
+
+    // `--profile <workload> [n]` runs one workload alone and prints nothing, for profilers
+    // (callgrind, perf) that should see only that workload.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        let what = args.get(i + 1).map(String::as_str).unwrap_or("");
+        let n: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(1_000);
+        rt.block_on(async {
+            match what {
+                "restart" => restart_ours(n).await.show(),
+                "restart-bare" => restart_bare(n).await.show(),
+                "restart-kameo" => restart_kameo(n).await.show(),
+                "spawn" => eprintln!("{:?}", spawn_ours(n).await),
+                "spawn-dynamic" => eprintln!("{:?}", spawn_ours_dynamic(n).await),
+                "spawn-bare" => eprintln!("{:?}", spawn_bare(n).await),
+                "heartbeat" => drop(heartbeat_ours(n, Duration::from_secs(2), 0, true).await),
+                "heartbeat-plain" => {
+                    drop(heartbeat_ours(n, Duration::from_secs(2), 0, false).await)
+                }
+                "heartbeat-bare" => drop(heartbeat_bare(n, Duration::from_secs(2)).await),
+                other => eprintln!("unknown workload {other:?}"),
+            }
+        });
+        return;
+    }
 
     rt.block_on(async {
         // Warm up the allocator and the scheduler.

@@ -530,10 +530,11 @@ impl SupervisorSpecBuilder {
                 ),
             ));
         }
-        let mut seen = std::collections::HashSet::new();
+        // Sized up front and keyed by borrowed names: no rehash, no reference count traffic.
+        let mut seen = std::collections::HashSet::with_capacity(self.children.len());
         for c in &self.children {
             c.validate()?;
-            if !seen.insert(c.name.clone()) {
+            if !seen.insert(&*c.name) {
                 return Err(Error::invalid_config(
                     "children[].name",
                     format!("\"{}\"", c.name),

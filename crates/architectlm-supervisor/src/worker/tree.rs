@@ -13,6 +13,8 @@
 //!   loop reads them only when the timer fires, so 10 000 heartbeating workers cost the loop one
 //!   scan per deadline period, not one wake-up per beat.
 //! - Dropping the loop (its task aborted by a parent) aborts every child task it owns.
+//! - Each poll of the loop runs inside a `worker-supervisor` tracing span (debug level) with
+//!   the supervisor's path, so the loop's own CPU time can be told apart from its workers'.
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -27,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::context::{Beat, WorkerContext};
 use super::spec::{
@@ -273,9 +276,12 @@ pub(crate) fn tree(
         next_restart: None,
         next_kill: None,
     };
+    // Every poll of the loop runs in this span: a subscriber can time the supervisor's own
+    // work apart from its workers', and the loop's log events carry the supervisor's path.
+    let span = tracing::debug_span!("worker-supervisor", supervisor = %actor.path);
     (
         SupervisorRef { tx: cmd_tx },
-        Box::pin(actor.run(cmd_rx, exit_rx)),
+        Box::pin(actor.run(cmd_rx, exit_rx).instrument(span)),
     )
 }
 

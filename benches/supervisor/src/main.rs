@@ -684,6 +684,14 @@ fn main() {
                 "restart-kameo" => restart_kameo(n).await.show(),
                 "spawn" => eprintln!("{:?}", spawn_ours(n).await),
                 "spawn-dynamic" => eprintln!("{:?}", spawn_ours_dynamic(n).await),
+                "seq-ours" => {
+                    let _ = timed_and_counted(|| spawn_ours(10_000)).await;
+                    eprintln!("{:?}", spawn_ours_dynamic(n).await)
+                }
+                "seq-kameo" => {
+                    let _ = timed_and_counted(|| spawn_kameo(10_000)).await;
+                    eprintln!("{:?}", spawn_ours_dynamic(n).await)
+                }
                 "spawn-bare" => eprintln!("{:?}", spawn_bare(n).await),
                 "heartbeat" => {
                     supervisor_cpu::install();

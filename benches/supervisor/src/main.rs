@@ -132,6 +132,12 @@ struct Dist {
     p99: Duration,
 }
 
+impl Dist {
+    fn show(&self) {
+        eprintln!("p50 {:?} p99 {:?}", self.p50, self.p99);
+    }
+}
+
 fn dist(lat: &Mutex<Latency>) -> Dist {
     let mut s = lat.lock().unwrap().samples.clone();
     s.sort();
@@ -438,6 +444,80 @@ mod tokio_util_like {
 
 // ----- heartbeats -----------------------------------------------------------------------------
 
+/// Times the supervisor loops apart from their workers: each poll of a loop runs inside a
+/// `worker-supervisor` span, and this subscriber adds up the thread CPU time spent inside it.
+/// Installed only for the heartbeat runs, so the other measures pay nothing for it.
+mod supervisor_cpu {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use tracing::subscriber::Interest;
+    use tracing::{Event, Metadata, Subscriber, span};
+
+    static NANOS: AtomicU64 = AtomicU64::new(0);
+    static POLLS: AtomicU64 = AtomicU64::new(0);
+
+    thread_local! {
+        static ENTERED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn thread_cpu_nanos() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we pass.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    fn ours(m: &Metadata<'_>) -> bool {
+        m.is_span() && m.name() == "worker-supervisor"
+    }
+
+    struct PollTimer;
+
+    impl Subscriber for PollTimer {
+        fn register_callsite(&self, m: &'static Metadata<'static>) -> Interest {
+            if ours(m) {
+                Interest::always()
+            } else {
+                Interest::never()
+            }
+        }
+        fn enabled(&self, m: &Metadata<'_>) -> bool {
+            ours(m)
+        }
+        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+            span::Id::from_u64(1)
+        }
+        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &span::Id) {
+            ENTERED.with(|e| e.set(thread_cpu_nanos()));
+        }
+        fn exit(&self, _: &span::Id) {
+            let spent = thread_cpu_nanos().saturating_sub(ENTERED.with(Cell::get));
+            NANOS.fetch_add(spent, Ordering::Relaxed);
+            POLLS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn install() {
+        let _ = tracing::subscriber::set_global_default(PollTimer);
+    }
+
+    /// CPU time spent in supervisor loops so far, and their number of polls.
+    pub fn spent() -> (Duration, u64) {
+        (
+            Duration::from_nanos(NANOS.load(Ordering::Relaxed)),
+            POLLS.load(Ordering::Relaxed),
+        )
+    }
+}
+
 const BEAT: Duration = Duration::from_millis(100);
 const DEADLINE: Duration = Duration::from_secs(1);
 
@@ -476,7 +556,7 @@ async fn heartbeat_ours(
     run: Duration,
     victims: usize,
     beat: bool,
-) -> (Duration, Vec<Duration>) {
+) -> (Duration, Duration, Vec<Duration>) {
     let last_beats: Arc<Mutex<Vec<Option<std::time::SystemTime>>>> =
         Arc::new(Mutex::new(vec![None; victims]));
     let mut b = SupervisorSpec::builder("bench")
@@ -547,12 +627,14 @@ async fn heartbeat_ours(
     });
     tokio::time::sleep(BEAT * 2).await;
     let c0 = cpu_time();
+    let (s0, _) = supervisor_cpu::spent();
     tokio::time::sleep(run).await;
     let used = cpu_time() - c0;
+    let (s1, _) = supervisor_cpu::spent();
     handle.shutdown().await;
     watcher.abort();
     let late = lateness.lock().unwrap().clone();
-    (used, late)
+    (used, s1 - s0, late)
 }
 
 // ----- report ---------------------------------------------------------------------------------
@@ -589,6 +671,43 @@ fn main() {
     };
     let victims = 10;
 
+    // `--profile <workload> [n]` runs one workload alone and prints nothing, for profilers
+    // (callgrind, perf) that should see only that workload.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        let what = args.get(i + 1).map(String::as_str).unwrap_or("");
+        let n: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(1_000);
+        rt.block_on(async {
+            match what {
+                "restart" => restart_ours(n).await.show(),
+                "restart-bare" => restart_bare(n).await.show(),
+                "restart-kameo" => restart_kameo(n).await.show(),
+                "spawn" => eprintln!("{:?}", spawn_ours(n).await),
+                "spawn-dynamic" => eprintln!("{:?}", spawn_ours_dynamic(n).await),
+                "seq-ours" => {
+                    let _ = timed_and_counted(|| spawn_ours(10_000)).await;
+                    eprintln!("{:?}", spawn_ours_dynamic(n).await)
+                }
+                "seq-kameo" => {
+                    let _ = timed_and_counted(|| spawn_kameo(10_000)).await;
+                    eprintln!("{:?}", spawn_ours_dynamic(n).await)
+                }
+                "spawn-bare" => eprintln!("{:?}", spawn_bare(n).await),
+                "heartbeat" => {
+                    supervisor_cpu::install();
+                    let (all, sup, _) = heartbeat_ours(n, Duration::from_secs(2), 0, true).await;
+                    eprintln!("all {all:?} supervisor {sup:?} polls {}", supervisor_cpu::spent().1);
+                }
+                "heartbeat-plain" => {
+                    drop(heartbeat_ours(n, Duration::from_secs(2), 0, false).await)
+                }
+                "heartbeat-bare" => drop(heartbeat_bare(n, Duration::from_secs(2)).await),
+                other => eprintln!("unknown workload {other:?}"),
+            }
+        });
+        return;
+    }
+
     rt.block_on(async {
         // Warm up the allocator and the scheduler.
         restart_bare(200).await;
@@ -609,13 +728,16 @@ fn main() {
         let mut cpu_bare = Duration::MAX;
         let mut cpu_ours = Duration::MAX;
         let mut cpu_plain = Duration::MAX;
+        let mut cpu_sup = Duration::MAX;
         let mut late = Vec::new();
+        supervisor_cpu::install();
         for _ in 0..2 {
             cpu_bare = cpu_bare.min(heartbeat_bare(workers, hb_run).await);
-            let (c, _) = heartbeat_ours(workers, hb_run, 0, false).await;
+            let (c, _, _) = heartbeat_ours(workers, hb_run, 0, false).await;
             cpu_plain = cpu_plain.min(c);
-            let (c, l) = heartbeat_ours(workers, hb_run, victims, true).await;
+            let (c, s, l) = heartbeat_ours(workers, hb_run, victims, true).await;
             cpu_ours = cpu_ours.min(c);
+            cpu_sup = cpu_sup.min(s);
             late.extend(l);
         }
 
@@ -663,6 +785,10 @@ fn main() {
         println!(
             "| CPU of {workers} beating workers | {:.2} % of a core | {:.2} % (no heartbeat checks) | – | +{:.2} % of a core | – |",
             pct(cpu_ours), pct(cpu_bare), pct(overhead)
+        );
+        println!(
+            "| of which the supervisor loop's own polls (thread CPU time in its span) | {:.3} % of a core | – | – | – | – |",
+            pct(cpu_sup)
         );
         println!(
             "| CPU of the same {workers} supervised workers without heartbeats | {:.2} % of a core | {:.2} % | – | +{:.2} % of a core | – |",

@@ -6,17 +6,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use architectlm_core::{BoxError, Error, Result};
-use futures::future::BoxFuture;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
+use std::panic::AssertUnwindSafe;
+use tokio::task::JoinHandle;
 
 use super::context::WorkerContext;
+use super::tree::{ExitGuard, worker_exit};
 
 /// What a worker returns: `Ok(())` is a normal exit, an error an abnormal one.
 pub type WorkerResult = std::result::Result<(), BoxError>;
 
-/// Builds a worker's future each time the child is (re)started.
-pub(crate) type Factory =
-    Arc<dyn Fn(WorkerContext) -> BoxFuture<'static, WorkerResult> + Send + Sync>;
+/// Starts one run of a worker: spawns a task that calls the factory under `catch_unwind` and
+/// reports how the run ended through the [`ExitGuard`]. It is generic over the factory, so the
+/// worker's future lives inside the task itself, with no box of its own.
+pub(crate) trait Spawner: Send + Sync {
+    fn spawn(self: Arc<Self>, ctx: WorkerContext, exit: ExitGuard) -> JoinHandle<()>;
+}
+
+/// The [`Spawner`] of a factory closure.
+struct FnWorker<F>(F);
+
+impl<F, Fut> Spawner for FnWorker<F>
+where
+    F: Fn(WorkerContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = WorkerResult> + Send + 'static,
+{
+    fn spawn(self: Arc<Self>, ctx: WorkerContext, exit: ExitGuard) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            // The factory is called inside the task, under `catch_unwind`, so that a panic in
+            // it is caught like a panic of the worker.
+            let outcome = AssertUnwindSafe(async move { (self.0)(ctx).await })
+                .catch_unwind()
+                .await;
+            exit.send(worker_exit(outcome));
+        })
+    }
+}
+
+/// Builds and spawns a worker's run each time the child is (re)started.
+pub(crate) type Factory = Arc<dyn Spawner>;
 
 /// Which siblings are restarted with a child that must be restarted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -230,7 +259,9 @@ pub struct ChildSpec {
     pub(crate) name: Arc<str>,
     pub(crate) kind: ChildKind,
     pub(crate) restart: Restart,
-    pub(crate) backoff: RestartBackoff,
+    /// `None` for no backoff ([`RestartBackoff::none`]): most children have none, and the
+    /// settings would otherwise take 64 bytes in every child.
+    pub(crate) backoff: Option<Box<RestartBackoff>>,
     pub(crate) heartbeat: Option<Duration>,
     pub(crate) shutdown_timeout: Option<Duration>,
 }
@@ -247,7 +278,7 @@ impl fmt::Debug for ChildSpec {
                 },
             )
             .field("restart", &self.restart)
-            .field("backoff", &self.backoff)
+            .field("backoff", &self.backoff_settings())
             .field("heartbeat", &self.heartbeat)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .finish()
@@ -267,9 +298,9 @@ impl ChildSpec {
     {
         Self {
             name: Arc::from(name.into()),
-            kind: ChildKind::Worker(Arc::new(move |ctx| Box::pin(factory(ctx)))),
+            kind: ChildKind::Worker(Arc::new(FnWorker(factory))),
             restart: Restart::Permanent,
-            backoff: RestartBackoff::none(),
+            backoff: None,
             heartbeat: None,
             shutdown_timeout: None,
         }
@@ -283,7 +314,7 @@ impl ChildSpec {
             name: spec.name.clone(),
             kind: ChildKind::Supervisor(Arc::new(spec)),
             restart: Restart::Permanent,
-            backoff: RestartBackoff::none(),
+            backoff: None,
             heartbeat: None,
             shutdown_timeout: None,
         }
@@ -297,7 +328,7 @@ impl ChildSpec {
 
     /// Sets the delay before restarts.
     pub fn backoff(mut self, backoff: RestartBackoff) -> Self {
-        self.backoff = backoff;
+        self.backoff = (backoff != RestartBackoff::none()).then(|| Box::new(backoff));
         self
     }
 
@@ -319,6 +350,14 @@ impl ChildSpec {
     /// The child's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The backoff settings in force.
+    pub(crate) fn backoff_settings(&self) -> RestartBackoff {
+        self.backoff
+            .as_deref()
+            .copied()
+            .unwrap_or_else(RestartBackoff::none)
     }
 
     pub(crate) fn effective_shutdown_timeout(&self) -> Duration {
@@ -357,7 +396,10 @@ impl ChildSpec {
                 "a nested supervisor does not heartbeat; set heartbeats on its workers",
             ));
         }
-        self.backoff.validate(&self.name)
+        match &self.backoff {
+            Some(b) => b.validate(&self.name),
+            None => Ok(()),
+        }
     }
 }
 
@@ -488,10 +530,11 @@ impl SupervisorSpecBuilder {
                 ),
             ));
         }
-        let mut seen = std::collections::HashSet::new();
+        // Sized up front and keyed by borrowed names: no rehash, no reference count traffic.
+        let mut seen = std::collections::HashSet::with_capacity(self.children.len());
         for c in &self.children {
             c.validate()?;
-            if !seen.insert(c.name.clone()) {
+            if !seen.insert(&*c.name) {
                 return Err(Error::invalid_config(
                     "children[].name",
                     format!("\"{}\"", c.name),

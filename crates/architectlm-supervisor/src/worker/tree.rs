@@ -13,13 +13,15 @@
 //!   loop reads them only when the timer fires, so 10 000 heartbeating workers cost the loop one
 //!   scan per deadline period, not one wake-up per beat.
 //! - Dropping the loop (its task aborted by a parent) aborts every child task it owns.
+//! - Each poll of the loop runs inside a `worker-supervisor` tracing span (debug level) with
+//!   the supervisor's path, so the loop's own CPU time can be told apart from its workers'.
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use architectlm_core::{BoxError, Error, EventHub, Result};
+use architectlm_core::{Error, EventHub, Result};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -27,9 +29,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::context::{Beat, WorkerContext};
-use super::spec::{ChildKind, ChildSpec, Restart, Strategy, SupervisorSpec, WorkerResult};
+use super::spec::{
+    ChildKind, ChildSpec, Restart, RestartBackoff, Strategy, SupervisorSpec, WorkerResult,
+};
 use super::status::{
     ChildKindName, ChildShutdown, ChildState, ChildStatus, ExitReason, ShutdownReport, StopOutcome,
     TreeExit, WorkerEvent, WorkerEventKind,
@@ -48,52 +53,52 @@ pub(crate) struct SupervisorRef {
     pub(crate) tx: mpsc::UnboundedSender<Command>,
 }
 
-/// The error a nested supervisor's run returns when its restart intensity was exceeded; the
-/// parent turns it into [`ExitReason::Escalated`].
-#[derive(Debug)]
-struct Escalation {
-    supervisor: String,
-    child: String,
-    cause: ExitReason,
-}
-
-impl std::fmt::Display for Escalation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "supervisor \"{}\" exceeded its restart intensity after child \"{}\" exited: {:?}",
-            self.supervisor, self.child, self.cause
-        )
-    }
-}
-
-impl std::error::Error for Escalation {}
-
 struct ExitMsg {
     idx: usize,
     generation: u64,
     reason: ExitReason,
 }
 
-/// Sends the child's exit when its task ends, however it ends (returned, panicked, aborted).
-struct ExitGuard {
-    tx: mpsc::UnboundedSender<ExitMsg>,
+/// Sends the child's exit when its task ends, however it ends: [`send`](Self::send) when the
+/// run returned or panicked, on drop (as [`ExitReason::Killed`]) when the task was aborted.
+pub(crate) struct ExitGuard {
+    tx: Option<mpsc::UnboundedSender<ExitMsg>>,
     idx: usize,
     generation: u64,
-    reason: Option<ExitReason>,
+}
+
+impl ExitGuard {
+    pub(crate) fn send(mut self, reason: ExitReason) {
+        self.send_once(reason);
+    }
+
+    fn send_once(&mut self, reason: ExitReason) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(ExitMsg {
+                idx: self.idx,
+                generation: self.generation,
+                reason,
+            });
+        }
+    }
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        let reason = self
-            .reason
-            .take()
-            .unwrap_or(ExitReason::Killed { timeout_ms: 0 });
-        let _ = self.tx.send(ExitMsg {
-            idx: self.idx,
-            generation: self.generation,
-            reason,
-        });
+        self.send_once(ExitReason::Killed { timeout_ms: 0 });
+    }
+}
+
+/// How a worker's run ended, from its `catch_unwind` outcome.
+pub(crate) fn worker_exit(outcome: std::thread::Result<WorkerResult>) -> ExitReason {
+    match outcome {
+        Ok(Ok(())) => ExitReason::Normal,
+        Ok(Err(e)) => ExitReason::Failed {
+            error: e.to_string(),
+        },
+        Err(p) => ExitReason::Panicked {
+            message: panic_message(&*p),
+        },
     }
 }
 
@@ -111,22 +116,24 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// One child's state, kept small: a supervisor holds one per child, idle or not.
 struct Child {
     spec: ChildSpec,
     generation: u64,
-    state: ChildState,
-    ever_started: bool,
     restart_count: u32,
     consecutive: u32,
+    state: ChildState,
+    ever_started: bool,
+    /// The current run was cancelled for a missed heartbeat: its exit is a hang.
+    hung: bool,
     last_exit: Option<ExitReason>,
     started_at: Option<Instant>,
-    started_wall: Option<DateTime<Utc>>,
+    /// In [`ChildState::Restarting`], when to start it again; in [`ChildState::Stopping`]
+    /// after a missed heartbeat, when to abort it. Never both at once.
+    deadline: Option<Instant>,
     cancel: Option<CancellationToken>,
     join: Option<JoinHandle<()>>,
     beat: Option<Arc<Beat>>,
-    pending_reason: Option<ExitReason>,
-    kill_at: Option<Instant>,
-    restart_at: Option<Instant>,
     sub: Option<SupervisorRef>,
 }
 
@@ -135,21 +142,28 @@ impl Child {
         Self {
             spec,
             generation: 0,
-            state: ChildState::Stopped,
-            ever_started: false,
             restart_count: 0,
             consecutive: 0,
+            state: ChildState::Stopped,
+            ever_started: false,
+            hung: false,
             last_exit: None,
             started_at: None,
-            started_wall: None,
+            deadline: None,
             cancel: None,
             join: None,
             beat: None,
-            pending_reason: None,
-            kill_at: None,
-            restart_at: None,
             sub: None,
         }
+    }
+
+    fn restart_at(&self) -> Option<Instant> {
+        self.deadline
+            .filter(|_| self.state == ChildState::Restarting)
+    }
+
+    fn kill_at(&self) -> Option<Instant> {
+        self.deadline.filter(|_| self.state == ChildState::Stopping)
     }
 
     /// Running, stopping or waiting to restart: part of a group restart.
@@ -157,7 +171,9 @@ impl Child {
         self.state != ChildState::Stopped
     }
 
-    fn status(&self) -> ChildStatus {
+    /// `epoch` and `wall` are the same moment on the monotonic and the wall clock: the wall
+    /// time of a start is derived from them rather than read at every start.
+    fn status(&self, epoch: Instant, wall: DateTime<Utc>) -> ChildStatus {
         ChildStatus {
             name: self.spec.name.to_string(),
             kind: match self.spec.kind {
@@ -169,7 +185,10 @@ impl Child {
             restart_count: self.restart_count,
             consecutive_failures: self.consecutive,
             last_exit: self.last_exit.clone(),
-            started_at: self.started_wall,
+            started_at: self.started_at.map(|s| {
+                wall + chrono::TimeDelta::from_std(s.saturating_duration_since(epoch))
+                    .unwrap_or_default()
+            }),
             children: Vec::new(),
         }
     }
@@ -186,13 +205,16 @@ struct Actor {
     period: Duration,
     count_delayed: bool,
     children: Vec<Child>,
-    /// The children's names, to refuse a duplicate in O(1).
-    names: HashSet<Arc<str>>,
+    /// The children's names, to refuse a duplicate in O(1). Built by the first
+    /// [`Command::StartChild`]: the spec's names were already checked by its builder.
+    names: Option<HashSet<Arc<str>>>,
     restarts: VecDeque<Instant>,
     events: EventHub<WorkerEvent>,
     exit_tx: mpsc::UnboundedSender<ExitMsg>,
     cancel: CancellationToken,
     epoch: Instant,
+    /// `epoch` on the wall clock.
+    wall_epoch: DateTime<Utc>,
     next_hb: Option<Instant>,
     next_restart: Option<Instant>,
     next_kill: Option<Instant>,
@@ -242,20 +264,24 @@ pub(crate) fn tree(
         max_restarts: intensity.max_restarts,
         period: intensity.period,
         count_delayed,
-        names: children.iter().map(|c| c.spec.name.clone()).collect(),
+        names: None,
         children,
         restarts: VecDeque::new(),
         events,
         exit_tx,
         cancel,
         epoch: Instant::now(),
+        wall_epoch: Utc::now(),
         next_hb: None,
         next_restart: None,
         next_kill: None,
     };
+    // Every poll of the loop runs in this span: a subscriber can time the supervisor's own
+    // work apart from its workers', and the loop's log events carry the supervisor's path.
+    let span = tracing::debug_span!("worker-supervisor", supervisor = %actor.path);
     (
         SupervisorRef { tx: cmd_tx },
-        Box::pin(actor.run(cmd_rx, exit_rx)),
+        Box::pin(actor.run(cmd_rx, exit_rx).instrument(span)),
     )
 }
 
@@ -269,7 +295,7 @@ impl ChildSpec {
                 ChildKind::Supervisor(s) => ChildKind::Supervisor(s.clone()),
             },
             restart: self.restart,
-            backoff: self.backoff,
+            backoff: self.backoff.clone(),
             heartbeat: self.heartbeat,
             shutdown_timeout: self.shutdown_timeout,
         }
@@ -277,12 +303,13 @@ impl ChildSpec {
 }
 
 impl Actor {
-    fn emit(&self, child: Option<&str>, kind: WorkerEventKind) {
+    /// Publishes an event; `kind` is only called when someone listens.
+    fn emit(&self, child: Option<&str>, kind: impl FnOnce() -> WorkerEventKind) {
         self.events.publish_with(|| WorkerEvent {
             supervisor: self.path.to_string(),
             child: child.map(str::to_owned),
             timestamp: Utc::now(),
-            kind,
+            kind: kind(),
         });
     }
 
@@ -299,6 +326,10 @@ impl Actor {
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
         let mut commands_open = true;
+        // Pinned once: re-creating it at every turn of the loop would register and unregister
+        // a waiter on the token each time.
+        let cancelled = self.cancel.clone().cancelled_owned();
+        tokio::pin!(cancelled);
         loop {
             let next = [self.next_hb, self.next_restart, self.next_kill]
                 .into_iter()
@@ -310,7 +341,7 @@ impl Actor {
             }
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => {
+                _ = &mut cancelled => {
                     self.stop_all().await;
                     return self.finish(TreeExit::Shutdown);
                 }
@@ -330,7 +361,7 @@ impl Actor {
                         let list = self
                             .children
                             .iter()
-                            .map(|c| (c.status(), c.sub.clone()))
+                            .map(|c| (c.status(self.epoch, self.wall_epoch), c.sub.clone()))
                             .collect();
                         let _ = reply.send(list);
                     }
@@ -357,16 +388,19 @@ impl Actor {
 
     fn finish(&self, exit: TreeExit) -> TreeExit {
         tracing::debug!(supervisor = %self.path, ?exit, "supervisor stopped");
-        self.emit(
-            None,
-            WorkerEventKind::SupervisorStopped { exit: exit.clone() },
-        );
+        self.emit(None, || WorkerEventKind::SupervisorStopped {
+            exit: exit.clone(),
+        });
         exit
     }
 
     fn add_child(&mut self, spec: ChildSpec) -> Result<()> {
         spec.validate()?;
-        if !self.names.insert(spec.name.clone()) {
+        let children = &self.children;
+        let names = self
+            .names
+            .get_or_insert_with(|| children.iter().map(|c| c.spec.name.clone()).collect());
+        if !names.insert(spec.name.clone()) {
             return Err(Error::invalid_config(
                 "children[].name",
                 format!("\"{}\"", spec.name),
@@ -383,110 +417,85 @@ impl Actor {
 
     fn start(&mut self, idx: usize) {
         let now = Instant::now();
-        let path = self.path.clone();
-        let events = self.events.clone();
-        let epoch = self.epoch;
-        let exit_tx = self.exit_tx.clone();
         let c = &mut self.children[idx];
         c.generation += 1;
         if c.ever_started {
             c.restart_count += 1;
         }
         c.ever_started = true;
-        let generation = c.generation;
         let cancel = CancellationToken::new();
-        let beat = c.spec.heartbeat.map(|_| Arc::new(Beat::new(epoch)));
-        enum Run {
-            Worker(super::spec::Factory, WorkerContext),
-            Nested(BoxFuture<'static, WorkerResult>),
-        }
-        let run = match &c.spec.kind {
-            ChildKind::Worker(factory) => Run::Worker(
-                factory.clone(),
+        let exit = ExitGuard {
+            tx: Some(self.exit_tx.clone()),
+            idx,
+            generation: c.generation,
+        };
+        let beat = c.spec.heartbeat.map(|_| Arc::new(Beat::new(self.epoch)));
+        let join = match &c.spec.kind {
+            ChildKind::Worker(factory) => factory.clone().spawn(
                 WorkerContext {
                     name: c.spec.name.clone(),
-                    path,
+                    path: self.path.clone(),
                     cancel: cancel.clone(),
                     beat: beat.clone(),
                     restart_count: c.restart_count,
                 },
+                exit,
             ),
             ChildKind::Supervisor(spec) => {
-                let (sub, run) = tree(spec.clone(), cancel.clone(), events, Some(&path));
+                let (sub, run) = tree(
+                    spec.clone(),
+                    cancel.clone(),
+                    self.events.clone(),
+                    Some(&self.path),
+                );
                 c.sub = Some(sub);
-                Run::Nested(Box::pin(async move {
-                    match run.await {
-                        TreeExit::Shutdown => Ok(()),
-                        TreeExit::IntensityExceeded { child, cause, .. } => {
-                            Err(Box::new(Escalation {
-                                supervisor: String::new(),
+                let nested_path = format!("{}/{}", self.path, c.spec.name);
+                tokio::spawn(async move {
+                    let outcome = AssertUnwindSafe(run).catch_unwind().await;
+                    exit.send(match outcome {
+                        Ok(TreeExit::Shutdown) => ExitReason::Normal,
+                        Ok(TreeExit::IntensityExceeded { child, cause, .. }) => {
+                            ExitReason::Escalated {
+                                supervisor: nested_path,
                                 child,
-                                cause,
-                            }) as BoxError)
+                                cause: Box::new(cause),
+                            }
                         }
-                    }
-                }))
+                        Err(p) => ExitReason::Panicked {
+                            message: panic_message(&*p),
+                        },
+                    });
+                })
             }
         };
-        let nested_path = match &c.spec.kind {
-            ChildKind::Supervisor(_) => Some(format!("{}/{}", self.path, c.spec.name)),
-            ChildKind::Worker(_) => None,
-        };
-        c.join = Some(tokio::spawn(async move {
-            let mut guard = ExitGuard {
-                tx: exit_tx,
-                idx,
-                generation,
-                reason: None,
-            };
-            // The factory is called inside the task, under `catch_unwind`, so that a panic in
-            // it is caught like a panic of the worker.
-            let fut = async move {
-                match run {
-                    Run::Worker(factory, ctx) => factory(ctx).await,
-                    Run::Nested(fut) => fut.await,
-                }
-            };
-            let outcome = AssertUnwindSafe(fut).catch_unwind().await;
-            guard.reason = Some(match outcome {
-                Ok(Ok(())) => ExitReason::Normal,
-                Ok(Err(e)) => match e.downcast::<Escalation>() {
-                    Ok(esc) => ExitReason::Escalated {
-                        supervisor: nested_path.unwrap_or(esc.supervisor),
-                        child: esc.child,
-                        cause: Box::new(esc.cause),
-                    },
-                    Err(e) => ExitReason::Failed {
-                        error: e.to_string(),
-                    },
-                },
-                Err(p) => ExitReason::Panicked {
-                    message: panic_message(&*p),
-                },
-            });
-        }));
+        c.join = Some(join);
         c.cancel = Some(cancel);
         c.state = ChildState::Running;
         c.started_at = Some(now);
-        c.started_wall = Some(Utc::now());
-        c.restart_at = None;
-        c.kill_at = None;
-        c.pending_reason = None;
+        c.deadline = None;
+        c.hung = false;
         if let Some(hb) = c.spec.heartbeat {
             self.next_hb = min_opt(self.next_hb, now + hb);
         }
         c.beat = beat;
         let restart_count = c.restart_count;
-        let name = c.spec.name.clone();
-        self.emit(Some(&name), WorkerEventKind::ChildStarted { restart_count });
+        let c = &self.children[idx];
+        self.emit(Some(&c.spec.name), || WorkerEventKind::ChildStarted {
+            restart_count,
+        });
     }
-
     async fn on_exit(&mut self, msg: ExitMsg) -> Option<TreeExit> {
         let c = self.children.get_mut(msg.idx)?;
         if c.generation != msg.generation || c.join.is_none() {
             return None;
         }
-        let reason = c.pending_reason.take().unwrap_or(msg.reason);
+        let reason = match (c.hung, c.spec.heartbeat) {
+            (true, Some(hb)) => ExitReason::Hung {
+                deadline_ms: ms(hb),
+                aborted: false,
+            },
+            _ => msg.reason,
+        };
         c.join = None;
         self.handle_exit(msg.idx, reason).await
     }
@@ -497,7 +506,8 @@ impl Actor {
         let now = Instant::now();
         let c = &mut self.children[idx];
         c.cancel = None;
-        c.kill_at = None;
+        c.deadline = None;
+        c.hung = false;
         c.beat = None;
         c.sub = None;
         c.state = ChildState::Stopped;
@@ -506,34 +516,32 @@ impl Actor {
             .take()
             .map(|s| now.saturating_duration_since(s))
             .unwrap_or_default();
-        c.started_wall = None;
-        c.last_exit = Some(reason.clone());
-        let name = c.spec.name.clone();
         let restart = match c.spec.restart {
             Restart::Permanent => true,
             Restart::Transient => reason.is_abnormal(),
             Restart::Temporary => false,
         };
+        let c = &self.children[idx];
         if reason.is_abnormal() {
-            tracing::warn!(supervisor = %self.path, child = %name, ?reason, "child exited abnormally");
+            tracing::warn!(supervisor = %self.path, child = %c.spec.name, ?reason, "child exited abnormally");
         }
-        self.emit(
-            Some(&name),
-            WorkerEventKind::ChildExited {
-                reason: reason.clone(),
-                ran_for_ms: ms(ran),
-            },
-        );
+        self.emit(Some(&c.spec.name), || WorkerEventKind::ChildExited {
+            reason: reason.clone(),
+            ran_for_ms: ms(ran),
+        });
         if !restart {
+            self.children[idx].last_exit = Some(reason);
             return None;
         }
         let c = &mut self.children[idx];
-        if ran >= c.spec.backoff.reset_after {
+        let backoff = c.spec.backoff.as_deref();
+        let reset_after = backoff.map_or(RestartBackoff::none().reset_after, |b| b.reset_after);
+        if ran >= reset_after {
             c.consecutive = 0;
         }
         c.consecutive += 1;
         let attempt = c.consecutive;
-        let delay = c.spec.backoff.delay(attempt);
+        let delay = backoff.map_or(Duration::ZERO, |b| b.delay(attempt));
         if self.count_delayed || delay.is_zero() {
             self.restarts.push_back(now);
             while let Some(first) = self.restarts.front() {
@@ -544,15 +552,14 @@ impl Actor {
                 }
             }
             if self.restarts.len() > self.max_restarts as usize {
-                self.emit(
-                    Some(&name),
-                    WorkerEventKind::IntensityExceeded {
-                        cause: reason.clone(),
-                        max_restarts: self.max_restarts,
-                        period_ms: ms(self.period),
-                    },
-                );
+                let name = self.children[idx].spec.name.clone();
+                self.emit(Some(&name), || WorkerEventKind::IntensityExceeded {
+                    cause: reason.clone(),
+                    max_restarts: self.max_restarts,
+                    period_ms: ms(self.period),
+                });
                 tracing::error!(supervisor = %self.path, child = %name, "restart intensity exceeded; stopping");
+                self.children[idx].last_exit = Some(reason.clone());
                 self.stop_all().await;
                 return Some(TreeExit::IntensityExceeded {
                     child: name.to_string(),
@@ -562,13 +569,22 @@ impl Actor {
                 });
             }
         }
+        self.children[idx].last_exit = Some(reason);
+        if self.strategy == Strategy::OneForOne {
+            // The common case, without building a group.
+            if delay.is_zero() {
+                self.start(idx);
+            } else {
+                self.schedule_restart(idx, now + delay, delay, attempt);
+            }
+            return None;
+        }
         let n = self.children.len();
         let mut group: Vec<usize> = match self.strategy {
-            Strategy::OneForOne => vec![idx],
-            Strategy::OneForAll => (0..n)
+            Strategy::RestForOne => (idx..n)
                 .filter(|&j| j == idx || self.children[j].is_live())
                 .collect(),
-            Strategy::RestForOne => (idx..n)
+            _ => (0..n)
                 .filter(|&j| j == idx || self.children[j].is_live())
                 .collect(),
         };
@@ -579,50 +595,48 @@ impl Actor {
                 }
             }
             group.retain(|&j| j == idx || self.children[j].spec.restart != Restart::Temporary);
-            let names = group
-                .iter()
-                .map(|&j| self.children[j].spec.name.to_string())
-                .collect();
-            self.emit(
-                Some(&name),
+            self.emit(Some(&self.children[idx].spec.name), || {
                 WorkerEventKind::GroupRestart {
                     strategy: self.strategy,
-                    children: names,
-                },
-            );
+                    children: group
+                        .iter()
+                        .map(|&j| self.children[j].spec.name.to_string())
+                        .collect(),
+                }
+            });
         }
         if delay.is_zero() {
             for j in group {
                 self.start(j);
             }
         } else {
-            let at = now + delay;
             for j in group {
-                let c = &mut self.children[j];
-                c.state = ChildState::Restarting;
-                c.restart_at = Some(at);
-                let child = c.spec.name.clone();
-                self.emit(
-                    Some(&child),
-                    WorkerEventKind::RestartScheduled {
-                        delay_ms: ms(delay),
-                        attempt,
-                    },
-                );
+                self.schedule_restart(j, now + delay, delay, attempt);
             }
-            self.next_restart = min_opt(self.next_restart, at);
         }
         None
+    }
+
+    /// Marks a stopped child to be started again at `at`.
+    fn schedule_restart(&mut self, idx: usize, at: Instant, delay: Duration, attempt: u32) {
+        let c = &mut self.children[idx];
+        c.state = ChildState::Restarting;
+        c.deadline = Some(at);
+        self.next_restart = min_opt(self.next_restart, at);
+        self.emit(Some(&self.children[idx].spec.name), || {
+            WorkerEventKind::RestartScheduled {
+                delay_ms: ms(delay),
+                attempt,
+            }
+        });
     }
 
     /// Stops one child: cancel, wait up to its shutdown timeout, then abort.
     async fn stop_child(&mut self, idx: usize) -> StopOutcome {
         let now = Instant::now();
-        let path = self.path.clone();
         let c = &mut self.children[idx];
-        c.restart_at = None;
-        c.kill_at = None;
-        c.pending_reason = None;
+        c.deadline = None;
+        c.hung = false;
         c.beat = None;
         c.sub = None;
         let Some(mut join) = c.join.take() else {
@@ -639,7 +653,7 @@ impl Actor {
             Ok(_) => (StopOutcome::Graceful, ExitReason::Shutdown),
             Err(_) => {
                 join.abort();
-                tracing::warn!(supervisor = %path, child = %c.spec.name, ?timeout, "child ignored its cancellation; aborted");
+                tracing::warn!(supervisor = %self.path, child = %c.spec.name, ?timeout, "child ignored its cancellation; aborted");
                 (
                     StopOutcome::Killed,
                     ExitReason::Killed {
@@ -653,31 +667,25 @@ impl Actor {
             .take()
             .map(|s| now.saturating_duration_since(s))
             .unwrap_or_default();
-        c.started_wall = None;
         c.state = ChildState::Stopped;
-        c.last_exit = Some(reason.clone());
-        let name = c.spec.name.clone();
+        let c = &self.children[idx];
         if outcome == StopOutcome::Killed {
-            self.emit(
-                Some(&name),
-                WorkerEventKind::ChildKilled {
-                    timeout_ms: ms(timeout),
-                },
-            );
+            self.emit(Some(&c.spec.name), || WorkerEventKind::ChildKilled {
+                timeout_ms: ms(timeout),
+            });
         }
-        self.emit(
-            Some(&name),
-            WorkerEventKind::ChildExited {
-                reason,
-                ran_for_ms: ms(ran),
-            },
-        );
+        self.emit(Some(&c.spec.name), || WorkerEventKind::ChildExited {
+            reason: reason.clone(),
+            ran_for_ms: ms(ran),
+        });
+        self.children[idx].last_exit = Some(reason);
         outcome
     }
 
     /// Stops every child in reverse start order.
     async fn stop_all(&mut self) -> ShutdownReport {
         let mut report = ShutdownReport::default();
+        report.children.reserve(self.children.len());
         for j in (0..self.children.len()).rev() {
             let outcome = self.stop_child(j).await;
             report.children.push(ChildShutdown {
@@ -697,16 +705,15 @@ impl Actor {
         let mut hung = Vec::new();
         let mut kill = Vec::new();
         let (mut next_hb, mut next_restart, mut next_kill) = (None, None, None);
-        for (j, c) in self.children.iter_mut().enumerate() {
-            if let Some(t) = c.restart_at {
+        for (j, c) in self.children.iter().enumerate() {
+            if let Some(t) = c.restart_at() {
                 if t <= now {
-                    c.restart_at = None;
                     to_start.push(j);
                 } else {
                     next_restart = min_opt(next_restart, t);
                 }
             }
-            if let Some(k) = c.kill_at {
+            if let Some(k) = c.kill_at() {
                 if k <= now {
                     kill.push(j);
                 } else {
@@ -716,9 +723,10 @@ impl Actor {
             if c.state == ChildState::Running
                 && let (Some(hb), Some(beat)) = (c.spec.heartbeat, &c.beat)
             {
-                let due = beat.last() + hb;
+                let last = beat.last();
+                let due = last + hb;
                 if due <= now {
-                    hung.push((j, now.saturating_duration_since(beat.last())));
+                    hung.push((j, now.saturating_duration_since(last)));
                 } else {
                     next_hb = min_opt(next_hb, due);
                 }
@@ -735,48 +743,40 @@ impl Actor {
                 cancel.cancel();
             }
             c.state = ChildState::Stopping;
-            c.pending_reason = Some(ExitReason::Hung {
-                deadline_ms: ms(hb),
-                aborted: false,
-            });
+            c.hung = true;
             let at = now + timeout;
-            c.kill_at = Some(at);
-            let name = c.spec.name.clone();
-            tracing::warn!(supervisor = %self.path, child = %name, ?hb, "child missed its heartbeat; cancelling");
+            c.deadline = Some(at);
             self.next_kill = min_opt(self.next_kill, at);
-            self.emit(
-                Some(&name),
-                WorkerEventKind::HeartbeatMissed {
-                    deadline_ms: ms(hb),
-                    silent_for_ms: ms(silent),
-                },
-            );
+            let c = &self.children[j];
+            tracing::warn!(supervisor = %self.path, child = %c.spec.name, ?hb, "child missed its heartbeat; cancelling");
+            self.emit(Some(&c.spec.name), || WorkerEventKind::HeartbeatMissed {
+                deadline_ms: ms(hb),
+                silent_for_ms: ms(silent),
+            });
         }
         for j in kill {
             let c = &mut self.children[j];
-            c.kill_at = None;
+            c.deadline = None;
             let Some(join) = c.join.take() else { continue };
             join.abort();
             // The task may be stuck in blocking code and never notice the abort; the loop does
             // not wait for it.
             c.generation += 1;
             let timeout = c.spec.effective_shutdown_timeout();
-            let reason = match c.pending_reason.take() {
-                Some(ExitReason::Hung { deadline_ms, .. }) => ExitReason::Hung {
-                    deadline_ms,
+            let reason = match (c.hung, c.spec.heartbeat) {
+                (true, Some(hb)) => ExitReason::Hung {
+                    deadline_ms: ms(hb),
                     aborted: true,
                 },
                 _ => ExitReason::Killed {
                     timeout_ms: ms(timeout),
                 },
             };
-            let name = c.spec.name.clone();
-            self.emit(
-                Some(&name),
-                WorkerEventKind::ChildKilled {
-                    timeout_ms: ms(timeout),
-                },
-            );
+            c.hung = false;
+            let c = &self.children[j];
+            self.emit(Some(&c.spec.name), || WorkerEventKind::ChildKilled {
+                timeout_ms: ms(timeout),
+            });
             if let Some(exit) = self.handle_exit(j, reason).await {
                 return Some(exit);
             }

@@ -54,7 +54,7 @@ enum Exec {
 /// Counts attempts: the runtime retries inside `execute`, and the timeline shows them.
 struct Counting {
     inner: Arc<dyn TaskHandler>,
-    attempts: Arc<AtomicU32>,
+    attempts: AtomicU32,
 }
 
 impl TaskHandler for Counting {
@@ -600,13 +600,14 @@ fn execute(
         },
         TaskRef::Handler { name, handler } => (name, handler, retry, timeout),
     };
-    let attempts = Arc::new(AtomicU32::new(0));
+    // One allocation: the runtime holds the handler, the driver reads its count.
+    let counting = Arc::new(Counting {
+        inner: handler,
+        attempts: AtomicU32::new(0),
+    });
     let counted = TaskRef::Handler {
         name,
-        handler: Arc::new(Counting {
-            inner: handler,
-            attempts: attempts.clone(),
-        }),
+        handler: counting.clone(),
     };
     let mut opts = ExecuteOptions::default();
     opts.retry = retry;
@@ -617,7 +618,7 @@ fn execute(
     let runtime = runtime.clone();
     Box::pin(async move {
         let out = runtime.execute(counted, input, opts).await;
-        let n = attempts.load(Ordering::Relaxed);
+        let n = counting.attempts.load(Ordering::Relaxed);
         let exec = match out {
             Ok(v) => Exec::Ok(v, n),
             Err(Error::ShuttingDown) => Exec::Stopped,

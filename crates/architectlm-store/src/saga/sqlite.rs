@@ -483,7 +483,17 @@ impl SagaStore for SqliteSagaStore {
                         }
                     }
                     if ok {
-                        Some(format!("[{}]", parts.join(",")))
+                        let len = parts.iter().map(|p| p.len() + 1).sum::<usize>() + 1;
+                        let mut text = String::with_capacity(len);
+                        text.push('[');
+                        for (k, p) in parts.iter().enumerate() {
+                            if k > 0 {
+                                text.push(',');
+                            }
+                            text.push_str(p);
+                        }
+                        text.push(']');
+                        Some(text)
                     } else {
                         cache.remove(&id);
                         None

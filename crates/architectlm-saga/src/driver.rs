@@ -54,7 +54,7 @@ enum Exec {
 /// Counts attempts: the runtime retries inside `execute`, and the timeline shows them.
 struct Counting {
     inner: Arc<dyn TaskHandler>,
-    attempts: Arc<AtomicU32>,
+    attempts: AtomicU32,
 }
 
 impl TaskHandler for Counting {
@@ -303,8 +303,12 @@ impl Run {
                 self.journal().await?;
             }
 
-            let input = json!({"input": self.inst.input, "results": self.results()});
-            let (outcomes, timed_out) = self.run_group(&todo, &input, false).await;
+            // Built here and moved into the step's execution: the driver keeps no copy of it
+            // while the step runs.
+            let mut input = serde_json::Map::new();
+            input.insert("input".to_owned(), self.inst.input.clone());
+            input.insert("results".to_owned(), self.results());
+            let (outcomes, timed_out) = self.run_group(&todo, Value::Object(input), false).await;
             if outcomes.iter().any(|(_, o)| matches!(o, Exec::Stopped)) {
                 // The steps stay `running` in the journal; recovery runs them again.
                 return Ok(Forward::Stopped);
@@ -388,7 +392,7 @@ impl Run {
                 );
             }
             self.journal().await?;
-            let (outcomes, _) = self.run_group(&todo, &Value::Null, true).await;
+            let (outcomes, _) = self.run_group(&todo, Value::Null, true).await;
             if outcomes.iter().any(|(_, o)| matches!(o, Exec::Stopped)) {
                 return Ok(Ended::Stopped);
             }
@@ -482,14 +486,18 @@ impl Run {
     fn run_group<'a>(
         &'a self,
         todo: &[usize],
-        input: &Value,
+        input: Value,
         compensate: bool,
     ) -> BoxFuture<'a, (Vec<(usize, Exec)>, bool)> {
         let token = (!compensate && self.deadline.is_some())
             .then(|| self.runtime.cancellation().child_token());
-        let mut execs: Vec<BoxFuture<'a, (usize, Exec)>> = todo
+        // The last step of the group takes the input itself; the others get copies.
+        let mut input = Some(input);
+        let last = todo.len().saturating_sub(1);
+        let mut execs: Vec<BoxFuture<'static, (usize, Exec)>> = todo
             .iter()
-            .map(|&i| {
+            .enumerate()
+            .map(|(n, &i)| {
                 let step = &self.prep.def.steps[i];
                 let rec = &self.inst.steps[i];
                 let (task, retry, timeout, key, input, execution_id) = if compensate {
@@ -507,12 +515,17 @@ impl Run {
                         step.retry.clone(),
                         step.timeout,
                         rec.idempotency_key.clone(),
-                        input.clone(),
+                        if n == last {
+                            input.take().unwrap_or(Value::Null)
+                        } else {
+                            input.clone().unwrap_or(Value::Null)
+                        },
                         Some(rec.id),
                     )
                 };
-                let fut = execute(
+                execute(
                     &self.runtime,
+                    i,
                     step,
                     task,
                     retry,
@@ -521,8 +534,7 @@ impl Run {
                     input,
                     execution_id,
                     token.clone(),
-                );
-                Box::pin(async move { (i, fut.await) }) as BoxFuture<'a, (usize, Exec)>
+                )
             })
             .collect();
         if execs.len() == 1
@@ -552,9 +564,15 @@ impl Run {
     }
 }
 
+/// Prepares the execution of step `i` and returns it as one boxed future.
+///
+/// Not an `async fn`: the preparation runs now, so the future a parked saga keeps holds only
+/// the runtime's execution and what is needed to read its outcome (an `async fn` would also
+/// keep its arguments and their copies for as long as the step runs).
 #[allow(clippy::too_many_arguments)] // One call site; the arguments are the step's settings.
-async fn execute(
+fn execute(
     runtime: &Runtime,
+    i: usize,
     step: &SagaStep,
     task: Option<TaskRef>,
     retry: Option<RetryPolicy>,
@@ -563,9 +581,9 @@ async fn execute(
     input: Value,
     execution_id: Option<Uuid>,
     cancel: Option<CancellationToken>,
-) -> Exec {
+) -> BoxFuture<'static, (usize, Exec)> {
     let Some(task) = task else {
-        return Exec::Ok(Value::Null, 0);
+        return Box::pin(std::future::ready((i, Exec::Ok(Value::Null, 0))));
     };
     let (name, handler, retry, timeout) = match task {
         TaskRef::Id(id) => match runtime.system().tasks.get(id.as_str()) {
@@ -576,21 +594,20 @@ async fn execute(
                 timeout.or(def.timeout),
             ),
             None => {
-                return Exec::Failed(
-                    format!("step \"{}\" names unknown task \"{id}\"", step.id),
-                    0,
-                );
+                let msg = format!("step \"{}\" names unknown task \"{id}\"", step.id);
+                return Box::pin(std::future::ready((i, Exec::Failed(msg, 0))));
             }
         },
         TaskRef::Handler { name, handler } => (name, handler, retry, timeout),
     };
-    let attempts = Arc::new(AtomicU32::new(0));
+    // One allocation: the runtime holds the handler, the driver reads its count.
+    let counting = Arc::new(Counting {
+        inner: handler,
+        attempts: AtomicU32::new(0),
+    });
     let counted = TaskRef::Handler {
         name,
-        handler: Arc::new(Counting {
-            inner: handler,
-            attempts: attempts.clone(),
-        }),
+        handler: counting.clone(),
     };
     let mut opts = ExecuteOptions::default();
     opts.retry = retry;
@@ -598,17 +615,21 @@ async fn execute(
     opts.idempotency_key = Some(key);
     opts.cancel = cancel;
     opts.execution_id = execution_id;
-    let out = runtime.execute(counted, input, opts).await;
-    let n = attempts.load(Ordering::Relaxed);
-    match out {
-        Ok(v) => Exec::Ok(v, n),
-        Err(Error::ShuttingDown) => Exec::Stopped,
-        Err(Error::TaskFailed { error, .. })
-            if error.kind == TaskErrorKind::Cancelled && runtime.is_shutting_down() =>
-        {
-            Exec::Stopped
-        }
-        Err(Error::TaskFailed { error, .. }) => Exec::Failed(error.message, n),
-        Err(e) => Exec::Failed(e.to_string(), n),
-    }
+    let runtime = runtime.clone();
+    Box::pin(async move {
+        let out = runtime.execute(counted, input, opts).await;
+        let n = counting.attempts.load(Ordering::Relaxed);
+        let exec = match out {
+            Ok(v) => Exec::Ok(v, n),
+            Err(Error::ShuttingDown) => Exec::Stopped,
+            Err(Error::TaskFailed { error, .. })
+                if error.kind == TaskErrorKind::Cancelled && runtime.is_shutting_down() =>
+            {
+                Exec::Stopped
+            }
+            Err(Error::TaskFailed { error, .. }) => Exec::Failed(error.message, n),
+            Err(e) => Exec::Failed(e.to_string(), n),
+        };
+        (i, exec)
+    })
 }

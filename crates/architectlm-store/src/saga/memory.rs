@@ -15,7 +15,8 @@ use crate::{Error, Result};
 
 #[derive(Default)]
 struct State {
-    sagas: HashMap<Uuid, StoredSaga>,
+    /// Boxed: the map's spare capacity then costs a pointer per slot, not a whole record.
+    sagas: HashMap<Uuid, Box<StoredSaga>>,
     keys: HashMap<(String, String), Uuid>,
 }
 
@@ -54,7 +55,7 @@ impl SagaStore for InMemorySagaStore {
         if let Some(key) = &instance.idempotency_key {
             let k = (instance.saga_id.clone(), key.clone());
             if let Some(existing) = st.keys.get(&k).and_then(|id| st.sagas.get(id)) {
-                return Ok(CreateOutcome::Existing(with_context(existing.clone())));
+                return Ok(CreateOutcome::Existing(with_context((**existing).clone())));
             }
             st.keys.insert(k, instance.id);
         }
@@ -65,7 +66,7 @@ impl SagaStore for InMemorySagaStore {
             )));
         }
         let stored = StoredSaga::new(instance.clone(), Some(owner.to_owned()));
-        st.sagas.insert(instance.id, stored.clone());
+        st.sagas.insert(instance.id, Box::new(stored.clone()));
         Ok(CreateOutcome::Created(stored))
     }
 
@@ -82,7 +83,16 @@ impl SagaStore for InMemorySagaStore {
                 actual: rec.fencing,
             });
         }
-        update.apply_to(&mut rec.instance);
+        // The update is ours: its step records move in (what `apply_to` does, without copies).
+        let inst = &mut rec.instance;
+        inst.status = update.status;
+        inst.error = update.error;
+        inst.completed_at = update.completed_at;
+        for (idx, step) in update.steps {
+            if let Some(slot) = inst.steps.get_mut(idx as usize) {
+                *slot = step;
+            }
+        }
         Ok(())
     }
 
@@ -102,7 +112,7 @@ impl SagaStore for InMemorySagaStore {
         {
             rec.compensation_requested = Some(reason.to_owned());
         }
-        Ok(Some(with_context(rec.clone())))
+        Ok(Some(with_context((**rec).clone())))
     }
 
     async fn claim(
@@ -118,7 +128,7 @@ impl SagaStore for InMemorySagaStore {
         rec.owner = Some(owner.to_owned());
         rec.lease_until = lease_until;
         rec.fencing += 1;
-        Ok(Some(with_context(rec.clone())))
+        Ok(Some(with_context((**rec).clone())))
     }
 
     async fn claim_unfinished(
@@ -133,7 +143,7 @@ impl SagaStore for InMemorySagaStore {
                 rec.owner = Some(owner.to_owned());
                 rec.lease_until = lease_until;
                 rec.fencing += 1;
-                out.push(with_context(rec.clone()));
+                out.push(with_context((**rec).clone()));
             }
         }
         out.sort_by_key(|r| (r.instance.started_at, r.instance.id));
@@ -146,8 +156,7 @@ impl SagaStore for InMemorySagaStore {
             .lock()
             .sagas
             .get(&instance_id)
-            .cloned()
-            .map(with_context))
+            .map(|r| with_context((**r).clone())))
     }
 
     async fn list(&self, filter: &SagaFilter) -> Result<Page<SagaInstance>> {
@@ -155,6 +164,7 @@ impl SagaStore for InMemorySagaStore {
         let mut hits: Vec<&StoredSaga> = st
             .sagas
             .values()
+            .map(|r| &**r)
             .filter(|r| matches(filter, &r.instance))
             .collect();
         hits.sort_by_key(|r| (r.instance.started_at, r.instance.id));

@@ -3,7 +3,8 @@
 //! One table, `saga_instances`: one row per instance, with `owner`, `lease_until` and
 //! `fencing` for shared backends, and the step records as a JSON array patched in place by each
 //! journal entry (one statement per entry). Journal writes (creates and updates) queue up and a flusher
-//! applies everything queued in one closure on the database's writer thread, so journal
+//! applies everything queued in one closure on the database's writer thread (two such batches
+//! may be in flight, so the writer never waits for callers to wake up), so journal
 //! entries of concurrent sagas share one savepoint and one commit. Times are stored as
 //! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
 
@@ -239,11 +240,19 @@ type Reply = oneshot::Sender<Result<OpOut>>;
 #[derive(Default)]
 struct Queue {
     ops: Vec<(Op, Reply)>,
-    flushing: bool,
+    /// Flushers running (at most [`FLUSHERS`]).
+    flushers: usize,
 }
 
 /// Most journal writes one batch takes.
 const MAX_BATCH: usize = 2048;
+
+/// Batches in flight at once: while one commits, the next is queued at the writer thread, so
+/// the writer goes from one batch to the next without waiting for the callers of the first to
+/// wake up and write again. Each batch is its own write closure (savepoint); the writer thread
+/// runs them in the order they were queued, and one instance's writes are never in two
+/// batches at once (its driver waits for each write before the next).
+const FLUSHERS: usize = 2;
 
 fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<CreateOutcome> {
     if let Some(key) = &instance.idempotency_key {
@@ -373,7 +382,7 @@ async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>) {
         let batch = {
             let mut q = queue.lock();
             if q.ops.is_empty() {
-                q.flushing = false;
+                q.flushers -= 1;
                 return;
             }
             let take = q.ops.len().min(MAX_BATCH);
@@ -409,15 +418,19 @@ impl SqliteSagaStore {
         })
     }
 
-    /// Queues a journal write; the first writer of an idle queue starts the flusher, which
-    /// takes everything queued into one write closure (one savepoint), commits, answers, and
-    /// goes on while writes keep arriving.
+    /// Queues a journal write; a writer that finds fewer than [`FLUSHERS`] flushers running
+    /// starts one. A flusher takes everything queued into one write closure (one savepoint),
+    /// waits for its commit, answers, and goes on while writes keep arriving.
     async fn submit(&self, op: Op) -> Result<OpOut> {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut q = self.queue.lock();
             q.ops.push((op, tx));
-            !std::mem::replace(&mut q.flushing, true)
+            let start = q.flushers < FLUSHERS;
+            if start {
+                q.flushers += 1;
+            }
+            start
         };
         if start {
             tokio::spawn(flush(self.db.clone(), self.queue.clone()));
@@ -470,7 +483,17 @@ impl SagaStore for SqliteSagaStore {
                         }
                     }
                     if ok {
-                        Some(format!("[{}]", parts.join(",")))
+                        let len = parts.iter().map(|p| p.len() + 1).sum::<usize>() + 1;
+                        let mut text = String::with_capacity(len);
+                        text.push('[');
+                        for (k, p) in parts.iter().enumerate() {
+                            if k > 0 {
+                                text.push(',');
+                            }
+                            text.push_str(p);
+                        }
+                        text.push(']');
+                        Some(text)
                     } else {
                         cache.remove(&id);
                         None

@@ -313,15 +313,11 @@ async fn main() -> Result<()> {
         .build()?;
     let handle = tree.start();
     let mut worker_events = handle.subscribe("*");
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), worker_events.recv()).await {
-            Ok(Some(e)) => {
-                println!("  [worker            ] {:?}", e.kind);
-                if matches!(e.kind, WorkerEventKind::ChildStarted { restart_count: 1 }) {
-                    break;
-                }
-            }
-            _ => break,
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(5), worker_events.recv()).await
+    {
+        println!("  [worker            ] {:?}", e.kind);
+        if matches!(e.kind, WorkerEventKind::ChildStarted { restart_count: 1 }) {
+            break;
         }
     }
     for child in handle.children().await? {

@@ -456,14 +456,14 @@ fn counting_load_manager(
         .times(acquires)
         .returning(move |id, units| {
             let now = u.fetch_add(units, Ordering::SeqCst) + units;
-            if now == 70 {
-                if let Some(f) = h.lock().as_ref() {
-                    f(&LoadEvent::new(
-                        LoadEventType::ThresholdWarning,
-                        id,
-                        json!({"used": now}),
-                    ));
-                }
+            if now == 70
+                && let Some(f) = h.lock().as_ref()
+            {
+                f(&LoadEvent::new(
+                    LoadEventType::ThresholdWarning,
+                    id,
+                    json!({"used": now}),
+                ));
             }
             Ok(true)
         });

@@ -74,18 +74,8 @@ impl SqliteOptions {
     }
 }
 
-/// A versioned schema change of one component (`saga`, `scheduler`, ...).
-#[derive(Debug, Clone, Copy)]
-pub struct Migration {
-    /// The component owning the tables.
-    pub component: &'static str,
-    /// Versions apply in increasing order, each once.
-    pub version: u32,
-    /// What it does.
-    pub description: &'static str,
-    /// The SQL (several statements allowed).
-    pub sql: &'static str,
-}
+/// The backend-neutral migration type, re-exported here where it was first defined.
+pub use crate::migration::Migration;
 
 type Completion = Box<dyn FnOnce(&std::result::Result<(), String>) + Send>;
 type Job = Box<dyn FnOnce(&Transaction<'_>) -> Completion + Send>;
@@ -299,9 +289,7 @@ impl SqliteDb {
                 )",
             )
             .map_err(db_err)?;
-            let mut sorted: Vec<&Migration> = migrations.iter().collect();
-            sorted.sort_by_key(|m| (m.component, m.version));
-            for m in sorted {
+            for m in crate::migration::ordered(migrations) {
                 let applied: bool = txn
                     .query_row(
                         "SELECT EXISTS(SELECT 1 FROM architectlm_migrations WHERE component = ?1 AND version = ?2)",

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -126,8 +126,29 @@ impl From<String> for EventFilter {
 }
 
 /// A bounded, never-blocking publish/subscribe hub. See the [module docs](self) for the policy.
+///
+/// Cheap to clone (clones share the hub); `Send + Sync`; publishing and subscribing may happen
+/// from any thread.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use architectlm_core::{Event, EventHub};
+/// use serde_json::json;
+///
+/// let hub = EventHub::<Event>::with_capacity("billing", 16);
+/// let mut invoices = hub.subscribe("invoice-sent");
+/// hub.publish(Event::new("invoice-sent", "billing", json!({"invoice": 1})));
+/// hub.publish(Event::new("reminder-sent", "billing", json!({"invoice": 1})));
+/// let event = invoices.recv().await.unwrap();
+/// assert_eq!(event.payload["invoice"], 1);
+/// assert_eq!(invoices.missed(), 0);
+/// # });
+/// ```
 pub struct EventHub<E> {
     tx: broadcast::Sender<Arc<E>>,
+    /// Live subscriptions, kept apart from the channel's own count (which takes a lock) so that
+    /// publishing to nobody costs one atomic load.
+    subscribers: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     name: &'static str,
 }
@@ -146,6 +167,7 @@ impl<E> Clone for EventHub<E> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            subscribers: self.subscribers.clone(),
             dropped: self.dropped.clone(),
             name: self.name,
         }
@@ -161,6 +183,7 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
         let (tx, _) = broadcast::channel(capacity.max(1));
         Self {
             tx,
+            subscribers: Arc::new(AtomicUsize::new(0)),
             dropped: Arc::new(AtomicU64::new(0)),
             name,
         }
@@ -174,7 +197,7 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
     /// Whether anybody listens; publishers use it to skip building events.
     #[inline]
     pub fn has_subscribers(&self) -> bool {
-        self.tx.receiver_count() > 0
+        self.subscribers.load(Ordering::Acquire) > 0
     }
 
     /// Publishes an event built by `make`, only if somebody listens. Never blocks.
@@ -197,7 +220,9 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
 
     /// Subscribes to the events that pass `filter`. Dropping the subscription unsubscribes.
     pub fn subscribe(&self, filter: impl Into<EventFilter>) -> Subscription<E> {
+        self.subscribers.fetch_add(1, Ordering::AcqRel);
         Subscription {
+            subscribers: self.subscribers.clone(),
             rx: self.tx.subscribe(),
             filter: filter.into(),
             missed: 0,
@@ -216,9 +241,14 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
         let mut sub = self.subscribe(filter);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                let name = self.name;
                 let task = handle.spawn(async move {
                     while let Some(event) = sub.recv().await {
-                        handler(&event);
+                        // A panicking handler loses that one event, not its subscription.
+                        let call = std::panic::AssertUnwindSafe(|| handler(&event));
+                        if std::panic::catch_unwind(call).is_err() {
+                            tracing::error!(hub = name, "an event handler panicked");
+                        }
                     }
                 });
                 EventSubscription::new(move || task.abort())
@@ -243,6 +273,7 @@ impl<E: Typed + Send + Sync + 'static> EventHub<E> {
 
 /// A stream of events from an [`EventHub`]. Dropping it unsubscribes.
 pub struct Subscription<E> {
+    subscribers: Arc<AtomicUsize>,
     rx: broadcast::Receiver<Arc<E>>,
     filter: EventFilter,
     missed: u64,
@@ -307,7 +338,9 @@ impl<E: Typed + Send + Sync + 'static> Subscription<E> {
         }
     }
 
-    /// How many events this subscriber skipped because it fell behind.
+    /// How many events this subscriber skipped because it fell behind. The count covers every
+    /// event of the hub it skipped, including ones its filter would have passed over, so it is
+    /// an upper bound of the matching events lost: zero means nothing was lost.
     pub fn missed(&self) -> u64 {
         self.missed
     }
@@ -318,6 +351,12 @@ impl<E: Typed + Send + Sync + 'static> Subscription<E> {
             self,
             |mut sub| async move { sub.recv().await.map(|e| (e, sub)) },
         )
+    }
+}
+
+impl<E> Drop for Subscription<E> {
+    fn drop(&mut self) {
+        self.subscribers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -50,6 +50,24 @@ pub struct GuardInput {
 type GuardFn = dyn Fn(Arc<GuardInput>) -> BoxFuture<'static, bool> + Send + Sync;
 
 /// An async predicate that decides whether a transition may be taken.
+///
+/// A guard sees the instance's context with the event's data merged in. A guard that panics
+/// rejects its transition (and a `SYSTEM_ERROR` event says so).
+///
+/// ```
+/// use architectlm_core::{Guard, ProcessDefinition, TransitionDefinition};
+///
+/// let big_order = Guard::new(|g| async move { g.context["total"].as_u64().unwrap_or(0) > 1000 });
+/// let order = ProcessDefinition::builder("order")
+///     .state("created")
+///     .state("review")
+///     .state("approved")
+///     .transition(TransitionDefinition::new("created", "review", "submit").guard(big_order))
+///     .transition(TransitionDefinition::new("created", "approved", "submit"))
+///     .build()
+///     .unwrap();
+/// # let _ = order;
+/// ```
 #[derive(Clone)]
 pub struct Guard(Arc<GuardFn>);
 

@@ -24,6 +24,20 @@ pub enum Backoff {
 /// Delays are capped at `max_delay`. With `jitter` set, each delay is drawn uniformly from
 /// `[delay * (1 - jitter), delay]` ("equal jitter" style), which spreads retries of many callers
 /// without ever waiting longer than the computed delay.
+///
+/// ```
+/// use std::time::Duration;
+/// use architectlm_core::{Backoff, RetryPolicy};
+///
+/// let policy = RetryPolicy::attempts(5)
+///     .with_backoff(Backoff::Exponential)
+///     .with_initial_delay(Duration::from_millis(100))
+///     .with_max_delay(Duration::from_secs(1));
+/// policy.validate().unwrap();
+/// assert_eq!(policy.base_delay(1), Duration::from_millis(100));
+/// assert_eq!(policy.base_delay(3), Duration::from_millis(400));
+/// assert_eq!(policy.base_delay(9), Duration::from_secs(1));
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct RetryPolicy {

@@ -6,8 +6,8 @@
 //! - Transitions of one instance are serialised on this node; two nodes sharing a durable store
 //!   are kept apart by the store's version check ([`crate::Error::Conflict`]).
 //! - A task's panic, timeout or error fails that execution only.
-//! - [`Runtime::shutdown`] stops accepting work, cancels the runtime's token, waits (up to a
-//!   limit) for running tasks, then shuts the extensions down.
+//! - [`Runtime::shutdown`] stops accepting work, waits (up to a limit) for running tasks, then
+//!   cancels the runtime's token and shuts the extensions down.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,6 +50,41 @@ use crate::{Error, Result};
 /// - `start` is called once, in registration order; an error aborts start-up.
 /// - `shutdown` is called once, in reverse order, after running tasks finished or the shutdown
 ///   deadline passed; it must stop the extension's background tasks.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use architectlm_core::{Extension, Runtime, ServiceRegistry, System};
+///
+/// /// An extension that is also a user service, found with `ctx.service::<Audit>()`.
+/// #[derive(Default)]
+/// struct Audit {
+///     started: AtomicBool,
+/// }
+///
+/// #[async_trait::async_trait]
+/// impl Extension for Audit {
+///     fn name(&self) -> &'static str {
+///         "audit"
+///     }
+///     fn register(self: Arc<Self>, registry: &mut ServiceRegistry) {
+///         registry.insert(self);
+///     }
+///     async fn start(&self, _runtime: Runtime) -> architectlm_core::Result<()> {
+///         self.started.store(true, Ordering::SeqCst);
+///         Ok(())
+///     }
+/// }
+///
+/// let audit = Arc::new(Audit::default());
+/// let system = System::builder("shop").build()?;
+/// let runtime = Runtime::builder(system).extension(audit.clone()).start().await?;
+/// assert!(audit.started.load(Ordering::SeqCst));
+/// assert!(runtime.services().get::<Audit>().is_ok());
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[async_trait]
 pub trait Extension: Send + Sync + 'static {
     /// A short name for logs, such as `saga-coordinator`.
@@ -83,6 +118,45 @@ pub struct TaskCall<'a> {
 ///
 /// Hooks are synchronous and run on the executing task: they must not block. A hook that needs
 /// to do async work should hand it to a task of its own. `before` may refuse the execution.
+/// Middleware sees every execution, actions and nested executions included, and may be called
+/// concurrently from many tasks.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use architectlm_core::{Runtime, System, TaskCall, TaskDefinition, TaskError, TaskMiddleware, TaskResult};
+///
+/// /// Counts failures and refuses a task that is switched off.
+/// #[derive(Default)]
+/// struct Guardrail {
+///     failures: AtomicU64,
+/// }
+///
+/// impl TaskMiddleware for Guardrail {
+///     fn before(&self, call: &TaskCall<'_>) -> Result<(), TaskError> {
+///         if call.task_id == "legacy-export" {
+///             return Err(TaskError::permanent("legacy-export is switched off"));
+///         }
+///         Ok(())
+///     }
+///     fn after(&self, _call: &TaskCall<'_>, outcome: &TaskResult) {
+///         if outcome.is_err() {
+///             self.failures.fetch_add(1, Ordering::Relaxed);
+///         }
+///     }
+/// }
+///
+/// let guardrail = Arc::new(Guardrail::default());
+/// let system = System::builder("shop")
+///     .task(TaskDefinition::new("legacy-export", |i, _ctx| async move { Ok(i) })?)
+///     .build()?;
+/// let runtime = Runtime::builder(system).middleware(guardrail.clone()).start().await?;
+/// assert!(runtime.execute_task("legacy-export", serde_json::json!({})).await.is_err());
+/// assert_eq!(guardrail.failures.load(Ordering::Relaxed), 1);
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
 pub trait TaskMiddleware: Send + Sync + 'static {
     /// Before the first attempt; an error fails the execution without running it.
     fn before(&self, call: &TaskCall<'_>) -> std::result::Result<(), TaskError> {
@@ -105,7 +179,7 @@ pub struct ExecuteOptions {
     pub timeout: Option<Duration>,
     /// An idempotency key visible to the task as [`TaskContext::idempotency_key`].
     pub idempotency_key: Option<String>,
-    /// Cancels the execution when cancelled (a child of the runtime's token is used).
+    /// Cancels the execution when cancelled; the runtime's shutdown still cancels it too.
     pub cancel: Option<CancellationToken>,
     /// Pins the execution id (for example to keep it stable across a recovery).
     pub execution_id: Option<Uuid>,
@@ -130,6 +204,11 @@ impl ExecuteOptions {
     /// Sets a cancellation token.
     pub fn cancel(mut self, c: CancellationToken) -> Self {
         self.cancel = Some(c);
+        self
+    }
+    /// Pins the execution id.
+    pub fn execution_id(mut self, id: Uuid) -> Self {
+        self.execution_id = Some(id);
         self
     }
 }
@@ -308,7 +387,9 @@ impl RuntimeBuilder {
                     .store
                     .unwrap_or_else(|| Arc::new(InMemoryProcessStore::new())),
                 events: EventHub::with_capacity("runtime", self.event_capacity),
-                locks: Mutex::new(HashMap::new()),
+                locks: (0..LOCK_SHARDS)
+                    .map(|_| Mutex::new(HashMap::new()))
+                    .collect(),
                 middleware: parking_lot::RwLock::new(self.middleware.into()),
                 inflight: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -325,12 +406,18 @@ impl RuntimeBuilder {
     }
 }
 
+type InstanceMutex = Arc<tokio::sync::Mutex<()>>;
+
+const LOCK_SHARDS: usize = 32;
+
 struct Inner {
     system: System,
     services: Services,
     store: Arc<dyn ProcessStore>,
     events: EventHub<Event>,
-    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-instance transition locks, sharded so that transitions of different instances on
+    /// different threads rarely meet on one mutex.
+    locks: Box<[Mutex<HashMap<Uuid, InstanceMutex>>]>,
     middleware: parking_lot::RwLock<Arc<[Arc<dyn TaskMiddleware>]>>,
     inflight: AtomicUsize,
     idle: Notify,
@@ -339,7 +426,27 @@ struct Inner {
     extensions: Vec<Arc<dyn Extension>>,
 }
 
-/// The ArchitectLM runtime. See the [module docs](self) for its rules.
+impl Inner {
+    fn lock_shard(&self, id: Uuid) -> &Mutex<HashMap<Uuid, InstanceMutex>> {
+        // v7 and v4 ids both end in random bits.
+        let b = id.as_bytes();
+        &self.locks[(b[15] as usize ^ b[14] as usize) % LOCK_SHARDS]
+    }
+}
+
+/// The ArchitectLM runtime: runs tasks, moves process instances through their states, and
+/// carries events.
+///
+/// # Rules
+/// - A cheap handle (`Clone`, `Send`, `Sync`); every method may be called from any task
+///   concurrently.
+/// - Transitions of one instance are serialised on this node (in arrival order); two nodes
+///   sharing a durable store are kept apart by the store's version check
+///   ([`Error::Conflict`]). A transition's action runs while its instance is held, so the action
+///   cannot transition its own instance (it gets an error instead of a deadlock).
+/// - A task's panic, timeout or error fails that execution only.
+/// - [`Runtime::shutdown`] stops accepting tasks, waits (up to a limit) for running ones, then
+///   cancels the runtime's token and shuts the extensions down in reverse order.
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
@@ -374,6 +481,73 @@ impl Drop for InflightGuard<'_> {
             && self.0.shutting_down.load(Ordering::Acquire)
         {
             self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Runs `fut`; if the caller's token is cancelled first, cancels `token` (the task's own) and
+/// lets the task finish in response.
+async fn forward_cancel<F: Future>(
+    fut: F,
+    caller: Option<&CancellationToken>,
+    token: &CancellationToken,
+) -> F::Output {
+    let Some(caller) = caller else {
+        return fut.await;
+    };
+    tokio::pin!(fut);
+    tokio::select! {
+        biased;
+        out = &mut fut => return out,
+        () = caller.cancelled() => token.cancel(),
+    }
+    fut.await
+}
+
+/// Completes when the runtime's token or the caller's is cancelled.
+async fn either_cancelled(runtime: &CancellationToken, caller: Option<&CancellationToken>) {
+    match caller {
+        None => runtime.cancelled().await,
+        Some(c) => {
+            tokio::select! {
+                () = runtime.cancelled() => {}
+                () = c.cancelled() => {}
+            }
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The instance whose transition's action the current task is running, if any.
+    static ACTION_OF: Uuid;
+}
+
+/// The per-instance lock held by a transition (see `Runtime::lock_instance`).
+struct InstanceLock<'a> {
+    inner: &'a Inner,
+    id: Uuid,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl InstanceLock<'_> {
+    async fn acquire(mut self) -> Self {
+        if let Some(lock) = self.lock.clone() {
+            self.held = Some(lock.lock_owned().await);
+        }
+        self
+    }
+}
+
+impl Drop for InstanceLock<'_> {
+    fn drop(&mut self) {
+        // Unlock first, then drop our reference: the entry goes when the map's is the last one.
+        self.held = None;
+        if let Some(lock) = self.lock.take() {
+            let mut locks = self.inner.lock_shard(self.id).lock();
+            if Arc::strong_count(&lock) == 2 {
+                locks.remove(&self.id);
+            }
         }
     }
 }
@@ -440,6 +614,11 @@ impl Runtime {
     /// The token cancelled at shutdown.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.inner.cancel
+    }
+
+    /// How many task executions are running now (actions included).
+    pub fn running_tasks(&self) -> usize {
+        self.inner.inflight.load(Ordering::Acquire)
     }
 
     /// Whether shutdown has begun.
@@ -623,15 +802,16 @@ impl Runtime {
                 json!({"task_id": task_id, "execution_id": execution_id, "instance_id": instance_id}),
             )
         });
-        let parent = options.cancel.as_ref().unwrap_or(&inner.cancel);
+        // A task is cancelled by the runtime's shutdown and, when given, by the caller's token.
+        let caller = options.cancel.as_ref();
         let task_name: Arc<str> = Arc::from(task_id);
         let key: Option<Arc<str>> = options.idempotency_key.as_deref().map(Arc::from);
         let max_attempts = retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
         let mut attempt = 0;
         let outcome = loop {
             attempt += 1;
-            let cancel = if timeout.is_some() || options.cancel.is_some() {
-                parent.child_token()
+            let cancel = if timeout.is_some() || caller.is_some() {
+                inner.cancel.child_token()
             } else {
                 inner.cancel.clone()
             };
@@ -644,7 +824,11 @@ impl Runtime {
                 idempotency_key: key.clone(),
                 cancel: cancel.clone(),
             };
-            let fut = AssertUnwindSafe(handler.call(input.clone(), ctx)).catch_unwind();
+            let fut = forward_cancel(
+                AssertUnwindSafe(handler.call(input.clone(), ctx)).catch_unwind(),
+                caller,
+                &cancel,
+            );
             let result = match timeout {
                 None => fut.await,
                 Some(limit) => match tokio::time::timeout(limit, fut).await {
@@ -675,7 +859,7 @@ impl Runtime {
                     tracing::debug!(task_id, attempt, error = %e, ?delay, "task attempt failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = parent.cancelled() => {
+                        _ = either_cancelled(&inner.cancel, caller) => {
                             break Err(TaskError::with_kind(
                                 TaskErrorKind::Cancelled,
                                 format!("task \"{task_id}\" cancelled while waiting to retry: {e}"),
@@ -782,21 +966,32 @@ impl Runtime {
             .await
     }
 
-    fn lock_for(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
-        self.inner
-            .locks
+    /// Takes the per-instance lock. The returned guard releases it, and removes the map entry
+    /// when nobody else waits, on drop, so a caller that is cancelled while waiting or holding
+    /// the lock leaves nothing behind.
+    async fn lock_instance(&self, id: Uuid) -> Result<InstanceLock<'_>> {
+        if ACTION_OF.try_with(|acting| *acting == id).unwrap_or(false) {
+            // The action of a transition of this instance runs while the instance is locked;
+            // waiting here would wait for ourselves forever.
+            return Err(Error::InvalidInput(format!(
+                "process instance {id}: its own action cannot transition, retry or reset it \
+                 (the transition that runs the action still holds the instance)"
+            )));
+        }
+        let lock = self
+            .inner
+            .lock_shard(id)
             .lock()
             .entry(id)
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
-            .clone()
-    }
-
-    fn release_lock(&self, id: Uuid, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut locks = self.inner.locks.lock();
-        // Two references: ours and the map's. Nobody else waits, so the entry can go.
-        if Arc::strong_count(&lock) == 2 {
-            locks.remove(&id);
-        }
+            .clone();
+        let guard = InstanceLock {
+            inner: &self.inner,
+            id,
+            lock: Some(lock),
+            held: None,
+        };
+        Ok(guard.acquire().await)
     }
 
     /// Applies `event` to an instance: merges `data` into its context, picks the first
@@ -811,15 +1006,10 @@ impl Runtime {
         event: &str,
         data: Value,
     ) -> Result<TransitionOutcome> {
-        let lock = self.lock_for(instance_id);
-        let result = {
-            let _held = lock.lock().await;
-            self.transition_locked(instance_id, event, data)
-                .instrument(tracing::debug_span!("transition", %instance_id, event))
-                .await
-        };
-        self.release_lock(instance_id, lock);
-        result
+        let _held = self.lock_instance(instance_id).await?;
+        self.transition_locked(instance_id, event, data)
+            .instrument(tracing::debug_span!("transition", %instance_id, event))
+            .await
     }
 
     async fn transition_locked(
@@ -843,7 +1033,8 @@ impl Runtime {
             return Err(invalid());
         }
         let candidates = def.candidates(&instance.state, event).ok_or_else(invalid)?;
-        let mut context = instance.context.clone();
+        // The loaded copy is ours: move its context out instead of cloning it.
+        let mut context = std::mem::take(&mut instance.context);
         merge_context(&mut context, data.clone());
         let mut chosen = None;
         let mut guard_input: Option<Arc<GuardInput>> = None;
@@ -865,7 +1056,23 @@ impl Runtime {
                             })
                         })
                         .clone();
-                    if g.check(input).await {
+                    // A panicking guard rejects its transition; the caller's task survives.
+                    let passed = match AssertUnwindSafe(g.check(input)).catch_unwind().await {
+                        Ok(passed) => passed,
+                        Err(panic) => {
+                            let msg = panic_message(&*panic);
+                            tracing::error!(%instance_id, event, panic = %msg, "guard panicked");
+                            self.inner.events.publish_with(|| {
+                                Event::new(
+                                    types::SYSTEM_ERROR,
+                                    "runtime",
+                                    json!({"instance_id": instance_id, "event": event, "error": format!("guard panicked: {msg}"), "kind": "guard-panicked"}),
+                                )
+                            });
+                            false
+                        }
+                    };
+                    if passed {
                         chosen = Some(c);
                         break;
                     }
@@ -936,15 +1143,18 @@ impl Runtime {
             process_id: instance.process_id.clone(),
             context: instance.context.clone(),
         });
-        let result = self
-            .run(
-                &def.id,
-                &def.handler,
-                input,
-                def.retry.clone(),
-                def.timeout,
-                Some(process),
-                ExecuteOptions::default(),
+        let result = ACTION_OF
+            .scope(
+                instance.id,
+                self.run(
+                    &def.id,
+                    &def.handler,
+                    input,
+                    def.retry.clone(),
+                    def.timeout,
+                    Some(process),
+                    ExecuteOptions::default(),
+                ),
             )
             .await
             .map_err(TaskError::from);
@@ -989,9 +1199,8 @@ impl Runtime {
     /// supervisor's *retry-last-action* strategy does). Errors if the instance has no recorded
     /// action.
     pub async fn retry_last_action(&self, instance_id: Uuid) -> Result<TransitionOutcome> {
-        let lock = self.lock_for(instance_id);
-        let result = {
-            let _held = lock.lock().await;
+        let _held = self.lock_instance(instance_id).await?;
+        {
             async {
                 let mut instance = self
                     .inner
@@ -1013,9 +1222,7 @@ impl Runtime {
                 })
             }
             .await
-        };
-        self.release_lock(instance_id, lock);
-        result
+        }
     }
 
     /// Puts an instance back in its process's initial state with `context` (what a
@@ -1025,9 +1232,8 @@ impl Runtime {
         instance_id: Uuid,
         context: Value,
     ) -> Result<ProcessInstance> {
-        let lock = self.lock_for(instance_id);
-        let result = {
-            let _held = lock.lock().await;
+        let _held = self.lock_instance(instance_id).await?;
+        {
             async {
                 let mut instance = self
                     .inner
@@ -1053,15 +1259,15 @@ impl Runtime {
                 Ok(instance)
             }
             .await
-        };
-        self.release_lock(instance_id, lock);
-        result
+        }
     }
 
     // ----- shutdown -----------------------------------------------------------------------
 
-    /// Stops accepting tasks, cancels running ones' tokens, waits up to `timeout` for them to
-    /// finish, then shuts the extensions down in reverse order. Returns how many executions
+    /// Stops accepting tasks, waits up to `timeout` for running ones to finish on their own,
+    /// then cancels the runtime's token (which every task's
+    /// [`TaskContext::cancellation`] descends from) and shuts the extensions down in reverse
+    /// order. Returns how many executions
     /// were still running when the deadline passed (0 on a clean shutdown).
     pub async fn shutdown(&self, timeout: Duration) -> usize {
         let inner = &*self.inner;
@@ -1095,5 +1301,53 @@ impl Runtime {
     /// Waits for running tasks; like [`shutdown`](Self::shutdown) with no deadline.
     pub async fn graceful_shutdown(&self) {
         self.shutdown(Duration::MAX).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ProcessDefinition, TaskDefinition, TransitionDefinition};
+
+    fn held_locks(rt: &Runtime) -> usize {
+        rt.inner.locks.iter().map(|s| s.lock().len()).sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instance_locks_are_removed_after_use_even_when_callers_give_up() {
+        let slow = TaskDefinition::new("slow", |_i, _c| async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(Value::Null)
+        })
+        .unwrap();
+        let p = ProcessDefinition::builder("p")
+            .state("a")
+            .transition(TransitionDefinition::new("a", "a", "tick"))
+            .transition(TransitionDefinition::new("a", "a", "slow").action("slow"))
+            .build()
+            .unwrap();
+        let system = System::builder("s").process(p).task(slow).build().unwrap();
+        let rt = Runtime::builder(system).start().await.unwrap();
+        let mut ids = vec![];
+        for _ in 0..50 {
+            let i = rt.create_process("p", json!({})).await.unwrap();
+            rt.transition_process(i.id, "tick", Value::Null)
+                .await
+                .unwrap();
+            ids.push(i.id);
+        }
+        assert_eq!(held_locks(&rt), 0);
+        // A caller that gives up while holding the lock, and one that gives up while waiting.
+        let id = ids[0];
+        let holder = rt.transition_process(id, "slow", Value::Null);
+        let waiter = rt.transition_process(id, "tick", Value::Null);
+        let both = async { tokio::join!(holder, waiter) };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), both)
+                .await
+                .is_err()
+        );
+        assert_eq!(held_locks(&rt), 0, "no lock entry is left behind");
+        assert_eq!(rt.running_tasks(), 0);
     }
 }

@@ -50,6 +50,26 @@ impl ProcessQuery {
 ///   fails with [`Error::Conflict`] naming the instance and both versions otherwise. The caller
 ///   sets the new version (`expected_version + 1`) on the instance it passes.
 /// - Reads return what the last successful write stored.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use architectlm_core::store::{InMemoryProcessStore, ProcessStore};
+/// use architectlm_core::{ProcessDefinition, Runtime, System, TransitionDefinition};
+///
+/// let store = Arc::new(InMemoryProcessStore::new());
+/// let ticket = ProcessDefinition::builder("ticket")
+///     .state("open")
+///     .state("closed")
+///     .transition(TransitionDefinition::new("open", "closed", "close"))
+///     .build()?;
+/// let system = System::builder("desk").process(ticket).build()?;
+/// let runtime = Runtime::builder(system).process_store(store.clone()).start().await?;
+/// let t = runtime.create_process("ticket", serde_json::json!({})).await?;
+/// assert_eq!(store.get(t.id).await?.map(|i| i.version), Some(1));
+/// # Ok::<_, architectlm_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[async_trait]
 pub trait ProcessStore: Send + Sync + fmt::Debug + 'static {
     /// Stores a new instance.

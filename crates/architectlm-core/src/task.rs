@@ -114,7 +114,32 @@ pub type TaskResult = std::result::Result<Value, TaskError>;
 /// The implementation of a task: `(input, context) -> output`.
 ///
 /// Implemented for every `Fn(Value, TaskContext) -> impl Future<Output = TaskResult>`; implement
-/// it by hand for a struct that carries its own state.
+/// it by hand for a struct that carries its own state. A handler may be called concurrently
+/// (several executions, retries of one) and must be `Send + Sync`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use architectlm_core::{TaskContext, TaskDefinition, TaskHandler, TaskResult};
+/// use futures::future::BoxFuture;
+/// use serde_json::{Value, json};
+///
+/// /// Hands out invoice numbers.
+/// struct NextInvoice(Arc<AtomicU64>);
+///
+/// impl TaskHandler for NextInvoice {
+///     fn call(&self, _input: Value, _ctx: TaskContext) -> BoxFuture<'static, TaskResult> {
+///         let n = self.0.fetch_add(1, Ordering::SeqCst);
+///         Box::pin(async move { Ok(json!({"invoice": n})) })
+///     }
+/// }
+///
+/// let task = TaskDefinition::builder("next-invoice")
+///     .handler_impl(NextInvoice(Arc::new(AtomicU64::new(1000))))
+///     .build()
+///     .unwrap();
+/// # let _ = task;
+/// ```
 pub trait TaskHandler: Send + Sync + 'static {
     /// Runs the task once. The runtime applies timeout, retries and panic isolation around it.
     fn call(&self, input: Value, ctx: TaskContext) -> BoxFuture<'static, TaskResult>;

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -158,6 +158,35 @@ pub struct ResourceStatus {
     pub reset_at: Option<DateTime<Utc>>,
 }
 
+impl ResourceStatus {
+    /// A snapshot; `available` and `usage_percentage` are derived from `capacity` and `used`.
+    pub fn new(
+        id: impl Into<String>,
+        resource_type: ResourceType,
+        capacity: u64,
+        used: u64,
+        status: CircuitStatus,
+        last_status_change_at: DateTime<Utc>,
+        reset_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            resource_type,
+            capacity,
+            used,
+            available: capacity.saturating_sub(used),
+            usage_percentage: if capacity == 0 {
+                0.0
+            } else {
+                used as f64 * 100.0 / capacity as f64
+            },
+            status,
+            last_status_change_at,
+            reset_at,
+        }
+    }
+}
+
 /// Load event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -239,26 +268,54 @@ pub enum CallOutcome {
     Unknown,
 }
 
+/// What a load manager attached to a permit when it issued it, handed back on release.
+///
+/// The meaning of both fields belongs to the implementation (for example the clock reading at
+/// acquisition, used to measure slow calls, and the circuit generation of a half-open trial).
+/// Keeping them in the permit lets a release find its bookkeeping without a lookup or an
+/// allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct PermitTicket {
+    /// When the permit was issued, in the implementation's clock (0 when not measured).
+    pub started: u64,
+    /// Implementation-defined tag, such as a trial marker.
+    pub tag: u64,
+}
+
+impl PermitTicket {
+    /// A ticket with the given start reading and tag.
+    pub fn new(started: u64, tag: u64) -> Self {
+        Self { started, tag }
+    }
+}
+
 /// Gives a permit's units back; implemented by load managers.
+///
+/// Called exactly once per permit, from whichever thread drops or completes it; it must not
+/// block and must not panic.
 pub trait PermitRelease: Send + Sync + 'static {
-    /// Returns `units` and records `outcome`, measured over `elapsed`.
-    fn release(&self, units: u64, outcome: CallOutcome, elapsed: Duration);
+    /// Returns `units` and records `outcome` for the permit issued with `ticket`.
+    fn release(&self, units: u64, outcome: CallOutcome, ticket: PermitTicket);
 }
 
 /// Units of a resource held until dropped. Report the outcome with
 /// [`success`](Self::success) or [`failure`](Self::failure); a permit dropped while its thread
 /// panics counts as a failure, one dropped without a report as unknown.
+///
+/// A permit is `Send` and may be moved into another task; its units come back exactly once.
 pub struct ResourcePermit {
     release: Option<Arc<dyn PermitRelease>>,
     units: u64,
-    started: Instant,
+    ticket: PermitTicket,
 }
 
 impl fmt::Debug for ResourcePermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResourcePermit")
             .field("units", &self.units)
-            .field("held_for", &self.started.elapsed())
+            .field("ticket", &self.ticket)
+            .field("attached", &self.release.is_some())
             .finish()
     }
 }
@@ -266,10 +323,15 @@ impl fmt::Debug for ResourcePermit {
 impl ResourcePermit {
     /// A permit that gives `units` back through `release`.
     pub fn new(release: Arc<dyn PermitRelease>, units: u64) -> Self {
+        Self::with_ticket(release, units, PermitTicket::default())
+    }
+
+    /// A permit that gives `units` back through `release`, handing `ticket` back with them.
+    pub fn with_ticket(release: Arc<dyn PermitRelease>, units: u64, ticket: PermitTicket) -> Self {
         Self {
             release: Some(release),
             units,
-            started: Instant::now(),
+            ticket,
         }
     }
 
@@ -278,7 +340,7 @@ impl ResourcePermit {
         Self {
             release: None,
             units,
-            started: Instant::now(),
+            ticket: PermitTicket::default(),
         }
     }
 
@@ -287,9 +349,14 @@ impl ResourcePermit {
         self.units
     }
 
+    /// The ticket the load manager attached.
+    pub fn ticket(&self) -> PermitTicket {
+        self.ticket
+    }
+
     fn finish(&mut self, outcome: CallOutcome) {
         if let Some(r) = self.release.take() {
-            r.release(self.units, outcome, self.started.elapsed());
+            r.release(self.units, outcome, self.ticket);
         }
     }
 
@@ -311,6 +378,11 @@ impl ResourcePermit {
 
 impl Drop for ResourcePermit {
     fn drop(&mut self) {
+        if self.release.is_none() {
+            // Already completed (or detached): nothing to give back, no need to ask whether
+            // the thread panics.
+            return;
+        }
         let outcome = if std::thread::panicking() {
             CallOutcome::Failure
         } else {
@@ -323,10 +395,35 @@ impl Drop for ResourcePermit {
 /// Tracks resource usage and breaks circuits.
 ///
 /// # Rules
-/// - `Send + Sync`; every method may be called concurrently; `used` never exceeds capacity.
-/// - Events fire once per change of status.
+/// - `Send + Sync`; every method may be called concurrently; `used` never exceeds capacity and
+///   never goes below zero (releasing more than is used saturates at zero).
+/// - Status is `open` or `half-open` while the circuit says so, otherwise `closed`, `warning` or
+///   `critical` by usage. An event fires once per change of status, named after the new status
+///   (`threshold-warning`, `threshold-critical`, `circuit-open`, `circuit-half-open`,
+///   `circuit-closed`).
+/// - Usage at or above the circuit threshold opens the circuit; so may outcomes reported on
+///   permits. Releasing units never moves a circuit out of open: only the reset timeout does,
+///   to half-open, where a bounded number of trial calls is admitted and their outcomes close
+///   or reopen the circuit. An acquisition with `acquire_resource` while half-open is a trial
+///   that passes when its units are released.
 /// - Unknown ids give [`crate::Error::NotFound`]; invalid configurations
-///   [`crate::Error::InvalidConfig`] naming the field.
+///   [`crate::Error::InvalidConfig`] naming the field and value; zero units
+///   [`crate::Error::InvalidInput`].
+/// - Nothing here blocks a thread; only [`acquire_permit`](Self::acquire_permit) with a wait
+///   suspends the caller.
+///
+/// ```
+/// use architectlm_core::extensions::LoadManager;
+/// use architectlm_core::extensions::loadmanager::{ResourceConfig, ResourceType};
+///
+/// async fn guarded_payment(lm: &dyn LoadManager) -> architectlm_core::Result<()> {
+///     lm.register_resource(ResourceConfig::new("payment-api", ResourceType::Api, 100)).await?;
+///     let permit = lm.acquire_permit("payment-api", 1, None).await?;
+///     // ... call the payment API ...
+///     permit.success();
+///     Ok(())
+/// }
+/// ```
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait LoadManager: Send + Sync {

@@ -29,4 +29,4 @@ mod timer;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use cron::{CronSchedule, PatternCache};
-pub use scheduler::{SchedulerOptions, TaskScheduler, TaskSchedulerBuilder};
+pub use scheduler::{ClusterOptions, SchedulerOptions, TaskScheduler, TaskSchedulerBuilder};

@@ -15,7 +15,8 @@ use architectlm_core::{
     Error, ExecuteOptions, Extension, Result, Runtime, ServiceRegistry, TaskRef, random_unit,
 };
 use architectlm_store::schedule::{
-    InMemoryScheduleStore, RunState, ScheduleEntry, ScheduleRun, ScheduleStore, truncate_ms,
+    InMemoryScheduleStore, RunState, ScheduleEntry, ScheduleRun, ScheduleStore,
+    SharedScheduleStore, truncate_ms,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -27,6 +28,10 @@ use uuid::Uuid;
 use crate::clock::{Clock, SystemClock};
 use crate::cron::{CronSchedule, PatternCache, parse_timezone};
 use crate::timer::{Timer, Timers};
+
+#[path = "cluster.rs"]
+mod cluster;
+pub use self::cluster::ClusterOptions;
 
 /// Runs queued behind a busy entry (overlap `allow` with `max_concurrent`) at most; more are
 /// skipped and reported as `misfired` with reason `overlap`.
@@ -77,6 +82,7 @@ impl Default for SchedulerOptions {
 #[must_use]
 pub struct TaskSchedulerBuilder {
     store: Option<Arc<dyn ScheduleStore>>,
+    cluster: Option<(Arc<dyn SharedScheduleStore>, ClusterOptions)>,
     clock: Arc<dyn Clock>,
     options: SchedulerOptions,
 }
@@ -87,11 +93,22 @@ impl fmt::Debug for TaskSchedulerBuilder {
             .field("store", &self.store)
             .field("clock", &self.clock)
             .field("options", &self.options)
+            .field("cluster", &self.cluster.as_ref().map(|c| &c.1))
             .finish()
     }
 }
 
 impl TaskSchedulerBuilder {
+    /// Runs this scheduler as one node of a cluster sharing `store` (PostgreSQL): entries
+    /// scheduled on any node run on exactly one node, and runs of a node that dies are run
+    /// again elsewhere once their lease expires. See [`ClusterOptions`] and the module
+    /// `cluster` rules in [`TaskScheduler`]'s docs. Replaces [`store`](Self::store).
+    pub fn cluster<S: SharedScheduleStore>(mut self, store: Arc<S>, options: ClusterOptions) -> Self {
+        self.store = Some(store.clone());
+        self.cluster = Some((store, options));
+        self
+    }
+
     /// Keeps entries in `store` (default: in memory).
     pub fn store(mut self, store: Arc<dyn ScheduleStore>) -> Self {
         self.store = Some(store);
@@ -139,6 +156,9 @@ impl TaskSchedulerBuilder {
                 cancel: Mutex::new(CancellationToken::new()),
                 stopped: AtomicBool::new(false),
                 driver: Mutex::new(None),
+                cluster: self
+                    .cluster
+                    .map(|(store, opts)| cluster::Cluster::new(store, opts)),
                 options: self.options,
             }),
         }
@@ -173,6 +193,8 @@ struct Inner {
     cancel: Mutex<CancellationToken>,
     stopped: AtomicBool,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set when this scheduler is one node of a cluster.
+    cluster: Option<cluster::Cluster>,
     options: SchedulerOptions,
 }
 
@@ -278,6 +300,7 @@ impl TaskScheduler {
     pub fn builder() -> TaskSchedulerBuilder {
         TaskSchedulerBuilder {
             store: None,
+            cluster: None,
             clock: Arc::new(SystemClock),
             options: SchedulerOptions::default(),
         }
@@ -518,7 +541,10 @@ impl TaskScheduler {
         self.inner.store.insert(entries.clone()).await?;
         let ids = entries.iter().map(ScheduleEntry::id).collect();
         let started = self.runtime().is_some() && !self.inner.stopped.load(Ordering::Acquire);
-        if started {
+        if let Some(c) = &self.inner.cluster {
+            // Any node's poller picks them up; this one looks at once.
+            c.wake();
+        } else if started {
             let now = self.now();
             let mut timers = Vec::with_capacity(entries.len());
             {
@@ -1001,6 +1027,22 @@ impl TaskScheduler {
         id: Uuid,
         change: impl Fn(&mut ScheduleEntry, Option<&SlotState>) -> Result<bool>,
     ) -> Result<Option<(Option<Slot>, ScheduleEntry)>> {
+        if let Some(c) = &self.inner.cluster {
+            // Other nodes write the same entries: on a version conflict, reload and decide
+            // again.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.modify_stored(id, |e| change(e, None)).await {
+                    Err(Error::Conflict { .. }) if attempt < 50 => continue,
+                    Err(e) => return Err(e),
+                    Ok(r) => {
+                        c.wake();
+                        return Ok(r.map(|e| (None, e)));
+                    }
+                }
+            }
+        }
         if self.runtime().is_some() {
             Ok(self
                 .modify(id, |e, st| change(e, Some(st)))
@@ -1283,6 +1325,9 @@ impl Scheduler for TaskScheduler {
         if self.runtime().is_none() {
             return Ok(false);
         }
+        if self.inner.cluster.is_some() {
+            return self.cluster_trigger(id).await;
+        }
         let Some(slot) = self.slot(id) else {
             return Ok(false);
         };
@@ -1377,6 +1422,16 @@ impl Extension for TaskScheduler {
     /// interrupted, and starts the timer driver. Overdue entries fire at once and follow their
     /// misfire policy.
     async fn start(&self, runtime: Runtime) -> Result<()> {
+        if let Some(c) = &self.inner.cluster {
+            c.opts.validate()?;
+            *self.inner.runtime.write() = Some(runtime);
+            self.inner.stopped.store(false, Ordering::Release);
+            let cancel = CancellationToken::new();
+            *self.inner.cancel.lock() = cancel.clone();
+            let handle = self.start_cluster(cancel);
+            *self.inner.driver.lock() = Some(handle);
+            return Ok(());
+        }
         *self.inner.runtime.write() = Some(runtime);
         self.inner.stopped.store(false, Ordering::Release);
         self.inner.slots.lock().clear();
@@ -1395,5 +1450,6 @@ impl Extension for TaskScheduler {
         if let Some(h) = handle {
             let _ = h.await;
         }
+        self.stop_cluster().await;
     }
 }

@@ -130,6 +130,9 @@ impl ClusterOptions {
     }
 }
 
+/// Batches of ended runs recorded at once per node.
+const FINISH_CONCURRENCY: usize = 4;
+
 /// An ended run on its way to the finisher.
 struct Done {
     run: ScheduleRun,
@@ -470,58 +473,83 @@ impl TaskScheduler {
             return;
         };
         let batch = c.opts.batch_size;
-        let limit = self.inner.options.history_limit;
+        // A few batches are recorded at once: each waits on the database most of its time.
+        let slots = Arc::new(Semaphore::new(FINISH_CONCURRENCY));
+        let mut tasks = tokio::task::JoinSet::new();
         let mut buf = Vec::with_capacity(batch);
         while rx.recv_many(&mut buf, batch).await > 0 {
-            let mut records: HashMap<(Uuid, i64), RunRecord> = HashMap::with_capacity(buf.len());
-            let mut runs = Vec::with_capacity(buf.len());
-            for d in buf.drain(..) {
-                records.insert((d.run.entry_id, d.run.due_at.timestamp_millis()), d.record);
-                runs.push(d.run);
-            }
-            let apply = move |e: &mut ScheduleEntry, r: &ScheduleRun| {
-                if let Some(rec) = records.get(&(r.entry_id, r.due_at.timestamp_millis())) {
-                    e.task.result = rec.result.clone();
-                    e.task.error = rec.error.clone();
-                    e.task.executed_at = Some(rec.started_at);
-                    e.task.history.push(rec.clone());
-                    if e.task.history.len() > limit {
-                        let drop = e.task.history.len() - limit;
-                        e.task.history.drain(..drop);
-                    }
-                }
-                Self::settle(e, 0, 0);
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
             };
-            let mut backoff = Duration::from_millis(50);
-            let done = loop {
-                match c.shared.finish_batch(&c.opts.node_id, runs.clone(), &apply).await {
-                    Ok(done) => break done,
-                    Err(e) => {
-                        tracing::error!(node = %c.opts.node_id, error = %e, "cannot record the end of runs; retrying");
-                        if backoff > c.opts.lease {
-                            // Our claims have expired by now; the new owners record them.
-                            break Vec::new();
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff *= 2;
-                    }
+            let done: Vec<Done> = std::mem::take(&mut buf);
+            let this = self.clone();
+            tasks.spawn(async move {
+                this.finish_some(done).await;
+                drop(permit);
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Records one batch of ended runs, retrying while the claims can still be ours.
+    async fn finish_some(&self, batch: Vec<Done>) {
+        let Some(c) = self.cluster() else {
+            return;
+        };
+        let limit = self.inner.options.history_limit;
+        let mut records: HashMap<(Uuid, i64), RunRecord> = HashMap::with_capacity(batch.len());
+        let mut runs = Vec::with_capacity(batch.len());
+        for d in batch {
+            records.insert((d.run.entry_id, d.run.due_at.timestamp_millis()), d.record);
+            runs.push(d.run);
+        }
+        let apply = move |e: &mut ScheduleEntry, r: &ScheduleRun| {
+            if let Some(rec) = records.get(&(r.entry_id, r.due_at.timestamp_millis())) {
+                e.task.result = rec.result.clone();
+                e.task.error = rec.error.clone();
+                e.task.executed_at = Some(rec.started_at);
+                e.task.history.push(rec.clone());
+                if e.task.history.len() > limit {
+                    let drop = e.task.history.len() - limit;
+                    e.task.history.drain(..drop);
                 }
+            }
+            Self::settle(e, 0, 0);
+        };
+        let mut backoff = Duration::from_millis(50);
+        let done = loop {
+            match c
+                .shared
+                .finish_batch(&c.opts.node_id, runs.clone(), &apply)
+                .await
+            {
+                Ok(done) => break done,
+                Err(e) => {
+                    tracing::error!(node = %c.opts.node_id, error = %e, "cannot record the end of runs; retrying");
+                    if backoff > c.opts.lease {
+                        // Our claims have expired by now; their new owners record them.
+                        break Vec::new();
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        };
+        if done.len() < runs.len() {
+            tracing::warn!(node = %c.opts.node_id, lost = runs.len() - done.len(),
+                "runs were taken over by another node before their end was recorded; their results are dropped");
+        }
+        for (entry, run) in done {
+            let ev = if run.state == RunState::Completed {
+                SchedulerEventType::Completed
+            } else {
+                SchedulerEventType::Failed
             };
-            if done.len() < runs.len() {
-                tracing::warn!(node = %c.opts.node_id, lost = runs.len() - done.len(),
-                    "runs were taken over by another node before their end was recorded; their results are dropped");
-            }
-            for (entry, run) in done {
-                let ev = if run.state == RunState::Completed {
-                    SchedulerEventType::Completed
-                } else {
-                    SchedulerEventType::Failed
-                };
-                self.emit(ev, &entry, || {
-                    json!({"due_at": run.due_at, "started_at": run.claimed_at, "finished_at": run.finished_at,
-                           "result": run.result, "error": run.error, "starts": run.starts})
-                });
-            }
+            self.emit(ev, &entry, || {
+                json!({"due_at": run.due_at, "started_at": run.claimed_at, "finished_at": run.finished_at,
+                       "result": run.result, "error": run.error, "starts": run.starts})
+            });
         }
     }
 

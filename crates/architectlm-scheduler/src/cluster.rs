@@ -225,7 +225,9 @@ impl TaskScheduler {
                             self.take_over(r).await;
                         }
                     }
-                    Err(e) => tracing::warn!(node = %node, error = %e, "cannot look for expired runs"),
+                    Err(e) => {
+                        tracing::warn!(node = %node, error = %e, "cannot look for expired runs")
+                    }
                 }
             }
             let free = c.permits.available_permits().min(batch);
@@ -238,7 +240,9 @@ impl TaskScheduler {
                         next_due = due.next_due;
                         self.fire_many(due.entries, now).await;
                     }
-                    Err(e) => tracing::warn!(node = %node, error = %e, "cannot look for due entries"),
+                    Err(e) => {
+                        tracing::warn!(node = %node, error = %e, "cannot look for due entries")
+                    }
                 }
             }
             if full {
@@ -392,7 +396,9 @@ impl TaskScheduler {
             .cluster()
             .and_then(|c| c.done.lock().as_ref().map(|tx| tx.send(done).is_ok()));
         if sent != Some(true) {
-            tracing::warn!("scheduler stopping: a run's end is not recorded; its claim will be taken over");
+            tracing::warn!(
+                "scheduler stopping: a run's end is not recorded; its claim will be taken over"
+            );
         }
     }
 

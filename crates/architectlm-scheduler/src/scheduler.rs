@@ -103,7 +103,11 @@ impl TaskSchedulerBuilder {
     /// scheduled on any node run on exactly one node, and runs of a node that dies are run
     /// again elsewhere once their lease expires. See [`ClusterOptions`] and the module
     /// `cluster` rules in [`TaskScheduler`]'s docs. Replaces [`store`](Self::store).
-    pub fn cluster<S: SharedScheduleStore>(mut self, store: Arc<S>, options: ClusterOptions) -> Self {
+    pub fn cluster<S: SharedScheduleStore>(
+        mut self,
+        store: Arc<S>,
+        options: ClusterOptions,
+    ) -> Self {
         self.store = Some(store.clone());
         self.cluster = Some((store, options));
         self
@@ -230,6 +234,14 @@ struct Inner {
 ///   waiting ones are dropped. **Trigger** runs an entry now, outside of its schedule, without
 ///   moving it or counting toward `max_executions`. **Reschedule** moves the next run.
 /// - **Shutdown** stops the timer driver; runs the runtime is finishing are recorded.
+/// - **Several nodes** ([`TaskSchedulerBuilder::cluster`], a shared PostgreSQL store): no
+///   entries are held in memory; each node polls the store's next-run index for due entries
+///   (`FOR UPDATE SKIP LOCKED`), claims runs in batches with itself as owner and a lease, renews
+///   its leases every `lease / 3`, and takes over runs whose lease expired. Each
+///   `(entry, due time)` is claimed exactly once across nodes; a run of a node that died runs
+///   again elsewhere (same idempotency key) about one lease after the death. Overlap policies,
+///   `max_concurrent`, jitter and `max_active` apply to one node only and are not enforced in
+///   this mode. See `docs/multi-node.md`.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {

@@ -145,7 +145,12 @@ fn cluster_child_node() {
 fn spawn_child(schema: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
     let mut child = Command::new(exe)
-        .args(["cluster_child_node", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "cluster_child_node",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(SCHEMA_ENV, schema)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -255,7 +260,13 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
         .unwrap_or_else(|e| panic!("{e}"));
 
     // Kill the child once it has executed some runs and holds others in flight.
-    wait_count(&db, "SELECT count(*) FROM ledger WHERE node = 'child'", 1, Duration::from_secs(30)).await;
+    wait_count(
+        &db,
+        "SELECT count(*) FROM ledger WHERE node = 'child'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
     wait_count(
         &db,
         "SELECT count(*) FROM scheduler_runs WHERE owner = 'child' AND state = 'claimed'",
@@ -303,14 +314,20 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
             if open == 0 {
                 break killed_at.elapsed();
             }
-            assert!(Instant::now() < deadline, "{open} runs of the dead node were not taken over");
+            assert!(
+                Instant::now() < deadline,
+                "{open} runs of the dead node were not taken over"
+            );
             drop(client);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
     // Within the lease (counted from the dead node's last renewal) plus a poll; the bound
     // here is loose so that a loaded machine does not fail the test.
-    assert!(takeover < LEASE * 3, "takeover took {takeover:?} with a lease of {LEASE:?}");
+    assert!(
+        takeover < LEASE * 3,
+        "takeover took {takeover:?} with a lease of {LEASE:?}"
+    );
     let failover = {
         let deadline = Instant::now() + LEASE * 10;
         loop {
@@ -329,7 +346,10 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
             if open == 0 {
                 break killed_at.elapsed();
             }
-            assert!(Instant::now() < deadline, "{open} runs of the dead node were not taken over");
+            assert!(
+                Instant::now() < deadline,
+                "{open} runs of the dead node were not taken over"
+            );
             drop(client);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -373,16 +393,25 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
         }
         if executions > 1 {
             // Only a run the dead node had executed and not recorded may run twice.
-            assert_eq!(node, "child", "{key} ran {executions} times, first on {node}");
+            assert_eq!(
+                node, "child",
+                "{key} ran {executions} times, first on {node}"
+            );
             let (id, due) = key.split_once('@').unwrap_or_else(|| panic!("{key}"));
             let id: Uuid = id.parse().unwrap_or_else(|e| panic!("{e}"));
             let due = chrono::DateTime::parse_from_rfc3339(due)
                 .unwrap_or_else(|e| panic!("{e}"))
                 .timestamp_millis();
-            assert!(held.contains(&(id, due)), "{key} ran twice but was not held by the dead node");
+            assert!(
+                held.contains(&(id, due)),
+                "{key} ran twice but was not held by the dead node"
+            );
             reruns += 1;
         }
-        if let Some(i) = node.strip_prefix("node-").and_then(|i| i.parse::<usize>().ok()) {
+        if let Some(i) = node
+            .strip_prefix("node-")
+            .and_then(|i| i.parse::<usize>().ok())
+        {
             let id: Option<Uuid> = key.split_once('@').and_then(|(id, _)| id.parse().ok());
             if id.and_then(|id| created.get(&id)).is_some_and(|c| *c != i) {
                 cross[i] = true;
@@ -392,11 +421,21 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
     assert_eq!(seen.len(), RUNS, "lost one-shot runs");
     assert_eq!(recurring_runs, 3, "recurring runs");
     assert_eq!(rows.len(), RUNS + 3);
-    assert_eq!(cross, [true; 3], "every node runs entries other nodes scheduled: {by_node:?}");
+    assert_eq!(
+        cross, [true; 3],
+        "every node runs entries other nodes scheduled: {by_node:?}"
+    );
     // Each occurrence claimed once; the dead node's runs were started again.
-    assert_eq!(count(&db, "SELECT count(*) FROM scheduler_runs").await, total);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM scheduler_runs").await,
+        total
+    );
     let restarted = count(&db, "SELECT count(*) FROM scheduler_runs WHERE starts > 1").await;
-    assert_eq!(restarted, held.len() as i64, "runs held by the dead node are started again");
+    assert_eq!(
+        restarted,
+        held.len() as i64,
+        "runs held by the dead node are started again"
+    );
     let done = nodes[0]
         .1
         .get_task(recurring)
@@ -447,7 +486,13 @@ async fn operations_from_any_node_apply_cluster_wide() {
         Some(ScheduledTaskStatus::Paused)
     );
     assert!(b.resume_task(id).await.unwrap_or_else(|e| panic!("{e}")));
-    wait_count(&db, "SELECT count(*) FROM ledger", 1, Duration::from_secs(20)).await;
+    wait_count(
+        &db,
+        "SELECT count(*) FROM ledger",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
     // A trigger on b of an entry created on a runs it once more, with its own due time.
     let later = a
         .schedule_task(ScheduledTaskConfig::new(
@@ -457,24 +502,51 @@ async fn operations_from_any_node_apply_cluster_wide() {
         ))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(b.trigger_task(later).await.unwrap_or_else(|e| panic!("{e}")));
-    wait_count(&db, "SELECT count(*) FROM ledger", 2, Duration::from_secs(20)).await;
+    assert!(
+        b.trigger_task(later)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    wait_count(
+        &db,
+        "SELECT count(*) FROM ledger",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
     // Cancelled on a: never runs on b.
     assert!(a.cancel_task(later).await.unwrap_or_else(|e| panic!("{e}")));
     let t = b.get_task(later).await.ok().flatten();
     assert_eq!(t.map(|t| t.status), Some(ScheduledTaskStatus::Cancelled));
     let store = b.store().clone();
-    let first = store.get(id).await.ok().flatten().unwrap_or_else(|| panic!("entry"));
+    let first = store
+        .get(id)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("entry"));
     // Wait until the first entry's end is recorded, then check it.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut first = first;
     while first.task.status != ScheduledTaskStatus::Completed {
-        assert!(Instant::now() < deadline, "not completed: {:?}", first.task.status);
+        assert!(
+            Instant::now() < deadline,
+            "not completed: {:?}",
+            first.task.status
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
-        first = store.get(id).await.ok().flatten().unwrap_or_else(|| panic!("entry"));
+        first = store
+            .get(id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("entry"));
     }
     assert_eq!(first.task.history.len(), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM ledger WHERE executions > 1").await, 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM ledger WHERE executions > 1").await,
+        0
+    );
     ra.shutdown(Duration::from_secs(2)).await;
     rb.shutdown(Duration::from_secs(2)).await;
     drop_schema(&url, &schema).await;

@@ -1,14 +1,16 @@
 //! Several scheduler nodes sharing one [`SharedScheduleStore`] (PostgreSQL).
 //!
-//! In this mode a node keeps no entries in memory. Three background loops do the work:
+//! In this mode a node keeps no entries in memory. Four background loops do the work:
 //!
 //! - the **poller** reserves due entries through the store's next-run index
 //!   (`FOR UPDATE SKIP LOCKED`, so nodes never wait for each other), plans each firing with the
 //!   same rules as one node (misfire, cron, `max_executions`), and claims the runs in one
 //!   transaction per batch: the unique `(entry, due time)` key means each occurrence is claimed
-//!   by exactly one node. It also takes over runs whose lease expired. It sleeps until the
+//!   by exactly one node. It sleeps until the
 //!   next known due time or the poll interval, whichever comes first, and wakes at once when
 //!   this node schedules or resumes an entry;
+//! - the **taker-over** takes, every poll interval, runs whose lease expired (their owner
+//!   died or stalled) and runs them again here with the same idempotency key;
 //! - the **renewer** extends the leases of this node's runs every `lease / 3`;
 //! - the **finisher** records ended runs in batches, each applied to its entry under the
 //!   entry's row lock; a run another node took over meanwhile is left to that node.
@@ -17,10 +19,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use architectlm_core::extensions::scheduler::{RunRecord, ScheduledTaskStatus, SchedulerEventType};
+use architectlm_core::extensions::scheduler::{
+    OverlapPolicy, RunRecord, ScheduledTaskStatus, SchedulerEventType,
+};
 use architectlm_core::{Error, ExecuteOptions, Result, TaskRef};
 use architectlm_store::schedule::{
-    Claim, RunState, ScheduleEntry, ScheduleRun, SharedScheduleStore, truncate_ms,
+    Claim, DueEntry, RunState, ScheduleEntry, ScheduleRun, SharedScheduleStore, truncate_ms,
 };
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
@@ -94,6 +98,15 @@ impl ClusterOptions {
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n;
         self
+    }
+
+    /// How long a node reserves a due entry it is planning. Only an efficiency measure (the
+    /// version check keeps a firing from being claimed twice), so it is short: entries a dead
+    /// node reserved, and entries waiting for a free place, are looked at again after it.
+    pub(super) fn hold(&self) -> Duration {
+        (self.poll_interval * 5)
+            .max(Duration::from_secs(1))
+            .min(self.lease)
     }
 
     pub(super) fn validate(&self) -> Result<()> {
@@ -172,7 +185,8 @@ impl TaskScheduler {
         self.inner.cluster.as_ref()
     }
 
-    /// Starts the poller, renewer and finisher; returns the handle of the first two.
+    /// Starts the poller, taker-over, renewer and finisher; returns the handle of all but the
+    /// finisher.
     pub(super) fn start_cluster(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(c) = self.cluster() {
@@ -180,11 +194,12 @@ impl TaskScheduler {
             *c.finisher.lock() = Some(tokio::spawn(self.clone().finish_loop(rx)));
         }
         let this = self.clone();
+        // Each loop on a task of its own, so that a busy poller never delays a renewal.
+        let poller = tokio::spawn(this.clone().poll_loop(cancel.clone()));
+        let taker = tokio::spawn(this.clone().takeover_loop(cancel.clone()));
+        let renewer = tokio::spawn(this.renew_loop(cancel));
         tokio::spawn(async move {
-            tokio::join!(
-                this.clone().poll_loop(cancel.clone()),
-                this.renew_loop(cancel)
-            );
+            let _ = tokio::join!(poller, taker, renewer);
         })
     }
 
@@ -217,24 +232,10 @@ impl TaskScheduler {
             }
             let mut full = false;
             let free = c.permits.available_permits().min(batch);
-            if free > 0 {
-                match c.shared.take_expired(&node, c.opts.lease, free).await {
-                    Ok(runs) => {
-                        full |= runs.len() == free;
-                        for r in runs {
-                            self.take_over(r).await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(node = %node, error = %e, "cannot look for expired runs")
-                    }
-                }
-            }
-            let free = c.permits.available_permits().min(batch);
             let now = self.now();
             let mut next_due = None;
             if free > 0 {
-                match c.shared.acquire_due(&node, now, c.opts.lease, free).await {
+                match c.shared.acquire_due(&node, now, c.opts.hold(), free).await {
                     Ok(due) => {
                         full |= due.entries.len() == free;
                         next_due = due.next_due;
@@ -262,15 +263,53 @@ impl TaskScheduler {
         }
     }
 
+    /// Takes over runs whose lease expired, every poll interval, apart from the poller so
+    /// that a busy poller does not delay failover.
+    async fn takeover_loop(self, cancel: CancellationToken) {
+        let Some(c) = self.cluster() else {
+            return;
+        };
+        let node = c.opts.node_id.clone();
+        loop {
+            let free = c.permits.available_permits().min(c.opts.batch_size);
+            let mut full = false;
+            if free > 0 {
+                match c.shared.take_expired(&node, c.opts.lease, free).await {
+                    Ok(runs) => {
+                        full = runs.len() == free;
+                        for r in runs {
+                            self.take_over(r).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %node, error = %e, "cannot look for expired runs");
+                    }
+                }
+            }
+            let wait = if full {
+                Duration::ZERO
+            } else {
+                c.opts.poll_interval
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
     async fn renew_loop(self, cancel: CancellationToken) {
         let Some(c) = self.cluster() else {
             return;
         };
-        let every = c.opts.lease / 3;
+        // Ticks keep their rhythm whatever a renewal takes (a late tick fires at once).
+        let mut tick = tokio::time::interval(c.opts.lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(every) => {}
+                _ = tick.tick() => {}
             }
             if let Err(e) = c.shared.renew(&c.opts.node_id, c.opts.lease).await {
                 tracing::warn!(node = %c.opts.node_id, error = %e, "cannot renew the leases of running runs");
@@ -279,7 +318,12 @@ impl TaskScheduler {
     }
 
     /// Plans the firings of reserved entries and claims their runs in one transaction.
-    async fn fire_many(&self, entries: Vec<ScheduleEntry>, now: DateTime<Utc>) {
+    ///
+    /// Overlap across nodes: `running` counts the entry's claimed, unfinished runs on every
+    /// node. Beyond the limit (1, or `max_concurrent` for `allow`), `skip` skips the due runs;
+    /// `queue-one` and `allow` leave the entry due and untouched, so it is looked at again once
+    /// its reservation lapses and starts when a place is free.
+    async fn fire_many(&self, entries: Vec<DueEntry>, now: DateTime<Utc>) {
         let Some(c) = self.cluster() else {
             return;
         };
@@ -288,31 +332,62 @@ impl TaskScheduler {
         }
         let mut claims = Vec::with_capacity(entries.len());
         let mut misses = Vec::with_capacity(entries.len());
-        for e in entries {
+        for DueEntry { entry: e, running } in entries {
             let Some(due) = e.task.next_execution_at else {
                 continue;
             };
             let threshold = chrono::Duration::from_std(e.policy.misfire_threshold)
                 .unwrap_or(chrono::Duration::MAX);
             let misfire = now - due > threshold;
-            let plan = self.plan(&e, due, now, misfire);
+            let mut plan = self.plan(&e, due, now, misfire);
+            let limit = match e.policy.overlap {
+                OverlapPolicy::Allow => e.policy.max_concurrent.unwrap_or(u32::MAX),
+                _ => 1,
+            };
+            let room = limit.saturating_sub(running) as usize;
+            let mut overlapped = Vec::new();
+            if plan.run.len() > room {
+                let rest = plan.run.split_off(room);
+                if matches!(e.policy.overlap, OverlapPolicy::Skip) {
+                    plan.next = self.next_after_dropped(
+                        &e,
+                        plan.next,
+                        plan.run.len() as u32,
+                        rest.last().copied(),
+                        now,
+                    );
+                    overlapped = rest;
+                } else if plan.run.is_empty() {
+                    // No place yet: wait, untouched, for a later poll.
+                    continue;
+                } else {
+                    // Start what fits; the entry stays due at the first run that did not.
+                    plan.next = rest.first().copied();
+                    plan.missed = 0;
+                }
+            }
             let mut n = e.clone();
             let ran = plan.run.len() as u32;
             n.task.execution_count += ran;
             n.task.remaining_executions = Self::remaining(&n);
             n.task.next_execution_at = plan.next;
-            if plan.missed > 0 && !n.task.is_recurring() && ran == 0 {
+            if (plan.missed > 0 || !overlapped.is_empty()) && !n.task.is_recurring() && ran == 0 {
                 n.task.error = Some(format!(
-                    "misfired: due at {} and skipped by the misfire policy",
-                    e.task.execute_at.to_rfc3339()
+                    "misfired: due at {} and skipped by the {} policy",
+                    e.task.execute_at.to_rfc3339(),
+                    if overlapped.is_empty() {
+                        "misfire"
+                    } else {
+                        "overlap"
+                    }
                 ));
             }
             if ran > 0 {
                 n.task.executed_at = Some(now);
             }
-            Self::settle(&mut n, ran, 0);
+            Self::settle(&mut n, ran + running, 0);
             n.version = e.version + 1;
-            misses.push((plan.missed, misfire));
+            misses.push((plan.missed, misfire, overlapped));
             claims.push(Claim {
                 entry: n,
                 expected_version: e.version,
@@ -332,7 +407,9 @@ impl TaskScheduler {
                 return;
             }
         };
-        for ((entry, (missed, misfire)), res) in entries.into_iter().zip(misses).zip(out) {
+        for ((entry, (missed, misfire, overlapped)), res) in
+            entries.into_iter().zip(misses).zip(out)
+        {
             let claimed = match res {
                 Ok(c) => c,
                 Err(e) => {
@@ -346,6 +423,11 @@ impl TaskScheduler {
             if missed > 0 || misfire {
                 self.emit(SchedulerEventType::Misfired, &entry, || {
                     json!({"reason": "late", "missed": missed, "running": claimed, "policy": entry.policy.misfire})
+                });
+            }
+            if !overlapped.is_empty() {
+                self.emit(SchedulerEventType::Misfired, &entry, || {
+                    json!({"reason": "overlap", "skipped": overlapped, "policy": entry.policy.overlap})
                 });
             }
             for d in claimed {

@@ -744,6 +744,29 @@ impl TaskScheduler {
         }
     }
 
+    /// The next run when runs of a plan were dropped as overlaps: a plan counts every planned
+    /// run toward `max_executions`, so one that ended the entry may have to go on.
+    fn next_after_dropped(
+        &self,
+        e: &ScheduleEntry,
+        planned_next: Option<DateTime<Utc>>,
+        claimed: u32,
+        last_due: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        if planned_next.is_some() || !e.task.is_recurring() || e.max_executions.is_none() {
+            return planned_next;
+        }
+        let mut probe = e.clone();
+        probe.task.execution_count += claimed;
+        let n = self.next_after(&probe, last_due?, 0)?;
+        if n <= now {
+            self.next_after(&probe, now, 0)
+        } else {
+            Some(n)
+        }
+    }
+
     /// Handles an expired timer.
     async fn fire(self, timer: Timer) {
         if self.inner.stopped.load(Ordering::Acquire) {
@@ -820,9 +843,14 @@ impl TaskScheduler {
         }
         let mut e = st.entry.clone();
         let claimed = (start.len() + queue.len()) as u32;
+        let next = if overlapped.is_empty() {
+            plan.next
+        } else {
+            self.next_after_dropped(&e, plan.next, claimed, overlapped.last().copied(), now)
+        };
         e.task.execution_count += claimed;
         e.task.remaining_executions = Self::remaining(&e);
-        e.task.next_execution_at = plan.next;
+        e.task.next_execution_at = next;
         if plan.missed > 0 && !e.task.is_recurring() && claimed == 0 {
             e.task.error = Some(format!(
                 "misfired: due at {} and skipped by the misfire policy",

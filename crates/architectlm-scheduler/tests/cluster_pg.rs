@@ -72,8 +72,9 @@ fn system(db: PgDb, node: String, pause: Duration) -> System {
                 .map_err(|e| TaskError::new(e.to_string()))?;
             client
                 .execute(
-                    "INSERT INTO ledger (key, node, executions) VALUES ($1, $2, 1)
-                     ON CONFLICT (key) DO UPDATE SET executions = ledger.executions + 1",
+                    "INSERT INTO ledger (key, node, executions, nodes) VALUES ($1, $2, 1, $2)
+                     ON CONFLICT (key) DO UPDATE SET executions = ledger.executions + 1,
+                        nodes = ledger.nodes || ',' || excluded.node",
                     &[&key, &node],
                 )
                 .await
@@ -208,7 +209,7 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .batch_execute(
-            "CREATE TABLE ledger (key TEXT PRIMARY KEY, node TEXT NOT NULL, executions INTEGER NOT NULL)",
+            "CREATE TABLE ledger (key TEXT PRIMARY KEY, node TEXT NOT NULL, executions INTEGER NOT NULL, nodes TEXT NOT NULL)",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -372,7 +373,7 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
     // The ledger: every expected one-shot key once, nothing else but the recurring runs.
     let client = db.client().await.unwrap_or_else(|e| panic!("{e}"));
     let rows = client
-        .query("SELECT key, node, executions FROM ledger", &[])
+        .query("SELECT key, node, executions, nodes FROM ledger", &[])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut by_node: HashMap<String, usize> = HashMap::new();
@@ -393,9 +394,29 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
         }
         if executions > 1 {
             // Only a run the dead node had executed and not recorded may run twice.
+            let nodes: String = r.get(3);
+            let id: Uuid = key
+                .split_once('@')
+                .and_then(|(id, _)| id.parse().ok())
+                .unwrap_or_default();
+            let run = client
+                .query_one(
+                    "SELECT starts, owner, state FROM scheduler_runs WHERE entry_id = $1",
+                    &[&id],
+                )
+                .await
+                .map(|r| {
+                    format!(
+                        "{:?} {:?} {:?}",
+                        r.get::<_, i32>(0),
+                        r.get::<_, Option<String>>(1),
+                        r.get::<_, String>(2)
+                    )
+                })
+                .unwrap_or_default();
             assert_eq!(
                 node, "child",
-                "{key} ran {executions} times, first on {node}"
+                "{key} ran {executions} times, on {nodes}; run {run}"
             );
             let (id, due) = key.split_once('@').unwrap_or_else(|| panic!("{key}"));
             let id: Uuid = id.parse().unwrap_or_else(|e| panic!("{e}"));
@@ -467,7 +488,7 @@ async fn operations_from_any_node_apply_cluster_wide() {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
         .batch_execute(
-            "CREATE TABLE ledger (key TEXT PRIMARY KEY, node TEXT NOT NULL, executions INTEGER NOT NULL)",
+            "CREATE TABLE ledger (key TEXT PRIMARY KEY, node TEXT NOT NULL, executions INTEGER NOT NULL, nodes TEXT NOT NULL)",
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -549,5 +570,71 @@ async fn operations_from_any_node_apply_cluster_wide() {
     );
     ra.shutdown(Duration::from_secs(2)).await;
     rb.shutdown(Duration::from_secs(2)).await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_skip_holds_across_nodes() {
+    let Some(url) = database_url("overlap_skip_holds_across_nodes") else {
+        return;
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    // Runs take 1.5 s; the entry is due every second.
+    let pause = Duration::from_millis(1500);
+    let (ra, a) = node(&url, &schema, "a", pause, 64).await;
+    let (rb, _b) = node(&url, &schema, "b", pause, 64).await;
+    let db = connect(&url, &schema, 2).await;
+    db.client()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .batch_execute(
+            "CREATE TABLE ledger (key TEXT PRIMARY KEY, node TEXT NOT NULL, executions INTEGER NOT NULL, nodes TEXT NOT NULL)",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = a
+        .schedule_recurring_task(
+            RecurringTaskConfig::new("ledger", json!({}), "* * * * * *").policy(
+                architectlm_core::extensions::scheduler::SchedulePolicy::default()
+                    .overlap(architectlm_core::extensions::scheduler::OverlapPolicy::Skip),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_count(
+        &db,
+        "SELECT count(*) FROM scheduler_runs WHERE state = 'completed'",
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(a.cancel_task(id).await.unwrap_or_else(|e| panic!("{e}")));
+    let client = db.client().await.unwrap_or_else(|e| panic!("{e}"));
+    let runs: Vec<(i64, i64, Option<i64>)> = client
+        .query(
+            "SELECT due_at, claimed_at, finished_at FROM scheduler_runs
+             WHERE state = 'completed' ORDER BY due_at",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    for w in runs.windows(2) {
+        let (prev_due, _, prev_end) = w[0];
+        let (due, claimed, _) = w[1];
+        let prev_end = prev_end.unwrap_or_else(|| panic!("finished run without an end"));
+        // Never two at once, on any node: a run is claimed only after the previous ended.
+        assert!(claimed >= prev_end, "runs overlap: {runs:?}");
+        // The occurrence(s) due while one ran were skipped.
+        assert!(due - prev_due >= 2000, "no occurrence skipped: {runs:?}");
+    }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM ledger WHERE executions > 1").await,
+        0
+    );
+    ra.shutdown(Duration::from_secs(3)).await;
+    rb.shutdown(Duration::from_secs(3)).await;
     drop_schema(&url, &schema).await;
 }

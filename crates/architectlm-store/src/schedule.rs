@@ -248,11 +248,20 @@ pub struct Claim {
     pub due: Vec<DateTime<Utc>>,
 }
 
+/// A due entry reserved by [`SharedScheduleStore::acquire_due`].
+#[derive(Debug, Clone)]
+pub struct DueEntry {
+    /// The entry as stored.
+    pub entry: ScheduleEntry,
+    /// Its runs claimed and not finished yet, on any node (for overlap policies).
+    pub running: u32,
+}
+
 /// What [`SharedScheduleStore::acquire_due`] found.
 #[derive(Debug, Clone, Default)]
 pub struct DueBatch {
     /// Due entries, now reserved for the caller until they are claimed or the hold expires.
-    pub entries: Vec<ScheduleEntry>,
+    pub entries: Vec<DueEntry>,
     /// The earliest next run after `now` among active entries, if any: when to look again.
     pub next_due: Option<DateTime<Utc>>,
 }
@@ -1197,12 +1206,13 @@ mod tests {
         // Node a reserves the due entry; node b sees nothing due while a holds it.
         let got = store.acquire_due("a", at(10), lease, 10).await.unwrap();
         assert_eq!(got.entries.len(), 1);
-        assert_eq!(got.entries[0].id(), e.id());
+        assert_eq!(got.entries[0].entry.id(), e.id());
+        assert_eq!(got.entries[0].running, 0);
         assert_eq!(got.next_due, Some(at(100)));
         let other = store.acquire_due("b", at(10), lease, 10).await.unwrap();
         assert!(other.entries.is_empty());
         // a claims the run; a stale claim of the same version by b is a conflict.
-        let mut next = got.entries[0].clone();
+        let mut next = got.entries[0].entry.clone();
         next.version += 1;
         next.task.next_execution_at = None;
         let claim = Claim {

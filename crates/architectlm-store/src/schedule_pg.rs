@@ -14,7 +14,7 @@ use tokio_postgres::error::SqlState;
 
 use super::*;
 use crate::migration::Migration;
-use crate::postgres::{PgDb, pg_err};
+use crate::postgres::{PgClient, PgDb, pg_err};
 
 /// The scheduler's tables on PostgreSQL.
 static MIGRATIONS: &[Migration] = &[Migration {
@@ -192,16 +192,30 @@ const PRUNE: &str =
 /// let store = Arc::new(PgScheduleStore::open(db).await?);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgScheduleStore {
     db: PgDb,
+    /// A connection kept for lease renewals, so that a pool busy with runs (tasks may share
+    /// it) cannot delay a renewal past the lease and let another node take live runs over.
+    renewal: std::sync::Arc<tokio::sync::Mutex<Option<PgClient>>>,
+}
+
+impl std::fmt::Debug for PgScheduleStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgScheduleStore")
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 impl PgScheduleStore {
     /// Uses `db`, creating the scheduler's tables if needed.
     pub async fn open(db: PgDb) -> Result<Self> {
         db.migrate(MIGRATIONS).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            renewal: std::sync::Arc::default(),
+        })
     }
 
     /// The database.
@@ -646,6 +660,14 @@ impl SharedScheduleStore for PgScheduleStore {
         hold: Duration,
         limit: usize,
     ) -> Result<DueBatch> {
+        // Set aside the renewal connection before this node claims anything, while the pool
+        // is not busy yet.
+        {
+            let mut kept = self.renewal.lock().await;
+            if kept.is_none() {
+                *kept = Some(self.db.client().await?);
+            }
+        }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.db.client().await?;
         let err = |e| pg_err("cannot look for due scheduled entries", e);
@@ -659,14 +681,24 @@ impl SharedScheduleStore for PgScheduleStore {
                                WHERE {ACTIVE} AND next_run <= $2
                                  AND (fired_by IS NULL OR fired_until < clock_timestamp())
                                ORDER BY next_run LIMIT $4 FOR UPDATE SKIP LOCKED) AS d
-                         WHERE e.id = d.id RETURNING e.data, e.version"
+                         WHERE e.id = d.id RETURNING e.data, e.version,
+                            (SELECT count(*) FROM scheduler_runs AS r
+                             WHERE r.entry_id = e.id AND r.state = 'claimed') AS running"
                     ),
                     &[&owner, &ms(now), &hold.as_secs_f64(), &limit],
                 )
                 .await
                 .map_err(err)?
                 .iter()
-                .map(decode_entry)
+                .map(|r| {
+                    let running: i64 = r
+                        .try_get("running")
+                        .map_err(|e| pg_err("bad scheduler_entries row", e))?;
+                    Ok(DueEntry {
+                        entry: decode_entry(r)?,
+                        running: u32::try_from(running).unwrap_or(u32::MAX),
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
@@ -721,16 +753,33 @@ impl SharedScheduleStore for PgScheduleStore {
         }
     }
 
+    /// Runs on a connection this store keeps for renewals (taken from the pool once, and again
+    /// after it fails), so a busy pool does not delay it. Rows locked right now (being recorded
+    /// as finished by this node, or examined by another node's takeover) are skipped rather
+    /// than waited for: a renewal never queues behind other transactions.
     async fn renew(&self, owner: &str, lease: Duration) -> Result<u64> {
-        let client = self.db.client().await?;
-        client
+        let mut kept = self.renewal.lock().await;
+        if kept.is_none() {
+            *kept = Some(self.db.client().await?);
+        }
+        let Some(client) = kept.as_ref() else {
+            return Err(Error::storage("no connection for lease renewals"));
+        };
+        let res = client
             .execute(
-                "UPDATE scheduler_runs SET lease_until = clock_timestamp() + make_interval(secs => $2::float8)
-                 WHERE owner = $1 AND state = 'claimed'",
+                "UPDATE scheduler_runs AS r
+                    SET lease_until = clock_timestamp() + make_interval(secs => $2::float8)
+                 FROM (SELECT entry_id, due_at FROM scheduler_runs
+                       WHERE owner = $1 AND state = 'claimed' FOR UPDATE SKIP LOCKED) AS x
+                 WHERE r.entry_id = x.entry_id AND r.due_at = x.due_at",
                 &[&owner, &lease.as_secs_f64()],
             )
-            .await
-            .map_err(|e| pg_err("cannot renew the leases of scheduled runs", e))
+            .await;
+        if res.is_err() {
+            // A broken connection is replaced at the next renewal.
+            *kept = None;
+        }
+        res.map_err(|e| pg_err("cannot renew the leases of scheduled runs", e))
     }
 
     async fn take_expired(

@@ -239,9 +239,9 @@ struct Inner {
 ///   (`FOR UPDATE SKIP LOCKED`), claims runs in batches with itself as owner and a lease, renews
 ///   its leases every `lease / 3`, and takes over runs whose lease expired. Each
 ///   `(entry, due time)` is claimed exactly once across nodes; a run of a node that died runs
-///   again elsewhere (same idempotency key) about one lease after the death. Overlap policies,
-///   `max_concurrent`, jitter and `max_active` apply to one node only and are not enforced in
-///   this mode. See `docs/multi-node.md`.
+///   again elsewhere (same idempotency key) about one lease after the death. Overlap policies
+///   count the runs of every node; jitter and `max_active` are not applied in this mode. See
+///   `docs/multi-node.md`.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {

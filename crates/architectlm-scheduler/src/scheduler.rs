@@ -334,6 +334,30 @@ impl TaskScheduler {
         Ok(Self::builder().store(Arc::new(store)).build())
     }
 
+    /// A scheduler that is one node of a cluster sharing the PostgreSQL database `db` (its
+    /// tables are created if missing; safe when several nodes start at once). Shorthand for
+    /// [`TaskSchedulerBuilder::cluster`] with a
+    /// [`PgScheduleStore`](architectlm_store::schedule::PgScheduleStore).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> architectlm_core::Result<()> {
+    /// use architectlm_scheduler::{ClusterOptions, TaskScheduler};
+    /// use architectlm_store::postgres::{PgDb, PgOptions};
+    ///
+    /// let db = PgDb::connect(PgOptions::new("postgres://postgres@127.0.0.1:5432/test")).await?;
+    /// let scheduler = TaskScheduler::postgres(db, ClusterOptions::new("host-a/1")).await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub async fn postgres(
+        db: architectlm_store::postgres::PgDb,
+        options: ClusterOptions,
+    ) -> Result<Self> {
+        let store = architectlm_store::schedule::PgScheduleStore::open(db).await?;
+        Ok(Self::builder().cluster(Arc::new(store), options).build())
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn ScheduleStore> {
         &self.inner.store

@@ -17,6 +17,9 @@
 //!   feature, or memory). Each `(entry, due time)` is claimed once; after a restart every entry
 //!   is back, missed runs follow the misfire policy, and runs interrupted by a crash run again
 //!   (at least once, with a stable idempotency key).
+//! - **Several nodes** (feature `postgres`): nodes sharing a
+//!   `PgScheduleStore` run each `(entry, due time)` exactly once between them and take over
+//!   the runs of a node that dies ([`ClusterOptions`], [`TaskSchedulerBuilder::cluster`]).
 //! - **Time is injectable** ([`Clock`]): tests run on a paused Tokio clock with [`TokioClock`].
 //!
 //! See [`TaskScheduler`] for the exact semantics and an example.
@@ -29,4 +32,4 @@ mod timer;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use cron::{CronSchedule, PatternCache};
-pub use scheduler::{SchedulerOptions, TaskScheduler, TaskSchedulerBuilder};
+pub use scheduler::{ClusterOptions, SchedulerOptions, TaskScheduler, TaskSchedulerBuilder};

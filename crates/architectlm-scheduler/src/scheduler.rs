@@ -15,7 +15,8 @@ use architectlm_core::{
     Error, ExecuteOptions, Extension, Result, Runtime, ServiceRegistry, TaskRef, random_unit,
 };
 use architectlm_store::schedule::{
-    InMemoryScheduleStore, RunState, ScheduleEntry, ScheduleRun, ScheduleStore, truncate_ms,
+    InMemoryScheduleStore, RunState, ScheduleEntry, ScheduleRun, ScheduleStore,
+    SharedScheduleStore, truncate_ms,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -27,6 +28,10 @@ use uuid::Uuid;
 use crate::clock::{Clock, SystemClock};
 use crate::cron::{CronSchedule, PatternCache, parse_timezone};
 use crate::timer::{Timer, Timers};
+
+#[path = "cluster.rs"]
+mod cluster;
+pub use self::cluster::ClusterOptions;
 
 /// Runs queued behind a busy entry (overlap `allow` with `max_concurrent`) at most; more are
 /// skipped and reported as `misfired` with reason `overlap`.
@@ -77,6 +82,7 @@ impl Default for SchedulerOptions {
 #[must_use]
 pub struct TaskSchedulerBuilder {
     store: Option<Arc<dyn ScheduleStore>>,
+    cluster: Option<(Arc<dyn SharedScheduleStore>, ClusterOptions)>,
     clock: Arc<dyn Clock>,
     options: SchedulerOptions,
 }
@@ -87,11 +93,26 @@ impl fmt::Debug for TaskSchedulerBuilder {
             .field("store", &self.store)
             .field("clock", &self.clock)
             .field("options", &self.options)
+            .field("cluster", &self.cluster.as_ref().map(|c| &c.1))
             .finish()
     }
 }
 
 impl TaskSchedulerBuilder {
+    /// Runs this scheduler as one node of a cluster sharing `store` (PostgreSQL): entries
+    /// scheduled on any node run on exactly one node, and runs of a node that dies are run
+    /// again elsewhere once their lease expires. See [`ClusterOptions`] and the module
+    /// `cluster` rules in [`TaskScheduler`]'s docs. Replaces [`store`](Self::store).
+    pub fn cluster<S: SharedScheduleStore>(
+        mut self,
+        store: Arc<S>,
+        options: ClusterOptions,
+    ) -> Self {
+        self.store = Some(store.clone());
+        self.cluster = Some((store, options));
+        self
+    }
+
     /// Keeps entries in `store` (default: in memory).
     pub fn store(mut self, store: Arc<dyn ScheduleStore>) -> Self {
         self.store = Some(store);
@@ -139,6 +160,9 @@ impl TaskSchedulerBuilder {
                 cancel: Mutex::new(CancellationToken::new()),
                 stopped: AtomicBool::new(false),
                 driver: Mutex::new(None),
+                cluster: self
+                    .cluster
+                    .map(|(store, opts)| cluster::Cluster::new(store, opts)),
                 options: self.options,
             }),
         }
@@ -173,6 +197,8 @@ struct Inner {
     cancel: Mutex<CancellationToken>,
     stopped: AtomicBool,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set when this scheduler is one node of a cluster.
+    cluster: Option<cluster::Cluster>,
     options: SchedulerOptions,
 }
 
@@ -208,6 +234,14 @@ struct Inner {
 ///   waiting ones are dropped. **Trigger** runs an entry now, outside of its schedule, without
 ///   moving it or counting toward `max_executions`. **Reschedule** moves the next run.
 /// - **Shutdown** stops the timer driver; runs the runtime is finishing are recorded.
+/// - **Several nodes** ([`TaskSchedulerBuilder::cluster`], a shared PostgreSQL store): no
+///   entries are held in memory; each node polls the store's next-run index for due entries
+///   (`FOR UPDATE SKIP LOCKED`), claims runs in batches with itself as owner and a lease, renews
+///   its leases every `lease / 3`, and takes over runs whose lease expired. Each
+///   `(entry, due time)` is claimed exactly once across nodes; a run of a node that died runs
+///   again elsewhere (same idempotency key) about one lease after the death. Overlap policies
+///   count the runs of every node; jitter and `max_active` are not applied in this mode. See
+///   `docs/multi-node.md`.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -278,6 +312,7 @@ impl TaskScheduler {
     pub fn builder() -> TaskSchedulerBuilder {
         TaskSchedulerBuilder {
             store: None,
+            cluster: None,
             clock: Arc::new(SystemClock),
             options: SchedulerOptions::default(),
         }
@@ -297,6 +332,30 @@ impl TaskScheduler {
         let db = SqliteDb::open(SqliteOptions::file(path))?;
         let store = SqliteScheduleStore::open(db).await?;
         Ok(Self::builder().store(Arc::new(store)).build())
+    }
+
+    /// A scheduler that is one node of a cluster sharing the PostgreSQL database `db` (its
+    /// tables are created if missing; safe when several nodes start at once). Shorthand for
+    /// [`TaskSchedulerBuilder::cluster`] with a
+    /// [`PgScheduleStore`](architectlm_store::schedule::PgScheduleStore).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> architectlm_core::Result<()> {
+    /// use architectlm_scheduler::{ClusterOptions, TaskScheduler};
+    /// use architectlm_store::postgres::{PgDb, PgOptions};
+    ///
+    /// let db = PgDb::connect(PgOptions::new("postgres://postgres@127.0.0.1:5432/test")).await?;
+    /// let scheduler = TaskScheduler::postgres(db, ClusterOptions::new("host-a/1")).await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub async fn postgres(
+        db: architectlm_store::postgres::PgDb,
+        options: ClusterOptions,
+    ) -> Result<Self> {
+        let store = architectlm_store::schedule::PgScheduleStore::open(db).await?;
+        Ok(Self::builder().cluster(Arc::new(store), options).build())
     }
 
     /// The store.
@@ -518,7 +577,10 @@ impl TaskScheduler {
         self.inner.store.insert(entries.clone()).await?;
         let ids = entries.iter().map(ScheduleEntry::id).collect();
         let started = self.runtime().is_some() && !self.inner.stopped.load(Ordering::Acquire);
-        if started {
+        if let Some(c) = &self.inner.cluster {
+            // Any node's poller picks them up; this one looks at once.
+            c.wake();
+        } else if started {
             let now = self.now();
             let mut timers = Vec::with_capacity(entries.len());
             {
@@ -706,6 +768,29 @@ impl TaskScheduler {
         }
     }
 
+    /// The next run when runs of a plan were dropped as overlaps: a plan counts every planned
+    /// run toward `max_executions`, so one that ended the entry may have to go on.
+    fn next_after_dropped(
+        &self,
+        e: &ScheduleEntry,
+        planned_next: Option<DateTime<Utc>>,
+        claimed: u32,
+        last_due: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        if planned_next.is_some() || !e.task.is_recurring() || e.max_executions.is_none() {
+            return planned_next;
+        }
+        let mut probe = e.clone();
+        probe.task.execution_count += claimed;
+        let n = self.next_after(&probe, last_due?, 0)?;
+        if n <= now {
+            self.next_after(&probe, now, 0)
+        } else {
+            Some(n)
+        }
+    }
+
     /// Handles an expired timer.
     async fn fire(self, timer: Timer) {
         if self.inner.stopped.load(Ordering::Acquire) {
@@ -782,9 +867,14 @@ impl TaskScheduler {
         }
         let mut e = st.entry.clone();
         let claimed = (start.len() + queue.len()) as u32;
+        let next = if overlapped.is_empty() {
+            plan.next
+        } else {
+            self.next_after_dropped(&e, plan.next, claimed, overlapped.last().copied(), now)
+        };
         e.task.execution_count += claimed;
         e.task.remaining_executions = Self::remaining(&e);
-        e.task.next_execution_at = plan.next;
+        e.task.next_execution_at = next;
         if plan.missed > 0 && !e.task.is_recurring() && claimed == 0 {
             e.task.error = Some(format!(
                 "misfired: due at {} and skipped by the misfire policy",
@@ -1001,6 +1091,22 @@ impl TaskScheduler {
         id: Uuid,
         change: impl Fn(&mut ScheduleEntry, Option<&SlotState>) -> Result<bool>,
     ) -> Result<Option<(Option<Slot>, ScheduleEntry)>> {
+        if let Some(c) = &self.inner.cluster {
+            // Other nodes write the same entries: on a version conflict, reload and decide
+            // again.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.modify_stored(id, |e| change(e, None)).await {
+                    Err(Error::Conflict { .. }) if attempt < 50 => continue,
+                    Err(e) => return Err(e),
+                    Ok(r) => {
+                        c.wake();
+                        return Ok(r.map(|e| (None, e)));
+                    }
+                }
+            }
+        }
         if self.runtime().is_some() {
             Ok(self
                 .modify(id, |e, st| change(e, Some(st)))
@@ -1283,6 +1389,9 @@ impl Scheduler for TaskScheduler {
         if self.runtime().is_none() {
             return Ok(false);
         }
+        if self.inner.cluster.is_some() {
+            return self.cluster_trigger(id).await;
+        }
         let Some(slot) = self.slot(id) else {
             return Ok(false);
         };
@@ -1377,6 +1486,16 @@ impl Extension for TaskScheduler {
     /// interrupted, and starts the timer driver. Overdue entries fire at once and follow their
     /// misfire policy.
     async fn start(&self, runtime: Runtime) -> Result<()> {
+        if let Some(c) = &self.inner.cluster {
+            c.opts.validate()?;
+            *self.inner.runtime.write() = Some(runtime);
+            self.inner.stopped.store(false, Ordering::Release);
+            let cancel = CancellationToken::new();
+            *self.inner.cancel.lock() = cancel.clone();
+            let handle = self.start_cluster(cancel);
+            *self.inner.driver.lock() = Some(handle);
+            return Ok(());
+        }
         *self.inner.runtime.write() = Some(runtime);
         self.inner.stopped.store(false, Ordering::Release);
         self.inner.slots.lock().clear();
@@ -1395,5 +1514,6 @@ impl Extension for TaskScheduler {
         if let Some(h) = handle {
             let _ = h.await;
         }
+        self.stop_cluster().await;
     }
 }

@@ -354,6 +354,34 @@ async fn overlap_skip_skips_runs_due_while_one_is_going() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_skipped_overlap_does_not_count_toward_max_executions() {
+    let h = Harness::start().await;
+    let id = h
+        .scheduler
+        .schedule_recurring_task(
+            RecurringTaskConfig::new("slow", json!({}), "*/10 * * * * *")
+                .max_executions(2)
+                .policy(SchedulePolicy::default().overlap(OverlapPolicy::Skip)),
+        )
+        .await
+        .unwrap();
+    let mut ev = h.events();
+    wait_for(&mut ev, T::Started, 1, DAY).await;
+    // 20 s is skipped while the first run is going; it was planned as the last run.
+    let skipped = wait_for(&mut ev, T::Misfired, 1, DAY).await;
+    assert_eq!(skipped[0].payload["reason"], "overlap");
+    h.gate.add_permits(10);
+    wait_for(&mut ev, T::Completed, 2, DAY).await;
+    let at: Vec<_> = h.seen("slow").iter().map(|s| s.at).collect();
+    assert_eq!(at.len(), 2, "{at:?}");
+    assert!(at[1] >= t0() + secs(30), "{at:?}");
+    let task = h.scheduler.get_task(id).await.unwrap().unwrap();
+    assert_eq!(task.execution_count, 2);
+    assert_eq!(task.status, ScheduledTaskStatus::Completed);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn overlap_queue_one_starts_one_waiting_run_when_the_previous_ends() {
     let (h, _) = overlap_case(OverlapPolicy::QueueOne).await;
     let mut ev = h.events();

@@ -108,7 +108,7 @@ pub enum RunState {
 }
 
 impl RunState {
-    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))] // Only the SQLite backend stores it.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))] // Only the database backends store it.
     fn as_str(self) -> &'static str {
         match self {
             Self::Claimed => "claimed",
@@ -117,7 +117,7 @@ impl RunState {
         }
     }
 
-    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))] // Only the SQLite backend parses it.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))] // Only the database backends parse it.
     fn parse(s: &str) -> Result<Self> {
         match s {
             "claimed" => Ok(Self::Claimed),
@@ -233,6 +233,103 @@ pub trait ScheduleStore: Send + Sync + fmt::Debug + 'static {
     async fn unfinished_runs(&self) -> Result<Vec<ScheduleRun>>;
     /// The kept runs of an entry, oldest due time first.
     async fn runs(&self, entry_id: Uuid) -> Result<Vec<ScheduleRun>>;
+}
+
+/// One entry's part of a [`SharedScheduleStore::claim_batch`]: the entry as it is after the
+/// firing (its version already bumped), the version it must still have in the store, and the due
+/// times to claim.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The entry after the firing; its `version` is the new one.
+    pub entry: ScheduleEntry,
+    /// The version the stored entry must have for the claim to apply.
+    pub expected_version: u64,
+    /// The due times to claim (may be empty: the firing only moved the entry, e.g. a skip).
+    pub due: Vec<DateTime<Utc>>,
+}
+
+/// A due entry reserved by [`SharedScheduleStore::acquire_due`].
+#[derive(Debug, Clone)]
+pub struct DueEntry {
+    /// The entry as stored.
+    pub entry: ScheduleEntry,
+    /// Its runs claimed and not finished yet, on any node (for overlap policies).
+    pub running: u32,
+}
+
+/// What [`SharedScheduleStore::acquire_due`] found.
+#[derive(Debug, Clone, Default)]
+pub struct DueBatch {
+    /// Due entries, now reserved for the caller until they are claimed or the hold expires.
+    pub entries: Vec<DueEntry>,
+    /// The earliest next run after `now` among active entries, if any: when to look again.
+    pub next_due: Option<DateTime<Utc>>,
+}
+
+/// Applies the outcome of a run to its entry inside [`SharedScheduleStore::finish_batch`].
+pub type ApplyRun = dyn Fn(&mut ScheduleEntry, &ScheduleRun) + Send + Sync;
+
+/// A [`ScheduleStore`] that several scheduler nodes share (PostgreSQL).
+///
+/// # Rules
+/// - Nodes find due entries by [`acquire_due`](Self::acquire_due), which reserves them for the
+///   caller (`FOR UPDATE SKIP LOCKED` on the next-run index), so that two nodes do not plan the
+///   same firing; a reservation ends with the next write of the entry or after `hold`.
+/// - [`claim_batch`](Self::claim_batch) writes each entry (version-checked) and inserts its run
+///   claims with the caller as owner and a lease expiry, in one transaction; the unique
+///   `(entry, due time)` key makes each occurrence claimed exactly once across nodes.
+/// - A live owner extends its leases with [`renew`](Self::renew); runs whose lease expired
+///   (their owner died or stalled) are taken by another node with
+///   [`take_expired`](Self::take_expired) and run again with the same idempotency key.
+/// - [`finish_batch`](Self::finish_batch) records only runs the caller still owns; a run taken
+///   over meanwhile is left to its new owner.
+/// - Expiry is judged by the database server's clock; due times by the caller's `now`.
+///
+/// ```
+/// use architectlm_store::schedule::SharedScheduleStore;
+/// fn shared(_store: &dyn SharedScheduleStore) {}
+/// ```
+#[async_trait]
+pub trait SharedScheduleStore: ScheduleStore {
+    /// Reserves up to `limit` active entries whose next run is at or before `now` and that no
+    /// other node holds, for `hold`; also returns when the next entry after `now` is due.
+    async fn acquire_due(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        hold: Duration,
+        limit: usize,
+    ) -> Result<DueBatch>;
+    /// Writes each entry (version-checked) and claims its due times for `owner` until
+    /// `lease` from now, in one transaction. Returns, per claim in order, the due times newly
+    /// claimed, or [`Error::Conflict`] when the entry changed meanwhile (nothing is written for
+    /// it).
+    async fn claim_batch(
+        &self,
+        owner: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+        claims: Vec<Claim>,
+    ) -> Result<Vec<Result<Vec<DateTime<Utc>>>>>;
+    /// Records the end of runs `owner` still holds and applies each to its entry with `apply`
+    /// (under the entry's row lock, version bumped), in one transaction. Returns the entries
+    /// and runs recorded; runs no longer held by `owner` are left out.
+    async fn finish_batch(
+        &self,
+        owner: &str,
+        runs: Vec<ScheduleRun>,
+        apply: &ApplyRun,
+    ) -> Result<Vec<(ScheduleEntry, ScheduleRun)>>;
+    /// Extends every lease `owner` holds to `lease` from now; returns how many.
+    async fn renew(&self, owner: &str, lease: Duration) -> Result<u64>;
+    /// Takes up to `limit` claimed runs whose lease expired: `owner` becomes their owner for
+    /// `lease`, and their start count grows by one. Returns them.
+    async fn take_expired(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<ScheduleRun>>;
 }
 
 fn conflict(id: Uuid, expected: u64, actual: u64) -> Error {
@@ -432,7 +529,7 @@ impl ScheduleStore for InMemoryScheduleStore {
     }
 }
 
-#[cfg_attr(not(feature = "sqlite"), allow(dead_code))] // Only the SQLite backend stores it.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))] // Only the database backends store it.
 fn status_str(s: ScheduledTaskStatus) -> &'static str {
     match s {
         ScheduledTaskStatus::Scheduled => "scheduled",
@@ -449,6 +546,13 @@ fn status_str(s: ScheduledTaskStatus) -> &'static str {
 
 #[cfg(feature = "sqlite")]
 pub use self::sqlite_impl::SqliteScheduleStore;
+
+#[cfg(feature = "postgres")]
+#[path = "schedule_pg.rs"]
+mod pg_impl;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::pg_impl::PgScheduleStore;
 
 #[cfg(feature = "sqlite")]
 mod sqlite_impl {
@@ -1038,13 +1142,148 @@ mod tests {
         exercise(&InMemoryScheduleStore::new()).await;
     }
 
+    /// A PostgreSQL store in a schema of its own (dropped by the caller), or `None` when
+    /// `DATABASE_URL` is not set.
+    #[cfg(feature = "postgres")]
+    async fn pg_store(test: &str) -> Option<(PgScheduleStore, String, String)> {
+        use crate::postgres::{PgDb, PgOptions};
+        let url = match std::env::var("DATABASE_URL") {
+            Ok(u) if !u.is_empty() => u,
+            _ => {
+                eprintln!("{test}: skipped: DATABASE_URL not set");
+                return None;
+            }
+        };
+        let schema = format!("t_{}", Uuid::new_v4().simple());
+        let db = PgDb::connect(PgOptions::new(&url).schema(&schema))
+            .await
+            .unwrap();
+        Some((PgScheduleStore::open(db).await.unwrap(), url, schema))
+    }
+
+    #[cfg(feature = "postgres")]
+    async fn drop_schema(url: &str, schema: &str) {
+        let db = crate::postgres::PgDb::connect_url(url).await.unwrap();
+        db.client()
+            .await
+            .unwrap()
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .unwrap();
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_store_keeps_the_contract_and_prunes_runs() {
+        let Some((store, url, schema)) = pg_store("postgres_store_keeps_the_contract").await else {
+            return;
+        };
+        exercise(&store).await;
+        prunes_runs(&store).await;
+        // Opening again (a second node) applies nothing twice.
+        let again = PgScheduleStore::open(store.db().clone()).await.unwrap();
+        assert_eq!(
+            again
+                .query(&ScheduledTaskFilter::new())
+                .await
+                .unwrap()
+                .total,
+            4
+        );
+        drop_schema(&url, &schema).await;
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_shared_claims_are_exclusive_and_expired_leases_move() {
+        let Some((store, url, schema)) = pg_store("postgres_shared_claims").await else {
+            return;
+        };
+        let lease = Duration::from_secs(30);
+        let e = entry("due", 0, false);
+        let f = entry("later", 100, false);
+        store.insert(vec![e.clone(), f.clone()]).await.unwrap();
+        // Node a reserves the due entry; node b sees nothing due while a holds it.
+        let got = store.acquire_due("a", at(10), lease, 10).await.unwrap();
+        assert_eq!(got.entries.len(), 1);
+        assert_eq!(got.entries[0].entry.id(), e.id());
+        assert_eq!(got.entries[0].running, 0);
+        assert_eq!(got.next_due, Some(at(100)));
+        let other = store.acquire_due("b", at(10), lease, 10).await.unwrap();
+        assert!(other.entries.is_empty());
+        // a claims the run; a stale claim of the same version by b is a conflict.
+        let mut next = got.entries[0].entry.clone();
+        next.version += 1;
+        next.task.next_execution_at = None;
+        let claim = Claim {
+            entry: next.clone(),
+            expected_version: 1,
+            due: vec![at(0)],
+        };
+        let out = store
+            .claim_batch("a", lease, at(10), vec![claim.clone()])
+            .await
+            .unwrap();
+        assert_eq!(out[0].as_ref().unwrap(), &vec![at(0)]);
+        let out = store
+            .claim_batch("b", lease, at(10), vec![claim])
+            .await
+            .unwrap();
+        assert!(matches!(
+            out[0],
+            Err(Error::Conflict {
+                expected: 1,
+                actual: 2,
+                ..
+            })
+        ));
+        // Nothing expired yet; after a zero-length renewal, b takes the run over.
+        assert!(store.take_expired("b", lease, 10).await.unwrap().is_empty());
+        assert_eq!(store.renew("a", Duration::ZERO).await.unwrap(), 1);
+        let taken = store.take_expired("b", lease, 10).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            (taken[0].entry_id, taken[0].due_at, taken[0].starts),
+            (e.id(), at(0), 2)
+        );
+        // a lost it: its finish is dropped; b's is recorded and applied to the entry.
+        let mut run = taken[0].clone();
+        run.state = RunState::Completed;
+        run.finished_at = Some(at(11));
+        run.result = Some(serde_json::json!("done"));
+        let apply = |e: &mut ScheduleEntry, r: &ScheduleRun| {
+            e.task.status = ScheduledTaskStatus::Completed;
+            e.task.result = r.result.clone();
+        };
+        assert!(
+            store
+                .finish_batch("a", vec![run.clone()], &apply)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let done = store.finish_batch("b", vec![run], &apply).await.unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].0.version, 3);
+        let stored = store.get(e.id()).await.unwrap().unwrap();
+        assert_eq!(stored.task.status, ScheduledTaskStatus::Completed);
+        assert_eq!(stored.version, 3);
+        assert!(store.unfinished_runs().await.unwrap().is_empty());
+        drop_schema(&url, &schema).await;
+    }
+
     #[cfg(feature = "sqlite")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_store_keeps_the_contract_and_prunes_runs() {
         let db = crate::sqlite::SqliteDb::open(crate::sqlite::SqliteOptions::memory()).unwrap();
         let store = SqliteScheduleStore::open(db).await.unwrap();
         exercise(&store).await;
-        // Pruning keeps the newest finished runs.
+        prunes_runs(&store).await;
+    }
+
+    /// Pruning keeps the newest finished runs.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    async fn prunes_runs(store: &dyn ScheduleStore) {
         let mut e = entry("p", 0, true);
         store.insert(vec![e.clone()]).await.unwrap();
         for i in 0..(KEPT_RUNS as i64 + 8) {

@@ -451,10 +451,10 @@ impl TaskScheduler {
                 "must not be empty",
             ));
         }
-        if let Some(r) = self.runtime() {
-            if !r.system().tasks.contains_key(task_id) {
-                return Err(Error::not_found("task", task_id));
-            }
+        if let Some(r) = self.runtime()
+            && !r.system().tasks.contains_key(task_id)
+        {
+            return Err(Error::not_found("task", task_id));
         }
         Ok(())
     }
@@ -521,14 +521,14 @@ impl TaskScheduler {
             ));
         }
         let now = self.now();
-        if let (Some(s), Some(e)) = (c.start_at, c.end_at) {
-            if e < s {
-                return Err(Error::invalid_config(
-                    "end_at",
-                    e.to_rfc3339(),
-                    format!("is before start_at {}", s.to_rfc3339()),
-                ));
-            }
+        if let (Some(s), Some(e)) = (c.start_at, c.end_at)
+            && e < s
+        {
+            return Err(Error::invalid_config(
+                "end_at",
+                e.to_rfc3339(),
+                format!("is before start_at {}", s.to_rfc3339()),
+            ));
         }
         let first = match c.start_at {
             Some(s) if s > now => sched.next_from(s),
@@ -1008,10 +1008,9 @@ impl TaskScheduler {
         let mut next_run = None;
         if e.task.status != ScheduledTaskStatus::Paused
             && e.task.status != ScheduledTaskStatus::Cancelled
+            && let Some(d) = st.pending.pop_front()
         {
-            if let Some(d) = st.pending.pop_front() {
-                next_run = Some(d);
-            }
+            next_run = Some(d);
         }
         Self::settle(
             &mut e,

@@ -211,6 +211,13 @@ impl Inner {
 ///   it observes [`TaskContext::cancellation`], or finishes), and the saga unwinds.
 /// - **Shutdown.** [`Extension::shutdown`] stops starting steps, waits up to the shutdown
 ///   timeout for running ones, and leaves unfinished sagas in the journal for the next start.
+/// - **Several nodes.** On a store shared by several nodes ([`SagaStore::shared`], e.g.
+///   PostgreSQL) each coordinator leases the sagas it drives
+///   ([`CoordinatorBuilder::lease_duration`]), renews the leases every third of the lease, and
+///   takes over the unfinished sagas of other nodes whose lease ran out
+///   ([`CoordinatorBuilder::takeover_interval`]). Every journal write carries the saga's
+///   fencing token, so a node that lost a saga cannot write to it and stops driving it.
+///   Shutdown releases this node's leases so that the others take over at once.
 ///
 /// [`TaskContext::idempotency_key`]: architectlm_core::TaskContext::idempotency_key
 /// [`TaskContext::cancellation`]: architectlm_core::TaskContext::cancellation

@@ -129,7 +129,7 @@ type Reply = oneshot::Sender<Result<OpOut>>;
 struct Queue {
     ops: Vec<(Op, Reply)>,
     flushers: usize,
-    batches: u64,
+    round_trips: u64,
     writes: u64,
 }
 
@@ -377,8 +377,9 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
         .collect())
 }
 
-/// Runs one batch: all its creates in one statement, all its updates in another.
-async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) {
+/// Runs one batch: all its creates in one statement, all its updates in another. Returns the
+/// number of statements sent.
+async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) -> u64 {
     let mut creates = Vec::new();
     let mut create_replies = Vec::new();
     let mut updates = Vec::new();
@@ -395,12 +396,26 @@ async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) {
             }
         }
     }
+    let mut statements = 0;
     if !creates.is_empty() {
-        answer(create_replies, run_creates(db, creates).await);
+        let r = run_creates(db, creates).await;
+        statements += match &r {
+            // One insert, plus a read per instance that was not new.
+            Ok(out) => 1 + out.iter().filter(|o| !matches!(o, Ok(OpOut::Created(c)) if matches!(**c, CreateOutcome::Created(_)))).count() as u64,
+            Err(_) => 1,
+        };
+        answer(create_replies, r);
     }
     if !updates.is_empty() {
-        answer(update_replies, run_updates(db, &updates).await);
+        let r = run_updates(db, &updates).await;
+        statements += match &r {
+            // One update, plus one read of the tokens when some were refused.
+            Ok(out) => 1 + u64::from(out.iter().any(Result::is_err)),
+            Err(_) => 1,
+        };
+        answer(update_replies, r);
     }
+    statements
 }
 
 fn answer(replies: Vec<Reply>, results: Result<Vec<Result<OpOut>>>) {
@@ -430,11 +445,11 @@ async fn flush(db: PgDb, queue: Arc<Mutex<Queue>>) {
                 return;
             }
             let take = q.ops.len().min(MAX_BATCH);
-            q.batches += 1;
             q.writes += take as u64;
             q.ops.drain(..take).collect::<Vec<_>>()
         };
-        run_batch(&db, batch).await;
+        let statements = run_batch(&db, batch).await;
+        queue.lock().round_trips += statements;
     }
 }
 
@@ -453,12 +468,12 @@ impl PgSagaStore {
         &self.db
     }
 
-    /// Journal write statistics: `(batches, writes)` sent so far. `writes / batches` is how
-    /// many journal entries share a round trip on average (a batch holding both creates and
-    /// updates takes two).
+    /// Journal write statistics: `(round trips, journal writes)` so far, counting creates and
+    /// updates (not claims, renewals or reads). `writes / round trips` is how many journal
+    /// entries share a round trip on average.
     pub fn write_stats(&self) -> (u64, u64) {
         let q = self.queue.lock();
-        (q.batches, q.writes)
+        (q.round_trips, q.writes)
     }
 
     async fn submit(&self, op: Op) -> Result<OpOut> {

@@ -70,7 +70,7 @@ const UNFINISHED_SQL: &str = "('created', 'running', 'compensating')";
 /// Most journal writes one batch takes.
 const MAX_BATCH: usize = 1024;
 /// Most batches in flight at once (each on its own connection).
-const MAX_FLUSHERS: usize = 4;
+const MAX_FLUSHERS: usize = 8;
 
 /// A [`SagaStore`] on PostgreSQL, for coordinators on several nodes.
 ///
@@ -86,7 +86,7 @@ const MAX_FLUSHERS: usize = 4;
 ///   [`Error::Conflict`] (kind `"saga instance"`, expected = the writer's token, actual = the
 ///   current one) once another node has claimed the instance.
 /// - Journal writes of concurrent sagas share round trips: creates in one statement, updates
-///   in another, up to four batches in flight. Each statement is atomic on
+///   in another, up to eight batches in flight. Each statement is atomic on
 ///   its own; a refused update does not affect the others of its batch.
 ///
 /// ```no_run

@@ -106,9 +106,28 @@ pub(crate) struct Inner {
     tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
     shutdown_timeout: Duration,
+    /// Set when the store is shared by several nodes.
+    lease: Option<LeaseSettings>,
+    taken_over: std::sync::atomic::AtomicU64,
+}
+
+/// How a node on a shared store leases the sagas it drives.
+#[derive(Debug, Clone, Copy)]
+struct LeaseSettings {
+    duration: Duration,
+    renew_every: Duration,
+    takeover_every: Duration,
 }
 
 impl Inner {
+    /// The lease to take on a saga now (`None` on a store serving one node).
+    fn lease_until(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.lease.map(|l| {
+            chrono::Utc::now()
+                + chrono::Duration::from_std(l.duration).unwrap_or(chrono::Duration::MAX)
+        })
+    }
+
     pub(crate) fn listening(&self, runtime: &Runtime) -> bool {
         self.events.has_subscribers() || runtime.events().has_subscribers()
     }
@@ -192,6 +211,13 @@ impl Inner {
 ///   it observes [`TaskContext::cancellation`], or finishes), and the saga unwinds.
 /// - **Shutdown.** [`Extension::shutdown`] stops starting steps, waits up to the shutdown
 ///   timeout for running ones, and leaves unfinished sagas in the journal for the next start.
+/// - **Several nodes.** On a store shared by several nodes ([`SagaStore::shared`], e.g.
+///   PostgreSQL) each coordinator leases the sagas it drives
+///   ([`CoordinatorBuilder::lease_duration`]), renews the leases every third of the lease, and
+///   takes over the unfinished sagas of other nodes whose lease ran out
+///   ([`CoordinatorBuilder::takeover_interval`]). Every journal write carries the saga's
+///   fencing token, so a node that lost a saga cannot write to it and stops driving it.
+///   Shutdown releases this node's leases so that the others take over at once.
 ///
 /// [`TaskContext::idempotency_key`]: architectlm_core::TaskContext::idempotency_key
 /// [`TaskContext::cancellation`]: architectlm_core::TaskContext::cancellation
@@ -264,6 +290,8 @@ pub struct CoordinatorBuilder {
     node: Option<String>,
     shutdown_timeout: Duration,
     event_capacity: usize,
+    lease_duration: Duration,
+    takeover_interval: Option<Duration>,
 }
 
 impl fmt::Debug for CoordinatorBuilder {
@@ -300,6 +328,22 @@ impl CoordinatorBuilder {
         self
     }
 
+    /// On a store shared by several nodes ([`SagaStore::shared`]): how long this node's
+    /// ownership of a saga lasts without renewal (default 10 s). The node renews every third
+    /// of it; when the node dies, other nodes take its sagas over once the lease runs out, so
+    /// this bounds failover time. Ignored on a store serving one node.
+    pub fn lease_duration(mut self, d: Duration) -> Self {
+        self.lease_duration = d;
+        self
+    }
+
+    /// On a shared store: how often this node looks for sagas whose lease ran out, to take
+    /// them over (default: a fifth of the lease duration, at most 500 ms).
+    pub fn takeover_interval(mut self, d: Duration) -> Self {
+        self.takeover_interval = Some(d);
+        self
+    }
+
     /// Builds the coordinator; errors on an empty node id or a zero event capacity.
     pub fn build(self) -> Result<Coordinator> {
         let node = self
@@ -319,11 +363,36 @@ impl CoordinatorBuilder {
                 "must be at least 1",
             ));
         }
+        if self.lease_duration < Duration::from_millis(100) {
+            return Err(Error::invalid_config(
+                "lease_duration",
+                format!("{:?}", self.lease_duration),
+                "must be at least 100 ms (it is renewed every third of it)",
+            ));
+        }
+        let takeover_every = self
+            .takeover_interval
+            .unwrap_or_else(|| (self.lease_duration / 5).min(Duration::from_millis(500)));
+        if takeover_every.is_zero() {
+            return Err(Error::invalid_config(
+                "takeover_interval",
+                "0s",
+                "must be greater than zero",
+            ));
+        }
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(InMemorySagaStore::new()));
+        let lease = store.shared().then_some(LeaseSettings {
+            duration: self.lease_duration,
+            renew_every: self.lease_duration / 3,
+            takeover_every,
+        });
         Ok(Coordinator {
             inner: Arc::new(Inner {
-                store: self
-                    .store
-                    .unwrap_or_else(|| Arc::new(InMemorySagaStore::new())),
+                store,
+                lease,
+                taken_over: std::sync::atomic::AtomicU64::new(0),
                 node,
                 defs: RwLock::new(HashMap::new()),
                 runtime: OnceLock::new(),
@@ -347,6 +416,8 @@ impl Coordinator {
             node: None,
             shutdown_timeout: Duration::from_secs(10),
             event_capacity: architectlm_core::event::DEFAULT_EVENT_CAPACITY,
+            lease_duration: Duration::from_secs(10),
+            takeover_interval: None,
         }
     }
 
@@ -401,6 +472,24 @@ impl Coordinator {
         self.inner.active.lock().len()
     }
 
+    /// The name this node records as the owner of the sagas it drives.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// The lease this node takes on the sagas it drives, when the store is shared by several
+    /// nodes (`None` otherwise).
+    pub fn lease_duration(&self) -> Option<Duration> {
+        self.inner.lease.map(|l| l.duration)
+    }
+
+    /// How many sagas this node has taken over from other nodes whose lease ran out.
+    pub fn taken_over(&self) -> u64 {
+        self.inner
+            .taken_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits until the instance reaches a terminal status, or `timeout` passes
     /// ([`Error::Timeout`]). Returns the instance as stored.
     pub async fn wait_for(&self, instance_id: Uuid, timeout: Duration) -> Result<SagaInstance> {
@@ -453,20 +542,41 @@ impl Coordinator {
         let claimed = self
             .inner
             .store
-            .claim_unfinished(&self.inner.node, None)
+            .claim_unfinished(&self.inner.node, self.inner.lease_until())
             .await?;
+        let report = self.carry_on(&runtime, claimed);
+        if report.resumed > 0 || !report.stranded.is_empty() {
+            tracing::info!(
+                resumed = report.resumed,
+                stranded = report.stranded.len(),
+                "saga recovery"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Drives the instances this node just claimed; reports those whose version is missing.
+    fn carry_on(&self, runtime: &Runtime, claimed: Vec<StoredSaga>) -> RecoveryReport {
         let mut report = RecoveryReport::default();
         for stored in claimed {
             let id = stored.instance.id;
-            if self.is_active(id) {
-                continue;
-            }
             match self
                 .inner
                 .prepared(&stored.instance.saga_id, stored.instance.saga_version)
             {
                 Ok(prep) => {
-                    self.spawn(runtime.clone(), prep, stored);
+                    if self.is_active(id) {
+                        // A driver of an older claim still runs here; the fence stops it at
+                        // its next write, and the new claim is driven after it.
+                        let this = self.clone();
+                        let rt = runtime.clone();
+                        self.inner.tracker.spawn(async move {
+                            this.settled(id).await;
+                            this.spawn(rt, prep, stored);
+                        });
+                    } else {
+                        self.spawn(runtime.clone(), prep, stored);
+                    }
                     report.resumed += 1;
                 }
                 Err(e) => {
@@ -491,14 +601,77 @@ impl Coordinator {
                 }
             }
         }
-        if report.resumed > 0 || !report.stranded.is_empty() {
-            tracing::info!(
-                resumed = report.resumed,
-                stranded = report.stranded.len(),
-                "saga recovery"
-            );
+        report
+    }
+
+    /// On a shared store: renews this node's leases every third of the lease duration, until
+    /// shutdown.
+    /// Renewals and takeovers run in two tasks, so that a slow takeover never delays a renewal.
+    async fn renew_loop(self, lease: LeaseSettings) {
+        // Nothing needs renewing at start: claims and creates take a fresh lease.
+        let mut renew = tokio::time::interval_at(
+            tokio::time::Instant::now() + lease.renew_every,
+            lease.renew_every,
+        );
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop = self.inner.stop.clone();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = renew.tick() => {
+                    let until = self.inner.lease_until().unwrap_or_else(chrono::Utc::now);
+                    if let Err(e) = self.inner.store.renew_leases(&self.inner.node, until).await {
+                        // The fence keeps a node that lost its leases from writing.
+                        tracing::warn!(node = %self.inner.node, error = %e, "cannot renew saga leases");
+                    }
+                }
+            }
         }
-        Ok(report)
+    }
+
+    /// On a shared store: takes over sagas whose owner's lease ran out, until shutdown.
+    async fn takeover_loop(self, runtime: Runtime, lease: LeaseSettings) {
+        let mut takeover = tokio::time::interval(lease.takeover_every);
+        takeover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop = self.inner.stop.clone();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = takeover.tick() => {
+                    if let Err(e) = self.take_over(&runtime).await {
+                        tracing::warn!(node = %self.inner.node, error = %e, "cannot take over sagas");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims the sagas of other nodes whose lease ran out and drives them here.
+    async fn take_over(&self, runtime: &Runtime) -> Result<()> {
+        const BATCH: usize = 256;
+        loop {
+            if self.inner.stop.is_cancelled() {
+                return Ok(());
+            }
+            let until = self.inner.lease_until().unwrap_or_else(chrono::Utc::now);
+            let claimed = self
+                .inner
+                .store
+                .claim_expired(&self.inner.node, until, BATCH)
+                .await?;
+            let n = claimed.len();
+            if n == 0 {
+                return Ok(());
+            }
+            tracing::info!(node = %self.inner.node, count = n, "taking over sagas whose lease ran out");
+            self.inner
+                .taken_over
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            self.carry_on(runtime, claimed);
+            if n < BATCH {
+                return Ok(());
+            }
+        }
     }
 
     fn runtime(&self) -> Result<Runtime> {
@@ -539,8 +712,16 @@ impl Coordinator {
                 }
                 Err(e) => {
                     // The journal is the truth: the instance stays unfinished there and the
-                    // next recovery carries it on.
+                    // next recovery carries it on (on a shared store: this node's takeover,
+                    // once the lease it gives up below runs out).
                     tracing::error!(instance_id = %id, error = %e, "saga driver stopped on a journal error");
+                    if inner.lease.is_some() {
+                        // This node still holds (and renews) the lease: claim the instance again
+                        // after a pause and drive it anew.
+                        let this = Coordinator { inner: inner.clone() };
+                        let rt = runtime.clone();
+                        inner.tracker.spawn(async move { this.redrive(rt, id).await });
+                    }
                     runtime.emit(
                         types::SYSTEM_ERROR,
                         SOURCE,
@@ -552,6 +733,37 @@ impl Coordinator {
                 c.finish();
             }
         });
+    }
+
+    /// After a journal error on a shared store: claims the instance again and drives it, retrying
+    /// until it succeeds, another node holds it, or the coordinator stops.
+    async fn redrive(self, runtime: Runtime, id: Uuid) {
+        let pause = self
+            .inner
+            .lease
+            .map_or(Duration::from_secs(1), |l| l.renew_every);
+        loop {
+            tokio::select! {
+                () = self.inner.stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            self.settled(id).await;
+            match self
+                .inner
+                .store
+                .claim(id, &self.inner.node, self.inner.lease_until())
+                .await
+            {
+                Ok(Some(stored)) if !stored.instance.status.is_terminal() => {
+                    self.carry_on(&runtime, vec![stored]);
+                    return;
+                }
+                Ok(_) | Err(Error::Conflict { .. }) => return,
+                Err(e) => {
+                    tracing::warn!(instance_id = %id, error = %e, "cannot claim saga instance again");
+                }
+            }
+        }
     }
 
     /// Waits until this node no longer drives the instance: it reached a terminal status, or
@@ -596,7 +808,7 @@ impl Coordinator {
             let mut stored = self
                 .inner
                 .store
-                .claim(id, &self.inner.node, None)
+                .claim(id, &self.inner.node, self.inner.lease_until())
                 .await?
                 .ok_or_else(|| Error::not_found("saga instance", id))?;
             stored.instance.status = SagaStatus::Compensating;
@@ -674,8 +886,17 @@ impl SagaCoordinator for Coordinator {
         };
         if let (false, Ok(runtime)) = (waiting.is_empty(), self.runtime()) {
             for iid in waiting {
-                if let Some(stored) = self.inner.store.claim(iid, &self.inner.node, None).await? {
-                    self.spawn(runtime.clone(), prep.clone(), stored);
+                match self
+                    .inner
+                    .store
+                    .claim(iid, &self.inner.node, self.inner.lease_until())
+                    .await
+                {
+                    Ok(Some(stored)) => self.spawn(runtime.clone(), prep.clone(), stored),
+                    Ok(None) => {}
+                    // Another node holds it now (and drives it if it knows this version).
+                    Err(Error::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -720,7 +941,12 @@ impl SagaCoordinator for Coordinator {
                 }
             }
         }
-        match self.inner.store.create(&instance, &self.inner.node).await? {
+        match self
+            .inner
+            .store
+            .create_leased(&instance, &self.inner.node, self.inner.lease_until())
+            .await?
+        {
             CreateOutcome::Existing(found) => Ok(found.instance),
             CreateOutcome::Created(stored) => {
                 // Before the runtime is bound, recovery at start-up picks the instance up.
@@ -821,6 +1047,12 @@ impl Extension for Coordinator {
         }
         let report = self.recover().await?;
         *self.inner.last_recovery.lock() = Some(report);
+        if let (Some(lease), Ok(runtime)) = (self.inner.lease, self.runtime()) {
+            self.inner.tracker.spawn(self.clone().renew_loop(lease));
+            self.inner
+                .tracker
+                .spawn(self.clone().takeover_loop(runtime, lease));
+        }
         Ok(())
     }
 
@@ -835,6 +1067,18 @@ impl Extension for Coordinator {
                 running = self.inner.tracker.len(),
                 "saga drivers still running at the shutdown deadline; recovery will carry them on"
             );
+        }
+        if self.inner.lease.is_some() {
+            // Hand the unfinished sagas to the other nodes now rather than at lease expiry.
+            match self.inner.store.release_leases(&self.inner.node).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(node = %self.inner.node, released = n, "saga leases released");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(node = %self.inner.node, error = %e, "cannot release saga leases; they expire instead");
+                }
+            }
         }
     }
 }

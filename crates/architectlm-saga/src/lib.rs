@@ -17,6 +17,18 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `sqlite` | yes | [`Coordinator::sqlite`] and the SQLite saga journal |
+//! | `postgres` | no | `PgSagaStore`: the saga journal on PostgreSQL, shared by coordinators on several nodes |
+//!
+//! # Several nodes
+//! On a store shared by several nodes (PostgreSQL), each coordinator is a node with its own
+//! [`node_id`](CoordinatorBuilder::node_id). Every unfinished saga is owned by one node through
+//! a lease ([`lease_duration`](CoordinatorBuilder::lease_duration), default 10 s) that the node
+//! renews every third of the lease while it runs. Every node looks for sagas whose lease ran
+//! out and carries them on (forward or unwinding), so a dead node's sagas move to the others
+//! within the lease time plus the takeover interval. Each claim bumps the saga's fencing token
+//! and every journal write carries the token, so a node that lost a saga (stalled past its
+//! lease) cannot write to it any more and stops driving it. Steps run at least once with
+//! stable idempotency keys; a step running on a node that dies runs again on the new owner.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod coordinator;
@@ -29,6 +41,9 @@ pub use architectlm_core::extensions::saga::{
     SagaCoordinator, SagaDefinition, SagaEvent, SagaEventType, SagaFilter, SagaInstance,
     SagaStatus, SagaStep, SagaStepExecution, SagaStepStatus, StartSagaOptions,
 };
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use architectlm_store::saga::PgSagaStore;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use architectlm_store::saga::SqliteSagaStore;

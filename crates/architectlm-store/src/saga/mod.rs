@@ -20,6 +20,8 @@
 //! that lost its lease is fenced out on its next write and stops driving the instance.
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -33,6 +35,9 @@ use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, S
 use crate::Result;
 
 pub use memory::InMemorySagaStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{PG_SAGA_MIGRATIONS, PgSagaStore};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::{SAGA_MIGRATIONS, SqliteSagaStore};
@@ -191,6 +196,48 @@ pub trait SagaStore: Send + Sync + 'static {
     /// Extends the leases `owner` holds. Stores serving one node have no leases to renew.
     async fn renew_leases(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<u64> {
         let _ = (owner, lease_until);
+        Ok(0)
+    }
+
+    /// Whether several nodes share this store. A coordinator on a shared store leases every
+    /// instance it drives, renews the leases, and takes over instances whose lease ran out
+    /// ([`claim_expired`](Self::claim_expired)). Default `false`.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// [`create`](Self::create) with the lease the creator holds on the new instance
+    /// (`None`: until it gives it up). The default ignores the lease, which suits stores
+    /// serving one node.
+    async fn create_leased(
+        &self,
+        instance: &SagaInstance,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<CreateOutcome> {
+        let _ = lease_until;
+        self.create(instance, owner).await
+    }
+
+    /// Takes over up to `limit` unfinished instances of *other* nodes whose lease has run out
+    /// (or that have no owner) for `owner`, bumping their fencing tokens, oldest first.
+    /// Instances under a live lease, and those `owner` already holds, are left alone, so live
+    /// drivers are not fenced out. Stores serving one node have nothing to take over (the
+    /// default).
+    async fn claim_expired(
+        &self,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredSaga>> {
+        let _ = (owner, lease_until, limit);
+        Ok(Vec::new())
+    }
+
+    /// Gives up the leases `owner` holds on unfinished instances, so that another node can
+    /// take them over at once (a clean shutdown). Returns how many. Default: none.
+    async fn release_leases(&self, owner: &str) -> Result<u64> {
+        let _ = owner;
         Ok(0)
     }
 

@@ -1,0 +1,776 @@
+//! The saga journal on PostgreSQL, shared by several nodes.
+//!
+//! One table, `architectlm_saga_instances`: one row per instance with its owner, lease expiry
+//! and fencing token, and the step records as a `jsonb` array. Leases are judged by the
+//! server's clock: a node passes the lease *length* (its `lease_until` minus its own now) and
+//! the server stores `clock_timestamp() + length`, so node clock offsets do not matter.
+//!
+//! Journal writes of concurrent sagas are batched: creates queue up and go to the server as
+//! one `INSERT … SELECT FROM unnest(…)`, updates as one `UPDATE … FROM unnest(…)` that checks
+//! every row's fencing token, so one round trip carries the journal entries of many sagas.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use architectlm_core::extensions::Page;
+use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, SagaStepExecution};
+
+use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
+use crate::migration::Migration;
+use crate::postgres::{PgDb, pg_err};
+use crate::{Error, Result};
+
+/// The versioned schema of the saga table, applied by [`PgSagaStore::open`].
+pub static PG_SAGA_MIGRATIONS: &[Migration] = &[Migration {
+    component: "saga",
+    version: 1,
+    description: "saga instances with their step journal, owner, lease and fencing token",
+    sql: "
+        CREATE TABLE architectlm_saga_instances (
+            id UUID PRIMARY KEY,
+            saga_id TEXT NOT NULL,
+            saga_version INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            input JSONB NOT NULL,
+            idempotency_key TEXT,
+            started_at TIMESTAMPTZ NOT NULL,
+            completed_at TIMESTAMPTZ,
+            error TEXT,
+            compensation_requested TEXT,
+            owner TEXT,
+            lease_until TIMESTAMPTZ,
+            fencing BIGINT NOT NULL DEFAULT 1,
+            steps JSONB NOT NULL
+        );
+        CREATE UNIQUE INDEX architectlm_saga_instances_key
+            ON architectlm_saga_instances (saga_id, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX architectlm_saga_instances_started
+            ON architectlm_saga_instances (started_at, id);
+        CREATE INDEX architectlm_saga_instances_unfinished
+            ON architectlm_saga_instances (lease_until)
+            WHERE status IN ('created', 'running', 'compensating');
+    ",
+}];
+
+const COLUMNS: &str = "id, saga_id, saga_version, status, input, idempotency_key, started_at, \
+     completed_at, error, compensation_requested, owner, lease_until, fencing, steps";
+
+const UNFINISHED_SQL: &str = "('created', 'running', 'compensating')";
+
+/// Most journal writes one batch takes.
+const MAX_BATCH: usize = 1024;
+/// Most batches in flight at once (each on its own connection).
+const MAX_FLUSHERS: usize = 8;
+
+/// A [`SagaStore`] on PostgreSQL, for coordinators on several nodes.
+///
+/// `Send + Sync`, cheap to clone (clones share the pool and the write queue).
+///
+/// # Rules
+/// - [`shared`](SagaStore::shared) is `true`: a coordinator on this store leases the instances
+///   it drives. A claim succeeds only for an instance that is unowned, owned by the claimant,
+///   finished, or whose lease has run out by the server's clock; claims use
+///   `FOR UPDATE SKIP LOCKED`, so two nodes never claim the same instance at once, and each
+///   claim bumps the fencing token.
+/// - Every update carries the writer's fencing token and is refused with
+///   [`Error::Conflict`] (kind `"saga instance"`, expected = the writer's token, actual = the
+///   current one) once another node has claimed the instance.
+/// - Journal writes of concurrent sagas share round trips: creates in one statement, updates
+///   in another, up to eight batches in flight. Each statement is atomic on
+///   its own; a refused update does not affect the others of its batch.
+///
+/// ```no_run
+/// use architectlm_store::postgres::{PgDb, PgOptions};
+/// use architectlm_store::saga::{PgSagaStore, SagaStore};
+///
+/// # async fn demo() -> architectlm_store::Result<()> {
+/// let db = PgDb::connect(PgOptions::new("postgres://postgres@127.0.0.1:5432/test")).await?;
+/// let store = PgSagaStore::open(db).await?; // applies the saga migrations
+/// assert!(store.shared());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgSagaStore {
+    db: PgDb,
+    queue: Arc<Mutex<Queue>>,
+}
+
+impl std::fmt::Debug for PgSagaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSagaStore")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Op {
+    Create(SagaInstance, String, Option<f64>),
+    Apply(SagaUpdate),
+}
+
+enum OpOut {
+    Created(Box<CreateOutcome>),
+    Applied,
+}
+
+type Reply = oneshot::Sender<Result<OpOut>>;
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<(Op, Reply)>,
+    flushers: usize,
+    round_trips: u64,
+    writes: u64,
+}
+
+/// Seconds from now until `t` by this node's clock (at least 0), the lease length sent to the
+/// server.
+fn lease_secs(t: Option<DateTime<Utc>>) -> Option<f64> {
+    t.map(|t| {
+        (t - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64()
+    })
+}
+
+fn fencing_i64(f: u64) -> i64 {
+    i64::try_from(f).unwrap_or(i64::MAX)
+}
+
+fn row_err(e: tokio_postgres::Error) -> Error {
+    pg_err("bad saga journal row", e)
+}
+
+fn build(r: &Row) -> Result<StoredSaga> {
+    let status: String = r.try_get(3).map_err(row_err)?;
+    let status = SagaStatus::parse(&status).ok_or_else(|| {
+        Error::storage(format!("invalid saga status \"{status}\" in the journal"))
+    })?;
+    let steps: Value = r.try_get(13).map_err(row_err)?;
+    let steps: Vec<SagaStepExecution> = serde_json::from_value(steps)
+        .map_err(|e| Error::storage(format!("invalid step records in the saga journal: {e}")))?;
+    let version: i32 = r.try_get(2).map_err(row_err)?;
+    let mut instance = SagaInstance::new(
+        r.try_get(0).map_err(row_err)?,
+        r.try_get::<_, String>(1).map_err(row_err)?,
+        u32::try_from(version).unwrap_or(0),
+        r.try_get(4).map_err(row_err)?,
+        r.try_get(5).map_err(row_err)?,
+        r.try_get(6).map_err(row_err)?,
+        steps,
+    );
+    instance.status = status;
+    instance.completed_at = r.try_get(7).map_err(row_err)?;
+    instance.error = r.try_get(8).map_err(row_err)?;
+    instance.rebuild_context();
+    let mut stored = StoredSaga::new(instance, r.try_get(10).map_err(row_err)?);
+    stored.compensation_requested = r.try_get(9).map_err(row_err)?;
+    stored.lease_until = r.try_get(11).map_err(row_err)?;
+    let fencing: i64 = r.try_get(12).map_err(row_err)?;
+    stored.fencing = u64::try_from(fencing).unwrap_or(0);
+    Ok(stored)
+}
+
+fn step_json(s: &SagaStepExecution) -> Result<Value> {
+    serde_json::to_value(s)
+        .map_err(|e| Error::storage(format!("cannot serialise step \"{}\": {e}", s.step_id)))
+}
+
+const INSERT_SQL: &str = "INSERT INTO architectlm_saga_instances \
+     (id, saga_id, saga_version, status, input, idempotency_key, started_at, completed_at, \
+      error, owner, lease_until, fencing, steps) \
+     SELECT u.id, u.saga_id, u.saga_version, u.status, u.input, u.key, u.started_at, \
+            u.completed_at, u.error, u.owner, \
+            CASE WHEN u.lease IS NULL THEN NULL \
+                 ELSE clock_timestamp() + make_interval(secs => u.lease) END, \
+            1, u.steps \
+     FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::text[], \
+                 $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], \
+                 $11::float8[], $12::jsonb[]) \
+          AS u(id, saga_id, saga_version, status, input, key, started_at, completed_at, \
+               error, owner, lease, steps) \
+     ON CONFLICT DO NOTHING RETURNING id";
+
+/// Patches the changed step records (`patch`: position → record) into the stored array.
+const UPDATE_SQL: &str = "UPDATE architectlm_saga_instances AS s \
+     SET status = u.status, error = u.error, completed_at = u.completed_at, \
+         steps = CASE WHEN u.patch = '{}'::jsonb THEN s.steps ELSE COALESCE(( \
+             SELECT jsonb_agg(COALESCE(u.patch -> (e.ord - 1)::text, e.elem) ORDER BY e.ord) \
+             FROM jsonb_array_elements(s.steps) WITH ORDINALITY AS e(elem, ord)), s.steps) END \
+     FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[], \
+                 $6::jsonb[]) WITH ORDINALITY AS u(id, fencing, status, error, completed_at, \
+                                                   patch, ord) \
+     WHERE s.id = u.id AND s.fencing = u.fencing \
+     RETURNING u.ord";
+
+async fn run_creates(
+    db: &PgDb,
+    creates: Vec<(SagaInstance, String, Option<f64>)>,
+) -> Result<Vec<Result<OpOut>>> {
+    let client = db.client().await?;
+    let mut ids = Vec::with_capacity(creates.len());
+    let mut saga_ids = Vec::with_capacity(creates.len());
+    let mut versions = Vec::with_capacity(creates.len());
+    let mut statuses = Vec::with_capacity(creates.len());
+    let mut inputs = Vec::with_capacity(creates.len());
+    let mut keys = Vec::with_capacity(creates.len());
+    let mut started = Vec::with_capacity(creates.len());
+    let mut completed = Vec::with_capacity(creates.len());
+    let mut errors = Vec::with_capacity(creates.len());
+    let mut owners = Vec::with_capacity(creates.len());
+    let mut leases = Vec::with_capacity(creates.len());
+    let mut steps = Vec::with_capacity(creates.len());
+    for (i, owner, lease) in &creates {
+        ids.push(i.id);
+        saga_ids.push(i.saga_id.as_str());
+        versions.push(i32::try_from(i.saga_version).unwrap_or(i32::MAX));
+        statuses.push(i.status.as_str());
+        inputs.push(i.input.clone());
+        keys.push(i.idempotency_key.as_deref());
+        started.push(i.started_at);
+        completed.push(i.completed_at);
+        errors.push(i.error.as_deref());
+        owners.push(owner.as_str());
+        leases.push(*lease);
+        steps.push(
+            serde_json::to_value(&i.steps)
+                .map_err(|e| Error::storage(format!("cannot serialise step records: {e}")))?,
+        );
+    }
+    let stmt = client
+        .prepare_cached(INSERT_SQL)
+        .await
+        .map_err(|e| pg_err("cannot prepare the saga insert", e))?;
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &ids, &saga_ids, &versions, &statuses, &inputs, &keys, &started, &completed, &errors,
+        &owners, &leases, &steps,
+    ];
+    let inserted: std::collections::HashSet<Uuid> = client
+        .query(&stmt, &params)
+        .await
+        .map_err(|e| pg_err("cannot record saga instances", e))?
+        .iter()
+        .map(|r| r.try_get::<_, Uuid>(0).map_err(row_err))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::with_capacity(creates.len());
+    for (instance, owner, _) in creates {
+        if inserted.contains(&instance.id) {
+            out.push(Ok(OpOut::Created(Box::new(CreateOutcome::Created(
+                StoredSaga::new(instance, Some(owner)),
+            )))));
+            continue;
+        }
+        // Not inserted: an instance with the same idempotency key, or the same id, exists.
+        let existing = match &instance.idempotency_key {
+            Some(key) => client
+                .query_opt(
+                    &format!(
+                        "SELECT {COLUMNS} FROM architectlm_saga_instances \
+                         WHERE saga_id = $1 AND idempotency_key = $2"
+                    ),
+                    &[&instance.saga_id, key],
+                )
+                .await
+                .map_err(|e| pg_err("cannot read a saga instance", e))?,
+            None => None,
+        };
+        out.push(match existing {
+            Some(row) => build(&row).map(|s| OpOut::Created(Box::new(CreateOutcome::Existing(s)))),
+            None => Err(Error::InvalidInput(format!(
+                "saga instance {} already exists",
+                instance.id
+            ))),
+        });
+    }
+    Ok(out)
+}
+
+async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpOut>>> {
+    let client = db.client().await?;
+    let mut ids = Vec::with_capacity(updates.len());
+    let mut fencings = Vec::with_capacity(updates.len());
+    let mut statuses = Vec::with_capacity(updates.len());
+    let mut errors = Vec::with_capacity(updates.len());
+    let mut completed = Vec::with_capacity(updates.len());
+    let mut patches = Vec::with_capacity(updates.len());
+    for u in updates {
+        ids.push(u.instance_id);
+        fencings.push(fencing_i64(u.fencing));
+        statuses.push(u.status.as_str());
+        errors.push(u.error.as_deref());
+        completed.push(u.completed_at);
+        let mut patch = serde_json::Map::new();
+        for (idx, s) in &u.steps {
+            patch.insert(idx.to_string(), step_json(s)?);
+        }
+        patches.push(Value::Object(patch));
+    }
+    let stmt = client
+        .prepare_cached(UPDATE_SQL)
+        .await
+        .map_err(|e| pg_err("cannot prepare the saga journal update", e))?;
+    let params: [&(dyn ToSql + Sync); 6] =
+        [&ids, &fencings, &statuses, &errors, &completed, &patches];
+    let mut applied = vec![false; updates.len()];
+    for r in client
+        .query(&stmt, &params)
+        .await
+        .map_err(|e| pg_err("cannot write the saga journal", e))?
+    {
+        let ord: i64 = r.try_get(0).map_err(row_err)?;
+        if let Some(slot) = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| applied.get_mut(i))
+        {
+            *slot = true;
+        }
+    }
+    let refused: Vec<Uuid> = updates
+        .iter()
+        .zip(&applied)
+        .filter(|(_, ok)| !**ok)
+        .map(|(u, _)| u.instance_id)
+        .collect();
+    let mut current = std::collections::HashMap::new();
+    if !refused.is_empty() {
+        for r in client
+            .query(
+                "SELECT id, fencing FROM architectlm_saga_instances WHERE id = ANY($1)",
+                &[&refused],
+            )
+            .await
+            .map_err(|e| pg_err("cannot read saga fencing tokens", e))?
+        {
+            let id: Uuid = r.try_get(0).map_err(row_err)?;
+            let f: i64 = r.try_get(1).map_err(row_err)?;
+            current.insert(id, u64::try_from(f).unwrap_or(0));
+        }
+    }
+    Ok(updates
+        .iter()
+        .zip(applied)
+        .map(|(u, ok)| {
+            if ok {
+                return Ok(OpOut::Applied);
+            }
+            Err(match current.get(&u.instance_id) {
+                None => Error::not_found("saga instance", u.instance_id),
+                Some(actual) => Error::Conflict {
+                    kind: "saga instance",
+                    id: u.instance_id.to_string(),
+                    expected: u.fencing,
+                    actual: *actual,
+                },
+            })
+        })
+        .collect())
+}
+
+/// Runs one batch: all its creates in one statement, all its updates in another. Returns the
+/// number of statements sent.
+async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) -> u64 {
+    let mut creates = Vec::new();
+    let mut create_replies = Vec::new();
+    let mut updates = Vec::new();
+    let mut update_replies = Vec::new();
+    for (op, reply) in batch {
+        match op {
+            Op::Create(i, o, l) => {
+                creates.push((i, o, l));
+                create_replies.push(reply);
+            }
+            Op::Apply(u) => {
+                updates.push(u);
+                update_replies.push(reply);
+            }
+        }
+    }
+    let mut statements = 0;
+    if !creates.is_empty() {
+        let r = run_creates(db, creates).await;
+        statements += match &r {
+            // One insert, plus a read per instance that was not new.
+            Ok(out) => 1 + out.iter().filter(|o| !matches!(o, Ok(OpOut::Created(c)) if matches!(**c, CreateOutcome::Created(_)))).count() as u64,
+            Err(_) => 1,
+        };
+        answer(create_replies, r);
+    }
+    if !updates.is_empty() {
+        let r = run_updates(db, &updates).await;
+        statements += match &r {
+            // One update, plus one read of the tokens when some were refused.
+            Ok(out) => 1 + u64::from(out.iter().any(Result::is_err)),
+            Err(_) => 1,
+        };
+        answer(update_replies, r);
+    }
+    statements
+}
+
+fn answer(replies: Vec<Reply>, results: Result<Vec<Result<OpOut>>>) {
+    match results {
+        Ok(results) => {
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(Error::storage(format!(
+                    "saga journal write failed: {msg}"
+                ))));
+            }
+        }
+    }
+}
+
+async fn flush(db: PgDb, queue: Arc<Mutex<Queue>>) {
+    loop {
+        let batch = {
+            let mut q = queue.lock();
+            if q.ops.is_empty() {
+                q.flushers -= 1;
+                return;
+            }
+            let take = q.ops.len().min(MAX_BATCH);
+            q.writes += take as u64;
+            q.ops.drain(..take).collect::<Vec<_>>()
+        };
+        let statements = run_batch(&db, batch).await;
+        queue.lock().round_trips += statements;
+    }
+}
+
+impl PgSagaStore {
+    /// Uses `db`, applying the saga migrations first (safe when several nodes start at once).
+    pub async fn open(db: PgDb) -> Result<Self> {
+        db.migrate(PG_SAGA_MIGRATIONS).await?;
+        Ok(Self {
+            db,
+            queue: Arc::new(Mutex::new(Queue::default())),
+        })
+    }
+
+    /// The database.
+    pub fn db(&self) -> &PgDb {
+        &self.db
+    }
+
+    /// Journal write statistics: `(round trips, journal writes)` so far, counting creates and
+    /// updates (not claims, renewals or reads). `writes / round trips` is how many journal
+    /// entries share a round trip on average.
+    pub fn write_stats(&self) -> (u64, u64) {
+        let q = self.queue.lock();
+        (q.round_trips, q.writes)
+    }
+
+    async fn submit(&self, op: Op) -> Result<OpOut> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut q = self.queue.lock();
+            q.ops.push((op, tx));
+            if q.flushers < MAX_FLUSHERS {
+                q.flushers += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if start {
+            tokio::spawn(flush(self.db.clone(), self.queue.clone()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Error::storage("the saga journal flusher stopped")))
+    }
+
+    async fn query_stored(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<StoredSaga>> {
+        let client = self.db.client().await?;
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_err("cannot prepare a saga journal query", e))?;
+        client
+            .query(&stmt, params)
+            .await
+            .map_err(|e| pg_err("saga journal query failed", e))?
+            .iter()
+            .map(build)
+            .collect()
+    }
+
+    async fn claim_where(
+        &self,
+        condition: &str,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> Result<Vec<StoredSaga>> {
+        let sql = format!(
+            "UPDATE architectlm_saga_instances AS t SET owner = $1, \
+                 lease_until = CASE WHEN $2::float8 IS NULL THEN NULL \
+                     ELSE clock_timestamp() + make_interval(secs => $2::float8) END, \
+                 fencing = t.fencing + 1 \
+             FROM (SELECT id FROM architectlm_saga_instances \
+                   WHERE status IN {UNFINISHED_SQL} AND ({condition}) \
+                   ORDER BY started_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) AS c \
+             WHERE t.id = c.id \
+             RETURNING {}",
+            COLUMNS
+                .split(", ")
+                .map(|c| format!("t.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut out = self
+            .query_stored(&sql, &[&owner, &lease_secs(lease_until), &limit])
+            .await?;
+        out.sort_by_key(|s| (s.instance.started_at, s.instance.id));
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl SagaStore for PgSagaStore {
+    async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
+        self.create_leased(instance, owner, None).await
+    }
+
+    async fn create_leased(
+        &self,
+        instance: &SagaInstance,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<CreateOutcome> {
+        let op = Op::Create(instance.clone(), owner.to_owned(), lease_secs(lease_until));
+        match self.submit(op).await? {
+            OpOut::Created(c) => {
+                let mut c = *c;
+                if let CreateOutcome::Created(s) = &mut c {
+                    s.lease_until = lease_until;
+                }
+                Ok(c)
+            }
+            OpOut::Applied => Err(Error::storage(
+                "the saga journal answered a create with an update",
+            )),
+        }
+    }
+
+    async fn apply(&self, update: SagaUpdate) -> Result<()> {
+        self.submit(Op::Apply(update)).await.map(|_| ())
+    }
+
+    async fn request_compensation(
+        &self,
+        instance_id: Uuid,
+        reason: &str,
+    ) -> Result<Option<StoredSaga>> {
+        let client = self.db.client().await?;
+        client
+            .execute(
+                "UPDATE architectlm_saga_instances SET compensation_requested = $2 WHERE id = $1 \
+                 AND status IN ('created', 'running') AND compensation_requested IS NULL",
+                &[&instance_id, &reason],
+            )
+            .await
+            .map_err(|e| pg_err("cannot record a compensation request", e))?;
+        drop(client);
+        self.get(instance_id).await
+    }
+
+    async fn claim(
+        &self,
+        instance_id: Uuid,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Option<StoredSaga>> {
+        let sql = format!(
+            "UPDATE architectlm_saga_instances SET owner = $2, \
+                 lease_until = CASE WHEN $3::float8 IS NULL THEN NULL \
+                     ELSE clock_timestamp() + make_interval(secs => $3::float8) END, \
+                 fencing = fencing + 1 \
+             WHERE id = $1 AND (status NOT IN {UNFINISHED_SQL} OR owner IS NULL OR owner = $2 \
+                               OR lease_until <= clock_timestamp()) \
+             RETURNING {COLUMNS}"
+        );
+        let claimed = self
+            .query_stored(&sql, &[&instance_id, &owner, &lease_secs(lease_until)])
+            .await?;
+        if let Some(s) = claimed.into_iter().next() {
+            return Ok(Some(s));
+        }
+        match self.get(instance_id).await? {
+            None => Ok(None),
+            Some(current) => Err(Error::Conflict {
+                kind: "saga lease",
+                id: format!(
+                    "{instance_id} (held by {} until {})",
+                    current.owner.as_deref().unwrap_or("nobody"),
+                    current
+                        .lease_until
+                        .map_or_else(|| "released".to_owned(), |t| t.to_rfc3339())
+                ),
+                expected: current.fencing,
+                actual: current.fencing,
+            }),
+        }
+    }
+
+    async fn claim_unfinished(
+        &self,
+        owner: &str,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<StoredSaga>> {
+        self.claim_where(
+            "owner IS NULL OR owner = $1 OR lease_until <= clock_timestamp()",
+            owner,
+            lease_until,
+            i64::MAX,
+        )
+        .await
+    }
+
+    async fn claim_expired(
+        &self,
+        owner: &str,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<StoredSaga>> {
+        self.claim_where(
+            "owner IS DISTINCT FROM $1 AND (owner IS NULL OR lease_until <= clock_timestamp())",
+            owner,
+            Some(lease_until),
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        )
+        .await
+    }
+
+    /// Rows being written right now are skipped (`SKIP LOCKED`) rather than waited for, so a
+    /// renewal never waits on (or deadlocks with) journal writes; the next renewal, a third
+    /// of a lease later, extends them.
+    async fn renew_leases(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<u64> {
+        let client = self.db.client().await?;
+        client
+            .execute(
+                &format!(
+                    "UPDATE architectlm_saga_instances AS t \
+                     SET lease_until = clock_timestamp() + make_interval(secs => $2::float8) \
+                     FROM (SELECT id FROM architectlm_saga_instances \
+                           WHERE owner = $1 AND status IN {UNFINISHED_SQL} \
+                           FOR UPDATE SKIP LOCKED) AS mine \
+                     WHERE t.id = mine.id"
+                ),
+                &[&owner, &lease_secs(Some(lease_until))],
+            )
+            .await
+            .map_err(|e| pg_err("cannot renew saga leases", e))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn release_leases(&self, owner: &str) -> Result<u64> {
+        let client = self.db.client().await?;
+        client
+            .execute(
+                &format!(
+                    "UPDATE architectlm_saga_instances SET owner = NULL, lease_until = NULL \
+                     WHERE owner = $1 AND status IN {UNFINISHED_SQL}"
+                ),
+                &[&owner],
+            )
+            .await
+            .map_err(|e| pg_err("cannot release saga leases", e))
+    }
+
+    async fn get(&self, instance_id: Uuid) -> Result<Option<StoredSaga>> {
+        let sql = format!("SELECT {COLUMNS} FROM architectlm_saga_instances WHERE id = $1");
+        Ok(self
+            .query_stored(&sql, &[&instance_id])
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn list(&self, filter: &SagaFilter) -> Result<Page<SagaInstance>> {
+        let mut clauses: Vec<String> = Vec::new();
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        if let Some(s) = &filter.saga_id {
+            args.push(Box::new(s.clone()));
+            clauses.push(format!("saga_id = ${}", args.len()));
+        }
+        if !filter.status.is_empty() {
+            let statuses: Vec<String> = filter
+                .status
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect();
+            args.push(Box::new(statuses));
+            clauses.push(format!("status = ANY(${})", args.len()));
+        }
+        if let Some(t) = filter.started_after {
+            args.push(Box::new(t));
+            clauses.push(format!("started_at >= ${}", args.len()));
+        }
+        if let Some(t) = filter.started_before {
+            args.push(Box::new(t));
+            clauses.push(format!("started_at <= ${}", args.len()));
+        }
+        let where_ = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let params: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let client = self.db.client().await?;
+        let total: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM architectlm_saga_instances {where_}"),
+                &params,
+            )
+            .await
+            .map_err(|e| pg_err("cannot count saga instances", e))?
+            .try_get(0)
+            .map_err(row_err)?;
+        let total = u64::try_from(total).unwrap_or(0);
+        let limit = i64::try_from(filter.page.limit).unwrap_or(i64::MAX);
+        let offset = i64::try_from(filter.page.offset).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM architectlm_saga_instances {where_} \
+                     ORDER BY started_at, id LIMIT {limit} OFFSET {offset}"
+                ),
+                &params,
+            )
+            .await
+            .map_err(|e| pg_err("cannot list saga instances", e))?;
+        let items = rows
+            .iter()
+            .map(|r| build(r).map(|s| s.instance))
+            .collect::<Result<Vec<_>>>()?;
+        let end = filter.page.offset.saturating_add(items.len() as u64);
+        let next = (end < total).then_some(end);
+        Ok(Page::new(items, total, next))
+    }
+}

@@ -18,7 +18,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Each umbrella feature that must build on its own (`None`: no feature at all).
-const FEATURES: [Option<&str>; 8] = [
+const FEATURES: [Option<&str>; 11] = [
     None,
     Some("mock"),
     Some("saga"),
@@ -26,6 +26,9 @@ const FEATURES: [Option<&str>; 8] = [
     Some("supervisor"),
     Some("loadmanager"),
     Some("sqlite"),
+    Some("postgres"),
+    Some("tower"),
+    Some("system"),
     Some("full"),
 ];
 

@@ -245,26 +245,12 @@ pub(crate) fn validate_process_config(c: &ProcessSupervisionConfig) -> Result<()
             "must name a process",
         ));
     }
-    if c.max_recovery_attempts == 0 {
-        return Err(Error::invalid_config(
-            "max_recovery_attempts",
-            0,
-            format!(
-                "supervision of process \"{}\" needs at least one recovery attempt",
-                c.process_id
-            ),
-        ));
-    }
-    if c.check_interval.is_zero() {
-        return Err(Error::invalid_config(
-            "check_interval",
-            "0ms",
-            format!(
-                "supervision of process \"{}\" needs a positive check interval",
-                c.process_id
-            ),
-        ));
-    }
+    check_attempts_and_interval(
+        "process",
+        &c.process_id,
+        c.max_recovery_attempts,
+        c.check_interval,
+    )?;
     check_custom_action(
         c.recovery_strategy == ProcessRecoveryStrategy::Custom,
         c.custom_recovery_action.as_deref(),
@@ -354,31 +340,41 @@ fn validate_process_against(rt: &Runtime, c: &ProcessSupervisionConfig) -> Resul
     Ok(())
 }
 
+/// The rules process and task supervision share: at least one attempt, a positive interval.
+fn check_attempts_and_interval(
+    kind: &str,
+    id: &str,
+    max_recovery_attempts: u32,
+    check_interval: Duration,
+) -> Result<()> {
+    if max_recovery_attempts == 0 {
+        return Err(Error::invalid_config(
+            "max_recovery_attempts",
+            0,
+            format!("supervision of {kind} \"{id}\" needs at least one recovery attempt"),
+        ));
+    }
+    if check_interval.is_zero() {
+        return Err(Error::invalid_config(
+            "check_interval",
+            "0ms",
+            format!("supervision of {kind} \"{id}\" needs a positive check interval"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a task supervision configuration on its own.
 pub(crate) fn validate_task_config(c: &TaskSupervisionConfig) -> Result<()> {
     if c.task_id.trim().is_empty() {
         return Err(Error::invalid_config("task_id", "\"\"", "must name a task"));
     }
-    if c.max_recovery_attempts == 0 {
-        return Err(Error::invalid_config(
-            "max_recovery_attempts",
-            0,
-            format!(
-                "supervision of task \"{}\" needs at least one recovery attempt",
-                c.task_id
-            ),
-        ));
-    }
-    if c.check_interval.is_zero() {
-        return Err(Error::invalid_config(
-            "check_interval",
-            "0ms",
-            format!(
-                "supervision of task \"{}\" needs a positive check interval",
-                c.task_id
-            ),
-        ));
-    }
+    check_attempts_and_interval(
+        "task",
+        &c.task_id,
+        c.max_recovery_attempts,
+        c.check_interval,
+    )?;
     check_custom_action(
         c.recovery_strategy == TaskRecoveryStrategy::Custom,
         c.custom_recovery_action.as_deref(),

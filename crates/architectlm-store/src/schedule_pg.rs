@@ -359,14 +359,8 @@ impl PgScheduleStore {
         sql: &str,
         args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<ScheduleEntry>> {
-        let client = self.db.client().await?;
-        client
-            .query(sql, args)
+        self.select(sql, args, "cannot read scheduled entries", decode_entry)
             .await
-            .map_err(|e| pg_err("cannot read scheduled entries", e))?
-            .iter()
-            .map(decode_entry)
-            .collect()
     }
 
     async fn select_runs(
@@ -374,13 +368,25 @@ impl PgScheduleStore {
         sql: &str,
         args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<ScheduleRun>> {
+        self.select(sql, args, "cannot read scheduled runs", decode_run)
+            .await
+    }
+
+    /// Runs a query on a pooled connection and decodes every row.
+    async fn select<T>(
+        &self,
+        sql: &str,
+        args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &'static str,
+        decode: fn(&tokio_postgres::Row) -> Result<T>,
+    ) -> Result<Vec<T>> {
         let client = self.db.client().await?;
         client
             .query(sql, args)
             .await
-            .map_err(|e| pg_err("cannot read scheduled runs", e))?
+            .map_err(|e| pg_err(what, e))?
             .iter()
-            .map(decode_run)
+            .map(decode)
             .collect()
     }
 }

@@ -31,7 +31,9 @@
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use std::sync::Arc;
 //! use std::sync::atomic::{AtomicU32, Ordering};
+//! use architectlm_core::EventHub;
 //! use architectlm_supervisor::worker::{ChildSpec, SupervisorSpec, WorkerEventKind};
+//! use tokio_util::sync::CancellationToken;
 //!
 //! let runs = Arc::new(AtomicU32::new(0));
 //! let counter = runs.clone();
@@ -48,8 +50,10 @@
 //!     }))
 //!     .build()
 //!     .unwrap();
-//! let handle = tree.start();
-//! let mut events = handle.subscribe("child-started");
+//! // Subscribe before the start so the first restart cannot slip past.
+//! let hub = EventHub::new("app");
+//! let mut events = hub.subscribe("child-started");
+//! let handle = tree.start_with(hub, CancellationToken::new());
 //! while events.recv().await.map(|e| matches!(e.kind, WorkerEventKind::ChildStarted { restart_count: 1 })) != Some(true) {}
 //! assert_eq!(handle.children().await.unwrap()[0].restart_count, 1);
 //! handle.shutdown().await;

@@ -1,14 +1,21 @@
 //! The saga journal on the embedded SQLite database.
 //!
-//! One table, `saga_instances`: one row per instance, with `owner`, `lease_until` and
-//! `fencing` for shared backends, and the step records as a JSON array patched in place by each
-//! journal entry (one statement per entry). Journal writes (creates and updates) queue up and a flusher
-//! applies everything queued in one closure on the database's writer thread (two such batches
-//! may be in flight, so the writer never waits for callers to wake up), so journal
-//! entries of concurrent sagas share one savepoint and one commit. Times are stored as
+//! Two tables. `saga_instances` holds one row per instance: its small mutable columns (status,
+//! error, completion time, `owner`, `lease_until`, `fencing`) and, in `steps`, the step records
+//! as a JSON array written once when the instance is created. `saga_steps` holds one row per
+//! step record a journal entry changed since, keyed by `(instance_id, idx)`, in plain columns; a
+//! row there replaces the element of the array at the same position. A journal entry is thus one
+//! `UPDATE` of the instance's small columns (the fencing check) and one UPSERT per step it names,
+//! with no JSON built or parsed except step results. Journal writes (creates and updates) queue
+//! up and a flusher applies everything queued in one closure on the database's writer thread
+//! (two such batches may be in flight, so the writer never waits for callers to wake up), so
+//! journal entries of concurrent sagas share one savepoint and one commit. Times are stored as
 //! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
+//!
+//! A database written by the first version of the schema (every journal entry rewrote the
+//! `steps` array) needs no data conversion: its arrays are complete and no `saga_steps` row
+//! overrides them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,18 +27,21 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use architectlm_core::extensions::Page;
-use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, SagaStepExecution};
+use architectlm_core::extensions::saga::{
+    SagaFilter, SagaInstance, SagaStatus, SagaStepExecution, SagaStepStatus,
+};
 
 use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
 use crate::sqlite::{Migration, SqliteDb};
 use crate::{Error, Result};
 
 /// The versioned schema of the saga tables, applied by [`SqliteSagaStore::open`].
-pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
-    component: "saga",
-    version: 1,
-    description: "saga instances with their step journal",
-    sql: "
+pub static SAGA_MIGRATIONS: &[Migration] = &[
+    Migration {
+        component: "saga",
+        version: 1,
+        description: "saga instances with their step journal",
+        sql: "
         CREATE TABLE saga_instances (
             id BLOB NOT NULL UNIQUE,
             saga_id TEXT NOT NULL,
@@ -54,15 +64,53 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
         CREATE INDEX saga_instances_unfinished ON saga_instances (status)
             WHERE status IN ('created', 'running', 'compensating');
     ",
-}];
+    },
+    Migration {
+        component: "saga",
+        version: 2,
+        description: "one row per changed step record; unfinished index without an IN list",
+        // The step records a journal entry changes go to `saga_steps`; `steps` keeps the array
+        // as created (or, for rows of version 1, as last journaled), which the rows override.
+        // The partial index of version 1 tested `status IN (...)`, which SQLite evaluates with
+        // a temporary table for the old and the new row of every status update; an `OR` of
+        // equalities costs nothing, and the queries name the same expression so that the
+        // planner still uses the index.
+        sql: "
+        CREATE TABLE saga_steps (
+            instance_id BLOB NOT NULL,
+            idx INTEGER NOT NULL,
+            id BLOB NOT NULL,
+            step_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            compensation_attempts INTEGER NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            started_at INTEGER,
+            completed_at INTEGER,
+            result TEXT,
+            error TEXT,
+            PRIMARY KEY (instance_id, idx)
+        ) WITHOUT ROWID;
+        DROP INDEX saga_instances_unfinished;
+        CREATE INDEX saga_instances_unfinished ON saga_instances (status)
+            WHERE status = 'created' OR status = 'running' OR status = 'compensating';
+    ",
+    },
+];
+
+/// The `WHERE` expression of the `saga_instances_unfinished` index, which a query must repeat
+/// word for word for the planner to use the index.
+const UNFINISHED_SQL: &str =
+    "(status = 'created' OR status = 'running' OR status = 'compensating')";
 
 /// A [`SagaStore`] on an embedded SQLite database.
 ///
-/// One table, `saga_instances`: one row per instance, with `owner`, `lease_until` and `fencing`
-/// for shared backends, and the step records as a JSON array that journal entries patch in
-/// place (`json_set`), so an entry is one statement. Journal writes of concurrent sagas queue
-/// up and share one write closure and one commit; reads use the reader pool. The schema is
-/// versioned ([`SAGA_MIGRATIONS`]).
+/// `saga_instances` holds one row per instance with its small mutable columns and the step
+/// records as created; `saga_steps` holds the step records journal entries changed since, one
+/// row per step in plain columns. A journal entry is one `UPDATE` of the instance row (which
+/// checks the fencing token) and one UPSERT per step it names, all with cached prepared
+/// statements. Journal writes of concurrent sagas queue up and share one write closure and one
+/// commit; reads use the reader pool. The schema is versioned ([`SAGA_MIGRATIONS`]).
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -79,10 +127,6 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[Migration {
 pub struct SqliteSagaStore {
     db: SqliteDb,
     queue: Arc<Mutex<Queue>>,
-    /// The serialised step records of the unfinished instances this store created, so an
-    /// update can write the whole array without SQLite parsing JSON. Dropped on any doubt
-    /// (a claim, a refused or failed write, a terminal status): updates then patch in SQL.
-    steps: Arc<Mutex<HashMap<Uuid, Vec<String>>>>,
 }
 
 impl std::fmt::Debug for SqliteSagaStore {
@@ -164,9 +208,47 @@ fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
     })
 }
 
-fn build(row: InstanceRow) -> Result<StoredSaga> {
-    let steps: Vec<SagaStepExecution> = serde_json::from_str(&row.steps)
+/// Replaces the step records `saga_steps` holds for instance `id`. Rows whose position is past
+/// the end of the array are ignored, as [`SagaUpdate::apply_to`] ignores such updates.
+fn overlay_steps(conn: &Connection, id: &[u8], steps: &mut [SagaStepExecution]) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT idx, id, step_id, status, attempts, compensation_attempts, idempotency_key, \
+             started_at, completed_at, result, error FROM saga_steps WHERE instance_id = ?1",
+        )
+        .map_err(db_err)?;
+    let mut rows = stmt.query([id]).map_err(db_err)?;
+    while let Some(r) = rows.next().map_err(db_err)? {
+        let idx: i64 = r.get(0).map_err(db_err)?;
+        let Some(slot) = usize::try_from(idx).ok().and_then(|i| steps.get_mut(i)) else {
+            continue;
+        };
+        let status: String = r.get(3).map_err(db_err)?;
+        let result: Option<String> = r.get(9).map_err(db_err)?;
+        let step_uuid: Vec<u8> = r.get(1).map_err(db_err)?;
+        let step_id: String = r.get(2).map_err(db_err)?;
+        let key: String = r.get(6).map_err(db_err)?;
+        let mut step = SagaStepExecution::new(uuid_of(&step_uuid)?, step_id, key);
+        step.status = SagaStepStatus::parse(&status).ok_or_else(|| {
+            Error::storage(format!(
+                "invalid step status \"{status}\" at position {idx} in the saga journal"
+            ))
+        })?;
+        step.attempts = r.get(4).map_err(db_err)?;
+        step.compensation_attempts = r.get(5).map_err(db_err)?;
+        step.started_at = opt_time(r.get(7).map_err(db_err)?)?;
+        step.completed_at = opt_time(r.get(8).map_err(db_err)?)?;
+        step.result = result.as_deref().map(json_of).transpose()?;
+        step.error = r.get(10).map_err(db_err)?;
+        *slot = step;
+    }
+    Ok(())
+}
+
+fn build(conn: &Connection, row: InstanceRow) -> Result<StoredSaga> {
+    let mut steps: Vec<SagaStepExecution> = serde_json::from_str(&row.steps)
         .map_err(|e| Error::storage(format!("invalid step records in the saga journal: {e}")))?;
+    overlay_steps(conn, &row.id, &mut steps)?;
     let status = SagaStatus::parse(&row.status).ok_or_else(|| {
         Error::storage(format!(
             "invalid saga status \"{}\" in the journal",
@@ -202,32 +284,13 @@ fn load(conn: &Connection, id: Uuid) -> Result<Option<StoredSaga>> {
         .query_row([id.as_bytes().as_slice()], instance_row)
         .optional()
         .map_err(db_err)?;
-    row.map(build).transpose()
-}
-
-fn step_json(s: &SagaStepExecution) -> Result<String> {
-    serde_json::to_string(s)
-        .map_err(|e| Error::storage(format!("cannot serialise step \"{}\": {e}", s.step_id)))
-}
-
-/// `UPDATE` of an instance patching `n` step records in place.
-fn update_sql(n: usize) -> String {
-    let mut steps = String::from("steps");
-    for i in 0..n {
-        let (path, value) = (6 + 2 * i, 7 + 2 * i);
-        steps = format!("json_set({steps}, ?{path}, json(?{value}))");
-    }
-    format!(
-        "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4, steps = {steps} \
-         WHERE id = ?1 AND fencing = ?5"
-    )
+    row.map(|r| build(conn, r)).transpose()
 }
 
 /// A journal write waiting for the next batch.
 enum Op {
     Create(SagaInstance, String),
-    /// The update, and the instance's whole step array when the store has it at hand.
-    Apply(SagaUpdate, Option<String>),
+    Apply(SagaUpdate),
 }
 
 enum OpOut {
@@ -300,13 +363,12 @@ fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<
 }
 
 /// Applies an update, or refuses it (`Conflict`, `NotFound`) before changing anything.
-fn apply_in(txn: &Connection, update: &SagaUpdate, full: Option<String>) -> Result<()> {
+fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
     let id = update.instance_id.as_bytes().as_slice();
     let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
-    let n = if let Some(steps) = full {
-        // The whole array is at hand: no JSON work inside SQLite.
-        txn.prepare_cached(
-            "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4, steps = ?6 \
+    let n = txn
+        .prepare_cached(
+            "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 \
              WHERE id = ?1 AND fencing = ?5",
         )
         .map_err(db_err)?
@@ -316,32 +378,13 @@ fn apply_in(txn: &Connection, update: &SagaUpdate, full: Option<String>) -> Resu
             update.error,
             update.completed_at.map(micros),
             fencing,
-            steps,
         ])
-        .map_err(db_err)?
-    } else {
-        let mut args: Vec<rusqlite::types::Value> = Vec::with_capacity(5 + 2 * update.steps.len());
-        args.push(id.to_vec().into());
-        args.push(update.status.as_str().to_owned().into());
-        args.push(update.error.clone().into());
-        args.push(update.completed_at.map(micros).into());
-        args.push(fencing.into());
-        for (idx, s) in &update.steps {
-            args.push(format!("$[{idx}]").into());
-            args.push(step_json(s)?.into());
-        }
-        txn.prepare_cached(&update_sql(update.steps.len()))
-            .map_err(db_err)?
-            .execute(rusqlite::params_from_iter(args))
-            .map_err(db_err)?
-    };
+        .map_err(db_err)?;
     if n == 0 {
         let actual: Option<i64> = txn
-            .query_row(
-                "SELECT fencing FROM saga_instances WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT fencing FROM saga_instances WHERE id = ?1")
+            .map_err(db_err)?
+            .query_row([id], |r| r.get(0))
             .optional()
             .map_err(db_err)?;
         return Err(match actual {
@@ -353,6 +396,40 @@ fn apply_in(txn: &Connection, update: &SagaUpdate, full: Option<String>) -> Resu
                 actual: u64::try_from(actual).unwrap_or(0),
             },
         });
+    }
+    if update.steps.is_empty() {
+        return Ok(());
+    }
+    let mut upsert = txn
+        .prepare_cached(
+            "INSERT INTO saga_steps (instance_id, idx, id, step_id, status, attempts, \
+             compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             ON CONFLICT (instance_id, idx) DO UPDATE SET id = excluded.id, \
+             step_id = excluded.step_id, status = excluded.status, attempts = excluded.attempts, \
+             compensation_attempts = excluded.compensation_attempts, \
+             idempotency_key = excluded.idempotency_key, started_at = excluded.started_at, \
+             completed_at = excluded.completed_at, result = excluded.result, \
+             error = excluded.error",
+        )
+        .map_err(db_err)?;
+    for (idx, s) in &update.steps {
+        upsert
+            .execute(params![
+                id,
+                idx,
+                s.id.as_bytes().as_slice(),
+                s.step_id,
+                s.status.as_str(),
+                s.attempts,
+                s.compensation_attempts,
+                s.idempotency_key,
+                s.started_at.map(micros),
+                s.completed_at.map(micros),
+                s.result.as_ref().map(to_json),
+                s.error,
+            ])
+            .map_err(db_err)?;
     }
     Ok(())
 }
@@ -366,7 +443,7 @@ fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<Vec<Result<OpOut>>> {
             Op::Create(instance, owner) => {
                 create_in(txn, instance, owner).map(|c| OpOut::Created(Box::new(c)))
             }
-            Op::Apply(update, full) => apply_in(txn, &update, full).map(|()| OpOut::Applied),
+            Op::Apply(update) => apply_in(txn, &update).map(|()| OpOut::Applied),
         };
         match r {
             Err(e @ (Error::Conflict { .. } | Error::NotFound { .. })) => out.push(Err(e)),
@@ -414,7 +491,6 @@ impl SqliteSagaStore {
         Ok(Self {
             db,
             queue: Arc::new(Mutex::new(Queue::default())),
-            steps: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -448,21 +524,11 @@ impl SqliteSagaStore {
 #[async_trait]
 impl SagaStore for SqliteSagaStore {
     async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
-        let parts = instance
-            .steps
-            .iter()
-            .map(step_json)
-            .collect::<Result<Vec<_>>>()?;
         match self
             .submit(Op::Create(instance.clone(), owner.to_owned()))
             .await?
         {
-            OpOut::Created(c) => {
-                if matches!(*c, CreateOutcome::Created(_)) {
-                    self.steps.lock().insert(instance.id, parts);
-                }
-                Ok(*c)
-            }
+            OpOut::Created(c) => Ok(*c),
             OpOut::Applied => Err(Error::storage(
                 "the saga journal answered a create with an update",
             )),
@@ -470,44 +536,7 @@ impl SagaStore for SqliteSagaStore {
     }
 
     async fn apply(&self, update: SagaUpdate) -> Result<()> {
-        let id = update.instance_id;
-        let full = {
-            let mut cache = self.steps.lock();
-            match cache.get_mut(&id) {
-                Some(parts) => {
-                    let mut ok = true;
-                    for (idx, s) in &update.steps {
-                        match (parts.get_mut(*idx as usize), step_json(s)) {
-                            (Some(slot), Ok(text)) => *slot = text,
-                            _ => ok = false,
-                        }
-                    }
-                    if ok {
-                        let len = parts.iter().map(|p| p.len() + 1).sum::<usize>() + 1;
-                        let mut text = String::with_capacity(len);
-                        text.push('[');
-                        for (k, p) in parts.iter().enumerate() {
-                            if k > 0 {
-                                text.push(',');
-                            }
-                            text.push_str(p);
-                        }
-                        text.push(']');
-                        Some(text)
-                    } else {
-                        cache.remove(&id);
-                        None
-                    }
-                }
-                None => None,
-            }
-        };
-        let terminal = update.status.is_terminal();
-        let out = self.submit(Op::Apply(update, full)).await.map(|_| ());
-        if terminal || out.is_err() {
-            self.steps.lock().remove(&id);
-        }
-        out
+        self.submit(Op::Apply(update)).await.map(|_| ())
     }
 
     async fn request_compensation(
@@ -536,7 +565,6 @@ impl SagaStore for SqliteSagaStore {
         lease_until: Option<DateTime<Utc>>,
     ) -> Result<Option<StoredSaga>> {
         let owner = owner.to_owned();
-        self.steps.lock().remove(&instance_id);
         self.db
             .write(move |txn| {
                 txn.execute(
@@ -560,20 +588,20 @@ impl SagaStore for SqliteSagaStore {
         lease_until: Option<DateTime<Utc>>,
     ) -> Result<Vec<StoredSaga>> {
         let owner = owner.to_owned();
-        self.steps.lock().clear();
         self.db
             .write(move |txn| {
                 txn.execute(
-                    "UPDATE saga_instances SET owner = ?1, lease_until = ?2, fencing = fencing + 1 \
-                     WHERE status IN ('created', 'running', 'compensating')",
+                    &format!(
+                        "UPDATE saga_instances SET owner = ?1, lease_until = ?2, \
+                         fencing = fencing + 1 WHERE {UNFINISHED_SQL}"
+                    ),
                     params![owner, lease_until.map(micros)],
                 )
                 .map_err(db_err)?;
                 let mut stmt = txn
                     .prepare(&format!(
                         "SELECT {INSTANCE_COLUMNS} FROM saga_instances \
-                         WHERE status IN ('created', 'running', 'compensating') \
-                         ORDER BY started_at, id"
+                         WHERE {UNFINISHED_SQL} ORDER BY started_at, id"
                     ))
                     .map_err(db_err)?;
                 let rows = stmt
@@ -581,7 +609,7 @@ impl SagaStore for SqliteSagaStore {
                     .map_err(db_err)?
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db_err)?;
-                rows.into_iter().map(build).collect()
+                rows.into_iter().map(|r| build(txn, r)).collect()
             })
             .await
     }
@@ -644,7 +672,7 @@ impl SagaStore for SqliteSagaStore {
                     .map_err(db_err)?;
                 let items = rows
                     .into_iter()
-                    .map(|r| build(r).map(|s| s.instance))
+                    .map(|r| build(conn, r).map(|s| s.instance))
                     .collect::<Result<Vec<_>>>()?;
                 let end = filter.page.offset.saturating_add(items.len() as u64);
                 let next = (end < total).then_some(end);
@@ -658,7 +686,6 @@ impl SagaStore for SqliteSagaStore {
 mod tests {
     use super::*;
     use crate::sqlite::SqliteOptions;
-    use architectlm_core::extensions::saga::SagaStepStatus;
 
     fn instance(key: Option<&str>) -> SagaInstance {
         let id = Uuid::now_v7();
@@ -711,7 +738,7 @@ mod tests {
         let err = store.apply(up).await.unwrap_err();
         assert!(matches!(err, Error::Conflict { .. }), "{err}");
 
-        // After a claim the store patches the step array inside SQLite; same outcome.
+        // The new owner journals on top of the records the old one wrote.
         let mut step = inst.steps[1].clone();
         step.status = SagaStepStatus::Failed;
         step.error = Some("card declined".into());
@@ -729,6 +756,143 @@ mod tests {
             Some("card declined")
         );
         assert_eq!(got.instance.steps[2].status, SagaStepStatus::Pending);
+    }
+
+    #[tokio::test]
+    async fn rows_of_the_first_schema_load_and_take_new_entries() {
+        let db = SqliteDb::open(SqliteOptions::memory()).unwrap();
+        db.migrate(&SAGA_MIGRATIONS[..1]).await.unwrap();
+        // An instance as version 1 journaled it: the whole step array in the row.
+        let mut inst = instance(Some("old"));
+        inst.status = SagaStatus::Running;
+        inst.steps[0].status = SagaStepStatus::Completed;
+        inst.steps[0].attempts = 1;
+        inst.steps[0].started_at = Some(inst.started_at);
+        inst.steps[0].completed_at = Some(inst.started_at);
+        inst.steps[0].result = Some(serde_json::json!({"reserved": 3}));
+        inst.steps[1].status = SagaStepStatus::Running;
+        inst.steps[1].started_at = Some(inst.started_at);
+        inst.rebuild_context();
+        let row = inst.clone();
+        db.write(move |txn| {
+            txn.execute(
+                "INSERT INTO saga_instances (id, saga_id, saga_version, status, input, \
+                 idempotency_key, started_at, owner, fencing, steps) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'a', 4, ?8)",
+                params![
+                    row.id.as_bytes().as_slice(),
+                    row.saga_id,
+                    row.saga_version,
+                    row.status.as_str(),
+                    to_json(&row.input),
+                    row.idempotency_key,
+                    micros(row.started_at),
+                    serde_json::to_string(&row.steps).unwrap(),
+                ],
+            )
+            .map_err(db_err)
+        })
+        .await
+        .unwrap();
+
+        let store = SqliteSagaStore::open(db).await.unwrap();
+        let got = store.get(inst.id).await.unwrap().unwrap();
+        assert_eq!(got.instance, inst);
+        assert_eq!(got.fencing, 4);
+        let claimed = store.claim_unfinished("b", None).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].instance, inst);
+        assert_eq!(claimed[0].fencing, 5);
+
+        let mut step = inst.steps[1].clone();
+        step.status = SagaStepStatus::Completed;
+        step.attempts = 1;
+        step.completed_at = Some(inst.started_at);
+        step.result = Some(serde_json::Value::Null);
+        let mut up = SagaUpdate::new(inst.id, 5, SagaStatus::Running);
+        up.steps.push((1, step));
+        up.apply_to(&mut inst);
+        store.apply(up).await.unwrap();
+        let got = store.get(inst.id).await.unwrap().unwrap();
+        inst.rebuild_context();
+        assert_eq!(got.instance, inst);
+        assert_eq!(got.instance.steps[1].result, Some(serde_json::Value::Null));
+    }
+
+    #[tokio::test]
+    async fn recovery_queries_use_the_unfinished_index() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let plans = store
+            .db()
+            .read(|conn| {
+                let mut plans = Vec::new();
+                for sql in [
+                    format!(
+                        "SELECT {INSTANCE_COLUMNS} FROM saga_instances WHERE {UNFINISHED_SQL} \
+                         ORDER BY started_at, id"
+                    ),
+                    format!(
+                        "UPDATE saga_instances SET fencing = fencing + 1 WHERE {UNFINISHED_SQL}"
+                    ),
+                ] {
+                    let mut stmt = conn
+                        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                        .map_err(db_err)?;
+                    let rows = stmt
+                        .query_map([], |r| r.get::<_, String>(3))
+                        .map_err(db_err)?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                        .map_err(db_err)?;
+                    plans.push(rows.join("; "));
+                }
+                Ok(plans)
+            })
+            .await
+            .unwrap();
+        for plan in plans {
+            assert!(plan.contains("saga_instances_unfinished"), "{plan}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_step_status_is_reported_with_its_value() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let inst = instance(None);
+        store.create(&inst, "a").await.unwrap();
+        let mut up = SagaUpdate::new(inst.id, 1, SagaStatus::Running);
+        up.steps.push((2, inst.steps[2].clone()));
+        // A position past the end of the array is ignored, as `apply_to` ignores it.
+        up.steps.push((7, inst.steps[2].clone()));
+        store.apply(up).await.unwrap();
+        assert_eq!(
+            store
+                .get(inst.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .instance
+                .steps
+                .len(),
+            3
+        );
+        let id = inst.id;
+        store
+            .db()
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_steps SET status = 'exploded' WHERE instance_id = ?1 AND idx = 2",
+                    [id.as_bytes().as_slice()],
+                )
+                .map_err(db_err)
+            })
+            .await
+            .unwrap();
+        let err = store.get(inst.id).await.unwrap_err().to_string();
+        assert!(err.contains("\"exploded\""), "{err}");
     }
 
     #[tokio::test]

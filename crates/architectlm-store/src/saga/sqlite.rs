@@ -21,7 +21,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -287,10 +287,13 @@ fn load(conn: &Connection, id: Uuid) -> Result<Option<StoredSaga>> {
     row.map(|r| build(conn, r)).transpose()
 }
 
-/// A journal write waiting for the next batch.
+/// A journal write waiting for the next batch. The JSON it stores is serialised by the caller,
+/// so that the writer thread, which every journal write goes through, only runs SQL.
 enum Op {
-    Create(SagaInstance, String),
-    Apply(SagaUpdate),
+    /// The instance, its owner, and its input and step records as JSON.
+    Create(SagaInstance, String, String, String),
+    /// The update, and the result of each step record it names as JSON.
+    Apply(SagaUpdate, Vec<Option<String>>),
 }
 
 enum OpOut {
@@ -317,7 +320,68 @@ const MAX_BATCH: usize = 2048;
 /// batches at once (its driver waits for each write before the next).
 const FLUSHERS: usize = 2;
 
-fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<CreateOutcome> {
+const INSERT_INSTANCE: &str = "INSERT INTO saga_instances (id, saga_id, saga_version, status, \
+     input, idempotency_key, started_at, completed_at, error, owner, fencing, steps) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11)";
+
+const CHECK_INSTANCE: &str =
+    "SELECT fencing, status, error, completed_at FROM saga_instances WHERE id = ?1";
+
+const UPDATE_INSTANCE: &str =
+    "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 WHERE id = ?1";
+
+const UPSERT_STEP: &str = "INSERT INTO saga_steps (instance_id, idx, id, step_id, status, \
+     attempts, compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+     ON CONFLICT (instance_id, idx) DO UPDATE SET id = excluded.id, \
+     step_id = excluded.step_id, status = excluded.status, attempts = excluded.attempts, \
+     compensation_attempts = excluded.compensation_attempts, \
+     idempotency_key = excluded.idempotency_key, started_at = excluded.started_at, \
+     completed_at = excluded.completed_at, result = excluded.result, error = excluded.error";
+
+/// The statements of a batch, taken from the connection's cache once per batch rather than
+/// once per journal entry.
+struct Statements<'c> {
+    conn: &'c Connection,
+    insert: Option<CachedStatement<'c>>,
+    check: Option<CachedStatement<'c>>,
+    update: Option<CachedStatement<'c>>,
+    upsert: Option<CachedStatement<'c>>,
+}
+
+impl<'c> Statements<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Self {
+            conn,
+            insert: None,
+            check: None,
+            update: None,
+            upsert: None,
+        }
+    }
+}
+
+/// The statement in `slot`, prepared (through the connection's cache) on first use.
+fn stmt<'s, 'c>(
+    conn: &'c Connection,
+    slot: &'s mut Option<CachedStatement<'c>>,
+    sql: impl FnOnce() -> String,
+) -> Result<&'s mut CachedStatement<'c>> {
+    if slot.is_none() {
+        *slot = Some(conn.prepare_cached(&sql()).map_err(db_err)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| Error::storage("saga journal statement missing"))
+}
+
+fn create_in(
+    st: &mut Statements<'_>,
+    instance: SagaInstance,
+    owner: String,
+    input: &str,
+    steps: &str,
+) -> Result<CreateOutcome> {
+    let txn = st.conn;
     if let Some(key) = &instance.idempotency_key {
         let existing: Option<Vec<u8>> = txn
             .prepare_cached(
@@ -334,28 +398,21 @@ fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<
             return Ok(CreateOutcome::Existing(found));
         }
     }
-    let id = instance.id.as_bytes().as_slice();
-    txn.prepare_cached(
-        "INSERT INTO saga_instances (id, saga_id, saga_version, status, input, \
-         idempotency_key, started_at, completed_at, error, owner, fencing, steps) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11)",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        id,
-        instance.saga_id,
-        instance.saga_version,
-        instance.status.as_str(),
-        to_json(&instance.input),
-        instance.idempotency_key,
-        micros(instance.started_at),
-        instance.completed_at.map(micros),
-        instance.error,
-        owner,
-        serde_json::to_string(&instance.steps)
-            .map_err(|e| Error::storage(format!("cannot serialise step records: {e}")))?,
-    ])
-    .map_err(db_err)?;
+    stmt(txn, &mut st.insert, || INSERT_INSTANCE.to_owned())?
+        .execute(params![
+            instance.id.as_bytes().as_slice(),
+            instance.saga_id,
+            instance.saga_version,
+            instance.status.as_str(),
+            input,
+            instance.idempotency_key,
+            micros(instance.started_at),
+            instance.completed_at.map(micros),
+            instance.error,
+            owner,
+            steps,
+        ])
+        .map_err(db_err)?;
     Ok(CreateOutcome::Created(StoredSaga::new(
         instance,
         Some(owner),
@@ -363,57 +420,50 @@ fn create_in(txn: &Connection, instance: SagaInstance, owner: String) -> Result<
 }
 
 /// Applies an update, or refuses it (`Conflict`, `NotFound`) before changing anything.
-fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
+fn apply_in(
+    st: &mut Statements<'_>,
+    update: &SagaUpdate,
+    results: &[Option<String>],
+) -> Result<()> {
+    let txn = st.conn;
     let id = update.instance_id.as_bytes().as_slice();
     let fencing = i64::try_from(update.fencing).unwrap_or(i64::MAX);
-    let n = txn
-        .prepare_cached(
-            "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 \
-             WHERE id = ?1 AND fencing = ?5",
-        )
-        .map_err(db_err)?
-        .execute(params![
-            id,
-            update.status.as_str(),
-            update.error,
-            update.completed_at.map(micros),
-            fencing,
-        ])
+    // One look at the row checks the fencing token and tells whether the instance's own
+    // columns change: most entries only move steps on, and rewriting the instance row (and its
+    // status index) for them would cost more than the rest of the entry.
+    let status = update.status.as_str();
+    let completed_at = update.completed_at.map(micros);
+    let current = stmt(txn, &mut st.check, || CHECK_INSTANCE.to_owned())?
+        .query_row([id], |r| {
+            let same = r.get_ref(1)?.as_str()? == status
+                && r.get_ref(2)?.as_str_or_null()? == update.error.as_deref()
+                && r.get::<_, Option<i64>>(3)? == completed_at;
+            Ok((r.get::<_, i64>(0)?, same))
+        })
+        .optional()
         .map_err(db_err)?;
-    if n == 0 {
-        let actual: Option<i64> = txn
-            .prepare_cached("SELECT fencing FROM saga_instances WHERE id = ?1")
-            .map_err(db_err)?
-            .query_row([id], |r| r.get(0))
-            .optional()
-            .map_err(db_err)?;
-        return Err(match actual {
-            None => Error::not_found("saga instance", update.instance_id),
-            Some(actual) => Error::Conflict {
+    match current {
+        None => return Err(Error::not_found("saga instance", update.instance_id)),
+        Some((actual, _)) if actual != fencing => {
+            return Err(Error::Conflict {
                 kind: "saga instance",
                 id: update.instance_id.to_string(),
                 expected: update.fencing,
                 actual: u64::try_from(actual).unwrap_or(0),
-            },
-        });
+            });
+        }
+        Some((_, true)) => {}
+        Some((_, false)) => {
+            stmt(txn, &mut st.update, || UPDATE_INSTANCE.to_owned())?
+                .execute(params![id, status, update.error, completed_at])
+                .map_err(db_err)?;
+        }
     }
     if update.steps.is_empty() {
         return Ok(());
     }
-    let mut upsert = txn
-        .prepare_cached(
-            "INSERT INTO saga_steps (instance_id, idx, id, step_id, status, attempts, \
-             compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-             ON CONFLICT (instance_id, idx) DO UPDATE SET id = excluded.id, \
-             step_id = excluded.step_id, status = excluded.status, attempts = excluded.attempts, \
-             compensation_attempts = excluded.compensation_attempts, \
-             idempotency_key = excluded.idempotency_key, started_at = excluded.started_at, \
-             completed_at = excluded.completed_at, result = excluded.result, \
-             error = excluded.error",
-        )
-        .map_err(db_err)?;
-    for (idx, s) in &update.steps {
+    let upsert = stmt(txn, &mut st.upsert, || UPSERT_STEP.to_owned())?;
+    for ((idx, s), result) in update.steps.iter().zip(results) {
         upsert
             .execute(params![
                 id,
@@ -426,7 +476,7 @@ fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
                 s.idempotency_key,
                 s.started_at.map(micros),
                 s.completed_at.map(micros),
-                s.result.as_ref().map(to_json),
+                result,
                 s.error,
             ])
             .map_err(db_err)?;
@@ -438,12 +488,16 @@ fn apply_in(txn: &Connection, update: &SagaUpdate) -> Result<()> {
 /// caller; any other error aborts the whole closure, so no write is half applied.
 fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<Vec<Result<OpOut>>> {
     let mut out = Vec::with_capacity(ops.len());
+    let mut st = Statements::new(txn);
     for op in ops {
         let r = match op {
-            Op::Create(instance, owner) => {
-                create_in(txn, instance, owner).map(|c| OpOut::Created(Box::new(c)))
+            Op::Create(instance, owner, input, steps) => {
+                create_in(&mut st, instance, owner, &input, &steps)
+                    .map(|c| OpOut::Created(Box::new(c)))
             }
-            Op::Apply(update) => apply_in(txn, &update).map(|()| OpOut::Applied),
+            Op::Apply(update, results) => {
+                apply_in(&mut st, &update, &results).map(|()| OpOut::Applied)
+            }
         };
         match r {
             Err(e @ (Error::Conflict { .. } | Error::NotFound { .. })) => out.push(Err(e)),
@@ -524,10 +578,15 @@ impl SqliteSagaStore {
 #[async_trait]
 impl SagaStore for SqliteSagaStore {
     async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
-        match self
-            .submit(Op::Create(instance.clone(), owner.to_owned()))
-            .await?
-        {
+        let steps = serde_json::to_string(&instance.steps)
+            .map_err(|e| Error::storage(format!("cannot serialise step records: {e}")))?;
+        let op = Op::Create(
+            instance.clone(),
+            owner.to_owned(),
+            to_json(&instance.input),
+            steps,
+        );
+        match self.submit(op).await? {
             OpOut::Created(c) => Ok(*c),
             OpOut::Applied => Err(Error::storage(
                 "the saga journal answered a create with an update",
@@ -536,7 +595,12 @@ impl SagaStore for SqliteSagaStore {
     }
 
     async fn apply(&self, update: SagaUpdate) -> Result<()> {
-        self.submit(Op::Apply(update)).await.map(|_| ())
+        let results = update
+            .steps
+            .iter()
+            .map(|(_, s)| s.result.as_ref().map(to_json))
+            .collect();
+        self.submit(Op::Apply(update, results)).await.map(|_| ())
     }
 
     async fn request_compensation(

@@ -1,20 +1,25 @@
 //! The saga journal on the embedded SQLite database.
 //!
-//! Two tables. `saga_instances` holds one row per instance: its small mutable columns (status,
-//! error, completion time, `owner`, `lease_until`, `fencing`) and, in `steps`, the step records
-//! as a JSON array written once when the instance is created. `saga_steps` holds one row per
-//! step record a journal entry changed since, keyed by `(instance_id, idx)`, in plain columns; a
-//! row there replaces the element of the array at the same position. A journal entry is thus one
-//! `UPDATE` of the instance's small columns (the fencing check) and one UPSERT per step it names,
-//! with no JSON built or parsed except step results. Journal writes (creates and updates) queue
-//! up and a flusher applies everything queued in one closure on the database's writer thread
-//! (two such batches may be in flight, so the writer never waits for callers to wake up), so
-//! journal entries of concurrent sagas share one savepoint and one commit. Times are stored as
+//! Two tables. `saga_instances` holds one row per instance, keyed by an integer `seq` (and
+//! unique by its id): its small mutable columns (status, error, completion time, `owner`,
+//! `lease_until`, `fencing`) and, in `steps`, the step records as a JSON array written once when
+//! the instance is created. `saga_steps` holds one row per step record a journal entry changed
+//! since, keyed by `(instance, idx)` (the instance's `seq` and the step's position), in plain
+//! columns; a row there replaces the element of the array at the same position.
+//!
+//! A journal entry is a look at the instance row (fencing token, status, error, completion
+//! time), an `UPDATE` of that row only when one of them changes, and one UPSERT per step record
+//! it names: no JSON is built or parsed on the writer thread, the callers serialise step results
+//! beforehand. Journal writes (creates and updates) queue up and a flusher applies everything
+//! queued in one closure on the database's writer thread (two such batches may be in flight, so
+//! the writer never waits for callers to wake up), so journal entries of concurrent sagas share
+//! one savepoint, one commit and the batch's prepared statements. Times are stored as
 //! microseconds since the Unix epoch, ids as 16-byte blobs, JSON as text.
 //!
 //! A database written by the first version of the schema (every journal entry rewrote the
-//! `steps` array) needs no data conversion: its arrays are complete and no `saga_steps` row
-//! overrides them.
+//! `steps` array) needs no conversion of its step data: its arrays are complete and no
+//! `saga_steps` row overrides them. Migration 2 only rebuilds `saga_instances` with `seq` and
+//! creates `saga_steps`.
 
 use std::sync::Arc;
 
@@ -137,10 +142,11 @@ const UNFINISHED_SQL: &str =
 ///
 /// `saga_instances` holds one row per instance with its small mutable columns and the step
 /// records as created; `saga_steps` holds the step records journal entries changed since, one
-/// row per step in plain columns. A journal entry is one `UPDATE` of the instance row (which
-/// checks the fencing token) and one UPSERT per step it names, all with cached prepared
-/// statements. Journal writes of concurrent sagas queue up and share one write closure and one
-/// commit; reads use the reader pool. The schema is versioned ([`SAGA_MIGRATIONS`]).
+/// row per step in plain columns. A journal entry checks the fencing token on the instance row,
+/// rewrites that row only when the instance's status, error or completion time change, and
+/// upserts the step records it names, all with prepared statements held for the whole batch.
+/// Journal writes of concurrent sagas queue up and share one write closure and one commit;
+/// reads use the reader pool. The schema is versioned ([`SAGA_MIGRATIONS`]).
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -411,8 +417,8 @@ const INSERT_INSTANCE: &str = "INSERT INTO saga_instances (id, saga_id, saga_ver
 const CHECK_INSTANCE: &str =
     "SELECT fencing, status, error, completed_at, seq FROM saga_instances WHERE id = ?1";
 
-const UPDATE_INSTANCE: &str =
-    "UPDATE saga_instances SET status = ?2, error = ?3, completed_at = ?4 WHERE seq = ?1";
+const UPDATE_INSTANCE: &str = "UPDATE saga_instances SET status = ?2, error = ?3, \
+     completed_at = ?4 WHERE seq = ?1 AND fencing = ?5";
 
 const UPSERT_STEP: &str = "INSERT INTO saga_steps (instance, idx, id, step_id, status, \
      attempts, compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
@@ -538,9 +544,17 @@ fn apply_in(
         }
         Some((_, true, seq)) => seq,
         Some((_, false, seq)) => {
-            stmt(txn, &mut st.update, || UPDATE_INSTANCE.to_owned())?
-                .execute(params![seq, status, update.error, completed_at])
+            // The writer thread holds the write lock, so the row is as just read; the fencing
+            // condition stays as a second guard.
+            let n = stmt(txn, &mut st.update, || UPDATE_INSTANCE.to_owned())?
+                .execute(params![seq, status, update.error, completed_at, fencing])
                 .map_err(db_err)?;
+            if n != 1 {
+                return Err(Error::storage(format!(
+                    "saga instance {} changed during its journal entry",
+                    update.instance_id
+                )));
+            }
             seq
         }
     };
@@ -904,6 +918,11 @@ mod tests {
             Some("card declined")
         );
         assert_eq!(got.instance.steps[2].status, SagaStepStatus::Pending);
+
+        let mut up = SagaUpdate::new(Uuid::now_v7(), 1, SagaStatus::Running);
+        up.steps.push((0, inst.steps[0].clone()));
+        let err = store.apply(up).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
     }
 
     #[tokio::test]

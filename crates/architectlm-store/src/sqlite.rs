@@ -131,7 +131,13 @@ fn db_err(e: rusqlite::Error) -> Error {
     Error::storage(e)
 }
 
+/// Prepared statements each connection keeps. The writer serves every store on the database
+/// (processes, leases, sagas, schedules) and runs savepoint statements for each closure; with
+/// rusqlite's default of 16 they would evict one another and be parsed again.
+const STATEMENT_CACHE: usize = 64;
+
 fn configure(conn: &Connection, opts: &SqliteOptions, writer: bool) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(opts.busy_timeout)?;
     if writer && opts.path.is_some() {
         conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -77,7 +77,8 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[
         // `saga_instances` gets an explicit integer key (`seq`, its former rowid, which a
         // VACUUM may not renumber once it is declared) that `saga_steps` rows refer to: an
         // integer compares far faster than a 16-byte blob in the b-tree searches of every
-        // journal entry. The step records a journal entry changes go to `saga_steps`; `steps`
+        // journal entry. `AUTOINCREMENT` keeps a deleted instance's key from being given to a
+        // new one, which would inherit the step rows left behind. The step records a journal entry changes go to `saga_steps`; `steps`
         // keeps the array as created (or, for rows of version 1, as last journaled), which the
         // rows override. The partial index of version 1 tested `status IN (...)`, which SQLite
         // evaluates with a temporary table for the old and the new row of every status update;
@@ -85,7 +86,7 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[
         // that the planner still uses the index.
         sql: "
         CREATE TABLE saga_instances_v2 (
-            seq INTEGER PRIMARY KEY,
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
             id BLOB NOT NULL UNIQUE,
             saga_id TEXT NOT NULL,
             saga_version INTEGER NOT NULL,
@@ -1091,6 +1092,37 @@ mod tests {
             let text = steps_json(&steps[..n]).unwrap();
             assert_eq!(text, serde_json::to_string(&steps[..n]).unwrap());
         }
+    }
+
+    #[tokio::test]
+    async fn a_new_instance_never_inherits_step_rows_of_a_deleted_one() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let old = instance(None);
+        store.create(&old, "a").await.unwrap();
+        let mut step = old.steps[0].clone();
+        step.status = SagaStepStatus::Completed;
+        let mut up = SagaUpdate::new(old.id, 1, SagaStatus::Running);
+        up.steps.push((0, step));
+        store.apply(up).await.unwrap();
+        // An operator removes the newest instance by hand, leaving its step rows behind.
+        let id = old.id;
+        store
+            .db()
+            .write(move |txn| {
+                txn.execute(
+                    "DELETE FROM saga_instances WHERE id = ?1",
+                    [id.as_bytes().as_slice()],
+                )
+                .map_err(db_err)
+            })
+            .await
+            .unwrap();
+        let new = instance(None);
+        store.create(&new, "a").await.unwrap();
+        let got = store.get(new.id).await.unwrap().unwrap();
+        assert_eq!(got.instance, new);
     }
 
     #[tokio::test]

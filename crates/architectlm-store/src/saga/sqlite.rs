@@ -586,17 +586,31 @@ fn apply_in(
 
 /// Runs one batch in one write closure. A refusal (`Conflict`, `NotFound`) answers its own
 /// caller; any other error aborts the whole closure, so no write is half applied.
-fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<Vec<Result<OpOut>>> {
+/// What a batch leaves over (updates, JSON texts): handed back so that the flusher frees it,
+/// not the writer thread.
+#[derive(Default)]
+struct Spent {
+    updates: Vec<SagaUpdate>,
+    texts: Vec<String>,
+}
+
+fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<(Vec<Result<OpOut>>, Spent)> {
     let mut out = Vec::with_capacity(ops.len());
+    let mut spent = Spent::default();
     let mut st = Statements::new(txn);
     for op in ops {
         let r = match op {
             Op::Create(instance, owner, input, steps) => {
-                create_in(&mut st, instance, owner, &input, &steps)
-                    .map(|c| OpOut::Created(Box::new(c)))
+                let r = create_in(&mut st, instance, owner, &input, &steps)
+                    .map(|c| OpOut::Created(Box::new(c)));
+                spent.texts.extend([input, steps]);
+                r
             }
             Op::Apply(update, results) => {
-                apply_in(&mut st, &update, &results).map(|()| OpOut::Applied)
+                let r = apply_in(&mut st, &update, &results).map(|()| OpOut::Applied);
+                spent.updates.push(update);
+                spent.texts.extend(results.into_iter().flatten());
+                r
             }
         };
         match r {
@@ -605,7 +619,7 @@ fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<Vec<Result<OpOut>>> {
             Ok(v) => out.push(Ok(v)),
         }
     }
-    Ok(out)
+    Ok((out, spent))
 }
 
 async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>) {
@@ -621,10 +635,11 @@ async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>) {
         };
         let (ops, replies): (Vec<Op>, Vec<Reply>) = batch.into_iter().unzip();
         match db.write(move |txn| run_batch(txn, ops)).await {
-            Ok(results) => {
+            Ok((results, spent)) => {
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
                 }
+                drop(spent);
             }
             Err(e) => {
                 let msg = e.to_string();

@@ -21,6 +21,7 @@
 //! `saga_steps` row overrides them. Migration 2 only rebuilds `saga_instances` with `seq` and
 //! creates `saga_steps`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -164,7 +165,13 @@ const UNFINISHED_SQL: &str =
 pub struct SqliteSagaStore {
     db: SqliteDb,
     queue: Arc<Mutex<Queue>>,
+    seqs: Seqs,
 }
+
+/// The integer keys of the unfinished instances this store journals, used on the writer
+/// thread only (batches run one after the other there) to find an instance row without
+/// searching the index of ids. A key is only a hint: the row it finds must have the id.
+type Seqs = Arc<Mutex<HashMap<Uuid, i64>>>;
 
 impl std::fmt::Debug for SqliteSagaStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -418,6 +425,11 @@ const INSERT_INSTANCE: &str = "INSERT INTO saga_instances (id, saga_id, saga_ver
 const CHECK_INSTANCE: &str =
     "SELECT fencing, status, error, completed_at, seq FROM saga_instances WHERE id = ?1";
 
+/// [`CHECK_INSTANCE`] by the integer key, for instances whose key the writer remembers; the
+/// id is read back and compared, so a key remembered wrongly only costs the lookup by id.
+const CHECK_INSTANCE_SEQ: &str =
+    "SELECT fencing, status, error, completed_at, seq, id FROM saga_instances WHERE seq = ?1";
+
 const UPDATE_INSTANCE: &str = "UPDATE saga_instances SET status = ?2, error = ?3, \
      completed_at = ?4 WHERE seq = ?1 AND fencing = ?5";
 
@@ -436,6 +448,7 @@ struct Statements<'c> {
     conn: &'c Connection,
     insert: Option<CachedStatement<'c>>,
     check: Option<CachedStatement<'c>>,
+    check_seq: Option<CachedStatement<'c>>,
     update: Option<CachedStatement<'c>>,
     upsert: Option<CachedStatement<'c>>,
 }
@@ -446,6 +459,7 @@ impl<'c> Statements<'c> {
             conn,
             insert: None,
             check: None,
+            check_seq: None,
             update: None,
             upsert: None,
         }
@@ -467,6 +481,7 @@ fn stmt<'s, 'c>(
 
 fn create_in(
     st: &mut Statements<'_>,
+    seqs: &mut HashMap<Uuid, i64>,
     instance: SagaInstance,
     owner: String,
     input: &str,
@@ -504,6 +519,9 @@ fn create_in(
             steps,
         ])
         .map_err(db_err)?;
+    if !instance.status.is_terminal() {
+        seqs.insert(instance.id, txn.last_insert_rowid());
+    }
     Ok(CreateOutcome::Created(StoredSaga::new(
         instance,
         Some(owner),
@@ -513,6 +531,7 @@ fn create_in(
 /// Applies an update, or refuses it (`Conflict`, `NotFound`) before changing anything.
 fn apply_in(
     st: &mut Statements<'_>,
+    seqs: &mut HashMap<Uuid, i64>,
     update: &SagaUpdate,
     results: &[Option<String>],
 ) -> Result<()> {
@@ -524,15 +543,38 @@ fn apply_in(
     // status index) for them would cost more than the rest of the entry.
     let status = update.status.as_str();
     let completed_at = update.completed_at.map(micros);
-    let current = stmt(txn, &mut st.check, || CHECK_INSTANCE.to_owned())?
-        .query_row([id], |r| {
-            let same = r.get_ref(1)?.as_str()? == status
-                && r.get_ref(2)?.as_str_or_null()? == update.error.as_deref()
-                && r.get::<_, Option<i64>>(3)? == completed_at;
-            Ok((r.get::<_, i64>(0)?, same, r.get::<_, i64>(4)?))
-        })
-        .optional()
-        .map_err(db_err)?;
+    let check = |r: &Row<'_>| {
+        let same = r.get_ref(1)?.as_str()? == status
+            && r.get_ref(2)?.as_str_or_null()? == update.error.as_deref()
+            && r.get::<_, Option<i64>>(3)? == completed_at;
+        Ok((r.get::<_, i64>(0)?, same, r.get::<_, i64>(4)?))
+    };
+    let mut current = None;
+    if let Some(&seq) = seqs.get(&update.instance_id) {
+        current = stmt(txn, &mut st.check_seq, || CHECK_INSTANCE_SEQ.to_owned())?
+            .query_row([seq], |r| {
+                let found = check(r)?;
+                Ok((r.get_ref(5)?.as_blob()? == id).then_some(found))
+            })
+            .optional()
+            .map_err(db_err)?
+            .flatten();
+    }
+    if current.is_none() {
+        current = stmt(txn, &mut st.check, || CHECK_INSTANCE.to_owned())?
+            .query_row([id], check)
+            .optional()
+            .map_err(db_err)?;
+    }
+    // Remembered until the instance ends; a refused entry forgets it.
+    match current {
+        Some((actual, _, seq)) if actual == fencing && !update.status.is_terminal() => {
+            seqs.insert(update.instance_id, seq);
+        }
+        _ => {
+            seqs.remove(&update.instance_id);
+        }
+    }
     let seq = match current {
         None => return Err(Error::not_found("saga instance", update.instance_id)),
         Some((actual, _, _)) if actual != fencing => {
@@ -594,20 +636,24 @@ struct Spent {
     texts: Vec<String>,
 }
 
-fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<(Vec<Result<OpOut>>, Spent)> {
+fn run_batch(
+    txn: &Connection,
+    seqs: &mut HashMap<Uuid, i64>,
+    ops: Vec<Op>,
+) -> Result<(Vec<Result<OpOut>>, Spent)> {
     let mut out = Vec::with_capacity(ops.len());
     let mut spent = Spent::default();
     let mut st = Statements::new(txn);
     for op in ops {
         let r = match op {
             Op::Create(instance, owner, input, steps) => {
-                let r = create_in(&mut st, instance, owner, &input, &steps)
+                let r = create_in(&mut st, seqs, instance, owner, &input, &steps)
                     .map(|c| OpOut::Created(Box::new(c)));
                 spent.texts.extend([input, steps]);
                 r
             }
             Op::Apply(update, results) => {
-                let r = apply_in(&mut st, &update, &results).map(|()| OpOut::Applied);
+                let r = apply_in(&mut st, seqs, &update, &results).map(|()| OpOut::Applied);
                 spent.updates.push(update);
                 spent.texts.extend(results.into_iter().flatten());
                 r
@@ -622,7 +668,7 @@ fn run_batch(txn: &Connection, ops: Vec<Op>) -> Result<(Vec<Result<OpOut>>, Spen
     Ok((out, spent))
 }
 
-async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>) {
+async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>, seqs: Seqs) {
     loop {
         let batch = {
             let mut q = queue.lock();
@@ -634,7 +680,11 @@ async fn flush(db: SqliteDb, queue: Arc<Mutex<Queue>>) {
             q.ops.drain(..take).collect::<Vec<_>>()
         };
         let (ops, replies): (Vec<Op>, Vec<Reply>) = batch.into_iter().unzip();
-        match db.write(move |txn| run_batch(txn, ops)).await {
+        let seqs = seqs.clone();
+        match db
+            .write(move |txn| run_batch(txn, &mut seqs.lock(), ops))
+            .await
+        {
             Ok((results, spent)) => {
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(r);
@@ -660,6 +710,7 @@ impl SqliteSagaStore {
         Ok(Self {
             db,
             queue: Arc::new(Mutex::new(Queue::default())),
+            seqs: Arc::default(),
         })
     }
 
@@ -678,7 +729,11 @@ impl SqliteSagaStore {
             start
         };
         if start {
-            tokio::spawn(flush(self.db.clone(), self.queue.clone()));
+            tokio::spawn(flush(
+                self.db.clone(),
+                self.queue.clone(),
+                self.seqs.clone(),
+            ));
         }
         rx.await
             .unwrap_or_else(|_| Err(Error::storage("the saga journal flusher stopped")))
@@ -1138,6 +1193,36 @@ mod tests {
         store.create(&new, "a").await.unwrap();
         let got = store.get(new.id).await.unwrap().unwrap();
         assert_eq!(got.instance, new);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_key_now_holding_another_instance_is_not_trusted() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let a = instance(None);
+        store.create(&a, "x").await.unwrap();
+        // The row under a's key becomes another instance's, behind the store's back.
+        let b = Uuid::now_v7();
+        let ida = a.id;
+        store
+            .db()
+            .write(move |txn| {
+                txn.execute(
+                    "UPDATE saga_instances SET id = ?2 WHERE id = ?1",
+                    params![ida.as_bytes().as_slice(), b.as_bytes().as_slice()],
+                )
+                .map_err(db_err)
+            })
+            .await
+            .unwrap();
+        let err = store
+            .apply(SagaUpdate::new(a.id, 1, SagaStatus::Running))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        let other = store.get(b).await.unwrap().unwrap();
+        assert_eq!(other.instance.status, SagaStatus::Created);
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 //! unique by its id): its small mutable columns (status, error, completion time, `owner`,
 //! `lease_until`, `fencing`) and, in `steps`, the step records as a JSON array written once when
 //! the instance is created. `saga_steps` holds one row per step record a journal entry changed
-//! since, keyed by `(instance, idx)` (the instance's `seq` and the step's position), in plain
+//! since, keyed by one integer made of the instance's `seq` and the step's position, in plain
 //! columns; a row there replaces the element of the array at the same position.
 //!
 //! A journal entry is a look at the instance row (fencing token, status, error, completion
@@ -76,15 +76,17 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[
         version: 2,
         description: "instances keyed by an integer; one row per changed step record",
         // `saga_instances` gets an explicit integer key (`seq`, its former rowid, which a
-        // VACUUM may not renumber once it is declared) that `saga_steps` rows refer to: an
-        // integer compares far faster than a 16-byte blob in the b-tree searches of every
-        // journal entry. `AUTOINCREMENT` keeps a deleted instance's key from being given to a
-        // new one, which would inherit the step rows left behind. The step records a journal entry changes go to `saga_steps`; `steps`
-        // keeps the array as created (or, for rows of version 1, as last journaled), which the
-        // rows override. The partial index of version 1 tested `status IN (...)`, which SQLite
-        // evaluates with a temporary table for the old and the new row of every status update;
-        // an `OR` of equalities costs nothing, and the queries name the same expression so
-        // that the planner still uses the index.
+        // VACUUM may not renumber once it is declared); `AUTOINCREMENT` keeps a deleted
+        // instance's key from being given to a new one, which would inherit the step rows left
+        // behind. The step records a journal entry changes go to `saga_steps`, one row per
+        // step keyed by one integer, `seq * 2^20 + position` ([`step_key`]): the rows of an
+        // instance are a range of keys, a new row is appended at the end of the table's b-tree
+        // and a changed one is rewritten in place, all far cheaper than in a b-tree keyed by
+        // blobs or by two columns. `steps` keeps the array as created (or, for rows of version
+        // 1, as last journaled), which the rows override. The partial index of version 1
+        // tested `status IN (...)`, which SQLite evaluates with a temporary table for the old
+        // and the new row of every status update; an `OR` of equalities costs nothing, and the
+        // queries name the same expression so that the planner still uses the index.
         sql: "
         CREATE TABLE saga_instances_v2 (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -117,8 +119,7 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[
         CREATE INDEX saga_instances_unfinished ON saga_instances (status)
             WHERE status = 'created' OR status = 'running' OR status = 'compensating';
         CREATE TABLE saga_steps (
-            instance INTEGER NOT NULL,
-            idx INTEGER NOT NULL,
+            key INTEGER PRIMARY KEY,
             id BLOB NOT NULL,
             step_id TEXT NOT NULL,
             status TEXT NOT NULL,
@@ -128,12 +129,29 @@ pub static SAGA_MIGRATIONS: &[Migration] = &[
             started_at INTEGER,
             completed_at INTEGER,
             result TEXT,
-            error TEXT,
-            PRIMARY KEY (instance, idx)
-        ) WITHOUT ROWID;
+            error TEXT
+        );
     ",
     },
 ];
+
+/// Bits of a `saga_steps` key that hold the step's position: an instance has at most 2^20
+/// (1,048,576) steps.
+const STEP_BITS: u32 = 20;
+
+/// Most step records an instance may have in this journal.
+const MAX_STEPS: usize = 1 << STEP_BITS;
+
+/// The `saga_steps` key of step `idx` of instance `seq`, or `None` for a position past the
+/// steps an instance may have (which [`SagaUpdate::apply_to`] ignores, and so does the store).
+fn step_key(seq: i64, idx: u32) -> Result<Option<i64>> {
+    if idx as usize >= MAX_STEPS {
+        return Ok(None);
+    }
+    seq.checked_mul(1 << STEP_BITS)
+        .map(|k| Some(k + i64::from(idx)))
+        .ok_or_else(|| Error::storage(format!("saga instance key {seq} out of range")))
+}
 
 /// The `WHERE` expression of the `saga_instances_unfinished` index, which a query must repeat
 /// word for word for the planner to use the index.
@@ -260,11 +278,14 @@ fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
 fn overlay_steps(conn: &Connection, seq: i64, steps: &mut [SagaStepExecution]) -> Result<()> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT idx, id, step_id, status, attempts, compensation_attempts, idempotency_key, \
-             started_at, completed_at, result, error FROM saga_steps WHERE instance = ?1",
+            "SELECT key - ?1, id, step_id, status, attempts, compensation_attempts, \
+             idempotency_key, started_at, completed_at, result, error FROM saga_steps \
+             WHERE key >= ?1 AND key < ?2",
         )
         .map_err(db_err)?;
-    let mut rows = stmt.query([seq]).map_err(db_err)?;
+    let first = step_key(seq, 0)?.unwrap_or(i64::MAX);
+    let end = first.saturating_add(1 << STEP_BITS);
+    let mut rows = stmt.query([first, end]).map_err(db_err)?;
     while let Some(r) = rows.next().map_err(db_err)? {
         let idx: i64 = r.get(0).map_err(db_err)?;
         let Some(slot) = usize::try_from(idx).ok().and_then(|i| steps.get_mut(i)) else {
@@ -433,11 +454,11 @@ const CHECK_INSTANCE_SEQ: &str =
 const UPDATE_INSTANCE: &str = "UPDATE saga_instances SET status = ?2, error = ?3, \
      completed_at = ?4 WHERE seq = ?1 AND fencing = ?5";
 
-const UPSERT_STEP: &str = "INSERT INTO saga_steps (instance, idx, id, step_id, status, \
-     attempts, compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-     ON CONFLICT (instance, idx) DO UPDATE SET id = excluded.id, \
-     step_id = excluded.step_id, status = excluded.status, attempts = excluded.attempts, \
+const UPSERT_STEP: &str = "INSERT INTO saga_steps (key, id, step_id, status, attempts, \
+     compensation_attempts, idempotency_key, started_at, completed_at, result, error) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+     ON CONFLICT (key) DO UPDATE SET id = excluded.id, step_id = excluded.step_id, \
+     status = excluded.status, attempts = excluded.attempts, \
      compensation_attempts = excluded.compensation_attempts, \
      idempotency_key = excluded.idempotency_key, started_at = excluded.started_at, \
      completed_at = excluded.completed_at, result = excluded.result, error = excluded.error";
@@ -606,10 +627,12 @@ fn apply_in(
     }
     let upsert = stmt(txn, &mut st.upsert, || UPSERT_STEP.to_owned())?;
     for ((idx, s), result) in update.steps.iter().zip(results) {
+        let Some(key) = step_key(seq, *idx)? else {
+            continue;
+        };
         upsert
             .execute(params![
-                seq,
-                idx,
+                key,
                 s.id.as_bytes().as_slice(),
                 s.step_id,
                 s.status.as_str(),
@@ -748,6 +771,13 @@ impl SqliteSagaStore {
 #[async_trait]
 impl SagaStore for SqliteSagaStore {
     async fn create(&self, instance: &SagaInstance, owner: &str) -> Result<CreateOutcome> {
+        if instance.steps.len() > MAX_STEPS {
+            return Err(Error::storage(format!(
+                "saga instance {} has {} steps; the SQLite journal holds at most {MAX_STEPS}",
+                instance.id,
+                instance.steps.len()
+            )));
+        }
         let steps = steps_json(&instance.steps)?;
         let op = Op::Create(
             instance.clone(),
@@ -1122,8 +1152,8 @@ mod tests {
             .db()
             .write(move |txn| {
                 txn.execute(
-                    "UPDATE saga_steps SET status = 'exploded' WHERE idx = 2 AND instance = \
-                     (SELECT seq FROM saga_instances WHERE id = ?1)",
+                    "UPDATE saga_steps SET status = 'exploded' WHERE key = \
+                     (SELECT seq * 1048576 + 2 FROM saga_instances WHERE id = ?1)",
                     [id.as_bytes().as_slice()],
                 )
                 .map_err(db_err)
@@ -1223,6 +1253,22 @@ mod tests {
         assert!(matches!(err, Error::NotFound { .. }), "{err}");
         let other = store.get(b).await.unwrap().unwrap();
         assert_eq!(other.instance.status, SagaStatus::Created);
+    }
+
+    #[tokio::test]
+    async fn an_instance_with_too_many_steps_is_refused_with_its_count() {
+        let store = SqliteSagaStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let mut inst = instance(None);
+        let step = inst.steps[0].clone();
+        inst.steps.resize(MAX_STEPS + 1, step);
+        let err = store.create(&inst, "a").await.unwrap_err().to_string();
+        assert!(err.contains(&format!("{} steps", MAX_STEPS + 1)), "{err}");
+        assert!(store.get(inst.id).await.unwrap().is_none());
+        assert_eq!(step_key(3, 5).unwrap(), Some(3 * 1_048_576 + 5));
+        assert_eq!(step_key(3, u32::MAX).unwrap(), None);
+        assert!(step_key(i64::MAX / 2, 0).is_err());
     }
 
     #[tokio::test]

@@ -468,25 +468,41 @@ fn fmt(v: f64, digits: usize) -> String {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only=memory|sqlite|...` runs one workload, for profiling.
+    // `--only=sqlite,raw` runs the named workloads (in-memory, sqlite, raw, duroxide,
+    // recovery, memory), for profiling and quick comparisons.
     if let Some(only) = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_owned))
     {
-        let r = match only.as_str() {
-            "in-memory" => in_memory(quick).await,
-            "sqlite" => sqlite(quick).await,
-            "duroxide" => duroxide_workload(quick).await,
-            "recovery" => recovery().await,
-            _ => memory(quick).await,
-        };
-        println!(
-            "{} | {} | {} | {} | {} | {}",
-            r.workload,
-            r.sagas,
-            fmt(r.per_sec, 0),
-            fmt(r.p50_ms, 2),
-            fmt(r.p99_ms, 2),
-            r.extra
-        );
+        let mut rows = Vec::new();
+        for name in only.split(',') {
+            match name {
+                "in-memory" => rows.push(in_memory(quick).await),
+                "sqlite" => rows.push(sqlite(quick).await),
+                "raw" => {
+                    let (a, b) = raw_inserts(quick).await;
+                    rows.extend([a, b]);
+                }
+                "duroxide" => rows.push(duroxide_workload(quick).await),
+                "recovery" => rows.push(recovery().await),
+                "memory" => rows.push(memory(quick).await),
+                other => {
+                    eprintln!(
+                        "unknown workload \"{other}\" in --only (expected in-memory, sqlite, raw, duroxide, recovery or memory)"
+                    );
+                    std::process::exit(2);
+                }
+            }
+        }
+        for r in rows {
+            println!(
+                "{} | {} | {} | {} | {} | {}",
+                r.workload,
+                r.sagas,
+                fmt(r.per_sec, 0),
+                fmt(r.p50_ms, 2),
+                fmt(r.p99_ms, 2),
+                r.extra
+            );
+        }
         return;
     }
     let mem = in_memory(quick).await;

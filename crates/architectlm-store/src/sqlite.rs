@@ -131,7 +131,13 @@ fn db_err(e: rusqlite::Error) -> Error {
     Error::storage(e)
 }
 
+/// Prepared statements each connection keeps. The writer serves every store on the database
+/// (processes, leases, sagas, schedules) and runs savepoint statements for each closure; with
+/// rusqlite's default of 16 they would evict one another and be parsed again.
+const STATEMENT_CACHE: usize = 64;
+
 fn configure(conn: &Connection, opts: &SqliteOptions, writer: bool) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(opts.busy_timeout)?;
     if writer && opts.path.is_some() {
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -328,15 +334,21 @@ fn run_in_savepoint<R>(
     txn: &Transaction<'_>,
     f: impl FnOnce(&Transaction<'_>) -> Result<R>,
 ) -> Result<R> {
-    txn.execute_batch("SAVEPOINT job").map_err(db_err)?;
+    // Cached statements: a batch runs one savepoint per closure, and parsing these each time
+    // cost more than running them.
+    let exec = |sql: &str| -> Result<()> {
+        txn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(|_| ())
+            .map_err(db_err)
+    };
+    exec("SAVEPOINT job")?;
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(txn)))
         .unwrap_or_else(|_| Err(Error::storage("a write closure panicked")));
-    match &out {
-        Ok(_) => txn.execute_batch("RELEASE job").map_err(db_err)?,
-        Err(_) => txn
-            .execute_batch("ROLLBACK TO job; RELEASE job")
-            .map_err(db_err)?,
+    if out.is_err() {
+        exec("ROLLBACK TO job")?;
     }
+    exec("RELEASE job")?;
     out
 }
 

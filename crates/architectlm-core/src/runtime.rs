@@ -812,11 +812,18 @@ impl Runtime {
         })
     }
 
-    /// Runs a resolved execution in its tracing span.
+    /// Runs a resolved execution in its tracing span. Without a subscriber for the span the
+    /// execution runs as it is; with one it is boxed with its span, so that the span costs
+    /// nothing when nobody records it.
     fn run_job(self, job: Job, input: Value) -> impl Future<Output = Result<Value>> + Send + use<> {
         let span =
             tracing::debug_span!("task", task_id = &*job.task_id, execution_id = %job.execution_id);
-        self.run_attempts(job, Some(input)).instrument(span)
+        let fut = self.run_attempts(job, Some(input));
+        if span.is_disabled() {
+            Either::Left(fut)
+        } else {
+            Either::Right(Box::pin(fut.instrument(span)))
+        }
     }
 
     /// Starts one attempt. The common case (no timeout, no caller's token) is the task's own

@@ -73,8 +73,10 @@ pub(crate) struct Run {
     inst: State,
     fencing: u64,
     control: Arc<Control>,
-    dirty: Vec<u32>,
-    events: Vec<SagaEvent>,
+    /// Events waiting for the journal entry that makes them true. Boxed: a driver without
+    /// listeners never has any, and a waiting saga keeps this field.
+    #[allow(clippy::box_collection)] // One pointer in place of a vector's three words.
+    events: Option<Box<Vec<SagaEvent>>>,
     deadline: Option<Instant>,
     listening: bool,
     /// Created by `start_saga` just now (already journaled as running): still owes
@@ -108,8 +110,7 @@ impl Run {
             inst,
             fencing: stored.fencing,
             control,
-            dirty: Vec::new(),
-            events: Vec::new(),
+            events: None,
             deadline,
             listening: false,
             fresh: false,
@@ -127,7 +128,7 @@ impl Run {
             return;
         }
         let step_id = step.map(|i| self.prep.def.steps[i].id.clone());
-        self.events.push(SagaEvent::new(
+        self.events.get_or_insert_default().push(SagaEvent::new(
             t,
             self.prep.def.id.clone(),
             self.inst.id,
@@ -137,30 +138,25 @@ impl Run {
     }
 
     fn touch(&mut self, i: usize) {
-        let i = i as u32;
-        if !self.dirty.contains(&i) {
-            self.dirty.push(i);
-        }
+        self.inst.steps[i].dirty = true;
     }
 
     /// Writes the pending journal entry, then publishes the events it made true.
     async fn journal(&mut self) -> Result<()> {
         let mut up = SagaUpdate::new(self.inst.id, self.fencing, self.inst.status);
-        up.error.clone_from(&self.inst.error);
+        up.error = self.inst.error.as_deref().map(str::to_owned);
         up.completed_at = self.inst.completed_at;
-        up.steps = self
-            .dirty
-            .drain(..)
-            .map(|i| (i, self.inst.record(i as usize, &self.prep)))
-            .collect();
+        up.steps = self.inst.take_dirty(&self.prep);
         self.inner.store.apply(up).await?;
         self.publish_events();
         Ok(())
     }
 
     fn publish_events(&mut self) {
-        for e in self.events.drain(..) {
-            self.inner.emit(&self.runtime, e);
+        if let Some(events) = self.events.take() {
+            for e in *events {
+                self.inner.emit(&self.runtime, e);
+            }
         }
         self.listening = self.inner.listening(&self.runtime);
     }
@@ -196,22 +192,11 @@ impl Run {
             // Bound first: the `?` temporary then does not outlive this statement.
             let forward = Box::pin(self.forward()).await?;
             match forward {
-                Forward::Done => {
-                    self.inst.status = SagaStatus::Completed;
-                    self.inst.completed_at = Some(crate::now());
-                    let ctx = self.results();
-                    self.event(
-                        SagaEventType::SagaCompleted,
-                        None,
-                        || json!({"results": ctx}),
-                    );
-                    Box::pin(self.journal()).await?;
-                    return Ok(Ended::Finished);
-                }
+                Forward::Done => return Box::pin(self.complete()).await,
                 Forward::Stopped => return Box::pin(self.stop()).await,
                 Forward::Unwind(reason) => {
                     self.inst.status = SagaStatus::Compensating;
-                    self.inst.error = Some(reason);
+                    self.inst.error = Some(reason.into());
                 }
             }
         }
@@ -221,8 +206,22 @@ impl Run {
         Ok(Ended::Finished)
     }
 
+    /// Journals the completion (with the last results) and announces it.
+    async fn complete(&mut self) -> Result<Ended> {
+        self.inst.status = SagaStatus::Completed;
+        self.inst.completed_at = Some(crate::now());
+        let ctx = self.results();
+        self.event(
+            SagaEventType::SagaCompleted,
+            None,
+            || json!({"results": ctx}),
+        );
+        self.journal().await?;
+        Ok(Ended::Finished)
+    }
+
     async fn stop(&mut self) -> Result<Ended> {
-        if !self.dirty.is_empty() {
+        if self.inst.has_dirty() {
             self.journal().await?;
         }
         Ok(Ended::Stopped)
@@ -272,7 +271,7 @@ impl Run {
             }
             // Steps already journaled as running (by `start_saga`, or before a crash) need no
             // new entry unless results of earlier steps wait to be journaled.
-            let journaled = self.dirty.is_empty()
+            let journaled = !self.inst.has_dirty()
                 && resuming
                 && todo
                     .iter()
@@ -438,7 +437,7 @@ impl Run {
             if let Some(f) = failure {
                 let cause = self.inst.error.take().unwrap_or_default();
                 self.inst.status = SagaStatus::CompensationFailed;
-                self.inst.error = Some(format!("{f} (unwinding because {cause})"));
+                self.inst.error = Some(format!("{f} (unwinding because {cause})").into());
                 self.inst.completed_at = Some(crate::now());
                 let error = self.inst.error.clone();
                 self.event(
@@ -542,7 +541,7 @@ impl Run {
             && token.is_none()
             && let Some(only) = execs.pop()
         {
-            return Box::pin(async move { (vec![only.await], false) });
+            return only.map(|out| (vec![out], false)).boxed();
         }
         let deadline = self.deadline;
         Box::pin(async move {

@@ -86,6 +86,8 @@ pub(crate) struct StepData {
     /// Boxed, like `error`: most steps of a waiting saga have neither.
     pub(crate) result: Option<Box<Value>>,
     pub(crate) error: Option<Box<str>>,
+    /// Changed since the last journal entry.
+    pub(crate) dirty: bool,
 }
 
 /// The record of a step that has not started.
@@ -98,6 +100,7 @@ static PENDING: StepData = StepData {
     completed_at: None,
     result: None,
     error: None,
+    dirty: false,
 };
 
 impl std::ops::Deref for Step {
@@ -120,6 +123,7 @@ impl std::ops::DerefMut for Step {
                 completed_at: None,
                 result: None,
                 error: None,
+                dirty: false,
             })
         })
     }
@@ -139,7 +143,7 @@ impl StepData {
 pub(crate) struct State {
     pub(crate) id: Uuid,
     pub(crate) status: SagaStatus,
-    pub(crate) error: Option<String>,
+    pub(crate) error: Option<Box<str>>,
     pub(crate) completed_at: Option<DateTime<Utc>>,
     pub(crate) input: Input,
     pub(crate) steps: Box<[Step]>,
@@ -166,6 +170,7 @@ impl State {
                     completed_at: s.completed_at,
                     result: s.result.map(Box::new),
                     error: s.error.map(String::into_boxed_str),
+                    dirty: false,
                 };
                 Step {
                     id: s.id,
@@ -176,7 +181,7 @@ impl State {
         Self {
             id,
             status: inst.status,
-            error: inst.error,
+            error: inst.error.map(String::into_boxed_str),
             completed_at: inst.completed_at,
             input: Input::new(inst.input),
             steps,
@@ -204,6 +209,24 @@ impl State {
         r.result = s.result.as_deref().cloned();
         r.error = s.error.as_deref().map(str::to_owned);
         r
+    }
+
+    /// Whether steps changed since the last journal entry.
+    pub(crate) fn has_dirty(&self) -> bool {
+        self.steps.iter().any(|s| s.dirty)
+    }
+
+    /// The records of the steps that changed since the last journal entry, by position; they
+    /// count as journaled from now on.
+    pub(crate) fn take_dirty(&mut self, prep: &Prepared) -> Vec<(u32, SagaStepExecution)> {
+        let mut out = Vec::new();
+        for i in 0..self.steps.len() {
+            if self.steps[i].dirty {
+                self.steps[i].dirty = false;
+                out.push((i as u32, self.record(i, prep)));
+            }
+        }
+        out
     }
 
     /// The results of the completed steps by step id.

@@ -3,7 +3,7 @@
 //!
 //! A saga waiting inside a step holds this for as long as the step runs, so it is kept small:
 //! step ids come from the definition, idempotency keys are derived from the instance id when
-//! they have the usual form, and the saga input is kept as JSON text when it is a tree.
+//! they have the usual form, and the saga input is kept as JSON text.
 
 use std::borrow::Cow;
 
@@ -21,34 +21,31 @@ use crate::definition::Prepared;
 /// (the JSON parser stops at 128 levels).
 const TEXT_DEPTH: usize = 100;
 
-/// The saga input as the driver keeps it between steps.
+/// The saga input as the driver keeps it between steps: two words in place, and as JSON text
+/// a few bytes where a tree of maps costs hundreds.
 pub(crate) enum Input {
-    /// Scalars and empty containers: no cheaper form.
-    Value(Value),
-    /// Objects and arrays as JSON text: a few bytes where a tree of maps costs hundreds.
+    Null,
     Text(Box<str>),
+    /// Documents nested too deep to parse back.
+    Deep(Box<Value>),
 }
 
 impl Input {
     fn new(v: Value) -> Self {
-        let tree = match &v {
-            Value::Array(a) => !a.is_empty(),
-            Value::Object(m) => !m.is_empty(),
-            _ => false,
-        };
-        if tree && within_depth(&v, TEXT_DEPTH) {
-            Self::Text(v.to_string().into_boxed_str())
-        } else {
-            Self::Value(v)
+        match v {
+            Value::Null => Self::Null,
+            v if within_depth(&v, TEXT_DEPTH) => Self::Text(v.to_string().into_boxed_str()),
+            v => Self::Deep(Box::new(v)),
         }
     }
 
     /// A copy of the input (each step receives its own).
     pub(crate) fn value(&self) -> Value {
         match self {
-            Self::Value(v) => v.clone(),
+            Self::Null => Value::Null,
             // The text was written from a value of bounded depth, so it parses back.
             Self::Text(t) => serde_json::from_str(t).unwrap_or(Value::Null),
+            Self::Deep(v) => (**v).clone(),
         }
     }
 }
@@ -313,16 +310,18 @@ mod tests {
     }
 
     #[test]
-    fn scalars_and_deep_inputs_stay_values() {
+    fn null_and_deep_inputs_are_not_text() {
         let p = prep();
-        let st = State::new(instance(json!(7), None), &p);
-        assert!(matches!(st.input, Input::Value(_)));
+        let st = State::new(instance(json!(null), None), &p);
+        assert!(matches!(st.input, Input::Null));
+        let st = State::new(instance(json!("x"), None), &p);
+        assert_eq!(st.input.value(), json!("x"));
         let mut deep = json!(1);
         for _ in 0..200 {
             deep = json!([deep]);
         }
         let st = State::new(instance(deep.clone(), None), &p);
-        assert!(matches!(st.input, Input::Value(_)));
+        assert!(matches!(st.input, Input::Deep(_)));
         assert_eq!(st.input.value(), deep);
     }
 

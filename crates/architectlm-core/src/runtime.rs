@@ -763,7 +763,9 @@ impl Runtime {
     /// The task and options are resolved now; the returned future owns what it needs (it does
     /// not borrow the runtime) and is small, so that many executions can wait at once cheaply.
     /// The input moves into the task when nothing after the call needs it (no retry left, no
-    /// middleware, no event subscriber when the task started); otherwise the runtime keeps it.
+    /// middleware, no event subscriber when the last attempt started); otherwise the runtime
+    /// keeps it. A `TASK_FAILED` event carries `"input": null` only when its subscriber arrived
+    /// while that attempt ran.
     pub fn execute(
         &self,
         task: TaskRef,

@@ -1449,4 +1449,46 @@ mod tests {
         assert_eq!(held_locks(&rt), 0, "no lock entry is left behind");
         assert_eq!(rt.running_tasks(), 0);
     }
+
+    #[tokio::test]
+    async fn an_execution_outlives_the_handle_that_started_it_and_counts_in_flight() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let wait = TaskDefinition::new("wait", move |input, _c| {
+            let g = g.clone();
+            async move {
+                g.notified().await;
+                Ok(input)
+            }
+        })
+        .unwrap();
+        let system = System::builder("s").task(wait).build().unwrap();
+        let rt = Runtime::builder(system).start().await.unwrap();
+        // The future owns what it needs: it can be spawned without the runtime handle.
+        let running = {
+            let handle = rt.clone();
+            handle.execute(
+                TaskRef::Id("wait".into()),
+                json!({"n": 1}),
+                ExecuteOptions::default(),
+            )
+        };
+        let task = tokio::spawn(running);
+        while rt.running_tasks() == 0 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        assert_eq!(task.await.unwrap().unwrap(), json!({"n": 1}));
+        assert_eq!(rt.running_tasks(), 0);
+        // An unknown task is an error of the returned future, not a panic.
+        let e = rt
+            .execute(
+                TaskRef::Id("nope".into()),
+                Value::Null,
+                ExecuteOptions::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
 }

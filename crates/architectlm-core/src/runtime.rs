@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use futures::FutureExt;
+use futures::future::Either;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -485,6 +486,65 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// One execution, resolved before it starts: what runs and with which settings.
+struct Job {
+    task_id: Arc<str>,
+    handler: Arc<dyn TaskHandler>,
+    /// Boxed: most executions have none, and a waiting execution holds its job.
+    retry: Option<Box<RetryPolicy>>,
+    timeout: Option<Duration>,
+    process: Option<Arc<ProcessRef>>,
+    key: Option<Arc<str>>,
+    caller: Option<CancellationToken>,
+    execution_id: Uuid,
+}
+
+impl Job {
+    /// The runtime's error for a failed execution.
+    fn failed(&self, error: TaskError) -> Error {
+        Error::TaskFailed {
+            task_id: self.task_id.to_string(),
+            error,
+        }
+    }
+
+    fn instance_id(&self) -> Option<Uuid> {
+        self.process.as_ref().map(|p| p.instance_id)
+    }
+
+    /// What middleware sees of this execution.
+    fn call<'a>(&'a self, input: &'a Value, attempts: u32) -> TaskCall<'a> {
+        TaskCall {
+            task_id: &self.task_id,
+            execution_id: self.execution_id,
+            input,
+            instance_id: self.instance_id(),
+            attempts,
+        }
+    }
+
+    /// The error of an attempt that panicked.
+    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> TaskResult {
+        let msg = panic_message(panic);
+        let task_id = &*self.task_id;
+        tracing::error!(task_id, execution_id = %self.execution_id, panic = %msg, "task panicked");
+        Err(TaskError::with_kind(
+            TaskErrorKind::Panicked,
+            format!("task \"{task_id}\" panicked: {msg}"),
+        ))
+    }
+}
+
+/// The outcome of one attempt: the task's result, or the panic it raised.
+type AttemptResult = std::result::Result<TaskResult, Box<dyn std::any::Any + Send>>;
+
+/// One attempt in progress: the task's own future behind a panic guard, or (with a timeout or
+/// a caller's token) a boxed future that adds them.
+type Attempt = Either<
+    futures::future::CatchUnwind<AssertUnwindSafe<futures::future::BoxFuture<'static, TaskResult>>>,
+    futures::future::BoxFuture<'static, AttemptResult>,
+>;
+
 /// Runs `fut`; if the caller's token is cancelled first, cancels `token` (the task's own) and
 /// lets the task finish in response.
 async fn forward_cancel<F: Future>(
@@ -699,26 +759,22 @@ impl Runtime {
     }
 
     /// Runs a task or an ad-hoc handler with per-call options.
-    pub async fn execute(
+    ///
+    /// The task and options are resolved now; the returned future owns what it needs (it does
+    /// not borrow the runtime) and is small, so that many executions can wait at once cheaply.
+    /// The input moves into the task when nothing after the call needs it (no retry left, no
+    /// middleware, no event subscriber when the last attempt started); otherwise the runtime
+    /// keeps it. A `TASK_FAILED` event carries `"input": null` only when its subscriber arrived
+    /// while that attempt ran.
+    pub fn execute(
         &self,
         task: TaskRef,
         input: Value,
         options: ExecuteOptions,
-    ) -> Result<Value> {
-        match task {
-            TaskRef::Id(id) => {
-                let def = self.task(&id)?.clone();
-                let retry = options.retry.clone().or_else(|| def.retry.clone());
-                let timeout = options.timeout.or(def.timeout);
-                self.run(&def.id, &def.handler, input, retry, timeout, None, options)
-                    .await
-            }
-            TaskRef::Handler { name, handler } => {
-                let retry = options.retry.clone();
-                let timeout = options.timeout;
-                self.run(&name, &handler, input, retry, timeout, None, options)
-                    .await
-            }
+    ) -> impl Future<Output = Result<Value>> + Send + use<> {
+        match self.job(task, options) {
+            Ok(job) => Either::Left(self.clone().run_job(job, input)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
         }
     }
 
@@ -730,106 +786,75 @@ impl Runtime {
             .ok_or_else(|| Error::not_found("task", id))
     }
 
-    #[allow(clippy::too_many_arguments)] // An internal funnel; the public entry points are small.
-    async fn run(
-        &self,
-        task_id: &str,
-        handler: &Arc<dyn TaskHandler>,
-        input: Value,
-        retry: Option<RetryPolicy>,
-        timeout: Option<Duration>,
-        process: Option<Arc<ProcessRef>>,
-        options: ExecuteOptions,
-    ) -> Result<Value> {
-        let inner = &*self.inner;
-        let _guard = InflightGuard::enter(inner)?;
-        let execution_id = options.execution_id.unwrap_or_else(Uuid::new_v4);
-        let span = tracing::debug_span!("task", task_id, %execution_id);
-        let result = self
-            .run_attempts(
-                task_id,
-                handler,
-                input,
-                retry,
-                timeout,
-                process,
-                options,
-                execution_id,
-            )
-            .instrument(span)
-            .await;
-        result.map_err(|error| Error::TaskFailed {
-            task_id: task_id.to_owned(),
-            error,
+    /// Resolves what `execute` runs and with which settings.
+    fn job(&self, task: TaskRef, options: ExecuteOptions) -> Result<Job> {
+        let (task_id, handler, retry, timeout) = match task {
+            TaskRef::Id(id) => {
+                let def = self.task(&id)?;
+                (
+                    Arc::<str>::from(def.id.as_str()),
+                    def.handler.clone(),
+                    options.retry.or_else(|| def.retry.clone()).map(Box::new),
+                    options.timeout.or(def.timeout),
+                )
+            }
+            TaskRef::Handler { name, handler } => {
+                (name, handler, options.retry.map(Box::new), options.timeout)
+            }
+        };
+        Ok(Job {
+            task_id,
+            handler,
+            retry,
+            timeout,
+            process: None,
+            key: options.idempotency_key.as_deref().map(Arc::from),
+            caller: options.cancel,
+            execution_id: options.execution_id.unwrap_or_else(Uuid::new_v4),
         })
     }
 
-    #[allow(clippy::too_many_arguments)] // See `run`.
-    async fn run_attempts(
-        &self,
-        task_id: &str,
-        handler: &Arc<dyn TaskHandler>,
-        input: Value,
-        retry: Option<RetryPolicy>,
-        timeout: Option<Duration>,
-        process: Option<Arc<ProcessRef>>,
-        options: ExecuteOptions,
-        execution_id: Uuid,
-    ) -> TaskResult {
-        let inner = &*self.inner;
-        let middleware = inner.middleware.read().clone();
-        let instance_id = process.as_ref().map(|p| p.instance_id);
-        let call = |attempts| TaskCall {
-            task_id,
-            execution_id,
-            input: &input,
-            instance_id,
-            attempts,
-        };
-        for m in middleware.iter() {
-            if let Err(e) = m.before(&call(0)) {
-                let outcome = Err(e);
-                for m in middleware.iter() {
-                    m.after(&call(0), &outcome);
-                }
-                return outcome;
-            }
+    /// Runs a resolved execution in its tracing span. Without a subscriber for the span the
+    /// execution runs as it is; with one it is boxed with its span, so that the span costs
+    /// nothing when nobody records it.
+    fn run_job(self, job: Job, input: Value) -> impl Future<Output = Result<Value>> + Send + use<> {
+        let span =
+            tracing::debug_span!("task", task_id = &*job.task_id, execution_id = %job.execution_id);
+        let fut = self.run_attempts(job, Some(input));
+        if span.is_disabled() {
+            Either::Left(fut)
+        } else {
+            Either::Right(Box::pin(fut.instrument(span)))
         }
-        inner.events.publish_with(|| {
-            Event::new(
-                types::TASK_STARTED,
-                "runtime",
-                json!({"task_id": task_id, "execution_id": execution_id, "instance_id": instance_id}),
-            )
-        });
-        // A task is cancelled by the runtime's shutdown and, when given, by the caller's token.
-        let caller = options.cancel.as_ref();
-        let task_name: Arc<str> = Arc::from(task_id);
-        let key: Option<Arc<str>> = options.idempotency_key.as_deref().map(Arc::from);
-        let max_attempts = retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
-        let mut attempt = 0;
-        let outcome = loop {
-            attempt += 1;
-            let cancel = if timeout.is_some() || caller.is_some() {
-                inner.cancel.child_token()
-            } else {
-                inner.cancel.clone()
-            };
-            let ctx = TaskContext {
-                runtime: self.clone(),
-                task_id: task_name.clone(),
-                execution_id,
-                attempt,
-                process: process.clone(),
-                idempotency_key: key.clone(),
-                cancel: cancel.clone(),
-            };
-            let fut = forward_cancel(
-                AssertUnwindSafe(handler.call(input.clone(), ctx)).catch_unwind(),
-                caller,
-                &cancel,
-            );
-            let result = match timeout {
+    }
+
+    /// Starts one attempt. The common case (no timeout, no caller's token) is the task's own
+    /// future behind a panic guard; the others are boxed, so that they cost the common case
+    /// nothing while it waits.
+    fn attempt(&self, job: &Job, input: Value, attempt: u32) -> Attempt {
+        let inner = &*self.inner;
+        let cancel = if job.timeout.is_some() || job.caller.is_some() {
+            inner.cancel.child_token()
+        } else {
+            inner.cancel.clone()
+        };
+        let ctx = TaskContext {
+            runtime: self.clone(),
+            task_id: job.task_id.clone(),
+            execution_id: job.execution_id,
+            attempt,
+            process: job.process.clone(),
+            idempotency_key: job.key.clone(),
+            cancel: cancel.clone(),
+        };
+        let fut = AssertUnwindSafe(job.handler.call(input, ctx)).catch_unwind();
+        if job.timeout.is_none() && job.caller.is_none() {
+            return Either::Left(fut);
+        }
+        let (caller, timeout, task_id) = (job.caller.clone(), job.timeout, job.task_id.clone());
+        Either::Right(Box::pin(async move {
+            let fut = forward_cancel(fut, caller.as_ref(), &cancel);
+            match timeout {
                 None => fut.await,
                 Some(limit) => match tokio::time::timeout(limit, fut).await {
                     Ok(r) => r,
@@ -841,36 +866,110 @@ impl Runtime {
                         )))
                     }
                 },
+            }
+        }))
+    }
+
+    /// Counts the execution in flight, runs its attempts and maps the failure.
+    ///
+    /// An `async` block rather than an `async fn`, which would copy its arguments into locals
+    /// and hold both while the task runs; `input` is `None` once it moved into the last attempt.
+    #[allow(clippy::manual_async_fn)] // Deliberately not an `async fn` (see above).
+    fn run_attempts(
+        self,
+        job: Job,
+        mut input: Option<Value>,
+    ) -> impl Future<Output = Result<Value>> + Send + use<> {
+        async move {
+            let inner = &*self.inner;
+            let _guard = InflightGuard::enter(inner)?;
+            let job = &job;
+            let middleware = inner.middleware.read().clone();
+            for m in middleware.iter() {
+                let input = input.as_ref().unwrap_or(&Value::Null);
+                if let Err(e) = m.before(&job.call(input, 0)) {
+                    let outcome = Err(e);
+                    for m in middleware.iter() {
+                        m.after(&job.call(input, 0), &outcome);
+                    }
+                    return outcome.map_err(|e| job.failed(e));
+                }
+            }
+            inner.events.publish_with(|| {
+            Event::new(
+                types::TASK_STARTED,
+                "runtime",
+                json!({"task_id": &*job.task_id, "execution_id": job.execution_id, "instance_id": job.instance_id()}),
+            )
+        });
+            let max_attempts = job.retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
+            let mut attempt = 0;
+            // Only `job`, `input`, `middleware`, the counters and the attempt itself live while
+            // the task runs: a waiting execution stays small.
+            let outcome = loop {
+                attempt += 1;
+                // The last attempt takes the input itself unless something after it needs it: the
+                // middleware's `after` or a subscriber of `TASK_FAILED` (the event carries it).
+                let keep = attempt < max_attempts
+                    || !middleware.is_empty()
+                    || inner.events.has_subscribers();
+                let arg = if keep { input.clone() } else { input.take() };
+                let result = self.attempt(job, arg.unwrap_or(Value::Null), attempt).await;
+                let result = result.unwrap_or_else(|panic| job.panicked(&*panic));
+                // Taken apart before the wait, so that the wait does not also hold it.
+                let e = match result {
+                    Err(e) if e.is_retryable() && attempt < max_attempts => e,
+                    other => break other,
+                };
+                if let Some(cancelled) = self.wait_to_retry(job, attempt, e).await {
+                    break Err(cancelled);
+                }
             };
-            let result = match result {
-                Ok(r) => r,
-                Err(panic) => {
-                    let msg = panic_message(&*panic);
-                    tracing::error!(task_id, %execution_id, panic = %msg, "task panicked");
-                    Err(TaskError::with_kind(
-                        TaskErrorKind::Panicked,
-                        format!("task \"{task_id}\" panicked: {msg}"),
+            self.finish(job, input.as_ref(), attempt, &outcome, &middleware);
+            outcome.map_err(|e| job.failed(e))
+        }
+    }
+
+    /// Waits before attempt `attempt + 1` after `e`; returns the error to end with when the
+    /// runtime or the caller cancels the wait. Boxed: only a failing task pays for the timer.
+    fn wait_to_retry<'a>(
+        &'a self,
+        job: &'a Job,
+        attempt: u32,
+        e: TaskError,
+    ) -> futures::future::BoxFuture<'a, Option<TaskError>> {
+        let delay = job
+            .retry
+            .as_ref()
+            .map_or(Duration::ZERO, |r| r.delay(attempt));
+        let task_id = &*job.task_id;
+        tracing::debug!(task_id, attempt, error = %e, ?delay, "task attempt failed; retrying");
+        Box::pin(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => None,
+                _ = either_cancelled(&self.inner.cancel, job.caller.as_ref()) => {
+                    Some(TaskError::with_kind(
+                        TaskErrorKind::Cancelled,
+                        format!("task \"{task_id}\" cancelled while waiting to retry: {e}"),
                     ))
                 }
-            };
-            match result {
-                Err(e) if e.is_retryable() && attempt < max_attempts => {
-                    let delay = retry.as_ref().map_or(Duration::ZERO, |r| r.delay(attempt));
-                    tracing::debug!(task_id, attempt, error = %e, ?delay, "task attempt failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = either_cancelled(&inner.cancel, caller) => {
-                            break Err(TaskError::with_kind(
-                                TaskErrorKind::Cancelled,
-                                format!("task \"{task_id}\" cancelled while waiting to retry: {e}"),
-                            ));
-                        }
-                    }
-                }
-                other => break other,
             }
-        };
-        match &outcome {
+        })
+    }
+
+    /// Publishes the outcome and runs the middleware's `after` hooks.
+    fn finish(
+        &self,
+        job: &Job,
+        input: Option<&Value>,
+        attempt: u32,
+        outcome: &TaskResult,
+        middleware: &[Arc<dyn TaskMiddleware>],
+    ) {
+        let inner = &*self.inner;
+        let (task_id, execution_id, instance_id) =
+            (&*job.task_id, job.execution_id, job.instance_id());
+        match outcome {
             Ok(_) => inner.events.publish_with(|| {
                 Event::new(
                     types::TASK_COMPLETED,
@@ -889,10 +988,10 @@ impl Runtime {
                 })
             }
         }
-        for m in middleware.iter() {
-            m.after(&call(attempt), &outcome);
+        let input = input.unwrap_or(&Value::Null);
+        for m in middleware {
+            m.after(&job.call(input, attempt), outcome);
         }
-        outcome
     }
 
     // ----- processes ----------------------------------------------------------------------
@@ -1144,19 +1243,18 @@ impl Runtime {
             process_id: instance.process_id.clone(),
             context: instance.context.clone(),
         });
+        let job = Job {
+            task_id: Arc::from(def.id.as_str()),
+            handler: def.handler.clone(),
+            retry: def.retry.clone().map(Box::new),
+            timeout: def.timeout,
+            process: Some(process),
+            key: None,
+            caller: None,
+            execution_id: Uuid::new_v4(),
+        };
         let result = ACTION_OF
-            .scope(
-                instance.id,
-                self.run(
-                    &def.id,
-                    &def.handler,
-                    input,
-                    def.retry.clone(),
-                    def.timeout,
-                    Some(process),
-                    ExecuteOptions::default(),
-                ),
-            )
+            .scope(instance.id, self.clone().run_job(job, input))
             .await
             .map_err(TaskError::from);
         if let Err(e) = &result {
@@ -1350,5 +1448,47 @@ mod tests {
         );
         assert_eq!(held_locks(&rt), 0, "no lock entry is left behind");
         assert_eq!(rt.running_tasks(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_execution_outlives_the_handle_that_started_it_and_counts_in_flight() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let wait = TaskDefinition::new("wait", move |input, _c| {
+            let g = g.clone();
+            async move {
+                g.notified().await;
+                Ok(input)
+            }
+        })
+        .unwrap();
+        let system = System::builder("s").task(wait).build().unwrap();
+        let rt = Runtime::builder(system).start().await.unwrap();
+        // The future owns what it needs: it can be spawned without the runtime handle.
+        let running = {
+            let handle = rt.clone();
+            handle.execute(
+                TaskRef::Id("wait".into()),
+                json!({"n": 1}),
+                ExecuteOptions::default(),
+            )
+        };
+        let task = tokio::spawn(running);
+        while rt.running_tasks() == 0 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        assert_eq!(task.await.unwrap().unwrap(), json!({"n": 1}));
+        assert_eq!(rt.running_tasks(), 0);
+        // An unknown task is an error of the returned future, not a panic.
+        let e = rt
+            .execute(
+                TaskRef::Id("nope".into()),
+                Value::Null,
+                ExecuteOptions::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
     }
 }

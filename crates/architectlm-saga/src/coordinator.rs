@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -703,9 +704,14 @@ impl Coordinator {
             active.insert(id, control.clone());
         }
         let inner = self.inner.clone();
-        self.inner.tracker.spawn(async move {
-            let run = Run::new(inner.clone(), runtime.clone(), prep, stored, control).fresh(fresh);
-            match run.run().await {
+        // The driver's future is built here: the task then holds it alone, not also the
+        // arguments it was built from (a parked saga keeps its task for as long as it waits).
+        let run = Run::new(inner.clone(), runtime.clone(), prep, stored, control)
+            .fresh(fresh)
+            .run();
+        // A map, not an `async` block, which would hold the driver twice.
+        let task = run.map(move |ended| {
+            match ended {
                 Ok(Ended::Finished | Ended::Stopped) => {}
                 Err(e @ Error::Conflict { .. }) => {
                     tracing::warn!(instance_id = %id, error = %e, "saga instance taken over by another owner");
@@ -733,6 +739,7 @@ impl Coordinator {
                 c.finish();
             }
         });
+        self.inner.tracker.spawn(task);
     }
 
     /// After a journal error on a shared store: claims the instance again and drives it, retrying

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use futures::FutureExt;
 use futures::future::{BoxFuture, join_all};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use architectlm_core::extensions::saga::{
-    SagaEvent, SagaEventType, SagaInstance, SagaStatus, SagaStep, SagaStepStatus,
+    SagaEvent, SagaEventType, SagaStatus, SagaStep, SagaStepStatus,
 };
 use architectlm_core::{
     Error, ExecuteOptions, Result, RetryPolicy, Runtime, TaskContext, TaskErrorKind, TaskHandler,
@@ -28,6 +29,7 @@ use architectlm_store::saga::{SagaUpdate, StoredSaga};
 
 use crate::coordinator::{Control, Inner};
 use crate::definition::Prepared;
+use crate::state::State;
 
 /// How a run ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -68,15 +70,15 @@ pub(crate) struct Run {
     inner: Arc<Inner>,
     runtime: Runtime,
     prep: Arc<Prepared>,
-    inst: SagaInstance,
+    inst: State,
     fencing: u64,
     control: Arc<Control>,
-    dirty: Vec<u32>,
-    events: Vec<SagaEvent>,
+    /// Events waiting for the journal entry that makes them true. Boxed: a driver without
+    /// listeners never has any, and a waiting saga keeps this field.
+    #[allow(clippy::box_collection)] // One pointer in place of a vector's three words.
+    events: Option<Box<Vec<SagaEvent>>>,
     deadline: Option<Instant>,
     listening: bool,
-    /// Results of the completed steps by step id, kept as they complete (the steps' input).
-    results: serde_json::Map<String, Value>,
     /// Created by `start_saga` just now (already journaled as running): still owes
     /// `saga-started`.
     fresh: bool,
@@ -100,21 +102,19 @@ impl Run {
                 .unwrap_or_default();
             Instant::now() + t.saturating_sub(elapsed)
         });
+        let inst = State::new(stored.instance, &prep);
         Self {
             inner,
             runtime,
             prep,
-            inst: stored.instance,
+            inst,
             fencing: stored.fencing,
             control,
-            dirty: Vec::new(),
-            events: Vec::new(),
+            events: None,
             deadline,
             listening: false,
-            results: serde_json::Map::new(),
             fresh: false,
         }
-        .with_results()
     }
 
     /// Marks an instance `start_saga` just created (see [`Run::fresh`]).
@@ -123,25 +123,14 @@ impl Run {
         self
     }
 
-    fn with_results(mut self) -> Self {
-        for s in &self.inst.steps {
-            if s.status == SagaStepStatus::Completed
-                && let Some(r) = &s.result
-            {
-                self.results.insert(s.step_id.clone(), r.clone());
-            }
-        }
-        self
-    }
-
     fn event(&mut self, t: SagaEventType, step: Option<usize>, payload: impl FnOnce() -> Value) {
         if !self.listening {
             return;
         }
-        let step_id = step.map(|i| self.inst.steps[i].step_id.clone());
-        self.events.push(SagaEvent::new(
+        let step_id = step.map(|i| self.prep.def.steps[i].id.clone());
+        self.events.get_or_insert_default().push(SagaEvent::new(
             t,
-            self.inst.saga_id.clone(),
+            self.prep.def.id.clone(),
             self.inst.id,
             step_id,
             payload(),
@@ -149,30 +138,25 @@ impl Run {
     }
 
     fn touch(&mut self, i: usize) {
-        let i = i as u32;
-        if !self.dirty.contains(&i) {
-            self.dirty.push(i);
-        }
+        self.inst.steps[i].dirty = true;
     }
 
     /// Writes the pending journal entry, then publishes the events it made true.
     async fn journal(&mut self) -> Result<()> {
         let mut up = SagaUpdate::new(self.inst.id, self.fencing, self.inst.status);
-        up.error.clone_from(&self.inst.error);
+        up.error = self.inst.error.as_deref().map(str::to_owned);
         up.completed_at = self.inst.completed_at;
-        up.steps = self
-            .dirty
-            .drain(..)
-            .map(|i| (i, self.inst.steps[i as usize].clone()))
-            .collect();
+        up.steps = self.inst.take_dirty(&self.prep);
         self.inner.store.apply(up).await?;
         self.publish_events();
         Ok(())
     }
 
     fn publish_events(&mut self) {
-        for e in self.events.drain(..) {
-            self.inner.emit(&self.runtime, e);
+        if let Some(events) = self.events.take() {
+            for e in *events {
+                self.inner.emit(&self.runtime, e);
+            }
         }
         self.listening = self.inner.listening(&self.runtime);
     }
@@ -181,12 +165,21 @@ impl Run {
         self.inner.stop.is_cancelled() || self.runtime.is_shutting_down()
     }
 
-    pub(crate) async fn run(mut self) -> Result<Ended> {
+    /// Drives the instance to its end (or to shutdown).
+    ///
+    /// An `async` block rather than an `async fn`, which would copy the driver into a local
+    /// and keep both copies for as long as the saga waits.
+    #[allow(clippy::manual_async_fn)] // Deliberately not an `async fn` (see above).
+    pub(crate) fn run(mut self) -> impl Future<Output = Result<Ended>> + Send {
+        async move { self.drive().await }
+    }
+
+    async fn drive(&mut self) -> Result<Ended> {
         self.listening = self.inner.listening(&self.runtime);
         if self.inst.status == SagaStatus::Created || self.fresh {
             self.inst.status = SagaStatus::Running;
-            let input = self.inst.input.clone();
-            let version = self.inst.saga_version;
+            let input = self.inst.input.value();
+            let version = self.prep.def.version;
             self.event(
                 SagaEventType::SagaStarted,
                 None,
@@ -196,23 +189,14 @@ impl Run {
         if self.inst.status == SagaStatus::Running {
             // Boxed: the driver parks inside a step for long, and a boxed inner future takes only
             // the memory of the path it is on.
-            match Box::pin(self.forward()).await? {
-                Forward::Done => {
-                    self.inst.status = SagaStatus::Completed;
-                    self.inst.completed_at = Some(crate::now());
-                    let ctx = self.results();
-                    self.event(
-                        SagaEventType::SagaCompleted,
-                        None,
-                        || json!({"results": ctx}),
-                    );
-                    self.journal().await?;
-                    return Ok(Ended::Finished);
-                }
-                Forward::Stopped => return self.stop().await,
+            // Bound first: the `?` temporary then does not outlive this statement.
+            let forward = Box::pin(self.forward()).await?;
+            match forward {
+                Forward::Done => return Box::pin(self.complete()).await,
+                Forward::Stopped => return Box::pin(self.stop()).await,
                 Forward::Unwind(reason) => {
                     self.inst.status = SagaStatus::Compensating;
-                    self.inst.error = Some(reason);
+                    self.inst.error = Some(reason.into());
                 }
             }
         }
@@ -222,15 +206,30 @@ impl Run {
         Ok(Ended::Finished)
     }
 
+    /// Journals the completion (with the last results) and announces it.
+    async fn complete(&mut self) -> Result<Ended> {
+        self.inst.status = SagaStatus::Completed;
+        self.inst.completed_at = Some(crate::now());
+        let ctx = self.results();
+        self.event(
+            SagaEventType::SagaCompleted,
+            None,
+            || json!({"results": ctx}),
+        );
+        self.journal().await?;
+        Ok(Ended::Finished)
+    }
+
     async fn stop(&mut self) -> Result<Ended> {
-        if !self.dirty.is_empty() {
+        if self.inst.has_dirty() {
             self.journal().await?;
         }
         Ok(Ended::Stopped)
     }
 
+    /// The results of the completed steps by step id.
     fn results(&self) -> Value {
-        Value::Object(self.results.clone())
+        Value::Object(self.inst.results(&self.prep))
     }
 
     fn timed_out(&self) -> bool {
@@ -240,16 +239,15 @@ impl Run {
     fn timeout_reason(&self) -> String {
         format!(
             "saga \"{}\" timed out after {:?}",
-            self.inst.saga_id,
+            self.prep.def.id,
             self.prep.timeout().unwrap_or_default()
         )
     }
 
     async fn forward(&mut self) -> Result<Forward> {
-        let groups = self.prep.groups.clone();
-        for g in groups {
+        let prep = self.prep.clone();
+        for g in prep.groups.iter().cloned() {
             let todo: Vec<usize> = g
-                .clone()
                 .filter(|&i| self.inst.steps[i].status != SagaStepStatus::Completed)
                 .collect();
             if todo.is_empty() {
@@ -273,7 +271,7 @@ impl Run {
             }
             // Steps already journaled as running (by `start_saga`, or before a crash) need no
             // new entry unless results of earlier steps wait to be journaled.
-            let journaled = self.dirty.is_empty()
+            let journaled = !self.inst.has_dirty()
                 && resuming
                 && todo
                     .iter()
@@ -300,13 +298,15 @@ impl Run {
             if journaled {
                 self.publish_events();
             } else {
-                self.journal().await?;
+                // Boxed, like the other awaits of the driver that are not the step itself: the
+                // future of a saga waiting in a step is then no larger than that wait needs.
+                Box::pin(self.journal()).await?;
             }
 
             // Built here and moved into the step's execution: the driver keeps no copy of it
             // while the step runs.
             let mut input = serde_json::Map::new();
-            input.insert("input".to_owned(), self.inst.input.clone());
+            input.insert("input".to_owned(), self.inst.input.value());
             input.insert("results".to_owned(), self.results());
             let (outcomes, timed_out) = self.run_group(&todo, Value::Object(input), false).await;
             if outcomes.iter().any(|(_, o)| matches!(o, Exec::Stopped)) {
@@ -322,8 +322,7 @@ impl Run {
                         s.status = SagaStepStatus::Completed;
                         s.attempts += n;
                         s.completed_at = Some(now);
-                        self.results.insert(s.step_id.clone(), v.clone());
-                        s.result = Some(v);
+                        s.result = Some(Box::new(v));
                         let attempts = s.attempts;
                         self.touch(i);
                         self.event(
@@ -336,17 +335,17 @@ impl Run {
                         s.status = SagaStepStatus::Failed;
                         s.attempts += n;
                         s.completed_at = Some(now);
-                        s.error = Some(msg.clone());
+                        s.error = Some(msg.as_str().into());
                         let attempts = s.attempts;
-                        let step_id = s.step_id.clone();
+                        let step_id = &self.prep.def.steps[i].id;
+                        failure.get_or_insert_with(|| format!("step \"{step_id}\" failed: {msg}"));
                         self.touch(i);
-                        let m = msg.clone();
+                        let m = msg;
                         self.event(
                             SagaEventType::StepFailed,
                             Some(i),
                             || json!({"attempts": attempts, "error": m}),
                         );
-                        failure.get_or_insert(format!("step \"{step_id}\" failed: {msg}"));
                     }
                     Exec::Stopped => {}
                 }
@@ -362,8 +361,8 @@ impl Run {
     }
 
     async fn unwind(&mut self) -> Result<Ended> {
-        let groups = self.prep.groups.clone();
-        for g in groups.into_iter().rev() {
+        let prep = self.prep.clone();
+        for g in prep.groups.iter().rev().cloned() {
             let todo: Vec<usize> = g
                 .filter(|&i| {
                     self.prep.def.steps[i].compensation.is_some()
@@ -418,19 +417,19 @@ impl Run {
                         s.status = SagaStepStatus::CompensationFailed;
                         s.compensation_attempts += n;
                         s.completed_at = Some(now);
-                        s.error = Some(msg.clone());
+                        s.error = Some(msg.as_str().into());
                         let attempts = s.compensation_attempts;
-                        let step_id = s.step_id.clone();
+                        let step_id = &self.prep.def.steps[i].id;
+                        failure.get_or_insert_with(|| {
+                            format!("compensation of step \"{step_id}\" failed: {msg}")
+                        });
                         self.touch(i);
-                        let m = msg.clone();
+                        let m = msg;
                         self.event(
                             SagaEventType::CompensationFailed,
                             Some(i),
                             || json!({"attempts": attempts, "error": m}),
                         );
-                        failure.get_or_insert(format!(
-                            "compensation of step \"{step_id}\" failed: {msg}"
-                        ));
                     }
                     Exec::Stopped => {}
                 }
@@ -438,7 +437,7 @@ impl Run {
             if let Some(f) = failure {
                 let cause = self.inst.error.take().unwrap_or_default();
                 self.inst.status = SagaStatus::CompensationFailed;
-                self.inst.error = Some(format!("{f} (unwinding because {cause})"));
+                self.inst.error = Some(format!("{f} (unwinding because {cause})").into());
                 self.inst.completed_at = Some(crate::now());
                 let error = self.inst.error.clone();
                 self.event(
@@ -500,13 +499,14 @@ impl Run {
             .map(|(n, &i)| {
                 let step = &self.prep.def.steps[i];
                 let rec = &self.inst.steps[i];
+                let id = self.inst.id;
                 let (task, retry, timeout, key, input, execution_id) = if compensate {
                     (
                         step.compensation.clone(),
                         step.compensation_retry.clone(),
                         None,
-                        format!("{}:compensation", rec.idempotency_key),
-                        rec.result.clone().unwrap_or(Value::Null),
+                        format!("{}:compensation", rec.key(id, &step.id)),
+                        rec.result.as_deref().cloned().unwrap_or(Value::Null),
                         None,
                     )
                 } else {
@@ -514,7 +514,7 @@ impl Run {
                         Some(step.action.clone()),
                         step.retry.clone(),
                         step.timeout,
-                        rec.idempotency_key.clone(),
+                        rec.key(id, &step.id).into_owned(),
                         if n == last {
                             input.take().unwrap_or(Value::Null)
                         } else {
@@ -541,7 +541,7 @@ impl Run {
             && token.is_none()
             && let Some(only) = execs.pop()
         {
-            return Box::pin(async move { (vec![only.await], false) });
+            return only.map(|out| (vec![out], false)).boxed();
         }
         let deadline = self.deadline;
         Box::pin(async move {
@@ -615,9 +615,12 @@ fn execute(
     opts.idempotency_key = Some(key);
     opts.cancel = cancel;
     opts.execution_id = execution_id;
+    // Started here, so the boxed future holds the execution only (not also its arguments).
+    let running = runtime.execute(counted, input, opts);
     let runtime = runtime.clone();
-    Box::pin(async move {
-        let out = runtime.execute(counted, input, opts).await;
+    // A map, not an `async` block: the block would hold the execution twice (as its capture
+    // and as the future it awaits).
+    let fut = running.map(move |out| {
         let n = counting.attempts.load(Ordering::Relaxed);
         let exec = match out {
             Ok(v) => Exec::Ok(v, n),
@@ -631,5 +634,6 @@ fn execute(
             Err(e) => Exec::Failed(e.to_string(), n),
         };
         (i, exec)
-    })
+    });
+    Box::pin(fut)
 }

@@ -34,6 +34,7 @@
 mod coordinator;
 mod definition;
 mod driver;
+mod state;
 
 pub use coordinator::{Coordinator, CoordinatorBuilder, RecoveryReport, SOURCE, StrandedSaga};
 

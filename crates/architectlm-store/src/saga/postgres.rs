@@ -30,11 +30,17 @@ use crate::postgres::{PgDb, pg_err};
 use crate::{Error, Result};
 
 /// The versioned schema of the saga table, applied by [`PgSagaStore::open`].
-pub static PG_SAGA_MIGRATIONS: &[Migration] = &[Migration {
-    component: "saga",
-    version: 1,
-    description: "saga instances with their step journal, owner, lease and fencing token",
-    sql: "
+///
+/// - v1: the table and its indexes.
+/// - v2: fill factor 50, so that journal entries that keep the instance's status are
+///   heap-only tuple updates (no index is touched, half the WAL). Pages written before keep
+///   their layout until they are rewritten.
+pub static PG_SAGA_MIGRATIONS: &[Migration] = &[
+    Migration {
+        component: "saga",
+        version: 1,
+        description: "saga instances with their step journal, owner, lease and fencing token",
+        sql: "
         CREATE TABLE architectlm_saga_instances (
             id UUID PRIMARY KEY,
             saga_id TEXT NOT NULL,
@@ -60,7 +66,14 @@ pub static PG_SAGA_MIGRATIONS: &[Migration] = &[Migration {
             ON architectlm_saga_instances (lease_until)
             WHERE status IN ('created', 'running', 'compensating');
     ",
-}];
+    },
+    Migration {
+        component: "saga",
+        version: 2,
+        description: "fill factor 50 on saga instances for heap-only journal updates",
+        sql: "ALTER TABLE architectlm_saga_instances SET (fillfactor = 50);",
+    },
+];
 
 const COLUMNS: &str = "id, saga_id, saga_version, status, input, idempotency_key, started_at, \
      completed_at, error, compensation_requested, owner, lease_until, fencing, steps";
@@ -69,8 +82,12 @@ const UNFINISHED_SQL: &str = "('created', 'running', 'compensating')";
 
 /// Most journal writes one batch takes.
 const MAX_BATCH: usize = 1024;
-/// Most batches in flight at once (each on its own connection).
+/// Batches in flight at once (each on its own connection) whatever the queue's length.
+const BASE_FLUSHERS: usize = 2;
+/// Most batches in flight at once, when at least [`DEEP_QUEUE`] writes wait.
 const MAX_FLUSHERS: usize = 8;
+/// Queued writes from which another batch goes out beside the [`BASE_FLUSHERS`] ones.
+const DEEP_QUEUE: usize = 256;
 
 /// A [`SagaStore`] on PostgreSQL, for coordinators on several nodes.
 ///
@@ -86,8 +103,11 @@ const MAX_FLUSHERS: usize = 8;
 ///   [`Error::Conflict`] (kind `"saga instance"`, expected = the writer's token, actual = the
 ///   current one) once another node has claimed the instance.
 /// - Journal writes of concurrent sagas share round trips: creates in one statement, updates
-///   in another, up to eight batches in flight. Each statement is atomic on
-///   its own; a refused update does not affect the others of its batch.
+///   in another, two batches in flight (up to eight while hundreds of writes wait). Each
+///   statement is atomic on its own; a refused update does not affect the others of its batch.
+/// - Journal entries patch the changed step records in place (`jsonb_set`), and the table
+///   keeps free room on its pages (fill factor 50), so an entry that keeps the instance's
+///   status updates no index.
 ///
 /// ```no_run
 /// use architectlm_store::postgres::{PgDb, PgOptions};
@@ -202,15 +222,29 @@ const INSERT_SQL: &str = "INSERT INTO architectlm_saga_instances \
                error, owner, lease, steps) \
      ON CONFLICT DO NOTHING RETURNING id";
 
-/// Patches the changed step records (`patch`: position → record) into the stored array.
+/// Writes the changed step records into the stored array in place with `jsonb_set`: the first
+/// two by position (`i1`/`r1`, `i2`/`r2`; a journal entry usually closes one step and opens
+/// the next), any more through `rest` (position → record, or `NULL`). Positions outside the
+/// array are ignored.
+///
+/// The table's fill factor leaves room on each page, so an update that keeps the status (and
+/// so every indexed column) is a heap-only tuple update that touches no index.
 const UPDATE_SQL: &str = "UPDATE architectlm_saga_instances AS s \
      SET status = u.status, error = u.error, completed_at = u.completed_at, \
-         steps = CASE WHEN u.patch = '{}'::jsonb THEN s.steps ELSE COALESCE(( \
-             SELECT jsonb_agg(COALESCE(u.patch -> (e.ord - 1)::text, e.elem) ORDER BY e.ord) \
-             FROM jsonb_array_elements(s.steps) WITH ORDINALITY AS e(elem, ord)), s.steps) END \
+         steps = CASE \
+             WHEN u.i1 IS NULL THEN s.steps \
+             WHEN u.i2 IS NULL THEN jsonb_set(s.steps, ARRAY[u.i1::text], u.r1, false) \
+             WHEN u.rest IS NULL THEN jsonb_set(jsonb_set(s.steps, ARRAY[u.i1::text], u.r1, \
+                                                          false), \
+                                                ARRAY[u.i2::text], u.r2, false) \
+             ELSE COALESCE(( \
+                 SELECT jsonb_agg(COALESCE(u.rest -> (e.ord - 1)::text, e.elem) ORDER BY e.ord) \
+                 FROM jsonb_array_elements(s.steps) WITH ORDINALITY AS e(elem, ord)), s.steps) \
+             END \
      FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[], \
-                 $6::jsonb[]) WITH ORDINALITY AS u(id, fencing, status, error, completed_at, \
-                                                   patch, ord) \
+                 $6::int4[], $7::jsonb[], $8::int4[], $9::jsonb[], $10::jsonb[]) \
+          WITH ORDINALITY AS u(id, fencing, status, error, completed_at, i1, r1, i2, r2, rest, \
+                               ord) \
      WHERE s.id = u.id AND s.fencing = u.fencing \
      RETURNING u.ord";
 
@@ -303,25 +337,64 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
     let mut statuses = Vec::with_capacity(updates.len());
     let mut errors = Vec::with_capacity(updates.len());
     let mut completed = Vec::with_capacity(updates.len());
-    let mut patches = Vec::with_capacity(updates.len());
+    let mut firsts: Vec<Option<i32>> = Vec::with_capacity(updates.len());
+    let mut first_records: Vec<Option<Value>> = Vec::with_capacity(updates.len());
+    let mut seconds: Vec<Option<i32>> = Vec::with_capacity(updates.len());
+    let mut second_records: Vec<Option<Value>> = Vec::with_capacity(updates.len());
+    let mut rests: Vec<Option<Value>> = Vec::with_capacity(updates.len());
     for u in updates {
         ids.push(u.instance_id);
         fencings.push(fencing_i64(u.fencing));
         statuses.push(u.status.as_str());
         errors.push(u.error.as_deref());
         completed.push(u.completed_at);
-        let mut patch = serde_json::Map::new();
-        for (idx, s) in &u.steps {
-            patch.insert(idx.to_string(), step_json(s)?);
+        let (mut i1, mut r1, mut i2, mut r2, mut rest) = (None, None, None, None, None);
+        if u.steps.len() > 2 {
+            let mut patch = serde_json::Map::new();
+            for (idx, s) in &u.steps {
+                patch.insert(idx.to_string(), step_json(s)?);
+            }
+            // `i1` only marks the entry as changing steps; `rest` carries them all.
+            i1 = Some(0);
+            i2 = Some(0);
+            rest = Some(Value::Object(patch));
+        } else {
+            for (n, (idx, s)) in u.steps.iter().enumerate() {
+                // A position beyond `i32` is beyond any array: left out, like the others.
+                let Ok(idx) = i32::try_from(*idx) else {
+                    continue;
+                };
+                if n == 0 || i1.is_none() {
+                    i1 = Some(idx);
+                    r1 = Some(step_json(s)?);
+                } else {
+                    i2 = Some(idx);
+                    r2 = Some(step_json(s)?);
+                }
+            }
         }
-        patches.push(Value::Object(patch));
+        firsts.push(i1);
+        first_records.push(r1);
+        seconds.push(i2);
+        second_records.push(r2);
+        rests.push(rest);
     }
     let stmt = client
         .prepare_cached(UPDATE_SQL)
         .await
         .map_err(|e| pg_err("cannot prepare the saga journal update", e))?;
-    let params: [&(dyn ToSql + Sync); 6] =
-        [&ids, &fencings, &statuses, &errors, &completed, &patches];
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &ids,
+        &fencings,
+        &statuses,
+        &errors,
+        &completed,
+        &firsts,
+        &first_records,
+        &seconds,
+        &second_records,
+        &rests,
+    ];
     let mut applied = vec![false; updates.len()];
     for r in client
         .query(&stmt, &params)
@@ -481,7 +554,11 @@ impl PgSagaStore {
         let start = {
             let mut q = self.queue.lock();
             q.ops.push((op, tx));
-            if q.flushers < MAX_FLUSHERS {
+            // Two batches in flight keep the server busy while one commits; more only when
+            // writes pile up. Fewer, larger batches cost the server less per write.
+            if q.flushers < BASE_FLUSHERS
+                || (q.flushers < MAX_FLUSHERS && q.ops.len() >= DEEP_QUEUE)
+            {
                 q.flushers += 1;
                 true
             } else {

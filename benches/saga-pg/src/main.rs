@@ -82,6 +82,27 @@ fn self_cpu() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The server's current write-ahead log position, as text (`pg_lsn`).
+async fn wal_lsn(db: &PgDb) -> String {
+    let c = db.client().await.expect("client");
+    c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map(|r| r.get::<_, String>(0))
+        .unwrap_or_default()
+}
+
+/// Bytes of write-ahead log the server wrote since `from` (by every client of the server).
+async fn wal_since(db: &PgDb, from: &str) -> f64 {
+    let c = db.client().await.expect("client");
+    c.query_one(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+        &[&from],
+    )
+    .await
+    .map(|r| r.get::<_, f64>(0))
+    .unwrap_or(0.0)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -167,6 +188,7 @@ async fn sagas_run(schema: &str, total: usize) -> Run {
         sagas.settled(s.id).await;
     }
     let (rt0, w0) = store.write_stats();
+    let lsn0 = wal_lsn(&db).await;
     let (pg0, me0) = (postgres_cpu(), self_cpu());
     let gate = Arc::new(Semaphore::new(CONCURRENCY));
     let started = Instant::now();
@@ -188,6 +210,7 @@ async fn sagas_run(schema: &str, total: usize) -> Run {
     }
     let elapsed = started.elapsed();
     let (pg, me) = (postgres_cpu_since(&pg0), self_cpu() - me0);
+    let wal = wal_since(&db, &lsn0).await;
     let (rt1, w1) = store.write_stats();
     lat.sort();
     let trips = (rt1 - rt0) as f64;
@@ -196,9 +219,10 @@ async fn sagas_run(schema: &str, total: usize) -> Run {
         p50: pct(&lat, 0.5),
         p99: pct(&lat, 0.99),
         extra: format!(
-            "{:.3} round trips/step ({:.0} journal writes/round trip)",
+            "{:.3} round trips/step ({:.0} journal writes/round trip), {:.1} KiB of WAL/saga",
             trips / (total * STEPS) as f64,
-            (w1 - w0) as f64 / trips.max(1.0)
+            (w1 - w0) as f64 / trips.max(1.0),
+            wal / 1024.0 / total as f64
         ),
         cpu_us: (pg * 1e6 / total as f64, me * 1e6 / total as f64),
     };
@@ -216,6 +240,7 @@ async fn inserts_run(schema: &str, total: usize) -> Run {
         )
         .await
         .expect("table");
+    let lsn0 = wal_lsn(&db).await;
     let (pg0, me0) = (postgres_cpu(), self_cpu());
     let gate = Arc::new(Semaphore::new(CONCURRENCY));
     let started = Instant::now();
@@ -242,12 +267,16 @@ async fn inserts_run(schema: &str, total: usize) -> Run {
     }
     let elapsed = started.elapsed();
     let (pg, me) = (postgres_cpu_since(&pg0), self_cpu() - me0);
+    let wal = wal_since(&db, &lsn0).await;
     lat.sort();
     Run {
         per_sec: total as f64 / elapsed.as_secs_f64(),
         p50: pct(&lat, 0.5),
         p99: pct(&lat, 0.99),
-        extra: "1 round trip and 1 commit per row".to_owned(),
+        extra: format!(
+            "1 round trip and 1 commit per row, {:.2} KiB of WAL/row",
+            wal / 1024.0 / total as f64
+        ),
         cpu_us: (pg * 1e6 / total as f64, me * 1e6 / total as f64),
     }
 }

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
 use architectlm_core::extensions::Page;
@@ -270,17 +270,14 @@ async fn run_creates(
         saga_ids.push(i.saga_id.as_str());
         versions.push(i32::try_from(i.saga_version).unwrap_or(i32::MAX));
         statuses.push(i.status.as_str());
-        inputs.push(i.input.clone());
+        inputs.push(Json(&i.input));
         keys.push(i.idempotency_key.as_deref());
         started.push(i.started_at);
         completed.push(i.completed_at);
         errors.push(i.error.as_deref());
         owners.push(owner.as_str());
         leases.push(*lease);
-        steps.push(
-            serde_json::to_value(&i.steps)
-                .map_err(|e| Error::storage(format!("cannot serialise step records: {e}")))?,
-        );
+        steps.push(Json(&i.steps));
     }
     let stmt = client
         .prepare_cached(INSERT_SQL)
@@ -338,9 +335,13 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
     let mut errors = Vec::with_capacity(updates.len());
     let mut completed = Vec::with_capacity(updates.len());
     let mut firsts: Vec<Option<i32>> = Vec::with_capacity(updates.len());
-    let mut first_records: Vec<Option<Value>> = Vec::with_capacity(updates.len());
+    // Step records go as `Json` of the records themselves: serialised straight into the
+    // message, with no intermediate `Value`.
+    let mut first_records: Vec<Option<Json<&SagaStepExecution>>> =
+        Vec::with_capacity(updates.len());
     let mut seconds: Vec<Option<i32>> = Vec::with_capacity(updates.len());
-    let mut second_records: Vec<Option<Value>> = Vec::with_capacity(updates.len());
+    let mut second_records: Vec<Option<Json<&SagaStepExecution>>> =
+        Vec::with_capacity(updates.len());
     let mut rests: Vec<Option<Value>> = Vec::with_capacity(updates.len());
     for u in updates {
         ids.push(u.instance_id);
@@ -366,10 +367,10 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
                 };
                 if n == 0 || i1.is_none() {
                     i1 = Some(idx);
-                    r1 = Some(step_json(s)?);
+                    r1 = Some(Json(s));
                 } else {
                     i2 = Some(idx);
-                    r2 = Some(step_json(s)?);
+                    r2 = Some(Json(s));
                 }
             }
         }

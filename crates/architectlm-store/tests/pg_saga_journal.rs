@@ -177,3 +177,67 @@ async fn a_v1_table_is_upgraded_with_its_rows() {
     );
     schema.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_and_entries_share_batches_and_a_bad_one_fails_alone() {
+    let Some(url) = database_url("concurrent_creates_and_entries_share_batches") else {
+        return;
+    };
+    let schema = TestSchema::new(&url);
+    let store = PgSagaStore::open(schema.connect().await).await.unwrap();
+    // Instances to journal entries on, created first.
+    let mut running = Vec::new();
+    for _ in 0..40 {
+        let i = instance(3);
+        let CreateOutcome::Created(s) = store.create(&i, "a").await.unwrap() else {
+            panic!("not created");
+        };
+        running.push((i, s.fencing));
+    }
+    let (rt0, w0) = store.write_stats();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, (i, fencing)) in running.iter().cloned().enumerate() {
+        let writer = store.clone();
+        tasks.spawn(async move {
+            let mut up = SagaUpdate::new(i.id, fencing, SagaStatus::Running);
+            up.steps = vec![step(&i, n % 3, SagaStepStatus::Running, json!(n))];
+            let mut expected = i.clone();
+            up.apply_to(&mut expected);
+            (writer.apply(up).await.map(|_| None), expected)
+        });
+        let creator = store.clone();
+        tasks.spawn(async move {
+            let mut new = instance(2);
+            if n == 7 {
+                // PostgreSQL refuses `\u0000` in `jsonb`: this create fails.
+                new.input = json!({"bad": "nul \u{0} here"});
+            }
+            let out = creator.create(&new, "b").await;
+            (out.map(Some), new)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (out, expected) = done.unwrap();
+        match out {
+            Ok(None) => {
+                let stored = store.get(expected.id).await.unwrap().unwrap();
+                assert_eq!(stored.instance.steps, expected.steps);
+            }
+            Ok(Some(CreateOutcome::Created(s))) => {
+                assert_eq!(s.instance.id, expected.id);
+                let stored = store.get(expected.id).await.unwrap().unwrap();
+                assert_eq!(stored.instance.steps, expected.steps);
+            }
+            Ok(Some(other)) => panic!("unexpected outcome {other:?}"),
+            Err(e) => failed.push((expected.id, e.to_string())),
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(store.get(failed[0].0).await.unwrap().is_none());
+    let (rt1, w1) = store.write_stats();
+    assert_eq!(w1 - w0, 80);
+    // Writes shared statements (the failed joint statement and its retries included).
+    assert!(rt1 - rt0 < 80, "{} statements for 80 writes", rt1 - rt0);
+    schema.drop().await;
+}

@@ -9,6 +9,7 @@
 //! one `INSERT … SELECT FROM unnest(…)`, updates as one `UPDATE … FROM unnest(…)` that checks
 //! every row's fencing token, so one round trip carries the journal entries of many sagas.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, S
 
 use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
 use crate::migration::Migration;
-use crate::postgres::{PgDb, pg_err};
+use crate::postgres::{PgClient, PgDb, pg_err};
 use crate::{Error, Result};
 
 /// The versioned schema of the saga table, applied by [`PgSagaStore::open`].
@@ -248,53 +249,189 @@ const UPDATE_SQL: &str = "UPDATE architectlm_saga_instances AS s \
      WHERE s.id = u.id AND s.fencing = u.fencing \
      RETURNING u.ord";
 
-async fn run_creates(
-    db: &PgDb,
-    creates: Vec<(SagaInstance, String, Option<f64>)>,
-) -> Result<Vec<Result<OpOut>>> {
-    let client = db.client().await?;
-    let mut ids = Vec::with_capacity(creates.len());
-    let mut saga_ids = Vec::with_capacity(creates.len());
-    let mut versions = Vec::with_capacity(creates.len());
-    let mut statuses = Vec::with_capacity(creates.len());
-    let mut inputs = Vec::with_capacity(creates.len());
-    let mut keys = Vec::with_capacity(creates.len());
-    let mut started = Vec::with_capacity(creates.len());
-    let mut completed = Vec::with_capacity(creates.len());
-    let mut errors = Vec::with_capacity(creates.len());
-    let mut owners = Vec::with_capacity(creates.len());
-    let mut leases = Vec::with_capacity(creates.len());
-    let mut steps = Vec::with_capacity(creates.len());
-    for (i, owner, lease) in &creates {
-        ids.push(i.id);
-        saga_ids.push(i.saga_id.as_str());
-        versions.push(i32::try_from(i.saga_version).unwrap_or(i32::MAX));
-        statuses.push(i.status.as_str());
-        inputs.push(Json(&i.input));
-        keys.push(i.idempotency_key.as_deref());
-        started.push(i.started_at);
-        completed.push(i.completed_at);
-        errors.push(i.error.as_deref());
-        owners.push(owner.as_str());
-        leases.push(*lease);
-        steps.push(Json(&i.steps));
+/// Creates and journal entries of one batch in a single statement (so a single commit): the
+/// insert and the update as data-modifying `WITH` queries. Rows: `(id, NULL)` per inserted
+/// instance, `(NULL, ord)` per applied entry.
+static BOTH_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // The update's parameters follow the insert's twelve.
+    let mut update = UPDATE_SQL.to_owned();
+    for n in (1..=10).rev() {
+        update = update.replace(&format!("${n}:"), &format!("${}:", n + 12));
     }
-    let stmt = client
-        .prepare_cached(INSERT_SQL)
-        .await
-        .map_err(|e| pg_err("cannot prepare the saga insert", e))?;
-    let params: [&(dyn ToSql + Sync); 12] = [
-        &ids, &saga_ids, &versions, &statuses, &inputs, &keys, &started, &completed, &errors,
-        &owners, &leases, &steps,
-    ];
-    let inserted: std::collections::HashSet<Uuid> = client
-        .query(&stmt, &params)
-        .await
-        .map_err(|e| pg_err("cannot record saga instances", e))?
-        .iter()
-        .map(|r| r.try_get::<_, Uuid>(0).map_err(row_err))
-        .collect::<Result<_>>()?;
+    format!(
+        "WITH ins AS ({INSERT_SQL}), upd AS ({update}) \
+         SELECT id, NULL::int8 FROM ins UNION ALL SELECT NULL::uuid, ord FROM upd"
+    )
+});
+
+type NewInstance = (SagaInstance, String, Option<f64>);
+
+/// The insert's parameters, by column, borrowed from the instances.
+struct CreateColumns<'a> {
+    ids: Vec<Uuid>,
+    saga_ids: Vec<&'a str>,
+    versions: Vec<i32>,
+    statuses: Vec<&'a str>,
+    inputs: Vec<Json<&'a Value>>,
+    keys: Vec<Option<&'a str>>,
+    started: Vec<DateTime<Utc>>,
+    completed: Vec<Option<DateTime<Utc>>>,
+    errors: Vec<Option<&'a str>>,
+    owners: Vec<&'a str>,
+    leases: Vec<Option<f64>>,
+    steps: Vec<Json<&'a Vec<SagaStepExecution>>>,
+}
+
+impl<'a> CreateColumns<'a> {
+    fn new(creates: &'a [NewInstance]) -> Self {
+        let n = creates.len();
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            saga_ids: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            inputs: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            started: Vec::with_capacity(n),
+            completed: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            owners: Vec::with_capacity(n),
+            leases: Vec::with_capacity(n),
+            steps: Vec::with_capacity(n),
+        };
+        for (i, owner, lease) in creates {
+            c.ids.push(i.id);
+            c.saga_ids.push(i.saga_id.as_str());
+            c.versions
+                .push(i32::try_from(i.saga_version).unwrap_or(i32::MAX));
+            c.statuses.push(i.status.as_str());
+            c.inputs.push(Json(&i.input));
+            c.keys.push(i.idempotency_key.as_deref());
+            c.started.push(i.started_at);
+            c.completed.push(i.completed_at);
+            c.errors.push(i.error.as_deref());
+            c.owners.push(owner.as_str());
+            c.leases.push(*lease);
+            c.steps.push(Json(&i.steps));
+        }
+        c
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.ids,
+            &self.saga_ids,
+            &self.versions,
+            &self.statuses,
+            &self.inputs,
+            &self.keys,
+            &self.started,
+            &self.completed,
+            &self.errors,
+            &self.owners,
+            &self.leases,
+            &self.steps,
+        ]
+    }
+}
+
+/// The journal update's parameters, by column, borrowed from the entries.
+struct UpdateColumns<'a> {
+    ids: Vec<Uuid>,
+    fencings: Vec<i64>,
+    statuses: Vec<&'a str>,
+    errors: Vec<Option<&'a str>>,
+    completed: Vec<Option<DateTime<Utc>>>,
+    firsts: Vec<Option<i32>>,
+    // Step records go as `Json` of the records themselves: serialised straight into the
+    // message, with no intermediate `Value`.
+    first_records: Vec<Option<Json<&'a SagaStepExecution>>>,
+    seconds: Vec<Option<i32>>,
+    second_records: Vec<Option<Json<&'a SagaStepExecution>>>,
+    rests: Vec<Option<Value>>,
+}
+
+impl<'a> UpdateColumns<'a> {
+    fn new(updates: &'a [SagaUpdate]) -> Result<Self> {
+        let n = updates.len();
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            fencings: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            completed: Vec::with_capacity(n),
+            firsts: Vec::with_capacity(n),
+            first_records: Vec::with_capacity(n),
+            seconds: Vec::with_capacity(n),
+            second_records: Vec::with_capacity(n),
+            rests: Vec::with_capacity(n),
+        };
+        for u in updates {
+            c.ids.push(u.instance_id);
+            c.fencings.push(fencing_i64(u.fencing));
+            c.statuses.push(u.status.as_str());
+            c.errors.push(u.error.as_deref());
+            c.completed.push(u.completed_at);
+            let (mut i1, mut r1, mut i2, mut r2, mut rest) = (None, None, None, None, None);
+            if u.steps.len() > 2 {
+                let mut patch = serde_json::Map::new();
+                for (idx, s) in &u.steps {
+                    patch.insert(idx.to_string(), step_json(s)?);
+                }
+                // `i1` only marks the entry as changing steps; `rest` carries them all.
+                i1 = Some(0);
+                i2 = Some(0);
+                rest = Some(Value::Object(patch));
+            } else {
+                for (n, (idx, s)) in u.steps.iter().enumerate() {
+                    // A position beyond `i32` is beyond any array: left out, like the others.
+                    let Ok(idx) = i32::try_from(*idx) else {
+                        continue;
+                    };
+                    if n == 0 || i1.is_none() {
+                        i1 = Some(idx);
+                        r1 = Some(Json(s));
+                    } else {
+                        i2 = Some(idx);
+                        r2 = Some(Json(s));
+                    }
+                }
+            }
+            c.firsts.push(i1);
+            c.first_records.push(r1);
+            c.seconds.push(i2);
+            c.second_records.push(r2);
+            c.rests.push(rest);
+        }
+        Ok(c)
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.ids,
+            &self.fencings,
+            &self.statuses,
+            &self.errors,
+            &self.completed,
+            &self.firsts,
+            &self.first_records,
+            &self.seconds,
+            &self.second_records,
+            &self.rests,
+        ]
+    }
+}
+
+/// The outcome of each create given the ids the insert took; instances not inserted are
+/// looked up (same idempotency key) or refused (same id). Returns the outcomes and the
+/// number of reads made.
+async fn create_outcomes(
+    client: &PgClient,
+    creates: Vec<NewInstance>,
+    inserted: &HashSet<Uuid>,
+) -> Result<(Vec<Result<OpOut>>, u64)> {
     let mut out = Vec::with_capacity(creates.len());
+    let mut reads = 0;
     for (instance, owner, _) in creates {
         if inserted.contains(&instance.id) {
             out.push(Ok(OpOut::Created(Box::new(CreateOutcome::Created(
@@ -304,16 +441,19 @@ async fn run_creates(
         }
         // Not inserted: an instance with the same idempotency key, or the same id, exists.
         let existing = match &instance.idempotency_key {
-            Some(key) => client
-                .query_opt(
-                    &format!(
-                        "SELECT {COLUMNS} FROM architectlm_saga_instances \
-                         WHERE saga_id = $1 AND idempotency_key = $2"
-                    ),
-                    &[&instance.saga_id, key],
-                )
-                .await
-                .map_err(|e| pg_err("cannot read a saga instance", e))?,
+            Some(key) => {
+                reads += 1;
+                client
+                    .query_opt(
+                        &format!(
+                            "SELECT {COLUMNS} FROM architectlm_saga_instances \
+                             WHERE saga_id = $1 AND idempotency_key = $2"
+                        ),
+                        &[&instance.saga_id, key],
+                    )
+                    .await
+                    .map_err(|e| pg_err("cannot read a saga instance", e))?
+            }
             None => None,
         };
         out.push(match existing {
@@ -324,99 +464,24 @@ async fn run_creates(
             ))),
         });
     }
-    Ok(out)
+    Ok((out, reads))
 }
 
-async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpOut>>> {
-    let client = db.client().await?;
-    let mut ids = Vec::with_capacity(updates.len());
-    let mut fencings = Vec::with_capacity(updates.len());
-    let mut statuses = Vec::with_capacity(updates.len());
-    let mut errors = Vec::with_capacity(updates.len());
-    let mut completed = Vec::with_capacity(updates.len());
-    let mut firsts: Vec<Option<i32>> = Vec::with_capacity(updates.len());
-    // Step records go as `Json` of the records themselves: serialised straight into the
-    // message, with no intermediate `Value`.
-    let mut first_records: Vec<Option<Json<&SagaStepExecution>>> =
-        Vec::with_capacity(updates.len());
-    let mut seconds: Vec<Option<i32>> = Vec::with_capacity(updates.len());
-    let mut second_records: Vec<Option<Json<&SagaStepExecution>>> =
-        Vec::with_capacity(updates.len());
-    let mut rests: Vec<Option<Value>> = Vec::with_capacity(updates.len());
-    for u in updates {
-        ids.push(u.instance_id);
-        fencings.push(fencing_i64(u.fencing));
-        statuses.push(u.status.as_str());
-        errors.push(u.error.as_deref());
-        completed.push(u.completed_at);
-        let (mut i1, mut r1, mut i2, mut r2, mut rest) = (None, None, None, None, None);
-        if u.steps.len() > 2 {
-            let mut patch = serde_json::Map::new();
-            for (idx, s) in &u.steps {
-                patch.insert(idx.to_string(), step_json(s)?);
-            }
-            // `i1` only marks the entry as changing steps; `rest` carries them all.
-            i1 = Some(0);
-            i2 = Some(0);
-            rest = Some(Value::Object(patch));
-        } else {
-            for (n, (idx, s)) in u.steps.iter().enumerate() {
-                // A position beyond `i32` is beyond any array: left out, like the others.
-                let Ok(idx) = i32::try_from(*idx) else {
-                    continue;
-                };
-                if n == 0 || i1.is_none() {
-                    i1 = Some(idx);
-                    r1 = Some(Json(s));
-                } else {
-                    i2 = Some(idx);
-                    r2 = Some(Json(s));
-                }
-            }
-        }
-        firsts.push(i1);
-        first_records.push(r1);
-        seconds.push(i2);
-        second_records.push(r2);
-        rests.push(rest);
-    }
-    let stmt = client
-        .prepare_cached(UPDATE_SQL)
-        .await
-        .map_err(|e| pg_err("cannot prepare the saga journal update", e))?;
-    let params: [&(dyn ToSql + Sync); 10] = [
-        &ids,
-        &fencings,
-        &statuses,
-        &errors,
-        &completed,
-        &firsts,
-        &first_records,
-        &seconds,
-        &second_records,
-        &rests,
-    ];
-    let mut applied = vec![false; updates.len()];
-    for r in client
-        .query(&stmt, &params)
-        .await
-        .map_err(|e| pg_err("cannot write the saga journal", e))?
-    {
-        let ord: i64 = r.try_get(0).map_err(row_err)?;
-        if let Some(slot) = usize::try_from(ord - 1)
-            .ok()
-            .and_then(|i| applied.get_mut(i))
-        {
-            *slot = true;
-        }
-    }
+/// The outcome of each journal entry given which were applied (by position); refused ones
+/// are told apart (stale token or unknown instance) with one read. Returns the outcomes and
+/// the number of reads made.
+async fn update_outcomes(
+    client: &PgClient,
+    updates: &[SagaUpdate],
+    applied: &[bool],
+) -> Result<(Vec<Result<OpOut>>, u64)> {
     let refused: Vec<Uuid> = updates
         .iter()
-        .zip(&applied)
+        .zip(applied)
         .filter(|(_, ok)| !**ok)
         .map(|(u, _)| u.instance_id)
         .collect();
-    let mut current = std::collections::HashMap::new();
+    let mut current = HashMap::new();
     if !refused.is_empty() {
         for r in client
             .query(
@@ -431,11 +496,11 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
             current.insert(id, u64::try_from(f).unwrap_or(0));
         }
     }
-    Ok(updates
+    let out = updates
         .iter()
         .zip(applied)
         .map(|(u, ok)| {
-            if ok {
+            if *ok {
                 return Ok(OpOut::Applied);
             }
             Err(match current.get(&u.instance_id) {
@@ -448,11 +513,162 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
                 },
             })
         })
-        .collect())
+        .collect();
+    Ok((out, u64::from(!refused.is_empty())))
 }
 
-/// Runs one batch: all its creates in one statement, all its updates in another. Returns the
-/// number of statements sent.
+/// Marks the entry at `ord` (1-based, from `WITH ORDINALITY`) as applied.
+fn mark_applied(applied: &mut [bool], ord: i64) {
+    if let Some(slot) = usize::try_from(ord - 1)
+        .ok()
+        .and_then(|i| applied.get_mut(i))
+    {
+        *slot = true;
+    }
+}
+
+/// Creates alone: one insert. Returns the outcomes and the statements sent, or the error and
+/// the creates (nothing was written).
+async fn run_creates(
+    db: &PgDb,
+    creates: Vec<NewInstance>,
+) -> std::result::Result<(Vec<Result<OpOut>>, u64), (Error, Vec<NewInstance>)> {
+    let client = match db.client().await {
+        Ok(c) => c,
+        Err(e) => return Err((e, creates)),
+    };
+    let inserted = async {
+        let stmt = client
+            .prepare_cached(INSERT_SQL)
+            .await
+            .map_err(|e| pg_err("cannot prepare the saga insert", e))?;
+        let cols = CreateColumns::new(&creates);
+        client
+            .query(&stmt, &cols.params())
+            .await
+            .map_err(|e| pg_err("cannot record saga instances", e))?
+            .iter()
+            .map(|r| r.try_get::<_, Uuid>(0).map_err(row_err))
+            .collect::<Result<HashSet<Uuid>>>()
+    }
+    .await;
+    let inserted = match inserted {
+        Ok(i) => i,
+        Err(e) => return Err((e, creates)),
+    };
+    let n = creates.len();
+    match create_outcomes(&client, creates, &inserted).await {
+        Ok((out, reads)) => Ok((out, 1 + reads)),
+        Err(e) => {
+            let msg = e.to_string();
+            Ok((
+                (0..n).map(|_| Err(Error::storage(msg.clone()))).collect(),
+                1,
+            ))
+        }
+    }
+}
+
+/// Journal entries alone: one update. Returns the outcomes and the statements sent.
+async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<(Vec<Result<OpOut>>, u64)> {
+    let client = db.client().await?;
+    let cols = UpdateColumns::new(updates)?;
+    let stmt = client
+        .prepare_cached(UPDATE_SQL)
+        .await
+        .map_err(|e| pg_err("cannot prepare the saga journal update", e))?;
+    let mut applied = vec![false; updates.len()];
+    for r in client
+        .query(&stmt, &cols.params())
+        .await
+        .map_err(|e| pg_err("cannot write the saga journal", e))?
+    {
+        mark_applied(&mut applied, r.try_get(0).map_err(row_err)?);
+    }
+    let (out, reads) = update_outcomes(&client, updates, &applied).await?;
+    Ok((out, 1 + reads))
+}
+
+/// Outcomes of a batch's creates and journal entries, and the statements sent.
+type BatchOut = (Vec<Result<OpOut>>, Vec<Result<OpOut>>, u64);
+
+/// Creates and journal entries together: one statement, one commit.
+async fn run_both(
+    db: &PgDb,
+    creates: Vec<NewInstance>,
+    updates: &[SagaUpdate],
+) -> std::result::Result<BatchOut, (Error, Vec<NewInstance>)> {
+    let client = match db.client().await {
+        Ok(c) => c,
+        Err(e) => return Err((e, creates)),
+    };
+    let written = async {
+        let stmt = client
+            .prepare_cached(&BOTH_SQL)
+            .await
+            .map_err(|e| pg_err("cannot prepare the saga journal write", e))?;
+        let c = CreateColumns::new(&creates);
+        let u = UpdateColumns::new(updates)?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = c.params().to_vec();
+        params.extend(u.params());
+        let mut inserted = HashSet::new();
+        let mut applied = vec![false; updates.len()];
+        for r in client
+            .query(&stmt, &params)
+            .await
+            .map_err(|e| pg_err("cannot write the saga journal", e))?
+        {
+            match r.try_get::<_, Option<Uuid>>(0).map_err(row_err)? {
+                Some(id) => {
+                    inserted.insert(id);
+                }
+                None => mark_applied(
+                    &mut applied,
+                    r.try_get::<_, Option<i64>>(1)
+                        .map_err(row_err)?
+                        .unwrap_or(0),
+                ),
+            }
+        }
+        Ok::<_, Error>((inserted, applied))
+    }
+    .await;
+    let (inserted, applied) = match written {
+        Ok(w) => w,
+        Err(e) => return Err((e, creates)),
+    };
+    // The statement is committed: from here on, errors are the outcomes' own.
+    let n = creates.len();
+    let (created, create_reads) = match create_outcomes(&client, creates, &inserted).await {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = e.to_string();
+            (
+                (0..n).map(|_| Err(Error::storage(msg.clone()))).collect(),
+                0,
+            )
+        }
+    };
+    let (updated, update_reads) = match update_outcomes(&client, updates, &applied).await {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = e.to_string();
+            (
+                updates
+                    .iter()
+                    .map(|_| Err(Error::storage(msg.clone())))
+                    .collect(),
+                0,
+            )
+        }
+    };
+    Ok((created, updated, 1 + create_reads + update_reads))
+}
+
+/// Runs one batch: its creates and journal entries in one statement (one commit) when it has
+/// both, else the one kind in one statement. Should a statement fail (say, the server refuses
+/// one instance's input), its writes are tried again apart — creates and entries, then each
+/// alone — so one bad write fails alone. Returns the number of statements sent.
 async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) -> u64 {
     let mut creates = Vec::new();
     let mut create_replies = Vec::new();
@@ -471,23 +687,60 @@ async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) -> u64 {
         }
     }
     let mut statements = 0;
+    if !creates.is_empty() && !updates.is_empty() {
+        match run_both(db, creates, &updates).await {
+            Ok((created, updated, sent)) => {
+                answer(create_replies, Ok(created));
+                answer(update_replies, Ok(updated));
+                return sent;
+            }
+            Err((_, back)) => {
+                statements += 1;
+                creates = back;
+            }
+        }
+    }
     if !creates.is_empty() {
-        let r = run_creates(db, creates).await;
-        statements += match &r {
-            // One insert, plus a read per instance that was not new.
-            Ok(out) => 1 + out.iter().filter(|o| !matches!(o, Ok(OpOut::Created(c)) if matches!(**c, CreateOutcome::Created(_)))).count() as u64,
-            Err(_) => 1,
-        };
-        answer(create_replies, r);
+        match run_creates(db, creates).await {
+            Ok((out, sent)) => {
+                statements += sent;
+                answer(create_replies, Ok(out));
+            }
+            Err((e, back)) if back.len() == 1 => {
+                statements += 1;
+                answer(create_replies, Err(e));
+            }
+            Err((_, back)) => {
+                // One bad instance fails the statement: each goes alone, so only it fails.
+                statements += 1;
+                for (create, reply) in back.into_iter().zip(create_replies) {
+                    let r = run_creates(db, vec![create]).await;
+                    statements += r.as_ref().map_or(1, |(_, sent)| *sent);
+                    answer(vec![reply], r.map(|(out, _)| out).map_err(|(e, _)| e));
+                }
+            }
+        }
     }
     if !updates.is_empty() {
-        let r = run_updates(db, &updates).await;
-        statements += match &r {
-            // One update, plus one read of the tokens when some were refused.
-            Ok(out) => 1 + u64::from(out.iter().any(Result::is_err)),
-            Err(_) => 1,
-        };
-        answer(update_replies, r);
+        match run_updates(db, &updates).await {
+            Ok((out, sent)) => {
+                statements += sent;
+                answer(update_replies, Ok(out));
+            }
+            Err(e) if updates.len() == 1 => {
+                statements += 1;
+                answer(update_replies, Err(e));
+            }
+            Err(_) => {
+                // As for creates: each goes alone, so only a bad one fails.
+                statements += 1;
+                for (update, reply) in updates.iter().zip(update_replies) {
+                    let r = run_updates(db, std::slice::from_ref(update)).await;
+                    statements += r.as_ref().map_or(1, |(_, sent)| *sent);
+                    answer(vec![reply], r.map(|(out, _)| out));
+                }
+            }
+        }
     }
     statements
 }

@@ -36,6 +36,9 @@ use crate::{Error, Result};
 /// - v2: fill factor 50, so that journal entries that keep the instance's status are
 ///   heap-only tuple updates (no index is touched, half the WAL). Pages written before keep
 ///   their layout until they are rewritten.
+/// - v3: the step records become a `jsonb[]` array (converted from v1's `jsonb` array), and
+///   `architectlm_saga_patch` (PL/pgSQL) replaces the changed records in it, which costs the
+///   server less than rewriting a `jsonb` document with `jsonb_set`.
 pub static PG_SAGA_MIGRATIONS: &[Migration] = &[
     Migration {
         component: "saga",
@@ -74,6 +77,45 @@ pub static PG_SAGA_MIGRATIONS: &[Migration] = &[
         description: "fill factor 50 on saga instances for heap-only journal updates",
         sql: "ALTER TABLE architectlm_saga_instances SET (fillfactor = 50);",
     },
+    Migration {
+        component: "saga",
+        version: 3,
+        description: "step records as a jsonb[] array, patched in place by architectlm_saga_patch",
+        sql: "
+        ALTER TABLE architectlm_saga_instances ADD COLUMN step_records JSONB[];
+        UPDATE architectlm_saga_instances SET step_records = ARRAY(
+            SELECT e.v FROM jsonb_array_elements(steps) WITH ORDINALITY AS e(v, o)
+            ORDER BY e.o);
+        ALTER TABLE architectlm_saga_instances DROP COLUMN steps;
+        ALTER TABLE architectlm_saga_instances RENAME COLUMN step_records TO steps;
+        ALTER TABLE architectlm_saga_instances ALTER COLUMN steps SET NOT NULL;
+        CREATE FUNCTION architectlm_saga_patch(steps JSONB[], i1 INTEGER, r1 JSONB,
+                                               i2 INTEGER, r2 JSONB, rest JSONB)
+        RETURNS JSONB[] LANGUAGE plpgsql IMMUTABLE AS $$
+        DECLARE
+            n INTEGER := coalesce(cardinality(steps), 0);
+            k TEXT;
+            v JSONB;
+        BEGIN
+            IF rest IS NOT NULL THEN
+                FOR k, v IN SELECT key, value FROM jsonb_each(rest) LOOP
+                    IF k ~ '^[0-9]{1,9}$' AND k::INTEGER < n THEN
+                        steps[k::INTEGER + 1] := v;
+                    END IF;
+                END LOOP;
+                RETURN steps;
+            END IF;
+            IF i1 >= 0 AND i1 < n THEN
+                steps[i1 + 1] := r1;
+            END IF;
+            IF i2 >= 0 AND i2 < n THEN
+                steps[i2 + 1] := r2;
+            END IF;
+            RETURN steps;
+        END
+        $$;
+    ",
+    },
 ];
 
 const COLUMNS: &str = "id, saga_id, saga_version, status, input, idempotency_key, started_at, \
@@ -103,12 +145,12 @@ const DEEP_QUEUE: usize = 256;
 /// - Every update carries the writer's fencing token and is refused with
 ///   [`Error::Conflict`] (kind `"saga instance"`, expected = the writer's token, actual = the
 ///   current one) once another node has claimed the instance.
-/// - Journal writes of concurrent sagas share round trips: creates in one statement, updates
-///   in another, two batches in flight (up to eight while hundreds of writes wait). Each
-///   statement is atomic on its own; a refused update does not affect the others of its batch.
-/// - Journal entries patch the changed step records in place (`jsonb_set`), and the table
-///   keeps free room on its pages (fill factor 50), so an entry that keeps the instance's
-///   status updates no index.
+/// - Journal writes of concurrent sagas share statements: a batch's creates and entries go as
+///   one statement (one commit), two batches in flight (up to eight while hundreds of writes
+///   wait). A statement the server refuses is retried apart, so only a bad write fails.
+/// - Journal entries replace the changed step records in place in a `jsonb[]` array, and the
+///   table keeps free room on its pages (fill factor 50), so an entry that keeps the
+///   instance's status is a heap-only update that touches no index.
 ///
 /// ```no_run
 /// use architectlm_store::postgres::{PgDb, PgOptions};
@@ -178,9 +220,10 @@ fn build(r: &Row) -> Result<StoredSaga> {
     let status = SagaStatus::parse(&status).ok_or_else(|| {
         Error::storage(format!("invalid saga status \"{status}\" in the journal"))
     })?;
-    let steps: Value = r.try_get(13).map_err(row_err)?;
-    let steps: Vec<SagaStepExecution> = serde_json::from_value(steps)
-        .map_err(|e| Error::storage(format!("invalid step records in the saga journal: {e}")))?;
+    let steps: Vec<Json<SagaStepExecution>> = r
+        .try_get(13)
+        .map_err(|e| pg_err("invalid step records in the saga journal", e))?;
+    let steps: Vec<SagaStepExecution> = steps.into_iter().map(|s| s.0).collect();
     let version: i32 = r.try_get(2).map_err(row_err)?;
     let mut instance = SagaInstance::new(
         r.try_get(0).map_err(row_err)?,
@@ -215,7 +258,8 @@ const INSERT_SQL: &str = "INSERT INTO architectlm_saga_instances \
             u.completed_at, u.error, u.owner, \
             CASE WHEN u.lease IS NULL THEN NULL \
                  ELSE clock_timestamp() + make_interval(secs => u.lease) END, \
-            1, u.steps \
+            1, ARRAY(SELECT e.v FROM jsonb_array_elements(u.steps) WITH ORDINALITY AS e(v, o) \
+                     ORDER BY e.o) \
      FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::text[], \
                  $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], \
                  $11::float8[], $12::jsonb[]) \
@@ -223,25 +267,17 @@ const INSERT_SQL: &str = "INSERT INTO architectlm_saga_instances \
                error, owner, lease, steps) \
      ON CONFLICT DO NOTHING RETURNING id";
 
-/// Writes the changed step records into the stored array in place with `jsonb_set`: the first
-/// two by position (`i1`/`r1`, `i2`/`r2`; a journal entry usually closes one step and opens
-/// the next), any more through `rest` (position → record, or `NULL`). Positions outside the
-/// array are ignored.
+/// Writes the changed step records into the stored array in place (`architectlm_saga_patch`,
+/// migration v3): the first two by position (`i1`/`r1`, `i2`/`r2`; a journal entry usually
+/// closes one step and opens the next), any more through `rest` (position → record, or
+/// `NULL`). Positions outside the array are ignored.
 ///
 /// The table's fill factor leaves room on each page, so an update that keeps the status (and
 /// so every indexed column) is a heap-only tuple update that touches no index.
 const UPDATE_SQL: &str = "UPDATE architectlm_saga_instances AS s \
      SET status = u.status, error = u.error, completed_at = u.completed_at, \
-         steps = CASE \
-             WHEN u.i1 IS NULL THEN s.steps \
-             WHEN u.i2 IS NULL THEN jsonb_set(s.steps, ARRAY[u.i1::text], u.r1, false) \
-             WHEN u.rest IS NULL THEN jsonb_set(jsonb_set(s.steps, ARRAY[u.i1::text], u.r1, \
-                                                          false), \
-                                                ARRAY[u.i2::text], u.r2, false) \
-             ELSE COALESCE(( \
-                 SELECT jsonb_agg(COALESCE(u.rest -> (e.ord - 1)::text, e.elem) ORDER BY e.ord) \
-                 FROM jsonb_array_elements(s.steps) WITH ORDINALITY AS e(elem, ord)), s.steps) \
-             END \
+         steps = CASE WHEN u.i1 IS NULL THEN s.steps \
+                      ELSE architectlm_saga_patch(s.steps, u.i1, u.r1, u.i2, u.r2, u.rest) END \
      FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[], \
                  $6::int4[], $7::jsonb[], $8::int4[], $9::jsonb[], $10::jsonb[]) \
           WITH ORDINALITY AS u(id, fencing, status, error, completed_at, i1, r1, i2, r2, rest, \

@@ -36,6 +36,73 @@ fn rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU seconds (user + system) of one `/proc/<pid>/stat` file's process.
+fn proc_cpu(stat: &str) -> Option<f64> {
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds used so far by every PostgreSQL server process on this machine, by pid.
+fn postgres_cpu() -> std::collections::HashMap<u32, f64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(e.path().join("stat"))
+            && stat.contains("(postgres)")
+            && let Some(cpu) = proc_cpu(&stat)
+        {
+            out.insert(pid, cpu);
+        }
+    }
+    out
+}
+
+/// CPU seconds the server spent between two [`postgres_cpu`] snapshots (processes that
+/// started in between count whole; those that ended in between are missed).
+fn postgres_cpu_since(before: &std::collections::HashMap<u32, f64>) -> f64 {
+    postgres_cpu()
+        .iter()
+        .map(|(pid, now)| now - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
+}
+
+/// CPU seconds used so far by this process.
+fn self_cpu() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| proc_cpu(&s))
+        .unwrap_or(0.0)
+}
+
+/// The server's current write-ahead log position, as text (`pg_lsn`).
+async fn wal_lsn(db: &PgDb) -> String {
+    let c = db.client().await.expect("client");
+    c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map(|r| r.get::<_, String>(0))
+        .unwrap_or_default()
+}
+
+/// Bytes of write-ahead log the server wrote since `from` (by every client of the server).
+async fn wal_since(db: &PgDb, from: &str) -> f64 {
+    let c = db.client().await.expect("client");
+    c.query_one(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+        &[&from],
+    )
+    .await
+    .map(|r| r.get::<_, f64>(0))
+    .unwrap_or(0.0)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -108,6 +175,8 @@ struct Run {
     p50: Duration,
     p99: Duration,
     extra: String,
+    /// CPU microseconds per item: (PostgreSQL server, this process).
+    cpu_us: (f64, f64),
 }
 
 async fn sagas_run(schema: &str, total: usize) -> Run {
@@ -119,6 +188,8 @@ async fn sagas_run(schema: &str, total: usize) -> Run {
         sagas.settled(s.id).await;
     }
     let (rt0, w0) = store.write_stats();
+    let lsn0 = wal_lsn(&db).await;
+    let (pg0, me0) = (postgres_cpu(), self_cpu());
     let gate = Arc::new(Semaphore::new(CONCURRENCY));
     let started = Instant::now();
     let mut handles = Vec::with_capacity(total);
@@ -138,6 +209,8 @@ async fn sagas_run(schema: &str, total: usize) -> Run {
         lat.push(h.await.expect("saga task"));
     }
     let elapsed = started.elapsed();
+    let (pg, me) = (postgres_cpu_since(&pg0), self_cpu() - me0);
+    let wal = wal_since(&db, &lsn0).await;
     let (rt1, w1) = store.write_stats();
     lat.sort();
     let trips = (rt1 - rt0) as f64;
@@ -146,10 +219,12 @@ async fn sagas_run(schema: &str, total: usize) -> Run {
         p50: pct(&lat, 0.5),
         p99: pct(&lat, 0.99),
         extra: format!(
-            "{:.3} round trips/step ({:.0} journal writes/round trip)",
+            "{:.3} round trips/step ({:.0} journal writes/round trip), {:.1} KiB of WAL/saga",
             trips / (total * STEPS) as f64,
-            (w1 - w0) as f64 / trips.max(1.0)
+            (w1 - w0) as f64 / trips.max(1.0),
+            wal / 1024.0 / total as f64
         ),
+        cpu_us: (pg * 1e6 / total as f64, me * 1e6 / total as f64),
     };
     rt.shutdown(Duration::from_secs(5)).await;
     run
@@ -165,6 +240,8 @@ async fn inserts_run(schema: &str, total: usize) -> Run {
         )
         .await
         .expect("table");
+    let lsn0 = wal_lsn(&db).await;
+    let (pg0, me0) = (postgres_cpu(), self_cpu());
     let gate = Arc::new(Semaphore::new(CONCURRENCY));
     let started = Instant::now();
     let mut handles = Vec::with_capacity(total);
@@ -189,12 +266,18 @@ async fn inserts_run(schema: &str, total: usize) -> Run {
         lat.push(h.await.expect("insert task"));
     }
     let elapsed = started.elapsed();
+    let (pg, me) = (postgres_cpu_since(&pg0), self_cpu() - me0);
+    let wal = wal_since(&db, &lsn0).await;
     lat.sort();
     Run {
         per_sec: total as f64 / elapsed.as_secs_f64(),
         p50: pct(&lat, 0.5),
         p99: pct(&lat, 0.99),
-        extra: "1 round trip and 1 commit per row".to_owned(),
+        extra: format!(
+            "1 round trip and 1 commit per row, {:.2} KiB of WAL/row",
+            wal / 1024.0 / total as f64
+        ),
+        cpu_us: (pg * 1e6 / total as f64, me * 1e6 / total as f64),
     }
 }
 
@@ -312,24 +395,36 @@ async fn main() {
         if quick { " (--quick)" } else { "" }
     );
     println!();
-    println!("| workload | throughput | median | p99 | round trips | ratio | peak RSS |");
-    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| raw INSERT transactions (baseline) | {:.0} rows/s | {} | {} | {} | 1.00× | |",
+        "| workload | throughput | median | p99 | round trips | CPU per item (server / client) | ratio | peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| raw INSERT transactions (baseline) | {:.0} rows/s | {} | {} | {} | {:.0} µs / {:.0} µs | 1.00× | |",
         raw.per_sec,
         ms(raw.p50),
         ms(raw.p99),
-        raw.extra
+        raw.extra,
+        raw.cpu_us.0,
+        raw.cpu_us.1
     );
     println!(
-        "| architectlm sagas (5 steps, PgSagaStore) | {:.0} sagas/s ({:.0} steps/s) | {} | {} | {} | {:.2}× sagas/s per raw row/s | {:.0} MiB |",
+        "| architectlm sagas (5 steps, PgSagaStore) | {:.0} sagas/s ({:.0} steps/s) | {} | {} | {} | {:.0} µs / {:.0} µs | {:.2}× sagas/s per raw row/s | {:.0} MiB |",
         ours.per_sec,
         ours.per_sec * STEPS as f64,
         ms(ours.p50),
         ms(ours.p99),
         ours.extra,
+        ours.cpu_us.0,
+        ours.cpu_us.1,
         ours.per_sec / raw.per_sec,
         rss_mib()
+    );
+    println!();
+    println!(
+        "CPU per item: user + system time of every PostgreSQL server process on the machine \
+         (backends, WAL writer, checkpointer) and of the benchmark process during the run, \
+         divided by the items done; the server and the benchmark share the machine's cores."
     );
     println!();
     match fo {

@@ -143,6 +143,16 @@ impl ClusterOptions {
     }
 }
 
+/// Most occurrences of one entry waiting for a place across the cluster: one for
+/// `queue-one`, as many as one node queues for `allow` at its `max_concurrent`.
+fn waiting_cap(overlap: OverlapPolicy) -> usize {
+    match overlap {
+        OverlapPolicy::Skip => 0,
+        OverlapPolicy::QueueOne => 1,
+        _ => super::ALLOW_QUEUE,
+    }
+}
+
 /// Batches of ended runs recorded at once per node.
 const FINISH_CONCURRENCY: usize = 4;
 
@@ -320,9 +330,15 @@ impl TaskScheduler {
     /// Plans the firings of reserved entries and claims their runs in one transaction.
     ///
     /// Overlap across nodes: `running` counts the entry's claimed, unfinished runs on every
-    /// node. Beyond the limit (1, or `max_concurrent` for `allow`), `skip` skips the due runs;
-    /// `queue-one` and `allow` leave the entry due and untouched, so it is looked at again once
-    /// its reservation lapses and starts when a place is free.
+    /// node, read after the entry was locked; the claim is version-checked against the entry
+    /// as read, so no other claim or recording slips in between. Beyond the limit (1, or
+    /// `max_concurrent` for `allow`), `skip` skips the due runs; `queue-one` and `allow` keep
+    /// the entry due at its waiting occurrences, at most [`waiting_cap`] of them (the latest;
+    /// earlier ones are skipped with `misfired`, reason `overlap`), and start them as places
+    /// free up.
+    ///
+    /// Jitter: the store makes an entry due at its due time plus its jitter; a firing is a
+    /// misfire only when it is later than that by more than the misfire threshold.
     async fn fire_many(&self, entries: Vec<DueEntry>, now: DateTime<Utc>) {
         let Some(c) = self.cluster() else {
             return;
@@ -336,7 +352,13 @@ impl TaskScheduler {
             let Some(due) = e.task.next_execution_at else {
                 continue;
             };
+            let jitter = e
+                .jitter
+                .and_then(|j| chrono::Duration::from_std(j).ok())
+                .unwrap_or_else(chrono::Duration::zero);
             let threshold = chrono::Duration::from_std(e.policy.misfire_threshold)
+                .ok()
+                .and_then(|t| t.checked_add(&jitter))
                 .unwrap_or(chrono::Duration::MAX);
             let misfire = now - due > threshold;
             let mut plan = self.plan(&e, due, now, misfire);
@@ -357,12 +379,39 @@ impl TaskScheduler {
                         now,
                     );
                     overlapped = rest;
-                } else if plan.run.is_empty() {
-                    // No place yet: wait, untouched, for a later poll.
-                    continue;
-                } else {
-                    // Start what fits; the entry stays due at the first run that did not.
+                } else if misfire {
+                    // Catch-up runs of `fire-all` all wait for each other, as on one node.
+                    if plan.run.is_empty() {
+                        continue;
+                    }
                     plan.next = rest.first().copied();
+                    plan.missed = 0;
+                } else {
+                    // The occurrences passed since the waiting one wait too, at most `cap` of
+                    // them: the latest; earlier ones are skipped as overlaps.
+                    let cap = waiting_cap(e.policy.overlap).max(1);
+                    let mut waiting: std::collections::VecDeque<DateTime<Utc>> = rest.into();
+                    let mut next = plan.next;
+                    let mut looked = 0;
+                    while let Some(n) = next
+                        && n <= now
+                        && looked < super::MISSED_COUNT_LIMIT
+                    {
+                        looked += 1;
+                        waiting.push_back(n);
+                        while waiting.len() > cap {
+                            overlapped.extend(waiting.pop_front());
+                        }
+                        // Only runs started or waiting count toward `max_executions`.
+                        let counted = (plan.run.len() + waiting.len()) as u32;
+                        next = self.next_after(&e, n, counted);
+                    }
+                    if plan.run.is_empty() && overlapped.is_empty() {
+                        // No place yet and no more waiting than allowed: wait, untouched.
+                        continue;
+                    }
+                    // What is started goes; the entry stays due at the first waiting one.
+                    plan.next = waiting.front().copied().or(next);
                     plan.missed = 0;
                 }
             }

@@ -9,6 +9,7 @@
 //! one `INSERT … SELECT FROM unnest(…)`, updates as one `UPDATE … FROM unnest(…)` that checks
 //! every row's fencing token, so one round trip carries the journal entries of many sagas.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 use uuid::Uuid;
 
 use architectlm_core::extensions::Page;
@@ -26,15 +27,24 @@ use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, S
 
 use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
 use crate::migration::Migration;
-use crate::postgres::{PgDb, pg_err};
+use crate::postgres::{PgClient, PgDb, pg_err};
 use crate::{Error, Result};
 
 /// The versioned schema of the saga table, applied by [`PgSagaStore::open`].
-pub static PG_SAGA_MIGRATIONS: &[Migration] = &[Migration {
-    component: "saga",
-    version: 1,
-    description: "saga instances with their step journal, owner, lease and fencing token",
-    sql: "
+///
+/// - v1: the table and its indexes.
+/// - v2: fill factor 50, so that journal entries that keep the instance's status are
+///   heap-only tuple updates (no index is touched, half the WAL). Pages written before keep
+///   their layout until they are rewritten.
+/// - v3: the step records become a `jsonb[]` array (converted from v1's `jsonb` array), and
+///   `architectlm_saga_patch` (PL/pgSQL) replaces the changed records in it, which costs the
+///   server less than rewriting a `jsonb` document with `jsonb_set`.
+pub static PG_SAGA_MIGRATIONS: &[Migration] = &[
+    Migration {
+        component: "saga",
+        version: 1,
+        description: "saga instances with their step journal, owner, lease and fencing token",
+        sql: "
         CREATE TABLE architectlm_saga_instances (
             id UUID PRIMARY KEY,
             saga_id TEXT NOT NULL,
@@ -60,7 +70,53 @@ pub static PG_SAGA_MIGRATIONS: &[Migration] = &[Migration {
             ON architectlm_saga_instances (lease_until)
             WHERE status IN ('created', 'running', 'compensating');
     ",
-}];
+    },
+    Migration {
+        component: "saga",
+        version: 2,
+        description: "fill factor 50 on saga instances for heap-only journal updates",
+        sql: "ALTER TABLE architectlm_saga_instances SET (fillfactor = 50);",
+    },
+    Migration {
+        component: "saga",
+        version: 3,
+        description: "step records as a jsonb[] array, patched in place by architectlm_saga_patch",
+        sql: "
+        ALTER TABLE architectlm_saga_instances ADD COLUMN step_records JSONB[];
+        UPDATE architectlm_saga_instances SET step_records = ARRAY(
+            SELECT e.v FROM jsonb_array_elements(steps) WITH ORDINALITY AS e(v, o)
+            ORDER BY e.o);
+        ALTER TABLE architectlm_saga_instances DROP COLUMN steps;
+        ALTER TABLE architectlm_saga_instances RENAME COLUMN step_records TO steps;
+        ALTER TABLE architectlm_saga_instances ALTER COLUMN steps SET NOT NULL;
+        CREATE FUNCTION architectlm_saga_patch(steps JSONB[], i1 INTEGER, r1 JSONB,
+                                               i2 INTEGER, r2 JSONB, rest JSONB)
+        RETURNS JSONB[] LANGUAGE plpgsql IMMUTABLE AS $$
+        DECLARE
+            n INTEGER := coalesce(cardinality(steps), 0);
+            k TEXT;
+            v JSONB;
+        BEGIN
+            IF rest IS NOT NULL THEN
+                FOR k, v IN SELECT key, value FROM jsonb_each(rest) LOOP
+                    IF k ~ '^[0-9]{1,9}$' AND k::INTEGER < n THEN
+                        steps[k::INTEGER + 1] := v;
+                    END IF;
+                END LOOP;
+                RETURN steps;
+            END IF;
+            IF i1 >= 0 AND i1 < n THEN
+                steps[i1 + 1] := r1;
+            END IF;
+            IF i2 >= 0 AND i2 < n THEN
+                steps[i2 + 1] := r2;
+            END IF;
+            RETURN steps;
+        END
+        $$;
+    ",
+    },
+];
 
 const COLUMNS: &str = "id, saga_id, saga_version, status, input, idempotency_key, started_at, \
      completed_at, error, compensation_requested, owner, lease_until, fencing, steps";
@@ -69,8 +125,12 @@ const UNFINISHED_SQL: &str = "('created', 'running', 'compensating')";
 
 /// Most journal writes one batch takes.
 const MAX_BATCH: usize = 1024;
-/// Most batches in flight at once (each on its own connection).
+/// Batches in flight at once (each on its own connection) whatever the queue's length.
+const BASE_FLUSHERS: usize = 2;
+/// Most batches in flight at once, when at least [`DEEP_QUEUE`] writes wait.
 const MAX_FLUSHERS: usize = 8;
+/// Queued writes from which another batch goes out beside the [`BASE_FLUSHERS`] ones.
+const DEEP_QUEUE: usize = 256;
 
 /// A [`SagaStore`] on PostgreSQL, for coordinators on several nodes.
 ///
@@ -85,9 +145,12 @@ const MAX_FLUSHERS: usize = 8;
 /// - Every update carries the writer's fencing token and is refused with
 ///   [`Error::Conflict`] (kind `"saga instance"`, expected = the writer's token, actual = the
 ///   current one) once another node has claimed the instance.
-/// - Journal writes of concurrent sagas share round trips: creates in one statement, updates
-///   in another, up to eight batches in flight. Each statement is atomic on
-///   its own; a refused update does not affect the others of its batch.
+/// - Journal writes of concurrent sagas share statements: a batch's creates and entries go as
+///   one statement (one commit), two batches in flight (up to eight while hundreds of writes
+///   wait). A statement the server refuses is retried apart, so only a bad write fails.
+/// - Journal entries replace the changed step records in place in a `jsonb[]` array, and the
+///   table keeps free room on its pages (fill factor 50), so an entry that keeps the
+///   instance's status is a heap-only update that touches no index.
 ///
 /// ```no_run
 /// use architectlm_store::postgres::{PgDb, PgOptions};
@@ -157,9 +220,10 @@ fn build(r: &Row) -> Result<StoredSaga> {
     let status = SagaStatus::parse(&status).ok_or_else(|| {
         Error::storage(format!("invalid saga status \"{status}\" in the journal"))
     })?;
-    let steps: Value = r.try_get(13).map_err(row_err)?;
-    let steps: Vec<SagaStepExecution> = serde_json::from_value(steps)
-        .map_err(|e| Error::storage(format!("invalid step records in the saga journal: {e}")))?;
+    let steps: Vec<Json<SagaStepExecution>> = r
+        .try_get(13)
+        .map_err(|e| pg_err("invalid step records in the saga journal", e))?;
+    let steps: Vec<SagaStepExecution> = steps.into_iter().map(|s| s.0).collect();
     let version: i32 = r.try_get(2).map_err(row_err)?;
     let mut instance = SagaInstance::new(
         r.try_get(0).map_err(row_err)?,
@@ -194,7 +258,8 @@ const INSERT_SQL: &str = "INSERT INTO architectlm_saga_instances \
             u.completed_at, u.error, u.owner, \
             CASE WHEN u.lease IS NULL THEN NULL \
                  ELSE clock_timestamp() + make_interval(secs => u.lease) END, \
-            1, u.steps \
+            1, ARRAY(SELECT e.v FROM jsonb_array_elements(u.steps) WITH ORDINALITY AS e(v, o) \
+                     ORDER BY e.o) \
      FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::text[], \
                  $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], \
                  $11::float8[], $12::jsonb[]) \
@@ -202,68 +267,207 @@ const INSERT_SQL: &str = "INSERT INTO architectlm_saga_instances \
                error, owner, lease, steps) \
      ON CONFLICT DO NOTHING RETURNING id";
 
-/// Patches the changed step records (`patch`: position → record) into the stored array.
+/// Writes the changed step records into the stored array in place (`architectlm_saga_patch`,
+/// migration v3): the first two by position (`i1`/`r1`, `i2`/`r2`; a journal entry usually
+/// closes one step and opens the next), any more through `rest` (position → record, or
+/// `NULL`). Positions outside the array are ignored.
+///
+/// The table's fill factor leaves room on each page, so an update that keeps the status (and
+/// so every indexed column) is a heap-only tuple update that touches no index.
 const UPDATE_SQL: &str = "UPDATE architectlm_saga_instances AS s \
      SET status = u.status, error = u.error, completed_at = u.completed_at, \
-         steps = CASE WHEN u.patch = '{}'::jsonb THEN s.steps ELSE COALESCE(( \
-             SELECT jsonb_agg(COALESCE(u.patch -> (e.ord - 1)::text, e.elem) ORDER BY e.ord) \
-             FROM jsonb_array_elements(s.steps) WITH ORDINALITY AS e(elem, ord)), s.steps) END \
+         steps = CASE WHEN u.i1 IS NULL THEN s.steps \
+                      ELSE architectlm_saga_patch(s.steps, u.i1, u.r1, u.i2, u.r2, u.rest) END \
      FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[], \
-                 $6::jsonb[]) WITH ORDINALITY AS u(id, fencing, status, error, completed_at, \
-                                                   patch, ord) \
+                 $6::int4[], $7::jsonb[], $8::int4[], $9::jsonb[], $10::jsonb[]) \
+          WITH ORDINALITY AS u(id, fencing, status, error, completed_at, i1, r1, i2, r2, rest, \
+                               ord) \
      WHERE s.id = u.id AND s.fencing = u.fencing \
      RETURNING u.ord";
 
-async fn run_creates(
-    db: &PgDb,
-    creates: Vec<(SagaInstance, String, Option<f64>)>,
-) -> Result<Vec<Result<OpOut>>> {
-    let client = db.client().await?;
-    let mut ids = Vec::with_capacity(creates.len());
-    let mut saga_ids = Vec::with_capacity(creates.len());
-    let mut versions = Vec::with_capacity(creates.len());
-    let mut statuses = Vec::with_capacity(creates.len());
-    let mut inputs = Vec::with_capacity(creates.len());
-    let mut keys = Vec::with_capacity(creates.len());
-    let mut started = Vec::with_capacity(creates.len());
-    let mut completed = Vec::with_capacity(creates.len());
-    let mut errors = Vec::with_capacity(creates.len());
-    let mut owners = Vec::with_capacity(creates.len());
-    let mut leases = Vec::with_capacity(creates.len());
-    let mut steps = Vec::with_capacity(creates.len());
-    for (i, owner, lease) in &creates {
-        ids.push(i.id);
-        saga_ids.push(i.saga_id.as_str());
-        versions.push(i32::try_from(i.saga_version).unwrap_or(i32::MAX));
-        statuses.push(i.status.as_str());
-        inputs.push(i.input.clone());
-        keys.push(i.idempotency_key.as_deref());
-        started.push(i.started_at);
-        completed.push(i.completed_at);
-        errors.push(i.error.as_deref());
-        owners.push(owner.as_str());
-        leases.push(*lease);
-        steps.push(
-            serde_json::to_value(&i.steps)
-                .map_err(|e| Error::storage(format!("cannot serialise step records: {e}")))?,
-        );
+/// Creates and journal entries of one batch in a single statement (so a single commit): the
+/// insert and the update as data-modifying `WITH` queries. Rows: `(id, NULL)` per inserted
+/// instance, `(NULL, ord)` per applied entry.
+static BOTH_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // The update's parameters follow the insert's twelve.
+    let mut update = UPDATE_SQL.to_owned();
+    for n in (1..=10).rev() {
+        update = update.replace(&format!("${n}:"), &format!("${}:", n + 12));
     }
-    let stmt = client
-        .prepare_cached(INSERT_SQL)
-        .await
-        .map_err(|e| pg_err("cannot prepare the saga insert", e))?;
-    let params: [&(dyn ToSql + Sync); 12] = [
-        &ids, &saga_ids, &versions, &statuses, &inputs, &keys, &started, &completed, &errors,
-        &owners, &leases, &steps,
-    ];
-    let inserted: std::collections::HashSet<Uuid> = client
-        .query(&stmt, &params)
-        .await
-        .map_err(|e| pg_err("cannot record saga instances", e))?
-        .iter()
-        .map(|r| r.try_get::<_, Uuid>(0).map_err(row_err))
-        .collect::<Result<_>>()?;
+    format!(
+        "WITH ins AS ({INSERT_SQL}), upd AS ({update}) \
+         SELECT id, NULL::int8 FROM ins UNION ALL SELECT NULL::uuid, ord FROM upd"
+    )
+});
+
+type NewInstance = (SagaInstance, String, Option<f64>);
+
+/// The insert's parameters, by column, borrowed from the instances.
+struct CreateColumns<'a> {
+    ids: Vec<Uuid>,
+    saga_ids: Vec<&'a str>,
+    versions: Vec<i32>,
+    statuses: Vec<&'a str>,
+    inputs: Vec<Json<&'a Value>>,
+    keys: Vec<Option<&'a str>>,
+    started: Vec<DateTime<Utc>>,
+    completed: Vec<Option<DateTime<Utc>>>,
+    errors: Vec<Option<&'a str>>,
+    owners: Vec<&'a str>,
+    leases: Vec<Option<f64>>,
+    steps: Vec<Json<&'a Vec<SagaStepExecution>>>,
+}
+
+impl<'a> CreateColumns<'a> {
+    fn new(creates: &'a [NewInstance]) -> Self {
+        let n = creates.len();
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            saga_ids: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            inputs: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            started: Vec::with_capacity(n),
+            completed: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            owners: Vec::with_capacity(n),
+            leases: Vec::with_capacity(n),
+            steps: Vec::with_capacity(n),
+        };
+        for (i, owner, lease) in creates {
+            c.ids.push(i.id);
+            c.saga_ids.push(i.saga_id.as_str());
+            c.versions
+                .push(i32::try_from(i.saga_version).unwrap_or(i32::MAX));
+            c.statuses.push(i.status.as_str());
+            c.inputs.push(Json(&i.input));
+            c.keys.push(i.idempotency_key.as_deref());
+            c.started.push(i.started_at);
+            c.completed.push(i.completed_at);
+            c.errors.push(i.error.as_deref());
+            c.owners.push(owner.as_str());
+            c.leases.push(*lease);
+            c.steps.push(Json(&i.steps));
+        }
+        c
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.ids,
+            &self.saga_ids,
+            &self.versions,
+            &self.statuses,
+            &self.inputs,
+            &self.keys,
+            &self.started,
+            &self.completed,
+            &self.errors,
+            &self.owners,
+            &self.leases,
+            &self.steps,
+        ]
+    }
+}
+
+/// The journal update's parameters, by column, borrowed from the entries.
+struct UpdateColumns<'a> {
+    ids: Vec<Uuid>,
+    fencings: Vec<i64>,
+    statuses: Vec<&'a str>,
+    errors: Vec<Option<&'a str>>,
+    completed: Vec<Option<DateTime<Utc>>>,
+    firsts: Vec<Option<i32>>,
+    // Step records go as `Json` of the records themselves: serialised straight into the
+    // message, with no intermediate `Value`.
+    first_records: Vec<Option<Json<&'a SagaStepExecution>>>,
+    seconds: Vec<Option<i32>>,
+    second_records: Vec<Option<Json<&'a SagaStepExecution>>>,
+    rests: Vec<Option<Value>>,
+}
+
+impl<'a> UpdateColumns<'a> {
+    fn new(updates: &'a [SagaUpdate]) -> Result<Self> {
+        let n = updates.len();
+        let mut c = Self {
+            ids: Vec::with_capacity(n),
+            fencings: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            completed: Vec::with_capacity(n),
+            firsts: Vec::with_capacity(n),
+            first_records: Vec::with_capacity(n),
+            seconds: Vec::with_capacity(n),
+            second_records: Vec::with_capacity(n),
+            rests: Vec::with_capacity(n),
+        };
+        for u in updates {
+            c.ids.push(u.instance_id);
+            c.fencings.push(fencing_i64(u.fencing));
+            c.statuses.push(u.status.as_str());
+            c.errors.push(u.error.as_deref());
+            c.completed.push(u.completed_at);
+            let (mut i1, mut r1, mut i2, mut r2, mut rest) = (None, None, None, None, None);
+            if u.steps.len() > 2 {
+                let mut patch = serde_json::Map::new();
+                for (idx, s) in &u.steps {
+                    patch.insert(idx.to_string(), step_json(s)?);
+                }
+                // `i1` only marks the entry as changing steps; `rest` carries them all.
+                i1 = Some(0);
+                i2 = Some(0);
+                rest = Some(Value::Object(patch));
+            } else {
+                for (n, (idx, s)) in u.steps.iter().enumerate() {
+                    // A position beyond `i32` is beyond any array: left out, like the others.
+                    let Ok(idx) = i32::try_from(*idx) else {
+                        continue;
+                    };
+                    if n == 0 || i1.is_none() {
+                        i1 = Some(idx);
+                        r1 = Some(Json(s));
+                    } else {
+                        i2 = Some(idx);
+                        r2 = Some(Json(s));
+                    }
+                }
+            }
+            c.firsts.push(i1);
+            c.first_records.push(r1);
+            c.seconds.push(i2);
+            c.second_records.push(r2);
+            c.rests.push(rest);
+        }
+        Ok(c)
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.ids,
+            &self.fencings,
+            &self.statuses,
+            &self.errors,
+            &self.completed,
+            &self.firsts,
+            &self.first_records,
+            &self.seconds,
+            &self.second_records,
+            &self.rests,
+        ]
+    }
+}
+
+/// The outcome of each create given the ids the insert took; instances not inserted are
+/// looked up (same idempotency key) or refused (same id). Returns the outcomes and the
+/// number of reads made.
+async fn create_outcomes(
+    client: &PgClient,
+    creates: Vec<NewInstance>,
+    inserted: &HashSet<Uuid>,
+) -> Result<(Vec<Result<OpOut>>, u64)> {
     let mut out = Vec::with_capacity(creates.len());
+    let mut reads = 0;
     for (instance, owner, _) in creates {
         if inserted.contains(&instance.id) {
             out.push(Ok(OpOut::Created(Box::new(CreateOutcome::Created(
@@ -273,16 +477,19 @@ async fn run_creates(
         }
         // Not inserted: an instance with the same idempotency key, or the same id, exists.
         let existing = match &instance.idempotency_key {
-            Some(key) => client
-                .query_opt(
-                    &format!(
-                        "SELECT {COLUMNS} FROM architectlm_saga_instances \
-                         WHERE saga_id = $1 AND idempotency_key = $2"
-                    ),
-                    &[&instance.saga_id, key],
-                )
-                .await
-                .map_err(|e| pg_err("cannot read a saga instance", e))?,
+            Some(key) => {
+                reads += 1;
+                client
+                    .query_opt(
+                        &format!(
+                            "SELECT {COLUMNS} FROM architectlm_saga_instances \
+                             WHERE saga_id = $1 AND idempotency_key = $2"
+                        ),
+                        &[&instance.saga_id, key],
+                    )
+                    .await
+                    .map_err(|e| pg_err("cannot read a saga instance", e))?
+            }
             None => None,
         };
         out.push(match existing {
@@ -293,56 +500,24 @@ async fn run_creates(
             ))),
         });
     }
-    Ok(out)
+    Ok((out, reads))
 }
 
-async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpOut>>> {
-    let client = db.client().await?;
-    let mut ids = Vec::with_capacity(updates.len());
-    let mut fencings = Vec::with_capacity(updates.len());
-    let mut statuses = Vec::with_capacity(updates.len());
-    let mut errors = Vec::with_capacity(updates.len());
-    let mut completed = Vec::with_capacity(updates.len());
-    let mut patches = Vec::with_capacity(updates.len());
-    for u in updates {
-        ids.push(u.instance_id);
-        fencings.push(fencing_i64(u.fencing));
-        statuses.push(u.status.as_str());
-        errors.push(u.error.as_deref());
-        completed.push(u.completed_at);
-        let mut patch = serde_json::Map::new();
-        for (idx, s) in &u.steps {
-            patch.insert(idx.to_string(), step_json(s)?);
-        }
-        patches.push(Value::Object(patch));
-    }
-    let stmt = client
-        .prepare_cached(UPDATE_SQL)
-        .await
-        .map_err(|e| pg_err("cannot prepare the saga journal update", e))?;
-    let params: [&(dyn ToSql + Sync); 6] =
-        [&ids, &fencings, &statuses, &errors, &completed, &patches];
-    let mut applied = vec![false; updates.len()];
-    for r in client
-        .query(&stmt, &params)
-        .await
-        .map_err(|e| pg_err("cannot write the saga journal", e))?
-    {
-        let ord: i64 = r.try_get(0).map_err(row_err)?;
-        if let Some(slot) = usize::try_from(ord - 1)
-            .ok()
-            .and_then(|i| applied.get_mut(i))
-        {
-            *slot = true;
-        }
-    }
+/// The outcome of each journal entry given which were applied (by position); refused ones
+/// are told apart (stale token or unknown instance) with one read. Returns the outcomes and
+/// the number of reads made.
+async fn update_outcomes(
+    client: &PgClient,
+    updates: &[SagaUpdate],
+    applied: &[bool],
+) -> Result<(Vec<Result<OpOut>>, u64)> {
     let refused: Vec<Uuid> = updates
         .iter()
-        .zip(&applied)
+        .zip(applied)
         .filter(|(_, ok)| !**ok)
         .map(|(u, _)| u.instance_id)
         .collect();
-    let mut current = std::collections::HashMap::new();
+    let mut current = HashMap::new();
     if !refused.is_empty() {
         for r in client
             .query(
@@ -357,11 +532,11 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
             current.insert(id, u64::try_from(f).unwrap_or(0));
         }
     }
-    Ok(updates
+    let out = updates
         .iter()
         .zip(applied)
         .map(|(u, ok)| {
-            if ok {
+            if *ok {
                 return Ok(OpOut::Applied);
             }
             Err(match current.get(&u.instance_id) {
@@ -374,11 +549,162 @@ async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<Vec<Result<OpO
                 },
             })
         })
-        .collect())
+        .collect();
+    Ok((out, u64::from(!refused.is_empty())))
 }
 
-/// Runs one batch: all its creates in one statement, all its updates in another. Returns the
-/// number of statements sent.
+/// Marks the entry at `ord` (1-based, from `WITH ORDINALITY`) as applied.
+fn mark_applied(applied: &mut [bool], ord: i64) {
+    if let Some(slot) = usize::try_from(ord - 1)
+        .ok()
+        .and_then(|i| applied.get_mut(i))
+    {
+        *slot = true;
+    }
+}
+
+/// Creates alone: one insert. Returns the outcomes and the statements sent, or the error and
+/// the creates (nothing was written).
+async fn run_creates(
+    db: &PgDb,
+    creates: Vec<NewInstance>,
+) -> std::result::Result<(Vec<Result<OpOut>>, u64), (Error, Vec<NewInstance>)> {
+    let client = match db.client().await {
+        Ok(c) => c,
+        Err(e) => return Err((e, creates)),
+    };
+    let inserted = async {
+        let stmt = client
+            .prepare_cached(INSERT_SQL)
+            .await
+            .map_err(|e| pg_err("cannot prepare the saga insert", e))?;
+        let cols = CreateColumns::new(&creates);
+        client
+            .query(&stmt, &cols.params())
+            .await
+            .map_err(|e| pg_err("cannot record saga instances", e))?
+            .iter()
+            .map(|r| r.try_get::<_, Uuid>(0).map_err(row_err))
+            .collect::<Result<HashSet<Uuid>>>()
+    }
+    .await;
+    let inserted = match inserted {
+        Ok(i) => i,
+        Err(e) => return Err((e, creates)),
+    };
+    let n = creates.len();
+    match create_outcomes(&client, creates, &inserted).await {
+        Ok((out, reads)) => Ok((out, 1 + reads)),
+        Err(e) => {
+            let msg = e.to_string();
+            Ok((
+                (0..n).map(|_| Err(Error::storage(msg.clone()))).collect(),
+                1,
+            ))
+        }
+    }
+}
+
+/// Journal entries alone: one update. Returns the outcomes and the statements sent.
+async fn run_updates(db: &PgDb, updates: &[SagaUpdate]) -> Result<(Vec<Result<OpOut>>, u64)> {
+    let client = db.client().await?;
+    let cols = UpdateColumns::new(updates)?;
+    let stmt = client
+        .prepare_cached(UPDATE_SQL)
+        .await
+        .map_err(|e| pg_err("cannot prepare the saga journal update", e))?;
+    let mut applied = vec![false; updates.len()];
+    for r in client
+        .query(&stmt, &cols.params())
+        .await
+        .map_err(|e| pg_err("cannot write the saga journal", e))?
+    {
+        mark_applied(&mut applied, r.try_get(0).map_err(row_err)?);
+    }
+    let (out, reads) = update_outcomes(&client, updates, &applied).await?;
+    Ok((out, 1 + reads))
+}
+
+/// Outcomes of a batch's creates and journal entries, and the statements sent.
+type BatchOut = (Vec<Result<OpOut>>, Vec<Result<OpOut>>, u64);
+
+/// Creates and journal entries together: one statement, one commit.
+async fn run_both(
+    db: &PgDb,
+    creates: Vec<NewInstance>,
+    updates: &[SagaUpdate],
+) -> std::result::Result<BatchOut, (Error, Vec<NewInstance>)> {
+    let client = match db.client().await {
+        Ok(c) => c,
+        Err(e) => return Err((e, creates)),
+    };
+    let written = async {
+        let stmt = client
+            .prepare_cached(&BOTH_SQL)
+            .await
+            .map_err(|e| pg_err("cannot prepare the saga journal write", e))?;
+        let c = CreateColumns::new(&creates);
+        let u = UpdateColumns::new(updates)?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = c.params().to_vec();
+        params.extend(u.params());
+        let mut inserted = HashSet::new();
+        let mut applied = vec![false; updates.len()];
+        for r in client
+            .query(&stmt, &params)
+            .await
+            .map_err(|e| pg_err("cannot write the saga journal", e))?
+        {
+            match r.try_get::<_, Option<Uuid>>(0).map_err(row_err)? {
+                Some(id) => {
+                    inserted.insert(id);
+                }
+                None => mark_applied(
+                    &mut applied,
+                    r.try_get::<_, Option<i64>>(1)
+                        .map_err(row_err)?
+                        .unwrap_or(0),
+                ),
+            }
+        }
+        Ok::<_, Error>((inserted, applied))
+    }
+    .await;
+    let (inserted, applied) = match written {
+        Ok(w) => w,
+        Err(e) => return Err((e, creates)),
+    };
+    // The statement is committed: from here on, errors are the outcomes' own.
+    let n = creates.len();
+    let (created, create_reads) = match create_outcomes(&client, creates, &inserted).await {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = e.to_string();
+            (
+                (0..n).map(|_| Err(Error::storage(msg.clone()))).collect(),
+                0,
+            )
+        }
+    };
+    let (updated, update_reads) = match update_outcomes(&client, updates, &applied).await {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = e.to_string();
+            (
+                updates
+                    .iter()
+                    .map(|_| Err(Error::storage(msg.clone())))
+                    .collect(),
+                0,
+            )
+        }
+    };
+    Ok((created, updated, 1 + create_reads + update_reads))
+}
+
+/// Runs one batch: its creates and journal entries in one statement (one commit) when it has
+/// both, else the one kind in one statement. Should a statement fail (say, the server refuses
+/// one instance's input), its writes are tried again apart — creates and entries, then each
+/// alone — so one bad write fails alone. Returns the number of statements sent.
 async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) -> u64 {
     let mut creates = Vec::new();
     let mut create_replies = Vec::new();
@@ -397,23 +723,60 @@ async fn run_batch(db: &PgDb, batch: Vec<(Op, Reply)>) -> u64 {
         }
     }
     let mut statements = 0;
+    if !creates.is_empty() && !updates.is_empty() {
+        match run_both(db, creates, &updates).await {
+            Ok((created, updated, sent)) => {
+                answer(create_replies, Ok(created));
+                answer(update_replies, Ok(updated));
+                return sent;
+            }
+            Err((_, back)) => {
+                statements += 1;
+                creates = back;
+            }
+        }
+    }
     if !creates.is_empty() {
-        let r = run_creates(db, creates).await;
-        statements += match &r {
-            // One insert, plus a read per instance that was not new.
-            Ok(out) => 1 + out.iter().filter(|o| !matches!(o, Ok(OpOut::Created(c)) if matches!(**c, CreateOutcome::Created(_)))).count() as u64,
-            Err(_) => 1,
-        };
-        answer(create_replies, r);
+        match run_creates(db, creates).await {
+            Ok((out, sent)) => {
+                statements += sent;
+                answer(create_replies, Ok(out));
+            }
+            Err((e, back)) if back.len() == 1 => {
+                statements += 1;
+                answer(create_replies, Err(e));
+            }
+            Err((_, back)) => {
+                // One bad instance fails the statement: each goes alone, so only it fails.
+                statements += 1;
+                for (create, reply) in back.into_iter().zip(create_replies) {
+                    let r = run_creates(db, vec![create]).await;
+                    statements += r.as_ref().map_or(1, |(_, sent)| *sent);
+                    answer(vec![reply], r.map(|(out, _)| out).map_err(|(e, _)| e));
+                }
+            }
+        }
     }
     if !updates.is_empty() {
-        let r = run_updates(db, &updates).await;
-        statements += match &r {
-            // One update, plus one read of the tokens when some were refused.
-            Ok(out) => 1 + u64::from(out.iter().any(Result::is_err)),
-            Err(_) => 1,
-        };
-        answer(update_replies, r);
+        match run_updates(db, &updates).await {
+            Ok((out, sent)) => {
+                statements += sent;
+                answer(update_replies, Ok(out));
+            }
+            Err(e) if updates.len() == 1 => {
+                statements += 1;
+                answer(update_replies, Err(e));
+            }
+            Err(_) => {
+                // As for creates: each goes alone, so only a bad one fails.
+                statements += 1;
+                for (update, reply) in updates.iter().zip(update_replies) {
+                    let r = run_updates(db, std::slice::from_ref(update)).await;
+                    statements += r.as_ref().map_or(1, |(_, sent)| *sent);
+                    answer(vec![reply], r.map(|(out, _)| out));
+                }
+            }
+        }
     }
     statements
 }
@@ -481,7 +844,11 @@ impl PgSagaStore {
         let start = {
             let mut q = self.queue.lock();
             q.ops.push((op, tx));
-            if q.flushers < MAX_FLUSHERS {
+            // Two batches in flight keep the server busy while one commits; more only when
+            // writes pile up. Fewer, larger batches cost the server less per write.
+            if q.flushers < BASE_FLUSHERS
+                || (q.flushers < MAX_FLUSHERS && q.ops.len() >= DEEP_QUEUE)
+            {
                 q.flushers += 1;
                 true
             } else {

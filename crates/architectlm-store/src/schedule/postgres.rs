@@ -17,11 +17,16 @@ use crate::migration::Migration;
 use crate::postgres::{PgClient, PgDb, pg_err};
 
 /// The scheduler's tables on PostgreSQL.
-static MIGRATIONS: &[Migration] = &[Migration {
-    component: "scheduler",
-    version: 1,
-    description: "entries, run claims with owners and leases, the next-run index",
-    sql: "CREATE TABLE scheduler_entries (
+///
+/// - v1: entries, run claims, the next-run index.
+/// - v2: `fire_at`, the time a node may start the next run (its due time plus the entry's
+///   jitter), and the due index on it.
+static MIGRATIONS: &[Migration] = &[
+    Migration {
+        component: "scheduler",
+        version: 1,
+        description: "entries, run claims with owners and leases, the next-run index",
+        sql: "CREATE TABLE scheduler_entries (
             id UUID PRIMARY KEY,
             task_id TEXT NOT NULL,
             status TEXT NOT NULL,
@@ -52,7 +57,18 @@ static MIGRATIONS: &[Migration] = &[Migration {
         );
         CREATE INDEX scheduler_runs_expiry ON scheduler_runs (lease_until) WHERE state = 'claimed';
         CREATE INDEX scheduler_runs_owner ON scheduler_runs (owner) WHERE state = 'claimed';",
-}];
+    },
+    Migration {
+        component: "scheduler",
+        version: 2,
+        description: "fire_at (next run plus jitter) and the due index on it",
+        sql: "ALTER TABLE scheduler_entries ADD COLUMN fire_at BIGINT;
+        UPDATE scheduler_entries SET fire_at = next_run;
+        DROP INDEX scheduler_entries_due;
+        CREATE INDEX scheduler_entries_due ON scheduler_entries (fire_at)
+            WHERE status IN ('scheduled', 'running');",
+    },
+];
 
 const ACTIVE: &str = "status IN ('scheduled', 'running')";
 const RUN_COLUMNS: &str =
@@ -65,6 +81,28 @@ fn ms(t: DateTime<Utc>) -> i64 {
 fn from_ms(v: i64) -> Result<DateTime<Utc>> {
     DateTime::from_timestamp_millis(v)
         .ok_or_else(|| Error::storage(format!("timestamp {v} ms is out of range")))
+}
+
+/// When a node may start the entry's next run (ms): its due time plus a delay below the
+/// entry's jitter. The delay is a hash of the entry's id and the due time, so every node (and
+/// every rewrite of the entry) computes the same one, and it is spread evenly over
+/// `[0, jitter)` across entries and occurrences, like the single-node scheduler's random one.
+fn fire_at(e: &ScheduleEntry) -> Option<i64> {
+    let due = ms(e.task.next_execution_at?);
+    let jitter = e
+        .jitter
+        .map_or(0, |j| u64::try_from(j.as_millis()).unwrap_or(u64::MAX));
+    if jitter == 0 {
+        return Some(due);
+    }
+    let id = e.id().as_u128();
+    // splitmix64's finaliser over the id's halves and the due time.
+    let mut h = (id as u64) ^ ((id >> 64) as u64).rotate_left(17) ^ (due as u64);
+    h = h.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 31;
+    Some(due.saturating_add(i64::try_from(h % jitter).unwrap_or(0)))
 }
 
 fn version_i64(v: u64) -> i64 {
@@ -140,6 +178,7 @@ struct EntryColumns {
     statuses: Vec<String>,
     recurring: Vec<bool>,
     next_runs: Vec<Option<i64>>,
+    fire_ats: Vec<Option<i64>>,
     versions: Vec<i64>,
     data: Vec<String>,
     expected: Vec<i64>,
@@ -152,10 +191,26 @@ impl EntryColumns {
         self.statuses.push(status_str(e.task.status).to_owned());
         self.recurring.push(e.task.is_recurring());
         self.next_runs.push(e.task.next_execution_at.map(ms));
+        self.fire_ats.push(fire_at(e));
         self.versions.push(version_i64(e.version));
         self.data.push(serde_json::to_string(e)?);
         self.expected.push(version_i64(expected));
         Ok(())
+    }
+
+    /// The parameters of [`UPDATE_ENTRIES`].
+    fn update_params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 9] {
+        [
+            &self.ids,
+            &self.task_ids,
+            &self.statuses,
+            &self.recurring,
+            &self.next_runs,
+            &self.versions,
+            &self.data,
+            &self.expected,
+            &self.fire_ats,
+        ]
     }
 }
 
@@ -164,9 +219,10 @@ const LOCK_ENTRIES: &str =
 
 const UPDATE_ENTRIES: &str = "UPDATE scheduler_entries AS e SET task_id = u.task_id, status = u.status,
         recurring = u.recurring, next_run = u.next_run, version = u.version, data = u.data,
-        fired_by = NULL, fired_until = NULL
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[], $8::int8[])
-        AS u(id, task_id, status, recurring, next_run, version, data, expected)
+        fired_by = NULL, fired_until = NULL, fire_at = u.fire_at
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[], $8::int8[],
+                $9::int8[])
+        AS u(id, task_id, status, recurring, next_run, version, data, expected, fire_at)
     WHERE e.id = u.id AND e.version = u.expected
     RETURNING e.id";
 
@@ -296,19 +352,7 @@ impl PgScheduleStore {
         let txn = client.transaction().await?;
         txn.execute(LOCK_ENTRIES, &[&cols.ids]).await?;
         let written: std::collections::HashSet<Uuid> = txn
-            .query(
-                UPDATE_ENTRIES,
-                &[
-                    &cols.ids,
-                    &cols.task_ids,
-                    &cols.statuses,
-                    &cols.recurring,
-                    &cols.next_runs,
-                    &cols.versions,
-                    &cols.data,
-                    &cols.expected,
-                ],
-            )
+            .query(UPDATE_ENTRIES, &cols.update_params())
             .await?
             .iter()
             .map(|r| r.try_get::<_, Uuid>(0))
@@ -401,8 +445,9 @@ impl ScheduleStore for PgScheduleStore {
         let client = self.db.client().await?;
         let res = client
             .execute(
-                "INSERT INTO scheduler_entries (id, task_id, status, recurring, next_run, version, data)
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[])",
+                "INSERT INTO scheduler_entries (id, task_id, status, recurring, next_run, version, data, fire_at)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::int8[], $6::int8[], $7::text[],
+                                      $8::int8[])",
                 &[
                     &cols.ids,
                     &cols.task_ids,
@@ -411,6 +456,7 @@ impl ScheduleStore for PgScheduleStore {
                     &cols.next_runs,
                     &cols.versions,
                     &cols.data,
+                    &cols.fire_ats,
                 ],
             )
             .await;
@@ -482,19 +528,7 @@ impl ScheduleStore for PgScheduleStore {
         let err = |e| pg_err("cannot record the end of a scheduled run", e);
         let txn = client.transaction().await.map_err(err)?;
         let written = txn
-            .query(
-                UPDATE_ENTRIES,
-                &[
-                    &cols.ids,
-                    &cols.task_ids,
-                    &cols.statuses,
-                    &cols.recurring,
-                    &cols.next_runs,
-                    &cols.versions,
-                    &cols.data,
-                    &cols.expected,
-                ],
-            )
+            .query(UPDATE_ENTRIES, &cols.update_params())
             .await
             .map_err(err)?;
         if written.is_empty() {
@@ -675,44 +709,64 @@ impl SharedScheduleStore for PgScheduleStore {
             }
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.db.client().await?;
+        let mut client = self.db.client().await?;
         let err = |e| pg_err("cannot look for due scheduled entries", e);
-        let entries = if limit > 0 {
-            client
+        let mut entries = Vec::new();
+        if limit > 0 {
+            // Two statements in one transaction: the count of claimed runs is read by a
+            // statement that starts after the entries are locked, so it includes the runs of
+            // every claim that changed them before (one statement would count with a snapshot
+            // older than the entry version it returns, and a node could start more runs than
+            // the overlap policy allows). Claims and recordings lock the entry first, so the
+            // count stays right until this node's version-checked claim.
+            let txn = client.transaction().await.map_err(err)?;
+            let rows = txn
                 .query(
                     &format!(
                         "UPDATE scheduler_entries AS e SET fired_by = $1,
                             fired_until = clock_timestamp() + make_interval(secs => $3::float8)
                          FROM (SELECT id FROM scheduler_entries
-                               WHERE {ACTIVE} AND next_run <= $2
+                               WHERE {ACTIVE} AND fire_at <= $2
                                  AND (fired_by IS NULL OR fired_until < clock_timestamp())
-                               ORDER BY next_run LIMIT $4 FOR UPDATE SKIP LOCKED) AS d
-                         WHERE e.id = d.id RETURNING e.data, e.version,
-                            (SELECT count(*) FROM scheduler_runs AS r
-                             WHERE r.entry_id = e.id AND r.state = 'claimed') AS running"
+                               ORDER BY fire_at LIMIT $4 FOR UPDATE SKIP LOCKED) AS d
+                         WHERE e.id = d.id RETURNING e.data, e.version"
                     ),
                     &[&owner, &ms(now), &hold.as_secs_f64(), &limit],
                 )
                 .await
-                .map_err(err)?
-                .iter()
-                .map(|r| {
-                    let running: i64 = r
-                        .try_get("running")
-                        .map_err(|e| pg_err("bad scheduler_entries row", e))?;
-                    Ok(DueEntry {
-                        entry: decode_entry(r)?,
-                        running: u32::try_from(running).unwrap_or(u32::MAX),
-                    })
+                .map_err(err)?;
+            let found = rows.iter().map(decode_entry).collect::<Result<Vec<_>>>()?;
+            let mut running: HashMap<Uuid, i64> = HashMap::new();
+            if !found.is_empty() {
+                let ids: Vec<Uuid> = found.iter().map(ScheduleEntry::id).collect();
+                for r in txn
+                    .query(
+                        "SELECT entry_id, count(*) FROM scheduler_runs
+                         WHERE entry_id = ANY($1) AND state = 'claimed' GROUP BY entry_id",
+                        &[&ids],
+                    )
+                    .await
+                    .map_err(err)?
+                {
+                    running.insert(r.try_get(0).map_err(err)?, r.try_get(1).map_err(err)?);
+                }
+            }
+            txn.commit().await.map_err(err)?;
+            entries = found
+                .into_iter()
+                .map(|entry| {
+                    let n = running.get(&entry.id()).copied().unwrap_or(0);
+                    DueEntry {
+                        entry,
+                        running: u32::try_from(n).unwrap_or(u32::MAX),
+                    }
                 })
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
+                .collect();
+        }
         let next: Option<i64> = client
             .query_one(
                 &format!(
-                    "SELECT min(next_run) FROM scheduler_entries WHERE {ACTIVE} AND next_run > $1"
+                    "SELECT min(fire_at) FROM scheduler_entries WHERE {ACTIVE} AND fire_at > $1"
                 ),
                 &[&ms(now)],
             )
@@ -888,20 +942,7 @@ impl PgScheduleStore {
             }
         }
         if !cols.ids.is_empty() {
-            txn.execute(
-                UPDATE_ENTRIES,
-                &[
-                    &cols.ids,
-                    &cols.task_ids,
-                    &cols.statuses,
-                    &cols.recurring,
-                    &cols.next_runs,
-                    &cols.versions,
-                    &cols.data,
-                    &cols.expected,
-                ],
-            )
-            .await?;
+            txn.execute(UPDATE_ENTRIES, &cols.update_params()).await?;
             txn.execute(PRUNE, &[&cols.ids, &(KEPT_RUNS as i64 - 1)])
                 .await?;
         }

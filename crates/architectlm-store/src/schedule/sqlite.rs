@@ -392,6 +392,65 @@ fn replace(txn: &rusqlite::Transaction<'_>, entry: &ScheduleEntry, expected: u64
     }
 }
 
+/// Rows per multi-row `INSERT`: the statement's setup and teardown (cursors, the rowid seek,
+/// the reset) are paid once per 64 entries instead of once per entry.
+const INSERT_CHUNK: usize = 64;
+/// Parameters per entry in an `INSERT`.
+const ENTRY_PARAMS: usize = 7;
+const INSERT_COLUMNS: &str = "INSERT INTO scheduler_entries (id, task_id, status, recurring, next_run, version, data) VALUES ";
+
+static INSERT_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut sql = String::from(INSERT_COLUMNS);
+    for i in 0..INSERT_CHUNK {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        sql.push_str(&["?"; ENTRY_PARAMS].join(", "));
+        sql.push(')');
+    }
+    sql
+});
+
+/// Binds one entry's values from parameter `offset + 1` on.
+fn bind_entry(
+    stmt: &mut rusqlite::Statement<'_>,
+    offset: usize,
+    data: &str,
+    e: &ScheduleEntry,
+) -> rusqlite::Result<()> {
+    let id = e.id();
+    stmt.raw_bind_parameter(offset + 1, &id.as_bytes()[..])?;
+    stmt.raw_bind_parameter(offset + 2, e.task.task_id.as_str())?;
+    stmt.raw_bind_parameter(offset + 3, status_str(e.task.status))?;
+    stmt.raw_bind_parameter(offset + 4, e.task.is_recurring())?;
+    stmt.raw_bind_parameter(offset + 5, e.task.next_execution_at.map(ms))?;
+    stmt.raw_bind_parameter(offset + 6, i64::try_from(e.version).unwrap_or(i64::MAX))?;
+    stmt.raw_bind_parameter(offset + 7, data)
+}
+
+fn is_constraint(err: &rusqlite::Error) -> bool {
+    matches!(err, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+/// Inserts entries one statement each; an existing id is a [`Error::Conflict`] naming it.
+fn insert_rows(txn: &rusqlite::Transaction<'_>, rows: &[(String, ScheduleEntry)]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut one = txn
+        .prepare_cached(&format!("{INSERT_COLUMNS}(?1, ?2, ?3, ?4, ?5, ?6, ?7)"))
+        .map_err(db_err)?;
+    for (data, e) in rows {
+        bind_entry(&mut one, 0, data, e).map_err(db_err)?;
+        one.raw_execute().map_err(|err| {
+            if is_constraint(&err) {
+                conflict(e.id(), 0, e.version)
+            } else {
+                db_err(err)
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// Entries in an embedded SQLite database (see [`crate::sqlite`] for durability levels).
 #[derive(Debug, Clone)]
 pub struct SqliteScheduleStore {
@@ -421,33 +480,25 @@ impl ScheduleStore for SqliteScheduleStore {
             .collect::<Result<Vec<_>>>()?;
         self.db
             .write(move |txn| {
-                let mut stmt = txn
-                    .prepare_cached(
-                        "INSERT INTO scheduler_entries (id, task_id, status, recurring, next_run, version, data)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )
-                    .map_err(db_err)?;
-                for (data, e) in &rows {
-                    let id = e.id();
-                    stmt.execute(params![
-                        &id.as_bytes()[..],
-                        e.task.task_id,
-                        status_str(e.task.status),
-                        e.task.is_recurring(),
-                        e.task.next_execution_at.map(ms),
-                        i64::try_from(e.version).unwrap_or(i64::MAX),
-                        data,
-                    ])
-                    .map_err(|err| match err {
-                        rusqlite::Error::SqliteFailure(f, _)
-                            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                        {
-                            conflict(id, 0, e.version)
+                let mut chunks = rows.chunks_exact(INSERT_CHUNK);
+                if chunks.len() > 0 {
+                    let mut many = txn.prepare_cached(&INSERT_MANY).map_err(db_err)?;
+                    for chunk in &mut chunks {
+                        for (k, (data, e)) in chunk.iter().enumerate() {
+                            bind_entry(&mut many, k * ENTRY_PARAMS, data, e).map_err(db_err)?;
                         }
-                        other => db_err(other),
-                    })?;
+                        match many.raw_execute() {
+                            Ok(_) => {}
+                            // SQLite undid the statement; row by row names the entry at fault.
+                            Err(err) if is_constraint(&err) => {
+                                insert_rows(txn, chunk)?;
+                                return Err(db_err(err));
+                            }
+                            Err(err) => return Err(db_err(err)),
+                        }
+                    }
                 }
-                Ok(())
+                insert_rows(txn, chunks.remainder())
             })
             .await
     }
@@ -768,6 +819,56 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("out of range"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_an_existing_id_inserts_nothing_and_names_it() {
+        let store = SqliteScheduleStore::open(SqliteDb::open(SqliteOptions::memory()).unwrap())
+            .await
+            .unwrap();
+        let fresh = |k: usize| {
+            ScheduleEntry::new(
+                ScheduledTask::new(
+                    Uuid::now_v7(),
+                    "tick",
+                    serde_json::json!([k]),
+                    at(k as i64, 0),
+                ),
+                SchedulePolicy::default(),
+            )
+        };
+        // 150 entries: two full multi-row statements and a remainder of 22.
+        let first: Vec<_> = (0..150).map(fresh).collect();
+        store.insert(first.clone()).await.unwrap();
+        assert_eq!(store.load_active().await.unwrap().len(), 150);
+        for (dup, len) in [(10, 100), (140, 150), (70, 200)] {
+            let mut batch: Vec<_> = (0..len).map(fresh).collect();
+            batch[dup] = first[dup % 150].clone();
+            let err = store.insert(batch).await.unwrap_err();
+            match err {
+                Error::Conflict { id, .. } => assert_eq!(id, first[dup % 150].id().to_string()),
+                other => panic!("expected a conflict, got {other}"),
+            }
+            assert_eq!(
+                store.load_active().await.unwrap().len(),
+                150,
+                "nothing of the batch stays"
+            );
+        }
+        // The same id twice in one batch is a conflict too.
+        let mut batch: Vec<_> = (0..80).map(fresh).collect();
+        batch[50] = batch[3].clone();
+        assert!(matches!(
+            store.insert(batch).await,
+            Err(Error::Conflict { .. })
+        ));
+        let got = store.load_active().await.unwrap();
+        assert_eq!(got.len(), 150);
+        let mut got_ids: Vec<_> = got.iter().map(|e| e.id()).collect();
+        let mut want: Vec<_> = first.iter().map(|e| e.id()).collect();
+        got_ids.sort();
+        want.sort();
+        assert_eq!(got_ids, want);
     }
 
     #[tokio::test]

@@ -25,6 +25,8 @@ use tokio::sync::Notify;
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// Allocations made while counting is on (reallocations count as one).
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 /// Counting is switched on only while memory is measured, so that the shared counter does not
 /// slow down the timed runs.
 static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -32,6 +34,9 @@ static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 fn count(delta: isize) {
     if COUNTING.load(Ordering::Relaxed) {
         LIVE.fetch_add(delta, Ordering::Relaxed);
+        if delta > 0 {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -46,10 +51,13 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -59,6 +67,10 @@ static ALLOC: Counting = Counting;
 
 fn live_bytes() -> isize {
     LIVE.load(Ordering::Relaxed)
+}
+
+fn allocations() -> usize {
+    ALLOCS.load(Ordering::Relaxed)
 }
 
 /// Runs `f` twice: once timed with counting off, once with counting on for memory.
@@ -301,10 +313,11 @@ impl SpawnCount {
 }
 
 /// Per child: time from nothing to every child running, the part of it after the spec was
-/// built, and live bytes per running child.
-async fn spawn_ours(n: usize) -> (Duration, Duration, isize) {
+/// built, live bytes per running child, and heap allocations per child (spec and start).
+async fn spawn_ours(n: usize) -> (Duration, Duration, isize, f64) {
     let count = SpawnCount::new(n);
     let before = live_bytes();
+    let allocs_before = allocations();
     let t = Instant::now();
     let mut b = SupervisorSpec::builder("bench")
         .intensity(RestartIntensity::new(u32::MAX, Duration::from_secs(1)));
@@ -325,8 +338,9 @@ async fn spawn_ours(n: usize) -> (Duration, Duration, isize) {
     let per = t.elapsed() / n as u32;
     let start_only = t_start.elapsed() / n as u32;
     let mem = (live_bytes() - before) / n as isize;
+    let allocs = (allocations() - allocs_before) as f64 / n as f64;
     handle.shutdown().await;
-    (per, start_only, mem)
+    (per, start_only, mem, allocs)
 }
 
 async fn spawn_ours_dynamic(n: usize) -> Duration {
@@ -356,10 +370,11 @@ async fn spawn_ours_dynamic(n: usize) -> Duration {
     per
 }
 
-async fn spawn_bare(n: usize) -> (Duration, isize) {
+async fn spawn_bare(n: usize) -> (Duration, isize, f64) {
     let count = SpawnCount::new(n);
     let stop = Arc::new(tokio_util_like::Stop::default());
     let before = live_bytes();
+    let allocs_before = allocations();
     let t = Instant::now();
     let mut handles = Vec::with_capacity(n);
     for _ in 0..n {
@@ -373,11 +388,12 @@ async fn spawn_bare(n: usize) -> (Duration, isize) {
     count.done.notified().await;
     let per = t.elapsed() / n as u32;
     let mem = (live_bytes() - before) / n as isize;
+    let allocs = (allocations() - allocs_before) as f64 / n as f64;
     stop.fire();
     for h in handles {
         let _ = h.await;
     }
-    (per, mem)
+    (per, mem, allocs)
 }
 
 async fn spawn_kameo(n: usize) -> (Duration, isize) {
@@ -693,6 +709,26 @@ fn main() {
                     eprintln!("{:?}", spawn_ours_dynamic(n).await)
                 }
                 "spawn-bare" => eprintln!("{:?}", spawn_bare(n).await),
+                "spawn-repeat" => {
+                    // Alternating warm runs; the medians are steadier than one cold run.
+                    let (mut ours, mut start, mut bare) = (Vec::new(), Vec::new(), Vec::new());
+                    for _ in 0..9 {
+                        let (o, s, _, _) = spawn_ours(n).await;
+                        let (b, _, _) = spawn_bare(n).await;
+                        ours.push(o);
+                        start.push(s);
+                        bare.push(b);
+                    }
+                    for v in [&mut ours, &mut start, &mut bare] {
+                        v.sort();
+                    }
+                    let (_, (_, _, _, ao)) = timed_and_counted(|| spawn_ours(n)).await;
+                    let (_, (_, _, ab)) = timed_and_counted(|| spawn_bare(n)).await;
+                    eprintln!(
+                        "median per child: ours {:?} (start only {:?}), bare {:?}; allocations per child: ours {ao:.2}, bare {ab:.2}",
+                        ours[4], start[4], bare[4]
+                    );
+                }
                 "heartbeat" => {
                     supervisor_cpu::install();
                     let (all, sup, _) = heartbeat_ours(n, Duration::from_secs(2), 0, true).await;
@@ -718,8 +754,8 @@ fn main() {
         let ours = restart_ours(restarts).await;
         let kameo = restart_kameo(restarts).await;
 
-        let ((sb, _), (_, mb)) = timed_and_counted(|| spawn_bare(spawns)).await;
-        let ((so, so_start, _), (_, _, mo)) = timed_and_counted(|| spawn_ours(spawns)).await;
+        let ((sb, _, _), (_, mb, ab)) = timed_and_counted(|| spawn_bare(spawns)).await;
+        let ((so, so_start, _, _), (_, _, mo, ao)) = timed_and_counted(|| spawn_ours(spawns)).await;
         let ((sk, _), (_, mk)) = timed_and_counted(|| spawn_kameo(spawns)).await;
         let sd = spawn_ours_dynamic(dynamic).await;
 
@@ -781,6 +817,10 @@ fn main() {
         println!(
             "| live heap per idle child (counting allocator, separate run) | {} B | {} B | {} B | +{} B | – |",
             mo, mb, mk, mo - mb
+        );
+        println!(
+            "| heap allocations per child (spec built and started; counting run) | {ao:.2} | {ab:.2} | – | +{:.2} | – |",
+            ao - ab
         );
         println!(
             "| CPU of {workers} beating workers | {:.2} % of a core | {:.2} % (no heartbeat checks) | – | +{:.2} % of a core | – |",

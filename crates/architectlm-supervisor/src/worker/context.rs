@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::spec::Spawner;
+
 /// The last heartbeat of a child, in microseconds since the supervisor's epoch.
 #[derive(Debug)]
 pub(crate) struct Beat {
@@ -43,7 +45,8 @@ impl Beat {
 /// Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
 pub struct WorkerContext {
-    pub(crate) name: Arc<str>,
+    /// The child's factory, which holds its name.
+    pub(crate) worker: Arc<dyn Spawner>,
     pub(crate) path: Arc<str>,
     pub(crate) cancel: CancellationToken,
     /// `None` when the child has no heartbeat deadline: beating is then a no-op.
@@ -54,7 +57,7 @@ pub struct WorkerContext {
 impl fmt::Debug for WorkerContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerContext")
-            .field("name", &self.name)
+            .field("name", &self.name())
             .field("supervisor", &self.path)
             .field("restart_count", &self.restart_count)
             .field("cancelled", &self.cancel.is_cancelled())
@@ -65,7 +68,7 @@ impl fmt::Debug for WorkerContext {
 impl WorkerContext {
     /// The child's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.worker.name()
     }
 
     /// The path of the supervisor that runs it, such as `app/db`.

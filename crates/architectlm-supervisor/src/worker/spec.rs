@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use architectlm_core::{BoxError, Error, Result};
 use futures::FutureExt;
+use futures::future;
 use serde::{Deserialize, Serialize};
 use std::panic::AssertUnwindSafe;
 use tokio::task::JoinHandle;
@@ -21,26 +22,38 @@ pub type WorkerResult = std::result::Result<(), BoxError>;
 /// reports how the run ended through the [`ExitGuard`]. It is generic over the factory, so the
 /// worker's future lives inside the task itself, with no box of its own.
 pub(crate) trait Spawner: Send + Sync {
+    /// The child's name, kept with the factory: one allocation for both.
+    fn name(&self) -> &str;
     fn spawn(self: Arc<Self>, ctx: WorkerContext, exit: ExitGuard) -> JoinHandle<()>;
 }
 
-/// The [`Spawner`] of a factory closure.
-struct FnWorker<F>(F);
+/// The [`Spawner`] of a factory closure, with the child's name.
+struct FnWorker<F> {
+    name: String,
+    factory: F,
+}
 
 impl<F, Fut> Spawner for FnWorker<F>
 where
     F: Fn(WorkerContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = WorkerResult> + Send + 'static,
 {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
     fn spawn(self: Arc<Self>, ctx: WorkerContext, exit: ExitGuard) -> JoinHandle<()> {
-        tokio::spawn(async move {
-            // The factory is called inside the task, under `catch_unwind`, so that a panic in
-            // it is caught like a panic of the worker.
-            let outcome = AssertUnwindSafe(async move { (self.0)(ctx).await })
+        // The factory is called inside the task, under `catch_unwind`, so that a panic in it is
+        // caught like a panic of the worker. Combinators rather than nested `async` blocks: the
+        // factory and its context share their place in the task with the worker's future
+        // (`Flatten` is an enum of the two), where each `async` block would keep its own copy
+        // of the captured context, and the task (copied several times by the spawn) grows.
+        let run = future::lazy(move |_| (self.factory)(ctx)).flatten();
+        tokio::spawn(
+            AssertUnwindSafe(run)
                 .catch_unwind()
-                .await;
-            exit.send(worker_exit(outcome));
-        })
+                .map(move |outcome| exit.send(worker_exit(outcome))),
+        )
     }
 }
 
@@ -256,7 +269,7 @@ pub(crate) enum ChildKind {
 /// # let _ = poller;
 /// ```
 pub struct ChildSpec {
-    pub(crate) name: Arc<str>,
+    /// Holds the name too: a worker's in its factory, a supervisor's in its spec.
     pub(crate) kind: ChildKind,
     pub(crate) restart: Restart,
     /// `None` for no backoff ([`RestartBackoff::none`]): most children have none, and the
@@ -269,7 +282,7 @@ pub struct ChildSpec {
 impl fmt::Debug for ChildSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChildSpec")
-            .field("name", &self.name)
+            .field("name", &self.name())
             .field(
                 "kind",
                 &match self.kind {
@@ -297,8 +310,10 @@ impl ChildSpec {
         Fut: Future<Output = WorkerResult> + Send + 'static,
     {
         Self {
-            name: Arc::from(name.into()),
-            kind: ChildKind::Worker(Arc::new(FnWorker(factory))),
+            kind: ChildKind::Worker(Arc::new(FnWorker {
+                name: name.into(),
+                factory,
+            })),
             restart: Restart::Permanent,
             backoff: None,
             heartbeat: None,
@@ -311,7 +326,6 @@ impl ChildSpec {
     /// the sum of its children's.
     pub fn supervisor(spec: SupervisorSpec) -> Self {
         Self {
-            name: spec.name.clone(),
             kind: ChildKind::Supervisor(Arc::new(spec)),
             restart: Restart::Permanent,
             backoff: None,
@@ -349,7 +363,10 @@ impl ChildSpec {
 
     /// The child's name.
     pub fn name(&self) -> &str {
-        &self.name
+        match &self.kind {
+            ChildKind::Worker(w) => w.name(),
+            ChildKind::Supervisor(s) => &s.name,
+        }
     }
 
     /// The backoff settings in force.
@@ -375,7 +392,7 @@ impl ChildSpec {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.name.trim().is_empty() {
+        if self.name().trim().is_empty() {
             return Err(Error::invalid_config(
                 "children[].name",
                 "\"\"",
@@ -384,20 +401,20 @@ impl ChildSpec {
         }
         if self.heartbeat == Some(Duration::ZERO) {
             return Err(Error::invalid_config(
-                format!("children[\"{}\"].heartbeat", self.name),
+                format!("children[\"{}\"].heartbeat", self.name()),
                 "0ms",
                 "a heartbeat deadline must be positive",
             ));
         }
         if self.heartbeat.is_some() && matches!(self.kind, ChildKind::Supervisor(_)) {
             return Err(Error::invalid_config(
-                format!("children[\"{}\"].heartbeat", self.name),
+                format!("children[\"{}\"].heartbeat", self.name()),
                 format!("{:?}", self.heartbeat.unwrap_or_default()),
                 "a nested supervisor does not heartbeat; set heartbeats on its workers",
             ));
         }
         match &self.backoff {
-            Some(b) => b.validate(&self.name),
+            Some(b) => b.validate(self.name()),
             None => Ok(()),
         }
     }
@@ -534,10 +551,10 @@ impl SupervisorSpecBuilder {
         let mut seen = std::collections::HashSet::with_capacity(self.children.len());
         for c in &self.children {
             c.validate()?;
-            if !seen.insert(&*c.name) {
+            if !seen.insert(c.name()) {
                 return Err(Error::invalid_config(
                     "children[].name",
-                    format!("\"{}\"", c.name),
+                    format!("\"{}\"", c.name()),
                     format!(
                         "supervisor \"{}\" already has a child with this name",
                         self.name

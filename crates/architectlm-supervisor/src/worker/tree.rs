@@ -175,7 +175,7 @@ impl Child {
     /// time of a start is derived from them rather than read at every start.
     fn status(&self, epoch: Instant, wall: DateTime<Utc>) -> ChildStatus {
         ChildStatus {
-            name: self.spec.name.to_string(),
+            name: self.spec.name().to_owned(),
             kind: match self.spec.kind {
                 ChildKind::Worker(_) => ChildKindName::Worker,
                 ChildKind::Supervisor(_) => ChildKindName::Supervisor,
@@ -207,7 +207,7 @@ struct Actor {
     children: Vec<Child>,
     /// The children's names, to refuse a duplicate in O(1). Built by the first
     /// [`Command::StartChild`]: the spec's names were already checked by its builder.
-    names: Option<HashSet<Arc<str>>>,
+    names: Option<HashSet<Box<str>>>,
     restarts: VecDeque<Instant>,
     events: EventHub<WorkerEvent>,
     exit_tx: mpsc::UnboundedSender<ExitMsg>,
@@ -258,7 +258,7 @@ pub(crate) fn tree(
         Some(p) => Arc::from(format!("{p}/{path_name}")),
         None => path_name,
     };
-    let actor = Actor {
+    let mut actor = Actor {
         path,
         strategy,
         max_restarts: intensity.max_restarts,
@@ -279,6 +279,12 @@ pub(crate) fn tree(
     // Every poll of the loop runs in this span: a subscriber can time the supervisor's own
     // work apart from its workers', and the loop's log events carry the supervisor's path.
     let span = tracing::debug_span!("worker-supervisor", supervisor = %actor.path);
+    // The children start here, on the caller's thread, rather than at the loop's first poll:
+    // when the caller is not the worker that will run the loop (the root started from
+    // `block_on`, or from another task), the runtime's workers run the first children while
+    // the caller still spawns the last ones. Their exits wait in the channel for the loop; if
+    // the loop is dropped unpolled, dropping the actor aborts them.
+    span.in_scope(|| actor.start_all());
     (
         SupervisorRef { tx: cmd_tx },
         Box::pin(actor.run(cmd_rx, exit_rx).instrument(span)),
@@ -289,7 +295,6 @@ impl ChildSpec {
     /// A copy for a running child: the factory and nested specs are shared.
     pub(crate) fn clone_spec(&self) -> ChildSpec {
         ChildSpec {
-            name: self.name.clone(),
             kind: match &self.kind {
                 ChildKind::Worker(f) => ChildKind::Worker(f.clone()),
                 ChildKind::Supervisor(s) => ChildKind::Supervisor(s.clone()),
@@ -318,9 +323,6 @@ impl Actor {
         mut cmd_rx: mpsc::UnboundedReceiver<Command>,
         mut exit_rx: mpsc::UnboundedReceiver<ExitMsg>,
     ) -> TreeExit {
-        for i in 0..self.children.len() {
-            self.start(i);
-        }
         let far = || Instant::now() + Duration::from_secs(86_400 * 365);
         let sleep = tokio::time::sleep_until(far());
         tokio::pin!(sleep);
@@ -369,7 +371,7 @@ impl Actor {
                         let _ = reply.send(self.add_child(spec));
                     }
                     Some(Command::TerminateChild(name, reply)) => {
-                        let result = match self.children.iter().position(|c| *c.spec.name == *name) {
+                        let result = match self.children.iter().position(|c| c.spec.name() == name) {
                             None => Err(Error::not_found("child", &name)),
                             Some(i) => Ok(self.stop_child(i).await),
                         };
@@ -386,6 +388,13 @@ impl Actor {
         }
     }
 
+    /// Starts every child of the spec, in start order.
+    fn start_all(&mut self) {
+        for i in 0..self.children.len() {
+            self.start(i);
+        }
+    }
+
     fn finish(&self, exit: TreeExit) -> TreeExit {
         tracing::debug!(supervisor = %self.path, ?exit, "supervisor stopped");
         self.emit(None, || WorkerEventKind::SupervisorStopped {
@@ -399,11 +408,11 @@ impl Actor {
         let children = &self.children;
         let names = self
             .names
-            .get_or_insert_with(|| children.iter().map(|c| c.spec.name.clone()).collect());
-        if !names.insert(spec.name.clone()) {
+            .get_or_insert_with(|| children.iter().map(|c| c.spec.name().into()).collect());
+        if !names.insert(spec.name().into()) {
             return Err(Error::invalid_config(
                 "children[].name",
-                format!("\"{}\"", spec.name),
+                format!("\"{}\"", spec.name()),
                 format!(
                     "supervisor \"{}\" already has a child with this name",
                     self.path
@@ -433,7 +442,7 @@ impl Actor {
         let join = match &c.spec.kind {
             ChildKind::Worker(factory) => factory.clone().spawn(
                 WorkerContext {
-                    name: c.spec.name.clone(),
+                    worker: factory.clone(),
                     path: self.path.clone(),
                     cancel: cancel.clone(),
                     beat: beat.clone(),
@@ -449,7 +458,7 @@ impl Actor {
                     Some(&self.path),
                 );
                 c.sub = Some(sub);
-                let nested_path = format!("{}/{}", self.path, c.spec.name);
+                let nested_path = format!("{}/{}", self.path, c.spec.name());
                 tokio::spawn(async move {
                     let outcome = AssertUnwindSafe(run).catch_unwind().await;
                     exit.send(match outcome {
@@ -480,7 +489,7 @@ impl Actor {
         c.beat = beat;
         let restart_count = c.restart_count;
         let c = &self.children[idx];
-        self.emit(Some(&c.spec.name), || WorkerEventKind::ChildStarted {
+        self.emit(Some(c.spec.name()), || WorkerEventKind::ChildStarted {
             restart_count,
         });
     }
@@ -523,9 +532,9 @@ impl Actor {
         };
         let c = &self.children[idx];
         if reason.is_abnormal() {
-            tracing::warn!(supervisor = %self.path, child = %c.spec.name, ?reason, "child exited abnormally");
+            tracing::warn!(supervisor = %self.path, child = %c.spec.name(), ?reason, "child exited abnormally");
         }
-        self.emit(Some(&c.spec.name), || WorkerEventKind::ChildExited {
+        self.emit(Some(c.spec.name()), || WorkerEventKind::ChildExited {
             reason: reason.clone(),
             ran_for_ms: ms(ran),
         });
@@ -552,7 +561,7 @@ impl Actor {
                 }
             }
             if self.restarts.len() > self.max_restarts as usize {
-                let name = self.children[idx].spec.name.clone();
+                let name = self.children[idx].spec.name().to_owned();
                 self.emit(Some(&name), || WorkerEventKind::IntensityExceeded {
                     cause: reason.clone(),
                     max_restarts: self.max_restarts,
@@ -562,7 +571,7 @@ impl Actor {
                 self.children[idx].last_exit = Some(reason.clone());
                 self.stop_all().await;
                 return Some(TreeExit::IntensityExceeded {
-                    child: name.to_string(),
+                    child: name,
                     cause: reason,
                     max_restarts: self.max_restarts,
                     period_ms: ms(self.period),
@@ -595,12 +604,12 @@ impl Actor {
                 }
             }
             group.retain(|&j| j == idx || self.children[j].spec.restart != Restart::Temporary);
-            self.emit(Some(&self.children[idx].spec.name), || {
+            self.emit(Some(self.children[idx].spec.name()), || {
                 WorkerEventKind::GroupRestart {
                     strategy: self.strategy,
                     children: group
                         .iter()
-                        .map(|&j| self.children[j].spec.name.to_string())
+                        .map(|&j| self.children[j].spec.name().to_owned())
                         .collect(),
                 }
             });
@@ -623,7 +632,7 @@ impl Actor {
         c.state = ChildState::Restarting;
         c.deadline = Some(at);
         self.next_restart = min_opt(self.next_restart, at);
-        self.emit(Some(&self.children[idx].spec.name), || {
+        self.emit(Some(self.children[idx].spec.name()), || {
             WorkerEventKind::RestartScheduled {
                 delay_ms: ms(delay),
                 attempt,
@@ -653,7 +662,7 @@ impl Actor {
             Ok(_) => (StopOutcome::Graceful, ExitReason::Shutdown),
             Err(_) => {
                 join.abort();
-                tracing::warn!(supervisor = %self.path, child = %c.spec.name, ?timeout, "child ignored its cancellation; aborted");
+                tracing::warn!(supervisor = %self.path, child = %c.spec.name(), ?timeout, "child ignored its cancellation; aborted");
                 (
                     StopOutcome::Killed,
                     ExitReason::Killed {
@@ -670,11 +679,11 @@ impl Actor {
         c.state = ChildState::Stopped;
         let c = &self.children[idx];
         if outcome == StopOutcome::Killed {
-            self.emit(Some(&c.spec.name), || WorkerEventKind::ChildKilled {
+            self.emit(Some(c.spec.name()), || WorkerEventKind::ChildKilled {
                 timeout_ms: ms(timeout),
             });
         }
-        self.emit(Some(&c.spec.name), || WorkerEventKind::ChildExited {
+        self.emit(Some(c.spec.name()), || WorkerEventKind::ChildExited {
             reason: reason.clone(),
             ran_for_ms: ms(ran),
         });
@@ -689,7 +698,7 @@ impl Actor {
         for j in (0..self.children.len()).rev() {
             let outcome = self.stop_child(j).await;
             report.children.push(ChildShutdown {
-                name: self.children[j].spec.name.to_string(),
+                name: self.children[j].spec.name().to_owned(),
                 outcome,
             });
         }
@@ -748,8 +757,8 @@ impl Actor {
             c.deadline = Some(at);
             self.next_kill = min_opt(self.next_kill, at);
             let c = &self.children[j];
-            tracing::warn!(supervisor = %self.path, child = %c.spec.name, ?hb, "child missed its heartbeat; cancelling");
-            self.emit(Some(&c.spec.name), || WorkerEventKind::HeartbeatMissed {
+            tracing::warn!(supervisor = %self.path, child = %c.spec.name(), ?hb, "child missed its heartbeat; cancelling");
+            self.emit(Some(c.spec.name()), || WorkerEventKind::HeartbeatMissed {
                 deadline_ms: ms(hb),
                 silent_for_ms: ms(silent),
             });
@@ -774,7 +783,7 @@ impl Actor {
             };
             c.hung = false;
             let c = &self.children[j];
-            self.emit(Some(&c.spec.name), || WorkerEventKind::ChildKilled {
+            self.emit(Some(c.spec.name()), || WorkerEventKind::ChildKilled {
                 timeout_ms: ms(timeout),
             });
             if let Some(exit) = self.handle_exit(j, reason).await {

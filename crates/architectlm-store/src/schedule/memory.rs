@@ -1,32 +1,264 @@
-//! Scheduled entries and run claims in memory.
+//! Scheduled entries and run claims in memory, in a compact form.
+//!
+//! Each entry is one [`Record`] in a chunked slab (no copy of the whole table when it grows,
+//! and at most one partly used chunk), found by id through a map of slab positions. A record
+//! keeps what every entry has inline and shares what entries have in common: task ids and
+//! policies are interned (`Arc`), and the rarely set parts (pattern, time zone, description,
+//! metadata, last result, history, limits) live in one optional box, absent for a fresh one-shot
+//! entry. The input is kept as given.
+
+use std::sync::Arc;
+
+use architectlm_core::extensions::scheduler::RunRecord;
 
 use super::*;
 
+/// Records per slab chunk.
+const CHUNK: usize = 1024;
+
+/// Distinct task ids and policies shared at most; past this, new values are simply not shared.
+const INTERN_LIMIT: usize = 4096;
+const POLICY_LIMIT: usize = 32;
+
+/// The rarely set parts of an entry.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Cold {
+    executed_at: Option<DateTime<Utc>>,
+    pattern: Option<String>,
+    timezone: Option<String>,
+    result: Option<Value>,
+    error: Option<String>,
+    description: Option<String>,
+    metadata: serde_json::Map<String, Value>,
+    history: Vec<RunRecord>,
+    start_at: Option<DateTime<Utc>>,
+    end_at: Option<DateTime<Utc>>,
+    max_executions: Option<u32>,
+    jitter: Option<Duration>,
+}
+
+impl Cold {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One stored entry.
+#[derive(Debug, Clone)]
+struct Record {
+    id: Uuid,
+    task_id: Arc<str>,
+    input: Value,
+    execute_at: DateTime<Utc>,
+    next: Option<DateTime<Utc>>,
+    version: u64,
+    policy: Arc<SchedulePolicy>,
+    cold: Option<Box<Cold>>,
+    execution_count: u32,
+    remaining: Option<u32>,
+    status: ScheduledTaskStatus,
+}
+
+impl Record {
+    fn to_entry(&self) -> ScheduleEntry {
+        let cold = self.cold.as_deref().cloned().unwrap_or_default();
+        let mut task =
+            ScheduledTask::new(self.id, &*self.task_id, self.input.clone(), self.execute_at);
+        task.status = self.status;
+        task.executed_at = cold.executed_at;
+        task.next_execution_at = self.next;
+        task.pattern = cold.pattern;
+        task.timezone = cold.timezone;
+        task.remaining_executions = self.remaining;
+        task.execution_count = self.execution_count;
+        task.result = cold.result;
+        task.error = cold.error;
+        task.description = cold.description;
+        task.metadata = cold.metadata;
+        task.history = cold.history;
+        ScheduleEntry {
+            task,
+            policy: (*self.policy).clone(),
+            start_at: cold.start_at,
+            end_at: cold.end_at,
+            max_executions: cold.max_executions,
+            jitter: cold.jitter,
+            version: self.version,
+        }
+    }
+
+    fn is_recurring(&self) -> bool {
+        self.cold.as_ref().is_some_and(|c| c.pattern.is_some())
+    }
+
+    fn is_active(&self) -> bool {
+        matches!(
+            self.status,
+            ScheduledTaskStatus::Scheduled
+                | ScheduledTaskStatus::Running
+                | ScheduledTaskStatus::Paused
+        )
+    }
+
+    fn next_key(&self) -> i64 {
+        self.next.map_or(i64::MAX, |t| t.timestamp_millis())
+    }
+}
+
+/// Shares task ids and policies between records.
+#[derive(Default)]
+struct Interner {
+    task_ids: std::collections::HashSet<Arc<str>>,
+    policies: Vec<Arc<SchedulePolicy>>,
+}
+
+impl Interner {
+    fn task_id(&mut self, s: String) -> Arc<str> {
+        if let Some(a) = self.task_ids.get(s.as_str()) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        if self.task_ids.len() < INTERN_LIMIT {
+            self.task_ids.insert(a.clone());
+        }
+        a
+    }
+
+    fn policy(&mut self, p: SchedulePolicy) -> Arc<SchedulePolicy> {
+        if let Some(a) = self.policies.iter().find(|a| ***a == p) {
+            return a.clone();
+        }
+        let a = Arc::new(p);
+        if self.policies.len() < POLICY_LIMIT {
+            self.policies.push(a.clone());
+        }
+        a
+    }
+
+    /// A record of `e`; parts equal to `old`'s are shared with it.
+    fn record(&mut self, e: ScheduleEntry, old: Option<&Record>) -> Record {
+        let ScheduleEntry {
+            task,
+            policy,
+            start_at,
+            end_at,
+            max_executions,
+            jitter,
+            version,
+        } = e;
+        let task_id = match old {
+            Some(o) if *o.task_id == *task.task_id => o.task_id.clone(),
+            _ => self.task_id(task.task_id),
+        };
+        let policy = match old {
+            Some(o) if *o.policy == policy => o.policy.clone(),
+            _ => self.policy(policy),
+        };
+        let cold = Cold {
+            executed_at: task.executed_at,
+            pattern: task.pattern,
+            timezone: task.timezone,
+            result: task.result,
+            error: task.error,
+            description: task.description,
+            metadata: task.metadata,
+            history: task.history,
+            start_at,
+            end_at,
+            max_executions,
+            jitter,
+        };
+        Record {
+            id: task.id,
+            task_id,
+            input: task.input,
+            execute_at: task.execute_at,
+            next: task.next_execution_at,
+            version,
+            policy,
+            cold: (!cold.is_empty()).then(|| Box::new(cold)),
+            execution_count: task.execution_count,
+            remaining: task.remaining_executions,
+            status: task.status,
+        }
+    }
+}
+
+/// A slab of records in fixed-size chunks.
+#[derive(Default)]
+struct Slab {
+    chunks: Vec<Box<[Option<Record>]>>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn get(&self, i: u32) -> Option<&Record> {
+        let i = i as usize;
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)?.as_ref()
+    }
+
+    fn get_mut(&mut self, i: u32) -> Option<&mut Record> {
+        let i = i as usize;
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)?.as_mut()
+    }
+
+    fn insert(&mut self, r: Record) -> u32 {
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = self.chunks.len() * CHUNK;
+                self.chunks.push(
+                    (0..CHUNK)
+                        .map(|_| None)
+                        .collect::<Vec<_>>()
+                        .into_boxed_slice(),
+                );
+                self.free.extend((i + 1..i + CHUNK).rev().map(|k| k as u32));
+                i as u32
+            }
+        };
+        let i_us = i as usize;
+        self.chunks[i_us / CHUNK][i_us % CHUNK] = Some(r);
+        i
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Record> {
+        self.chunks.iter().flat_map(|c| c.iter().flatten())
+    }
+}
+
 #[derive(Default)]
 struct MemInner {
-    entries: HashMap<Uuid, ScheduleEntry>,
-    by_next: BTreeSet<(i64, Uuid)>,
+    index: HashMap<Uuid, u32>,
+    slab: Slab,
+    interner: Interner,
     runs: HashMap<Uuid, BTreeMap<i64, ScheduleRun>>,
 }
 
 impl MemInner {
+    fn record(&self, id: Uuid) -> Option<&Record> {
+        self.slab.get(*self.index.get(&id)?)
+    }
+
     fn replace(&mut self, entry: &ScheduleEntry, expected: u64) -> Result<()> {
         let id = entry.id();
-        let Some(old) = self.entries.get(&id) else {
+        let Some(&i) = self.index.get(&id) else {
+            return Err(Error::not_found("scheduled entry", id));
+        };
+        let MemInner { slab, interner, .. } = self;
+        let Some(old) = slab.get_mut(i) else {
             return Err(Error::not_found("scheduled entry", id));
         };
         if old.version != expected {
             return Err(conflict(id, expected, old.version));
         }
-        self.by_next.remove(&(next_key(old), id));
-        self.by_next.insert((next_key(entry), id));
-        self.entries.insert(id, entry.clone());
+        *old = interner.record(entry.clone(), Some(old));
         Ok(())
     }
 }
 
-/// Entries in memory, indexed by next run. Lost with the process; for tests and for
-/// deployments that do not need durability.
+/// Entries in memory, in a compact form (see the module source for the layout). Lost with the
+/// process; for tests and for deployments that do not need durability.
 #[derive(Default)]
 pub struct InMemoryScheduleStore {
     inner: RwLock<MemInner>,
@@ -35,7 +267,7 @@ pub struct InMemoryScheduleStore {
 impl fmt::Debug for InMemoryScheduleStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InMemoryScheduleStore")
-            .field("entries", &self.inner.read().entries.len())
+            .field("entries", &self.inner.read().index.len())
             .finish()
     }
 }
@@ -52,13 +284,17 @@ impl ScheduleStore for InMemoryScheduleStore {
     async fn insert(&self, entries: Vec<ScheduleEntry>) -> Result<()> {
         let mut g = self.inner.write();
         for e in &entries {
-            if let Some(old) = g.entries.get(&e.id()) {
+            if let Some(old) = g.record(e.id()) {
                 return Err(conflict(e.id(), 0, old.version));
             }
         }
+        let g = &mut *g;
+        g.index.reserve(entries.len());
         for e in entries {
-            g.by_next.insert((next_key(&e), e.id()));
-            g.entries.insert(e.id(), e);
+            let id = e.id();
+            let r = g.interner.record(e, None);
+            let i = g.slab.insert(r);
+            g.index.insert(id, i);
         }
         Ok(())
     }
@@ -124,19 +360,33 @@ impl ScheduleStore for InMemoryScheduleStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<ScheduleEntry>> {
-        Ok(self.inner.read().entries.get(&id).cloned())
+        Ok(self.inner.read().record(id).map(Record::to_entry))
     }
 
     async fn query(&self, filter: &ScheduledTaskFilter) -> Result<Page<ScheduleEntry>> {
         let g = self.inner.read();
         let lo = filter.from.map_or(i64::MIN, |t| t.timestamp_millis());
         let hi = filter.to.map_or(i64::MAX, |t| t.timestamp_millis());
-        let items: Vec<ScheduleEntry> = g
-            .by_next
-            .range((lo, Uuid::nil())..=(hi, Uuid::max()))
-            .filter_map(|(_, id)| g.entries.get(id))
+        // Cheap checks on the compact records first; the full filter on the survivors.
+        let mut hits: Vec<(i64, Uuid, &Record)> = g
+            .slab
+            .iter()
+            .filter(|r| {
+                let k = r.next_key();
+                k >= lo
+                    && k <= hi
+                    && (filter.status.is_empty() || filter.status.contains(&r.status))
+                    && (filter.task_id.is_empty()
+                        || filter.task_id.iter().any(|t| **t == *r.task_id))
+                    && filter.recurring.is_none_or(|want| want == r.is_recurring())
+            })
+            .map(|r| (r.next_key(), r.id, r))
+            .collect();
+        hits.sort_unstable_by_key(|&(k, id, _)| (k, id));
+        let items: Vec<ScheduleEntry> = hits
+            .into_iter()
+            .map(|(_, _, r)| r.to_entry())
             .filter(|e| filter.matches(&e.task))
-            .cloned()
             .collect();
         Ok(paginate(items, filter))
     }
@@ -145,10 +395,10 @@ impl ScheduleStore for InMemoryScheduleStore {
         Ok(self
             .inner
             .read()
-            .entries
-            .values()
-            .filter(|e| e.is_active())
-            .cloned()
+            .slab
+            .iter()
+            .filter(|r| r.is_active())
+            .map(Record::to_entry)
             .collect())
     }
 
@@ -172,5 +422,63 @@ impl ScheduleStore for InMemoryScheduleStore {
             .get(&entry_id)
             .map(|r| r.values().cloned().collect())
             .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> ScheduleEntry {
+        ScheduleEntry::new(
+            ScheduledTask::new(
+                Uuid::new_v4(),
+                "tick",
+                serde_json::json!([1, 2]),
+                Utc::now(),
+            ),
+            SchedulePolicy::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn entries_round_trip_exactly_and_share_task_ids_and_policies() {
+        let store = InMemoryScheduleStore::new();
+        let plain = entry();
+        let mut full = entry();
+        full.task.pattern = Some("* * * * *".into());
+        full.task.description = Some("d".into());
+        full.task.metadata.insert("k".into(), serde_json::json!(1));
+        full.task.error = Some("e".into());
+        full.end_at = Some(Utc::now());
+        full.jitter = Some(Duration::from_millis(5));
+        store
+            .insert(vec![plain.clone(), full.clone()])
+            .await
+            .unwrap();
+        assert_eq!(store.get(plain.id()).await.unwrap(), Some(plain.clone()));
+        assert_eq!(store.get(full.id()).await.unwrap(), Some(full.clone()));
+        let g = store.inner.read();
+        let (a, b) = (g.record(plain.id()).unwrap(), g.record(full.id()).unwrap());
+        assert!(Arc::ptr_eq(&a.task_id, &b.task_id));
+        assert!(Arc::ptr_eq(&a.policy, &b.policy));
+        assert!(a.cold.is_none());
+        assert!(b.cold.is_some());
+    }
+
+    #[test]
+    fn the_slab_grows_in_chunks_and_reuses_freed_places() {
+        let mut slab = Slab::default();
+        let rec = InMemoryScheduleStore::new()
+            .inner
+            .write()
+            .interner
+            .record(entry(), None);
+        let ids: Vec<u32> = (0..CHUNK + 1).map(|_| slab.insert(rec.clone())).collect();
+        assert_eq!(slab.chunks.len(), 2);
+        assert_eq!(ids[0], 0);
+        assert_eq!(ids[CHUNK], CHUNK as u32);
+        assert!(slab.get(ids[5]).is_some());
+        assert!(slab.get(u32::MAX).is_none());
     }
 }

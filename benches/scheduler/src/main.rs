@@ -78,6 +78,8 @@ struct Row {
     n: usize,
     insert_per_s: f64,
     bytes_per_entry: f64,
+    /// Bytes per entry without its input (our rows; peers carry no input).
+    bytes_excl_input: f64,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -107,6 +109,19 @@ fn summarize(rec: &Recorder, mut row: Row) -> Row {
     row.p99_ms = q(0.99);
     row.max_ms = v.last().map_or(f64::NAN, |x| *x as f64 / 1000.0);
     row
+}
+
+/// Live bytes of one input as the scheduler keeps it: its heap part (measured on a sample of
+/// 1,000) and the inline `Value`.
+fn input_bytes(make: impl Fn(usize) -> serde_json::Value) -> f64 {
+    let mut sample = Vec::with_capacity(1000);
+    let before = live();
+    for k in 0..1000 {
+        sample.push(make(k));
+    }
+    let heap = live().saturating_sub(before) as f64 / 1000.0;
+    drop(sample);
+    heap + std::mem::size_of::<serde_json::Value>() as f64
 }
 
 fn wall_us(t: DateTime<Utc>) -> i64 {
@@ -149,6 +164,7 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     let sched = Arc::new(TaskScheduler::in_memory());
     let _rt = ours_runtime(rec.clone(), sched.clone()).await;
     let base = Utc::now() + chrono::Duration::from_std(LEAD).unwrap_or_default();
+    let input = input_bytes(|k| json!([k, wall_us(base)]));
     let before = live();
     let t = Instant::now();
     let mut i = 0;
@@ -176,6 +192,7 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes - input,
             ..Row::default()
         },
     )
@@ -217,6 +234,7 @@ async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Ro
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes,
             ..Row::default()
         },
     )
@@ -254,6 +272,7 @@ async fn spawn_sleep(workload: &str, n: usize, span: Duration, same: bool) -> Ro
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes,
             ..Row::default()
         },
     )
@@ -295,6 +314,7 @@ async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes,
             ..Row::default()
         },
     )
@@ -305,6 +325,7 @@ async fn cancel_ours(n: usize) -> Row {
     let sched = Arc::new(TaskScheduler::in_memory());
     let _rt = ours_runtime(rec, sched.clone()).await;
     let due = Utc::now() + chrono::Duration::hours(1);
+    let input = input_bytes(|k| json!([k, 0]));
     let before = live();
     let mut ids = Vec::with_capacity(n);
     let mut i = 0;
@@ -330,6 +351,7 @@ async fn cancel_ours(n: usize) -> Row {
         n,
         insert_per_s: cancel as f64 / el.as_secs_f64(),
         bytes_per_entry: full as f64 / n as f64,
+        bytes_excl_input: full as f64 / n as f64 - input,
         extra: format!(
             "live memory {:.0} MB → {:.0} MB (cancelled entries stay queryable in the store)",
             full as f64 / 1e6,
@@ -361,6 +383,7 @@ async fn cancel_delay_queue(n: usize) -> Row {
         n,
         insert_per_s: cancel as f64 / el.as_secs_f64(),
         bytes_per_entry: full as f64 / n as f64,
+        bytes_excl_input: full as f64 / n as f64,
         extra: format!(
             "live memory {:.0} MB → {:.0} MB",
             full as f64 / 1e6,
@@ -408,6 +431,7 @@ async fn durable(n: usize) -> Row {
             reload.as_secs_f64()
         ),
         bytes_per_entry: f64::NAN,
+        bytes_excl_input: f64::NAN,
         p50_ms: f64::NAN,
         p99_ms: f64::NAN,
         max_ms: f64::NAN,
@@ -446,6 +470,7 @@ async fn idle_recurring(n: usize, idle: Duration) -> Row {
         n,
         insert_per_s: n as f64 / insert.as_secs_f64(),
         bytes_per_entry: f64::NAN,
+        bytes_excl_input: f64::NAN,
         p50_ms: f64::NAN,
         p99_ms: f64::NAN,
         max_ms: f64::NAN,
@@ -521,6 +546,7 @@ async fn every_second(n: usize, window: u32) -> Row {
             n: v.len(),
             insert_per_s: f64::NAN,
             bytes_per_entry: f64::NAN,
+            bytes_excl_input: f64::NAN,
             ..Row::default()
         },
     );
@@ -591,14 +617,14 @@ async fn main() {
     println!("### Scheduler");
     println!();
     println!(
-        "{} mode, 2 Tokio workers, release build. Lateness is signed (start of the job body minus its due time), measured inside the job; 'early' counts negative values. Memory is live heap bytes (counting allocator) per pending entry, input included (a 2-number JSON array). The cancel rows give cancels/s in the rate column. Peers run in the same process, one after another.",
+        "{} mode, 2 Tokio workers, release build. Lateness is signed (start of the job body minus its due time), measured inside the job; 'early' counts negative values. Memory is live heap bytes (counting allocator) per pending entry, input included (a 2-number JSON array), and without the input (its heap part and inline `Value`, measured apart). The cancel rows give cancels/s in the rate column. Peers run in the same process, one after another.",
         if quick { "Quick" } else { "Full" }
     );
     println!();
     println!(
-        "| workload | implementation | n | rate (/s) | B/entry | p50 ms | p99 ms | max ms | early | lost | rate vs DelayQueue | notes |"
+        "| workload | implementation | n | rate (/s) | B/entry | B/entry excl. input | p50 ms | p99 ms | max ms | early | lost | rate vs DelayQueue | notes |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         let peer = rows
             .iter()
@@ -606,12 +632,13 @@ async fn main() {
             .map(|p| p.insert_per_s);
         let ratio = peer.map_or("–".into(), |p| format!("{:.2}×", r.insert_per_s / p));
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.workload,
             r.name,
             r.n,
             fmt(r.insert_per_s),
             fmt(r.bytes_per_entry),
+            fmt(r.bytes_excl_input),
             fmt(r.p50_ms),
             fmt(r.p99_ms),
             fmt(r.max_ms),

@@ -488,6 +488,11 @@ impl TaskScheduler {
     }
 
     fn check_task(&self, task_id: &str) -> Result<()> {
+        Self::check_task_in(self.runtime().as_ref(), task_id)
+    }
+
+    /// Checks a task id against the runtime's tasks (when bound to one).
+    fn check_task_in(runtime: Option<&Runtime>, task_id: &str) -> Result<()> {
         if task_id.trim().is_empty() {
             return Err(Error::invalid_config(
                 "task_id",
@@ -495,7 +500,7 @@ impl TaskScheduler {
                 "must not be empty",
             ));
         }
-        if let Some(r) = self.runtime()
+        if let Some(r) = runtime
             && !r.system().tasks.contains_key(task_id)
         {
             return Err(Error::not_found("task", task_id));
@@ -540,6 +545,11 @@ impl TaskScheduler {
 
     fn one_shot_entry(&self, c: ScheduledTaskConfig) -> Result<ScheduleEntry> {
         self.check_task(&c.task_id)?;
+        Self::one_shot_checked(c)
+    }
+
+    /// [`one_shot_entry`](Self::one_shot_entry) once the task id is checked.
+    fn one_shot_checked(c: ScheduledTaskConfig) -> Result<ScheduleEntry> {
         Self::check_policy(&c.policy)?;
         let at = truncate_ms(c.execute_at);
         let mut task = ScheduledTask::new(Uuid::now_v7(), c.task_id, c.input, at);
@@ -688,9 +698,18 @@ impl TaskScheduler {
     /// Schedules many one-shot runs in one durable batch (one commit); returns their ids in
     /// order. Every config is checked before anything is stored.
     pub async fn schedule_many(&self, configs: Vec<ScheduledTaskConfig>) -> Result<Vec<Uuid>> {
+        let runtime = self.runtime();
+        let mut last_task: Option<String> = None;
         let entries = configs
             .into_iter()
-            .map(|c| self.one_shot_entry(c))
+            .map(|c| {
+                // The runtime is looked up once; the same task id is checked once in a row.
+                if last_task.as_deref() != Some(c.task_id.as_str()) {
+                    Self::check_task_in(runtime.as_ref(), &c.task_id)?;
+                    last_task = Some(c.task_id.clone());
+                }
+                Self::one_shot_checked(c)
+            })
             .collect::<Result<Vec<_>>>()?;
         self.add(entries).await
     }

@@ -135,7 +135,70 @@ impl Interner {
         a
     }
 
-    /// A record of `e`; parts equal to `old`'s are shared with it.
+    /// A record of `e` replacing `old`: parts equal to `old`'s are shared with it, and only
+    /// what differs is copied.
+    fn record_ref(&mut self, e: &ScheduleEntry, old: &mut Record) -> Record {
+        let t = &e.task;
+        let task_id = if *old.task_id == *t.task_id {
+            old.task_id.clone()
+        } else {
+            self.task_id(t.task_id.clone())
+        };
+        let policy = if *old.policy == e.policy {
+            old.policy.clone()
+        } else {
+            self.policy(e.policy.clone())
+        };
+        let cold_empty = t.executed_at.is_none()
+            && t.pattern.is_none()
+            && t.timezone.is_none()
+            && t.result.is_none()
+            && t.error.is_none()
+            && t.description.is_none()
+            && t.metadata.is_empty()
+            && t.history.is_empty()
+            && e.start_at.is_none()
+            && e.end_at.is_none()
+            && e.max_executions.is_none()
+            && e.jitter.is_none();
+        let cold = (!cold_empty).then(|| {
+            Box::new(Cold {
+                executed_at: t.executed_at,
+                pattern: t.pattern.clone(),
+                timezone: t.timezone.clone(),
+                result: t.result.clone(),
+                error: t.error.clone(),
+                description: t.description.clone(),
+                metadata: t.metadata.clone(),
+                history: t.history.clone(),
+                start_at: e.start_at,
+                end_at: e.end_at,
+                max_executions: e.max_executions,
+                jitter: e.jitter,
+            })
+        });
+        // The input rarely changes: keep the stored one rather than copy it again.
+        let input = if old.input == t.input {
+            std::mem::take(&mut old.input)
+        } else {
+            t.input.clone()
+        };
+        Record {
+            id: t.id,
+            task_id,
+            input,
+            execute_at: t.execute_at,
+            next: t.next_execution_at,
+            version: e.version,
+            policy,
+            cold,
+            execution_count: t.execution_count,
+            remaining: t.remaining_executions,
+            status: t.status,
+        }
+    }
+
+    /// A record of a new entry.
     fn record(&mut self, e: ScheduleEntry, old: Option<&Record>) -> Record {
         let ScheduleEntry {
             task,
@@ -252,7 +315,7 @@ impl MemInner {
         if old.version != expected {
             return Err(conflict(id, expected, old.version));
         }
-        *old = interner.record(entry.clone(), Some(old));
+        *old = interner.record_ref(entry, old);
         Ok(())
     }
 }

@@ -404,6 +404,9 @@ impl TaskScheduler {
     /// Publishes an event to the scheduler's hub and the runtime's bus; builds it only if
     /// somebody listens.
     fn emit(&self, t: SchedulerEventType, entry: &ScheduleEntry, payload: impl FnOnce() -> Value) {
+        if !self.listening() {
+            return;
+        }
         let local = self.inner.events.has_subscribers();
         let runtime = self.runtime();
         let to_bus = runtime
@@ -1216,6 +1219,26 @@ impl TaskScheduler {
         Ok(())
     }
 
+    /// [`Scheduler::cancel_task`] under the entry's lock: stores the entry cancelled, disarms
+    /// its timer and closes the claims of its waiting runs. `None` if it was not active.
+    async fn cancel_locked(&self, id: Uuid, st: &mut SlotState) -> Result<Option<ScheduleEntry>> {
+        let Some(mut e) = self.inner.store.get(id).await? else {
+            return Ok(None);
+        };
+        if !e.is_active() {
+            return Ok(None);
+        }
+        e.task.status = ScheduledTaskStatus::Cancelled;
+        e.task.next_execution_at = None;
+        let expected = e.version;
+        e.version += 1;
+        self.inner.store.update(&e, expected).await?;
+        self.note_end(true, &e);
+        self.inner.timers.disarm(id);
+        self.close_pending(id, st).await?;
+        Ok(Some(e))
+    }
+
     /// [`Scheduler::trigger_task`] under the entry's lock.
     async fn trigger_locked(&self, id: Uuid, slot: &Slot, st: &mut SlotState) -> Result<bool> {
         let Some(mut e) = self.inner.store.get(id).await? else {
@@ -1414,6 +1437,19 @@ impl Scheduler for TaskScheduler {
     }
 
     async fn cancel_task(&self, id: Uuid) -> Result<bool> {
+        if self.inner.cluster.is_none() && self.runtime().is_some() {
+            // One pass under the entry's lock.
+            let slot = self.slot(id);
+            let mut st = slot.lock().await;
+            let out = self.cancel_locked(id, &mut st).await;
+            drop(st);
+            self.release(id, slot);
+            let Some(e) = out? else {
+                return Ok(false);
+            };
+            self.emit(SchedulerEventType::Cancelled, &e, || json!({}));
+            return Ok(true);
+        }
         let Some((slot, e)) = self
             .change(id, |e, _| {
                 if !e.is_active() {

@@ -1,8 +1,9 @@
 //! The timer core: at most one timer per entry (its next run) in a binary heap ordered by
 //! wall-clock time, polled by a single driver task.
 //!
-//! There is no task per pending timer and no periodic scan of the entries. A timer is 48 bytes
-//! in the heap plus its place in the id map; inserting is O(log n). Moving or removing a timer
+//! There is no task per pending timer and no periodic scan of the entries. A timer is 32 bytes
+//! in the heap plus its place in the id map (20 bytes); inserting is O(log n). The rare timers
+//! that carry a `late_from` after their time keep it in a side map. Moving or removing a timer
 //! leaves the old heap item behind as stale (recognised by its generation) instead of searching
 //! for it; stale items are dropped when they reach the top, and the heap is compacted and its
 //! memory given back once stale items outnumber live ones. The driver sleeps until the earliest
@@ -37,26 +38,26 @@ pub(crate) struct Timer {
     pub(crate) late_from: Option<DateTime<Utc>>,
 }
 
-/// A timer as kept in the heap: times in milliseconds since the epoch.
+/// A timer as kept in the heap.
 #[derive(Debug, Clone, Copy)]
 struct Item {
-    /// Rounded up, so that firing at this millisecond is never early.
+    /// Milliseconds since the epoch, rounded up, so that firing at this millisecond is never
+    /// early.
     fire_at: i64,
-    due: i64,
-    /// `i64::MIN` for none.
-    late_from: i64,
-    generation: u64,
     id: Uuid,
+    generation: u32,
+    /// `fire_at` minus the due time (milliseconds, rounded down): the jitter.
+    jitter: u32,
 }
 
 impl Item {
-    fn timer(&self) -> Timer {
+    fn timer(&self, late_from: Option<i64>) -> Timer {
         let t = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
         Timer {
             id: self.id,
-            due: t(self.due),
+            due: t(self.fire_at - i64::from(self.jitter)),
             fire_at: t(self.fire_at),
-            late_from: (self.late_from != i64::MIN).then(|| t(self.late_from)),
+            late_from: late_from.map(t),
         }
     }
 }
@@ -95,8 +96,10 @@ fn ceil_ms(t: DateTime<Utc>) -> i64 {
 struct Queue {
     heap: BinaryHeap<Item>,
     /// The generation of each entry's live timer.
-    live: HashMap<Uuid, u64>,
-    generation: u64,
+    live: HashMap<Uuid, u32>,
+    /// `late_from` of the live timers that have one later than their time (milliseconds).
+    late: HashMap<Uuid, i64>,
+    generation: u32,
     /// Heap items whose timer was moved or removed.
     stale: usize,
 }
@@ -119,6 +122,9 @@ impl Queue {
         }
         if self.live.capacity() > 2 * self.live.len() + 1024 {
             self.live.shrink_to_fit();
+        }
+        if self.late.capacity() > 2 * self.late.len() + 1024 {
+            self.late.shrink_to_fit();
         }
     }
 }
@@ -159,23 +165,39 @@ impl Timers {
         let mut q = self.inner.lock();
         let before = q.heap.peek().map(|i| i.fire_at);
         let (lower, _) = timers.size_hint();
-        q.heap.reserve(lower);
+        let (len, cap) = (q.heap.len(), q.heap.capacity());
+        if len + lower > cap {
+            // Grow by a quarter rather than double: a large heap is the bulk of the memory.
+            q.heap.reserve_exact(lower.max(len / 4));
+        }
         q.live.reserve(lower);
         let mut earliest = i64::MAX;
         for t in timers {
-            q.generation += 1;
+            q.generation = q.generation.wrapping_add(1);
             let generation = q.generation;
             if q.live.insert(t.id, generation).is_some() {
                 q.stale += 1;
             }
-            let fire_at = ceil_ms(t.fire_at.max(t.due));
+            let due = t.due.timestamp_millis();
+            // A jitter beyond 49 days is cut to that.
+            let fire_at =
+                ceil_ms(t.fire_at.max(t.due)).min(due.saturating_add(i64::from(u32::MAX)));
+            let jitter = u32::try_from(fire_at - due).unwrap_or(u32::MAX);
+            match t.late_from.map(|l| l.timestamp_millis()) {
+                Some(l) if l > fire_at => {
+                    q.late.insert(t.id, l);
+                }
+                _ if !q.late.is_empty() => {
+                    q.late.remove(&t.id);
+                }
+                _ => {}
+            }
             earliest = earliest.min(fire_at);
             q.heap.push(Item {
                 fire_at,
-                due: t.due.timestamp_millis(),
-                late_from: t.late_from.map_or(i64::MIN, |l| l.timestamp_millis()),
-                generation,
                 id: t.id,
+                generation,
+                jitter,
             });
         }
         q.compact();
@@ -191,10 +213,14 @@ impl Timers {
         let mut q = self.inner.lock();
         if q.live.remove(&id).is_some() {
             q.stale += 1;
+            if !q.late.is_empty() {
+                q.late.remove(&id);
+            }
             if q.live.is_empty() {
                 // Nothing is armed: give all the memory back (after mass cancellations).
                 q.heap = BinaryHeap::new();
                 q.live = HashMap::new();
+                q.late = HashMap::new();
                 q.stale = 0;
             } else {
                 q.compact();
@@ -228,7 +254,12 @@ impl Timers {
                     }
                     q.heap.pop();
                     q.live.remove(&top.id);
-                    out.push(top.timer());
+                    let late = if q.late.is_empty() {
+                        None
+                    } else {
+                        q.late.remove(&top.id)
+                    };
+                    out.push(top.timer(late));
                     if out.len() >= BATCH {
                         break;
                     }
@@ -322,7 +353,8 @@ mod tests {
             id,
             due: at(100),
             fire_at: at(100),
-            late_from: Some(t0()),
+            // Kept only when later than the time (otherwise it changes nothing).
+            late_from: Some(at(if id.as_u128() % 2 == 0 { 200 } else { 50 })),
         }));
         let driver = {
             let timers = timers.clone();
@@ -351,11 +383,15 @@ mod tests {
         {
             let q = timers.inner.lock();
             assert!(q.heap.len() < 2500, "{} heap items left", q.heap.len());
+            assert!(q.late.len() <= 1000);
         }
         let mut out = Vec::new();
         timers.next_batch(&mut out).await;
         assert_eq!(out.len(), 1000);
-        assert!(out.iter().all(|t| t.late_from == Some(t0())));
+        for t in &out {
+            let want = (t.id.as_u128() % 2 == 0).then(|| at(200));
+            assert_eq!(t.late_from, want);
+        }
         for id in &ids[4000..] {
             assert!(out.iter().any(|t| t.id == *id));
         }

@@ -295,7 +295,14 @@ struct MemInner {
     index: HashMap<Uuid, u32>,
     slab: Slab,
     interner: Interner,
-    runs: HashMap<Uuid, BTreeMap<i64, ScheduleRun>>,
+    /// The kept runs of each entry, sorted by due time (a handful each: a sorted vector is
+    /// smaller and faster than a tree).
+    runs: HashMap<Uuid, Vec<ScheduleRun>>,
+}
+
+/// Where the run due at `key` (milliseconds) is or would go.
+fn run_at(runs: &[ScheduleRun], key: i64) -> std::result::Result<usize, usize> {
+    runs.binary_search_by_key(&key, |r| r.due_at.timestamp_millis())
 }
 
 impl MemInner {
@@ -379,9 +386,8 @@ impl ScheduleStore for InMemoryScheduleStore {
         let mut claimed = Vec::with_capacity(due.len());
         for &d in due {
             let d = truncate_ms(d);
-            let key = d.timestamp_millis();
-            if let std::collections::btree_map::Entry::Vacant(v) = runs.entry(key) {
-                v.insert(ScheduleRun::claimed(entry.id(), d, now));
+            if let Err(at) = run_at(runs, d.timestamp_millis()) {
+                runs.insert(at, ScheduleRun::claimed(entry.id(), d, now));
                 claimed.push(d);
             }
         }
@@ -397,16 +403,22 @@ impl ScheduleStore for InMemoryScheduleStore {
         let mut g = self.inner.write();
         g.replace(entry, expected_version)?;
         let runs = g.runs.entry(entry.id()).or_default();
-        runs.insert(run.due_at.timestamp_millis(), run.clone());
-        let finished: Vec<i64> = runs
-            .iter()
-            .filter(|(_, r)| r.state != RunState::Claimed)
-            .map(|(k, _)| *k)
-            .collect();
-        if finished.len() > KEPT_RUNS {
-            for k in &finished[..finished.len() - KEPT_RUNS] {
-                runs.remove(k);
-            }
+        match run_at(runs, run.due_at.timestamp_millis()) {
+            Ok(at) => runs[at] = run.clone(),
+            Err(at) => runs.insert(at, run.clone()),
+        }
+        let finished = runs.iter().filter(|r| r.state != RunState::Claimed).count();
+        if finished > KEPT_RUNS {
+            // The oldest finished runs go.
+            let mut extra = finished - KEPT_RUNS;
+            runs.retain(|r| {
+                if extra > 0 && r.state != RunState::Claimed {
+                    extra -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
         }
         Ok(())
     }
@@ -416,7 +428,10 @@ impl ScheduleStore for InMemoryScheduleStore {
         let run = g
             .runs
             .get_mut(&entry_id)
-            .and_then(|r| r.get_mut(&due_at.timestamp_millis()))
+            .and_then(|r| {
+                let at = run_at(r, due_at.timestamp_millis()).ok()?;
+                r.get_mut(at)
+            })
             .ok_or_else(|| Error::not_found("scheduled run", format!("{entry_id}@{due_at}")))?;
         run.starts += 1;
         Ok(run.starts)
@@ -471,7 +486,7 @@ impl ScheduleStore for InMemoryScheduleStore {
             .read()
             .runs
             .values()
-            .flat_map(|r| r.values())
+            .flatten()
             .filter(|r| r.state == RunState::Claimed)
             .cloned()
             .collect())
@@ -483,7 +498,7 @@ impl ScheduleStore for InMemoryScheduleStore {
             .read()
             .runs
             .get(&entry_id)
-            .map(|r| r.values().cloned().collect())
+            .cloned()
             .unwrap_or_default())
     }
 }

@@ -24,7 +24,7 @@
 //! each occurrence run on exactly one node. Nodes find due work through the index on the next
 //! run (`SELECT … WHERE next_run <= $1 ORDER BY next_run FOR UPDATE SKIP LOCKED`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 

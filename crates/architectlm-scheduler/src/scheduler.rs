@@ -855,11 +855,17 @@ impl TaskScheduler {
         }
     }
 
-    /// Handles an expired timer.
+    /// Handles an expired timer. The task the driver spawns for it is small until it runs
+    /// (many may wait at one instant); the work is allocated when it starts.
     async fn fire(self, timer: Timer) {
         if self.inner.stopped.load(Ordering::Acquire) {
             return;
         }
+        Box::pin(self.fire_now(timer)).await;
+    }
+
+    /// [`fire`](Self::fire)'s work.
+    async fn fire_now(self, timer: Timer) {
         let id = timer.id;
         let slot = self.slot(id);
         let mut st = slot.lock().await;
@@ -901,9 +907,9 @@ impl TaskScheduler {
             chrono::Duration::from_std(e.policy.misfire_threshold).unwrap_or(chrono::Duration::MAX);
         let misfire = now - from > threshold;
         let plan = self.plan(&e, due, now, misfire);
-        let mut start = self
-            .apply(&mut st, e, plan, now, misfire, timer.late_from)
-            .await;
+        // The larger steps are boxed, so that a firing waiting to be polled (there may be many
+        // at one instant) stays a small task.
+        let mut start = Box::pin(self.apply(&mut st, e, plan, now, misfire, timer.late_from)).await;
         drop(st);
         // The first run goes on this task (spawned by the driver already); others get their own.
         let first = (!start.is_empty()).then(|| start.remove(0));
@@ -911,7 +917,7 @@ impl TaskScheduler {
             self.spawn_run(slot.clone(), entry, d, 1);
         }
         match first {
-            Some((entry, d)) => self.run(slot, entry, d, 1).await,
+            Some((entry, d)) => Box::pin(self.run(slot, entry, d, 1)).await,
             None => self.release(id, slot),
         }
     }
@@ -1027,33 +1033,52 @@ impl TaskScheduler {
 
     fn spawn_run(&self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
         let this = self.clone();
-        tokio::spawn(async move { this.run(slot, entry, due, starts).await });
+        tokio::spawn(async move { Box::pin(this.run(slot, entry, due, starts)).await });
     }
 
     /// One run: executes the task and records its outcome.
     async fn run(self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
+        let id = entry.id();
         let Some(runtime) = self.runtime() else {
+            let mut st = slot.lock().await;
+            st.running = st.running.saturating_sub(1);
+            drop(st);
+            self.release(id, slot);
             return;
         };
         let started = self.now();
-        let key = format!("{}@{}", entry.id(), due.to_rfc3339());
+        let key = format!("{}@{}", id, due.to_rfc3339());
         self.emit(
             SchedulerEventType::Started,
             &entry,
             || json!({"due_at": due, "started_at": started, "idempotency_key": key, "starts": starts}),
         );
         let mut options = ExecuteOptions::default().idempotency_key(key);
+        let attempts = entry.policy.retry.as_ref().map_or(1, |r| r.max_attempts);
         if let Some(r) = entry.policy.retry.clone() {
             options = options.retry(r);
         }
-        let outcome = runtime
-            .execute(
-                TaskRef::Id(entry.task.task_id.clone()),
-                entry.task.input.clone(),
-                options,
-            )
-            .await;
-        let id = entry.id();
+        // Only what the task needs is kept while it runs (the entry is read again after).
+        let (task_id, input) = {
+            let ScheduleEntry { task, .. } = entry;
+            (task.task_id, task.input)
+        };
+        let outcome = Box::pin(runtime.execute(TaskRef::Id(task_id), input, options)).await;
+        Box::pin(self.end_run(slot, id, due, starts, started, attempts, outcome)).await;
+    }
+
+    /// Records the outcome of a run and starts a waiting one if a place is free.
+    #[allow(clippy::too_many_arguments)] // The second half of `run`.
+    async fn end_run(
+        self,
+        slot: Slot,
+        id: Uuid,
+        due: DateTime<Utc>,
+        starts: u32,
+        started: DateTime<Utc>,
+        attempts: u32,
+        outcome: Result<Value>,
+    ) {
         if matches!(outcome, Err(Error::ShuttingDown)) {
             // Not run: the claim stays open and the next start runs it.
             let mut st = slot.lock().await;
@@ -1065,8 +1090,7 @@ impl TaskScheduler {
         let finished = self.now();
         let mut record = RunRecord::new(due, started);
         record.finished_at = Some(finished);
-        let attempts = entry.policy.retry.as_ref().map_or(1, |r| r.max_attempts);
-        let mut run = ScheduleRun::claimed(entry.id(), due, started);
+        let mut run = ScheduleRun::claimed(id, due, started);
         run.starts = starts;
         run.finished_at = Some(finished);
         match &outcome {

@@ -290,9 +290,88 @@ impl Slab {
     }
 }
 
+/// Slab positions by id: open addressing with linear probing, 8 bytes a place: the position
+/// and 32 bits of the id's hash, which both choose the place and are compared before the
+/// record is looked at (so growing never reads the records). Entries are never removed from
+/// the store, so there are no deletions to handle.
+#[derive(Default)]
+struct Index {
+    places: Vec<u64>,
+    len: usize,
+    hasher: std::hash::RandomState,
+}
+
+const EMPTY: u64 = u64::MAX;
+
+impl Index {
+    fn hash(&self, id: &Uuid) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(id)
+    }
+
+    fn tag(h: u64) -> u64 {
+        (h >> 32) << 32
+    }
+
+    fn find(&self, id: &Uuid, slab: &Slab) -> Option<u32> {
+        if self.places.is_empty() {
+            return None;
+        }
+        let h = self.hash(id);
+        let mask = self.places.len() - 1;
+        let mut i = (h >> 32) as usize & mask;
+        loop {
+            let p = self.places[i];
+            if p == EMPTY {
+                return None;
+            }
+            if p & !0xFFFF_FFFF == Self::tag(h) {
+                let pos = p as u32;
+                if slab.get(pos).is_some_and(|r| r.id == *id) {
+                    return Some(pos);
+                }
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Makes room for `additional` more ids (a load of at most 7/8).
+    fn reserve(&mut self, additional: usize) {
+        let need = self.len + additional;
+        if need * 8 <= self.places.len() * 7 {
+            return;
+        }
+        let mut cap = self.places.len().max(16);
+        while need * 8 > cap * 7 {
+            cap *= 2;
+        }
+        let old = std::mem::replace(&mut self.places, vec![EMPTY; cap]);
+        for p in old.into_iter().filter(|&p| p != EMPTY) {
+            self.place(p, p as u32);
+        }
+    }
+
+    fn place(&mut self, h: u64, pos: u32) {
+        let mask = self.places.len() - 1;
+        let mut i = (h >> 32) as usize & mask;
+        while self.places[i] != EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.places[i] = Self::tag(h) | u64::from(pos);
+    }
+
+    /// Adds an id known to be absent.
+    fn insert(&mut self, id: &Uuid, pos: u32) {
+        self.reserve(1);
+        let h = self.hash(id);
+        self.place(h, pos);
+        self.len += 1;
+    }
+}
+
 #[derive(Default)]
 struct MemInner {
-    index: HashMap<Uuid, u32>,
+    index: Index,
     slab: Slab,
     interner: Interner,
     /// The kept runs of each entry, sorted by due time (a handful each: a sorted vector is
@@ -307,12 +386,12 @@ fn run_at(runs: &[ScheduleRun], key: i64) -> std::result::Result<usize, usize> {
 
 impl MemInner {
     fn record(&self, id: Uuid) -> Option<&Record> {
-        self.slab.get(*self.index.get(&id)?)
+        self.slab.get(self.index.find(&id, &self.slab)?)
     }
 
     fn replace(&mut self, entry: &ScheduleEntry, expected: u64) -> Result<()> {
         let id = entry.id();
-        let Some(&i) = self.index.get(&id) else {
+        let Some(i) = self.index.find(&id, &self.slab) else {
             return Err(Error::not_found("scheduled entry", id));
         };
         let MemInner { slab, interner, .. } = self;
@@ -337,7 +416,7 @@ pub struct InMemoryScheduleStore {
 impl fmt::Debug for InMemoryScheduleStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InMemoryScheduleStore")
-            .field("entries", &self.inner.read().index.len())
+            .field("entries", &self.inner.read().index.len)
             .finish()
     }
 }
@@ -364,7 +443,7 @@ impl ScheduleStore for InMemoryScheduleStore {
             let id = e.id();
             let r = g.interner.record(e, None);
             let i = g.slab.insert(r);
-            g.index.insert(id, i);
+            g.index.insert(&id, i);
         }
         Ok(())
     }
@@ -542,6 +621,24 @@ mod tests {
         assert!(Arc::ptr_eq(&a.policy, &b.policy));
         assert!(a.cold.is_none());
         assert!(b.cold.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_index_finds_every_entry_across_growth() {
+        let store = InMemoryScheduleStore::new();
+        let mut ids = Vec::new();
+        for _ in 0..7 {
+            let batch: Vec<ScheduleEntry> = (0..500).map(|_| entry()).collect();
+            ids.extend(batch.iter().map(ScheduleEntry::id));
+            store.insert(batch).await.unwrap();
+        }
+        for id in &ids {
+            assert_eq!(store.get(*id).await.unwrap().map(|e| e.id()), Some(*id));
+        }
+        assert_eq!(store.get(Uuid::new_v4()).await.unwrap(), None);
+        let g = store.inner.read();
+        assert_eq!(g.index.len, ids.len());
+        assert!(g.index.places.len() * 7 >= ids.len() * 8);
     }
 
     #[test]

@@ -29,6 +29,7 @@
 
 mod clock;
 pub mod cron;
+mod idhash;
 mod scheduler;
 mod timer;
 

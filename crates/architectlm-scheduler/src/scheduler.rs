@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
 use crate::cron::{CronSchedule, PatternCache, parse_timezone};
+use crate::idhash::IdMap;
 use crate::timer::{Timer, Timers};
 
 #[path = "cluster.rs"]
@@ -155,7 +156,7 @@ impl TaskSchedulerBuilder {
                 clock,
                 events: EventHub::with_capacity("scheduler", self.options.event_capacity),
                 runtime: RwLock::new(None),
-                slots: Mutex::new(HashMap::new()),
+                slots: Mutex::new(IdMap::default()),
                 active: AtomicUsize::new(0),
                 patterns: PatternCache::new(),
                 cancel: Mutex::new(CancellationToken::new()),
@@ -192,7 +193,7 @@ struct Inner {
     events: EventHub<SchedulerEvent>,
     runtime: RwLock<Option<Runtime>>,
     /// Slots of the entries in use (being changed, fired, or running).
-    slots: Mutex<HashMap<Uuid, Slot>>,
+    slots: Mutex<IdMap<Slot>>,
     /// Active entries (scheduled, running or paused) this scheduler serves.
     active: AtomicUsize,
     patterns: PatternCache,

@@ -12,7 +12,7 @@
 //! come, so nothing fires early.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::clock::{Clock, MAX_TIMER};
+use crate::idhash::IdMap;
 
 /// Most timers handed out per wake of the driver.
 const BATCH: usize = 4096;
@@ -96,9 +97,9 @@ fn ceil_ms(t: DateTime<Utc>) -> i64 {
 struct Queue {
     heap: BinaryHeap<Item>,
     /// The generation of each entry's live timer.
-    live: HashMap<Uuid, u32>,
+    live: IdMap<u32>,
     /// `late_from` of the live timers that have one later than their time (milliseconds).
-    late: HashMap<Uuid, i64>,
+    late: IdMap<i64>,
     generation: u32,
     /// Heap items whose timer was moved or removed.
     stale: usize,
@@ -219,8 +220,8 @@ impl Timers {
             if q.live.is_empty() {
                 // Nothing is armed: give all the memory back (after mass cancellations).
                 q.heap = BinaryHeap::new();
-                q.live = HashMap::new();
-                q.late = HashMap::new();
+                q.live = IdMap::default();
+                q.late = IdMap::default();
                 q.stale = 0;
             } else {
                 q.compact();

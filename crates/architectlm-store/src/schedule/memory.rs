@@ -13,6 +13,61 @@ use architectlm_core::extensions::scheduler::RunRecord;
 
 use super::*;
 
+/// A fast hasher for maps keyed by entry id: UUIDs are random in most of their bits, so a
+/// seeded multiply-rotate mix spreads them (several times cheaper than SipHash).
+#[derive(Debug, Clone, Copy)]
+struct IdHash {
+    seed: u64,
+}
+
+const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Default for IdHash {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        Self {
+            seed: std::hash::RandomState::new().hash_one(MIX),
+        }
+    }
+}
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher { h: self.seed }
+    }
+}
+
+struct IdHasher {
+    h: u64,
+}
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.h = (self.h ^ n).wrapping_mul(MIX).rotate_left(31);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        let mut x = self.h;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        x ^ (x >> 33)
+    }
+}
+
 /// Records per slab chunk.
 const CHUNK: usize = 1024;
 
@@ -105,6 +160,24 @@ impl Record {
     }
 }
 
+/// Makes `to` equal to `from`, copying only the runs added at its end when `from` is `to` with
+/// runs dropped from its front and added at its back (the usual change of a history).
+fn sync_history(to: &mut Vec<RunRecord>, from: &[RunRecord]) {
+    if to.as_slice() == from {
+        return;
+    }
+    for k in 0..=to.len() {
+        let kept = &to[k..];
+        if kept.len() <= from.len() && from[..kept.len()] == *kept {
+            let added = &from[kept.len()..];
+            to.drain(..k);
+            to.extend_from_slice(added);
+            return;
+        }
+    }
+    // Not reached: with every run dropped (`k == to.len()`), what is kept is a prefix.
+}
+
 /// Shares task ids and policies between records.
 #[derive(Default)]
 struct Interner {
@@ -161,22 +234,30 @@ impl Interner {
             && e.end_at.is_none()
             && e.max_executions.is_none()
             && e.jitter.is_none();
-        let cold = (!cold_empty).then(|| {
-            Box::new(Cold {
-                executed_at: t.executed_at,
-                pattern: t.pattern.clone(),
-                timezone: t.timezone.clone(),
-                result: t.result.clone(),
-                error: t.error.clone(),
-                description: t.description.clone(),
-                metadata: t.metadata.clone(),
-                history: t.history.clone(),
-                start_at: e.start_at,
-                end_at: e.end_at,
-                max_executions: e.max_executions,
-                jitter: e.jitter,
-            })
-        });
+        // The rare parts are updated in place: only what changed is copied.
+        let cold = if cold_empty {
+            None
+        } else {
+            let mut c = old.cold.take().unwrap_or_default();
+            fn sync<T: Clone + PartialEq>(to: &mut T, from: &T) {
+                if to != from {
+                    to.clone_from(from);
+                }
+            }
+            c.executed_at = t.executed_at;
+            sync(&mut c.pattern, &t.pattern);
+            sync(&mut c.timezone, &t.timezone);
+            sync(&mut c.result, &t.result);
+            sync(&mut c.error, &t.error);
+            sync(&mut c.description, &t.description);
+            sync(&mut c.metadata, &t.metadata);
+            sync_history(&mut c.history, &t.history);
+            c.start_at = e.start_at;
+            c.end_at = e.end_at;
+            c.max_executions = e.max_executions;
+            c.jitter = e.jitter;
+            Some(c)
+        };
         // The input rarely changes: keep the stored one rather than copy it again.
         let input = if old.input == t.input {
             std::mem::take(&mut old.input)
@@ -298,7 +379,7 @@ impl Slab {
 struct Index {
     places: Vec<u64>,
     len: usize,
-    hasher: std::hash::RandomState,
+    hasher: IdHash,
 }
 
 const EMPTY: u64 = u64::MAX;
@@ -376,7 +457,7 @@ struct MemInner {
     interner: Interner,
     /// The kept runs of each entry, sorted by due time (a handful each: a sorted vector is
     /// smaller and faster than a tree).
-    runs: HashMap<Uuid, Vec<ScheduleRun>>,
+    runs: HashMap<Uuid, Vec<ScheduleRun>, IdHash>,
 }
 
 /// Where the run due at `key` (milliseconds) is or would go.
@@ -639,6 +720,25 @@ mod tests {
         let g = store.inner.read();
         assert_eq!(g.index.len, ids.len());
         assert!(g.index.places.len() * 7 >= ids.len() * 8);
+    }
+
+    #[test]
+    fn a_history_is_updated_by_its_changes_only() {
+        let run = |s: i64| {
+            RunRecord::new(
+                DateTime::from_timestamp(s, 0).unwrap_or_default(),
+                DateTime::from_timestamp(s, 0).unwrap_or_default(),
+            )
+        };
+        let mut to: Vec<RunRecord> = (0..5).map(run).collect();
+        let from: Vec<RunRecord> = (2..7).map(run).collect();
+        sync_history(&mut to, &from);
+        assert_eq!(to, from);
+        let other: Vec<RunRecord> = (10..12).map(run).collect();
+        sync_history(&mut to, &other);
+        assert_eq!(to, other);
+        sync_history(&mut to, &[]);
+        assert!(to.is_empty());
     }
 
     #[test]

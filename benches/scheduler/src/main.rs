@@ -157,13 +157,18 @@ fn offset(i: usize, n: usize, span: Duration, same_instant: bool) -> Duration {
     }
 }
 
-const LEAD: Duration = Duration::from_millis(1500);
+/// How long after the start of inserting the first timer is due: 1.5 s, or more for large `n`
+/// (4 µs an entry), so that inserting is over before timers fire and the memory figure counts
+/// pending entries only.
+fn lead(n: usize) -> Duration {
+    Duration::from_millis(1500.max(n as u64 / 250))
+}
 
 async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     let rec = Recorder::new(n);
     let sched = Arc::new(TaskScheduler::in_memory());
     let _rt = ours_runtime(rec.clone(), sched.clone()).await;
-    let base = Utc::now() + chrono::Duration::from_std(LEAD).unwrap_or_default();
+    let base = Utc::now() + chrono::Duration::from_std(lead(n)).unwrap_or_default();
     let input = input_bytes(|k| json!([k, wall_us(base)]));
     let before = live();
     let t = Instant::now();
@@ -183,7 +188,7 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     }
     let insert = t.elapsed();
     let bytes = live().saturating_sub(before) as f64 / n as f64;
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     summarize(
         &rec,
         Row {
@@ -201,7 +206,7 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
 async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     use tokio_util::time::DelayQueue;
     let rec = Recorder::new(n);
-    let base = tokio::time::Instant::now() + LEAD;
+    let base = tokio::time::Instant::now() + lead(n);
     let before = live();
     let t = Instant::now();
     let mut q = DelayQueue::with_capacity(0);
@@ -224,7 +229,7 @@ async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Ro
             r.record(e.into_inner(), late);
         }
     });
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     h.abort();
     summarize(
         &rec,
@@ -242,7 +247,7 @@ async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Ro
 
 async fn spawn_sleep(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     let rec = Recorder::new(n);
-    let base = tokio::time::Instant::now() + LEAD;
+    let base = tokio::time::Instant::now() + lead(n);
     let before = live();
     let t = Instant::now();
     let mut handles = Vec::with_capacity(n);
@@ -262,7 +267,7 @@ async fn spawn_sleep(workload: &str, n: usize, span: Duration, same: bool) -> Ro
     }
     let insert = t.elapsed();
     let bytes = live().saturating_sub(before) as f64 / n as f64;
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     drop(handles);
     summarize(
         &rec,
@@ -283,7 +288,7 @@ async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row
     let rec = Recorder::new(n);
     let sched = JobScheduler::new().await.expect("tcs");
     sched.start().await.expect("tcs start");
-    let base = Instant::now() + LEAD;
+    let base = Instant::now() + lead(n);
     let before = live();
     let t = Instant::now();
     for k in 0..n {
@@ -303,7 +308,7 @@ async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row
     }
     let insert = t.elapsed();
     let bytes = live().saturating_sub(before) as f64 / n as f64;
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     let mut sched = sched;
     let _ = sched.shutdown().await;
     summarize(
@@ -617,7 +622,7 @@ async fn main() {
     println!("### Scheduler");
     println!();
     println!(
-        "{} mode, 2 Tokio workers, release build. Lateness is signed (start of the job body minus its due time), measured inside the job; 'early' counts negative values. Memory is live heap bytes (counting allocator) per pending entry, input included (a 2-number JSON array), and without the input (its heap part and inline `Value`, measured apart). The cancel rows give cancels/s in the rate column. Peers run in the same process, one after another.",
+        "{} mode, 2 Tokio workers, release build. Timers are due from max(1.5 s, n × 4 µs) after inserting starts, so that inserting is over first. Lateness is signed (start of the job body minus its due time), measured inside the job; 'early' counts negative values. Memory is live heap bytes (counting allocator) per pending entry, input included (a 2-number JSON array), and without the input (its heap part and inline `Value`, measured apart). The cancel rows give cancels/s in the rate column. Peers run in the same process, one after another.",
         if quick { "Quick" } else { "Full" }
     );
     println!();

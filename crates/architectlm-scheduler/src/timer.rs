@@ -276,11 +276,12 @@ impl Timers {
                     let now = Instant::now();
                     // The monotonic deadline may pass before the wall clock reaches the time
                     // (the clocks drift apart): then wait at least a tick, so this never spins.
-                    let deadline = self
-                        .clock
-                        .deadline(at)
-                        .max(now + Duration::from_millis(1))
-                        .min(now + MAX_TIMER);
+                    let deadline = self.clock.deadline(at);
+                    let deadline = if deadline > now {
+                        deadline.min(now + MAX_TIMER)
+                    } else {
+                        now + Duration::from_millis(1)
+                    };
                     tokio::select! {
                         () = tokio::time::sleep_until(deadline) => {}
                         () = notified => {}

@@ -507,6 +507,68 @@ impl InMemoryScheduleStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Entries stored (active or not).
+    pub fn len(&self) -> usize {
+        self.inner.read().index.len
+    }
+
+    /// Whether no entry is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes the entries that can no longer run (completed, failed or cancelled) with their
+    /// runs, and gives their memory back; returns how many. They are no longer found by `get`
+    /// or `query` afterwards. An entry with a run still claimed is kept. Entries stay until
+    /// this is called (for queries), so a deployment that cancels or completes many entries
+    /// calls it from time to time.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use architectlm_core::extensions::scheduler::{SchedulePolicy, ScheduledTask, ScheduledTaskStatus};
+    /// use architectlm_store::schedule::{InMemoryScheduleStore, ScheduleEntry, ScheduleStore};
+    ///
+    /// let store = InMemoryScheduleStore::new();
+    /// let task = ScheduledTask::new(uuid::Uuid::new_v4(), "t", serde_json::json!({}), chrono::Utc::now());
+    /// let mut e = ScheduleEntry::new(task, SchedulePolicy::default());
+    /// store.insert(vec![e.clone()]).await?;
+    /// e.task.status = ScheduledTaskStatus::Cancelled;
+    /// e.version = 2;
+    /// store.update(&e, 1).await?;
+    /// assert_eq!(store.forget_finished(), 1);
+    /// assert!(store.get(e.id()).await?.is_none());
+    /// # Ok::<_, architectlm_core::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn forget_finished(&self) -> usize {
+        let mut g = self.inner.write();
+        let g = &mut *g;
+        let claimed: std::collections::HashSet<Uuid> = g
+            .runs
+            .iter()
+            .filter(|(_, runs)| runs.iter().any(|r| r.state == RunState::Claimed))
+            .map(|(id, _)| *id)
+            .collect();
+        let old = std::mem::take(&mut g.slab);
+        let mut index = Index::default();
+        let mut removed = 0;
+        for chunk in old.chunks {
+            for r in chunk.into_vec().into_iter().flatten() {
+                if r.is_active() || claimed.contains(&r.id) {
+                    let id = r.id;
+                    let at = g.slab.insert(r);
+                    index.insert(&id, at);
+                } else {
+                    g.runs.remove(&r.id);
+                    removed += 1;
+                }
+            }
+        }
+        g.index = index;
+        g.runs.shrink_to_fit();
+        removed
+    }
 }
 
 #[async_trait]
@@ -720,6 +782,51 @@ mod tests {
         let g = store.inner.read();
         assert_eq!(g.index.len, ids.len());
         assert!(g.index.places.len() * 7 >= ids.len() * 8);
+    }
+
+    #[tokio::test]
+    async fn forgetting_finished_entries_keeps_active_and_claimed_ones_and_compacts() {
+        let store = InMemoryScheduleStore::new();
+        let entries: Vec<ScheduleEntry> = (0..3000).map(|_| entry()).collect();
+        store.insert(entries.clone()).await.unwrap();
+        let now = Utc::now();
+        for (k, e) in entries.iter().enumerate() {
+            let mut next = e.clone();
+            next.version = 2;
+            match k % 4 {
+                0 => {}
+                1 => {
+                    next.task.status = ScheduledTaskStatus::Cancelled;
+                    store.update(&next, 1).await.unwrap();
+                }
+                2 => {
+                    next.task.status = ScheduledTaskStatus::Completed;
+                    store.claim(&next, 1, &[now], now).await.unwrap();
+                    let mut run = ScheduleRun::claimed(e.id(), now, now);
+                    run.state = RunState::Completed;
+                    let mut last = next.clone();
+                    last.version = 3;
+                    store.finish(&last, 2, &run).await.unwrap();
+                }
+                _ => {
+                    // Failed, but a run is still claimed: kept.
+                    next.task.status = ScheduledTaskStatus::Failed;
+                    store.claim(&next, 1, &[now], now).await.unwrap();
+                }
+            }
+        }
+        assert_eq!(store.forget_finished(), 1500);
+        assert_eq!(store.len(), 1500);
+        for (k, e) in entries.iter().enumerate() {
+            let found = store.get(e.id()).await.unwrap().is_some();
+            assert_eq!(found, k % 4 == 0 || k % 4 == 3, "entry {k}");
+            assert_eq!(store.runs(e.id()).await.unwrap().is_empty(), k % 4 != 3);
+        }
+        assert_eq!(
+            store.inner.read().slab.chunks.len(),
+            1500_usize.div_ceil(CHUNK)
+        );
+        assert_eq!(store.unfinished_runs().await.unwrap().len(), 750);
     }
 
     #[test]

@@ -894,7 +894,17 @@ impl TaskScheduler {
                 ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
             )
         {
-            // A stale timer: the entry moved, paused or ended meanwhile.
+            // A stale timer: the entry moved, paused or ended meanwhile. Should an entry that
+            // may still run have lost its timer (it cannot, short of a generation collision in
+            // the timer heap), it gets one again, so that it is never left without.
+            if matches!(
+                e.task.status,
+                ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
+            ) && e.task.next_execution_at.is_some()
+                && !self.inner.timers.is_armed(id)
+            {
+                self.arm(&e, None);
+            }
             drop(st);
             self.release(id, slot);
             return;
@@ -1724,5 +1734,72 @@ impl Extension for TaskScheduler {
             let _ = h.await;
         }
         self.stop_cluster().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    use architectlm_core::{System, TaskDefinition};
+
+    use super::*;
+    use crate::clock::TokioClock;
+
+    /// An entry whose timer was lost and replaced by a stale one (what a wrapped timer
+    /// generation could do) gets its timer back and still runs once, on time.
+    #[tokio::test(start_paused = true)]
+    async fn an_active_entry_left_without_its_timer_is_armed_again() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let clock = Arc::new(TokioClock::starting_at(t0));
+        let runs = Arc::new(AtomicU32::new(0));
+        let (r, c) = (runs.clone(), clock.clone());
+        let task = TaskDefinition::new("t", move |_input, _ctx| {
+            assert!(c.now() >= t0 + chrono::Duration::seconds(10), "ran early");
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok(Value::Null) }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let system = System::builder("heal")
+            .task(task)
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let scheduler = Arc::new(TaskScheduler::builder().clock(clock.clone()).build());
+        let runtime = Runtime::builder(system)
+            .extension(scheduler.clone())
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let due = t0 + chrono::Duration::seconds(10);
+        let id = scheduler
+            .schedule_task(ScheduledTaskConfig::new("t", json!({}), due))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The live timer is replaced by one for a time the entry does not have.
+        let wrong = t0 + chrono::Duration::seconds(5);
+        scheduler.inner.timers.arm(Timer {
+            id,
+            due: wrong,
+            fire_at: wrong,
+            late_from: None,
+        });
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            scheduler.armed_timers(),
+            1,
+            "armed again after the stale firing"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(scheduler.armed_timers(), 0);
+        runtime.shutdown(Duration::from_secs(1)).await;
     }
 }

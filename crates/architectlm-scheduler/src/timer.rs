@@ -100,6 +100,8 @@ struct Queue {
     live: IdMap<u32>,
     /// `late_from` of the live timers that have one later than their time (milliseconds).
     late: IdMap<i64>,
+    /// Wraps around; a stale item whose generation comes round again is caught by the
+    /// scheduler, which re-arms an active entry that finds itself without a timer.
     generation: u32,
     /// Heap items whose timer was moved or removed.
     stale: usize,
@@ -227,6 +229,11 @@ impl Timers {
                 q.compact();
             }
         }
+    }
+
+    /// Whether `id` has a timer armed.
+    pub(crate) fn is_armed(&self, id: Uuid) -> bool {
+        self.inner.lock().live.contains_key(&id)
     }
 
     /// Armed timers.

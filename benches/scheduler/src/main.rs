@@ -78,6 +78,8 @@ struct Row {
     n: usize,
     insert_per_s: f64,
     bytes_per_entry: f64,
+    /// Bytes per entry without its input (our rows; peers carry no input).
+    bytes_excl_input: f64,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -107,6 +109,19 @@ fn summarize(rec: &Recorder, mut row: Row) -> Row {
     row.p99_ms = q(0.99);
     row.max_ms = v.last().map_or(f64::NAN, |x| *x as f64 / 1000.0);
     row
+}
+
+/// Live bytes of one input as the scheduler keeps it: its heap part (measured on a sample of
+/// 1,000) and the inline `Value`.
+fn input_bytes(make: impl Fn(usize) -> serde_json::Value) -> f64 {
+    let mut sample = Vec::with_capacity(1000);
+    let before = live();
+    for k in 0..1000 {
+        sample.push(make(k));
+    }
+    let heap = live().saturating_sub(before) as f64 / 1000.0;
+    drop(sample);
+    heap + std::mem::size_of::<serde_json::Value>() as f64
 }
 
 fn wall_us(t: DateTime<Utc>) -> i64 {
@@ -142,13 +157,19 @@ fn offset(i: usize, n: usize, span: Duration, same_instant: bool) -> Duration {
     }
 }
 
-const LEAD: Duration = Duration::from_millis(1500);
+/// How long after the start of inserting the first timer is due: 1.5 s, or more for large `n`
+/// (4 µs an entry), so that inserting is over before timers fire and the memory figure counts
+/// pending entries only.
+fn lead(n: usize) -> Duration {
+    Duration::from_millis(1500.max(n as u64 / 250))
+}
 
 async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     let rec = Recorder::new(n);
     let sched = Arc::new(TaskScheduler::in_memory());
     let _rt = ours_runtime(rec.clone(), sched.clone()).await;
-    let base = Utc::now() + chrono::Duration::from_std(LEAD).unwrap_or_default();
+    let base = Utc::now() + chrono::Duration::from_std(lead(n)).unwrap_or_default();
+    let input = input_bytes(|k| json!([k, wall_us(base)]));
     let before = live();
     let t = Instant::now();
     let mut i = 0;
@@ -167,7 +188,7 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     }
     let insert = t.elapsed();
     let bytes = live().saturating_sub(before) as f64 / n as f64;
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     summarize(
         &rec,
         Row {
@@ -176,6 +197,7 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes - input,
             ..Row::default()
         },
     )
@@ -184,7 +206,7 @@ async fn ours(workload: &str, n: usize, span: Duration, same: bool) -> Row {
 async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     use tokio_util::time::DelayQueue;
     let rec = Recorder::new(n);
-    let base = tokio::time::Instant::now() + LEAD;
+    let base = tokio::time::Instant::now() + lead(n);
     let before = live();
     let t = Instant::now();
     let mut q = DelayQueue::with_capacity(0);
@@ -207,7 +229,7 @@ async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Ro
             r.record(e.into_inner(), late);
         }
     });
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     h.abort();
     summarize(
         &rec,
@@ -217,6 +239,7 @@ async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Ro
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes,
             ..Row::default()
         },
     )
@@ -224,7 +247,7 @@ async fn delay_queue(workload: &str, n: usize, span: Duration, same: bool) -> Ro
 
 async fn spawn_sleep(workload: &str, n: usize, span: Duration, same: bool) -> Row {
     let rec = Recorder::new(n);
-    let base = tokio::time::Instant::now() + LEAD;
+    let base = tokio::time::Instant::now() + lead(n);
     let before = live();
     let t = Instant::now();
     let mut handles = Vec::with_capacity(n);
@@ -244,7 +267,7 @@ async fn spawn_sleep(workload: &str, n: usize, span: Duration, same: bool) -> Ro
     }
     let insert = t.elapsed();
     let bytes = live().saturating_sub(before) as f64 / n as f64;
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     drop(handles);
     summarize(
         &rec,
@@ -254,6 +277,7 @@ async fn spawn_sleep(workload: &str, n: usize, span: Duration, same: bool) -> Ro
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes,
             ..Row::default()
         },
     )
@@ -264,7 +288,7 @@ async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row
     let rec = Recorder::new(n);
     let sched = JobScheduler::new().await.expect("tcs");
     sched.start().await.expect("tcs start");
-    let base = Instant::now() + LEAD;
+    let base = Instant::now() + lead(n);
     let before = live();
     let t = Instant::now();
     for k in 0..n {
@@ -284,7 +308,7 @@ async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row
     }
     let insert = t.elapsed();
     let bytes = live().saturating_sub(before) as f64 / n as f64;
-    rec.wait(n, LEAD + span + Duration::from_secs(10)).await;
+    rec.wait(n, lead(n) + span + Duration::from_secs(10)).await;
     let mut sched = sched;
     let _ = sched.shutdown().await;
     summarize(
@@ -295,6 +319,7 @@ async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row
             n,
             insert_per_s: n as f64 / insert.as_secs_f64(),
             bytes_per_entry: bytes,
+            bytes_excl_input: bytes,
             ..Row::default()
         },
     )
@@ -302,9 +327,11 @@ async fn tokio_cron(workload: &str, n: usize, span: Duration, same: bool) -> Row
 
 async fn cancel_ours(n: usize) -> Row {
     let rec = Recorder::new(0);
-    let sched = Arc::new(TaskScheduler::in_memory());
+    let store = Arc::new(architectlm_store::schedule::InMemoryScheduleStore::new());
+    let sched = Arc::new(TaskScheduler::builder().store(store.clone()).build());
     let _rt = ours_runtime(rec, sched.clone()).await;
     let due = Utc::now() + chrono::Duration::hours(1);
+    let input = input_bytes(|k| json!([k, 0]));
     let before = live();
     let mut ids = Vec::with_capacity(n);
     let mut i = 0;
@@ -324,16 +351,20 @@ async fn cancel_ours(n: usize) -> Row {
     }
     let el = t.elapsed();
     let after = live().saturating_sub(before);
+    let forgotten = store.forget_finished();
+    let pruned = live().saturating_sub(before);
     Row {
         workload: "cancel 80%".into(),
         name: "architectlm-scheduler (in-memory store)".into(),
         n,
         insert_per_s: cancel as f64 / el.as_secs_f64(),
         bytes_per_entry: full as f64 / n as f64,
+        bytes_excl_input: full as f64 / n as f64 - input,
         extra: format!(
-            "live memory {:.0} MB → {:.0} MB (cancelled entries stay queryable in the store)",
+            "live memory {:.0} MB → {:.0} MB (cancelled entries stay queryable in the store) → {:.0} MB after `forget_finished` ({forgotten} removed)",
             full as f64 / 1e6,
-            after as f64 / 1e6
+            after as f64 / 1e6,
+            pruned as f64 / 1e6
         ),
         ..Row::default()
     }
@@ -361,6 +392,7 @@ async fn cancel_delay_queue(n: usize) -> Row {
         n,
         insert_per_s: cancel as f64 / el.as_secs_f64(),
         bytes_per_entry: full as f64 / n as f64,
+        bytes_excl_input: full as f64 / n as f64,
         extra: format!(
             "live memory {:.0} MB → {:.0} MB",
             full as f64 / 1e6,
@@ -408,6 +440,7 @@ async fn durable(n: usize) -> Row {
             reload.as_secs_f64()
         ),
         bytes_per_entry: f64::NAN,
+        bytes_excl_input: f64::NAN,
         p50_ms: f64::NAN,
         p99_ms: f64::NAN,
         max_ms: f64::NAN,
@@ -446,6 +479,7 @@ async fn idle_recurring(n: usize, idle: Duration) -> Row {
         n,
         insert_per_s: n as f64 / insert.as_secs_f64(),
         bytes_per_entry: f64::NAN,
+        bytes_excl_input: f64::NAN,
         p50_ms: f64::NAN,
         p99_ms: f64::NAN,
         max_ms: f64::NAN,
@@ -521,6 +555,7 @@ async fn every_second(n: usize, window: u32) -> Row {
             n: v.len(),
             insert_per_s: f64::NAN,
             bytes_per_entry: f64::NAN,
+            bytes_excl_input: f64::NAN,
             ..Row::default()
         },
     );
@@ -591,14 +626,14 @@ async fn main() {
     println!("### Scheduler");
     println!();
     println!(
-        "{} mode, 2 Tokio workers, release build. Lateness is signed (start of the job body minus its due time), measured inside the job; 'early' counts negative values. Memory is live heap bytes (counting allocator) per pending entry, input included (a 2-number JSON array). The cancel rows give cancels/s in the rate column. Peers run in the same process, one after another.",
+        "{} mode, 2 Tokio workers, release build. Timers are due from max(1.5 s, n × 4 µs) after inserting starts, so that inserting is over first. Lateness is signed (start of the job body minus its due time), measured inside the job; 'early' counts negative values. Memory is live heap bytes (counting allocator) per pending entry, input included (a 2-number JSON array), and without the input (its heap part and inline `Value`, measured apart). The cancel rows give cancels/s in the rate column. Peers run in the same process, one after another.",
         if quick { "Quick" } else { "Full" }
     );
     println!();
     println!(
-        "| workload | implementation | n | rate (/s) | B/entry | p50 ms | p99 ms | max ms | early | lost | rate vs DelayQueue | notes |"
+        "| workload | implementation | n | rate (/s) | B/entry | B/entry excl. input | p50 ms | p99 ms | max ms | early | lost | rate vs DelayQueue | notes |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in &rows {
         let peer = rows
             .iter()
@@ -606,12 +641,13 @@ async fn main() {
             .map(|p| p.insert_per_s);
         let ratio = peer.map_or("–".into(), |p| format!("{:.2}×", r.insert_per_s / p));
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.workload,
             r.name,
             r.n,
             fmt(r.insert_per_s),
             fmt(r.bytes_per_entry),
+            fmt(r.bytes_excl_input),
             fmt(r.p50_ms),
             fmt(r.p99_ms),
             fmt(r.max_ms),

@@ -87,7 +87,7 @@ impl Clock for TokioClock {
 }
 
 /// The longest a single timer is armed for; a later due time is re-armed when this passes
-/// (the delay queue's wheel covers about two years).
+/// (Tokio's timer wheel covers about two years).
 pub(crate) const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[cfg(test)]

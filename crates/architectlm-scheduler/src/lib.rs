@@ -4,9 +4,11 @@
 //! implements the [`Scheduler`](architectlm_core::extensions::Scheduler) contract and plugs into
 //! a runtime as an [`Extension`](architectlm_core::Extension).
 //!
-//! - **On time, never early.** One timer driver over a slab-backed hierarchical delay queue
-//!   ([`tokio_util::time::DelayQueue`], 1 ms resolution) holds one timer per entry; no task per
-//!   timer, no periodic scan. An expired timer is checked against the wall clock again.
+//! - **On time, never early.** One timer driver over a heap of timers ordered by wall-clock
+//!   time (1 ms resolution) holds one timer per entry; no task per timer, no periodic scan. A
+//!   timer is handed out only once the wall clock has reached its time.
+//! - **Compact.** A pending entry is kept once, in the store; the scheduler holds only its
+//!   timer (about 70 bytes), plus a small slot while the entry runs or is being changed.
 //! - **Cron** patterns with 5, 6 or 7 fields, `L`, `W`, `#` and nicknames, in IANA time zones,
 //!   with croner's DST rules ([`cron`]); the next run follows the previous *scheduled* time;
 //!   `start_at`, `end_at`, `max_executions` and jitter.
@@ -27,6 +29,7 @@
 
 mod clock;
 pub mod cron;
+mod idhash;
 mod scheduler;
 mod timer;
 

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use architectlm_core::event::{Event, EventFilter, EventHub, EventSubscription};
 use architectlm_core::extensions::scheduler::{
@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
 use crate::cron::{CronSchedule, PatternCache, parse_timezone};
+use crate::idhash::IdMap;
 use crate::timer::{Timer, Timers};
 
 #[path = "cluster.rs"]
@@ -155,7 +156,8 @@ impl TaskSchedulerBuilder {
                 clock,
                 events: EventHub::with_capacity("scheduler", self.options.event_capacity),
                 runtime: RwLock::new(None),
-                slots: Mutex::new(HashMap::new()),
+                slots: Mutex::new(IdMap::default()),
+                active: AtomicUsize::new(0),
                 patterns: PatternCache::new(),
                 cancel: Mutex::new(CancellationToken::new()),
                 stopped: AtomicBool::new(false),
@@ -169,20 +171,19 @@ impl TaskSchedulerBuilder {
     }
 }
 
-/// One active entry held in memory, with what only this node knows about it.
+/// What only this node knows about an entry while something happens to it: its runs going on
+/// and waiting. The entry itself lives only in the store; an idle entry has no slot at all (only
+/// its timer), so that a pending entry costs no memory here.
+#[derive(Default)]
 struct SlotState {
-    entry: ScheduleEntry,
     /// Runs of this entry going on now.
     running: u32,
     /// Claimed runs waiting for a free place (overlap `queue-one`, or `allow` at its limit).
     pending: VecDeque<DateTime<Utc>>,
-    /// The time lateness is measured from when the armed timer fires, if later than the due
-    /// time: the time of scheduling (a past `execute_at` runs at once, it is not a misfire).
-    /// `None` after a restart or a resume, so that what was missed then follows the misfire
-    /// policy.
-    late_from: Option<DateTime<Utc>>,
 }
 
+/// The lock of one entry: every change of an entry happens under it (read from the store,
+/// decide, write back). Created on first use, dropped when unused and idle.
 type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 struct Inner {
@@ -191,7 +192,10 @@ struct Inner {
     timers: Timers,
     events: EventHub<SchedulerEvent>,
     runtime: RwLock<Option<Runtime>>,
-    slots: Mutex<HashMap<Uuid, Slot>>,
+    /// Slots of the entries in use (being changed, fired, or running).
+    slots: Mutex<IdMap<Slot>>,
+    /// Active entries (scheduled, running or paused) this scheduler serves.
+    active: AtomicUsize,
     patterns: PatternCache,
     /// Stops the driver; a fresh token per start, so a scheduler can be started again.
     cancel: Mutex<CancellationToken>,
@@ -282,7 +286,7 @@ impl fmt::Debug for TaskScheduler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskScheduler")
             .field("store", &self.inner.store)
-            .field("active", &self.inner.slots.lock().len())
+            .field("active", &self.inner.active.load(Ordering::Relaxed))
             .field("armed", &self.inner.timers.len())
             .finish()
     }
@@ -368,9 +372,10 @@ impl TaskScheduler {
         self.inner.timers.len()
     }
 
-    /// Entries held in memory (active ones).
+    /// Active entries (scheduled, running or paused) this scheduler serves; 0 in cluster
+    /// mode, where entries are not held by a node.
     pub fn active_entries(&self) -> usize {
-        self.inner.slots.lock().len()
+        self.inner.active.load(Ordering::Relaxed)
     }
 
     /// The cache of parsed cron patterns.
@@ -386,9 +391,23 @@ impl TaskScheduler {
         self.inner.clock.now()
     }
 
+    /// Whether anybody listens to events (the scheduler's hub or the runtime's bus).
+    fn listening(&self) -> bool {
+        self.inner.events.has_subscribers()
+            || self
+                .inner
+                .runtime
+                .read()
+                .as_ref()
+                .is_some_and(|r| r.events().has_subscribers())
+    }
+
     /// Publishes an event to the scheduler's hub and the runtime's bus; builds it only if
     /// somebody listens.
     fn emit(&self, t: SchedulerEventType, entry: &ScheduleEntry, payload: impl FnOnce() -> Value) {
+        if !self.listening() {
+            return;
+        }
         let local = self.inner.events.has_subscribers();
         let runtime = self.runtime();
         let to_bus = runtime
@@ -408,8 +427,37 @@ impl TaskScheduler {
         }
     }
 
-    fn slot(&self, id: Uuid) -> Option<Slot> {
-        self.inner.slots.lock().get(&id).cloned()
+    /// The slot of an entry, created if it has none.
+    fn slot(&self, id: Uuid) -> Slot {
+        self.inner.slots.lock().entry(id).or_default().clone()
+    }
+
+    /// Gives back a slot taken by [`slot`](Self::slot): it is dropped when nobody else holds it
+    /// and nothing of the entry runs or waits. Call after unlocking it.
+    fn release(&self, id: Uuid, slot: Slot) {
+        let mut slots = self.inner.slots.lock();
+        let ours = slots.get(&id).is_some_and(|s| Arc::ptr_eq(s, &slot));
+        if ours
+            && Arc::strong_count(&slot) == 2
+            && let Ok(st) = slot.try_lock()
+            && st.running == 0
+            && st.pending.is_empty()
+        {
+            drop(st);
+            slots.remove(&id);
+        }
+    }
+
+    /// Counts an entry that stopped being active (`was_active` before the write of `now`).
+    fn note_end(&self, was_active: bool, now: &ScheduleEntry) {
+        if was_active && !now.is_active() {
+            let _ = self
+                .inner
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(1))
+                });
+        }
     }
 
     fn schedule_of(&self, e: &ScheduleEntry) -> Result<Option<CronSchedule>> {
@@ -444,6 +492,11 @@ impl TaskScheduler {
     }
 
     fn check_task(&self, task_id: &str) -> Result<()> {
+        Self::check_task_in(self.runtime().as_ref(), task_id)
+    }
+
+    /// Checks a task id against the runtime's tasks (when bound to one).
+    fn check_task_in(runtime: Option<&Runtime>, task_id: &str) -> Result<()> {
         if task_id.trim().is_empty() {
             return Err(Error::invalid_config(
                 "task_id",
@@ -451,7 +504,7 @@ impl TaskScheduler {
                 "must not be empty",
             ));
         }
-        if let Some(r) = self.runtime()
+        if let Some(r) = runtime
             && !r.system().tasks.contains_key(task_id)
         {
             return Err(Error::not_found("task", task_id));
@@ -481,7 +534,7 @@ impl TaskScheduler {
     }
 
     fn check_capacity(&self, n: usize) -> Result<()> {
-        let active = self.inner.slots.lock().len();
+        let active = self.inner.active.load(Ordering::Acquire);
         if active + n > self.inner.options.max_active {
             return Err(Error::Unavailable {
                 id: "scheduler".into(),
@@ -496,6 +549,11 @@ impl TaskScheduler {
 
     fn one_shot_entry(&self, c: ScheduledTaskConfig) -> Result<ScheduleEntry> {
         self.check_task(&c.task_id)?;
+        Self::one_shot_checked(c)
+    }
+
+    /// [`one_shot_entry`](Self::one_shot_entry) once the task id is checked.
+    fn one_shot_checked(c: ScheduledTaskConfig) -> Result<ScheduleEntry> {
         Self::check_policy(&c.policy)?;
         let at = truncate_ms(c.execute_at);
         let mut task = ScheduledTask::new(Uuid::now_v7(), c.task_id, c.input, at);
@@ -574,27 +632,30 @@ impl TaskScheduler {
     /// Persists new entries in one batch, then arms them and emits `scheduled` for each.
     async fn add(&self, entries: Vec<ScheduleEntry>) -> Result<Vec<Uuid>> {
         self.check_capacity(entries.len())?;
-        self.inner.store.insert(entries.clone()).await?;
-        let ids = entries.iter().map(ScheduleEntry::id).collect();
+        let ids: Vec<Uuid> = entries.iter().map(ScheduleEntry::id).collect();
         let started = self.runtime().is_some() && !self.inner.stopped.load(Ordering::Acquire);
+        let local = started && self.inner.cluster.is_none();
+        let timers: Vec<Timer> = if local {
+            let now = self.now();
+            entries
+                .iter()
+                .filter_map(|e| self.timer_for(e, Some(now)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Events are built only if somebody listens; the entries then are kept for them.
+        let announced = self.listening().then(|| entries.clone());
+        let n = entries.len();
+        self.inner.store.insert(entries).await?;
         if let Some(c) = &self.inner.cluster {
             // Any node's poller picks them up; this one looks at once.
             c.wake();
-        } else if started {
-            let now = self.now();
-            let mut timers = Vec::with_capacity(entries.len());
-            {
-                let mut slots = self.inner.slots.lock();
-                for e in &entries {
-                    if let Some(t) = self.timer_for(e) {
-                        timers.push(t);
-                    }
-                    slots.insert(e.id(), Self::new_slot(e.clone(), Some(now)));
-                }
-            }
+        } else if local {
+            self.inner.active.fetch_add(n, Ordering::AcqRel);
             self.inner.timers.arm_many(timers);
         }
-        for e in &entries {
+        for e in announced.iter().flatten() {
             self.emit(
                 SchedulerEventType::Scheduled,
                 e,
@@ -604,17 +665,9 @@ impl TaskScheduler {
         Ok(ids)
     }
 
-    fn new_slot(entry: ScheduleEntry, late_from: Option<DateTime<Utc>>) -> Slot {
-        Arc::new(tokio::sync::Mutex::new(SlotState {
-            entry,
-            running: 0,
-            pending: VecDeque::new(),
-            late_from,
-        }))
-    }
-
-    /// The timer for an entry's next run, with its jitter.
-    fn timer_for(&self, e: &ScheduleEntry) -> Option<Timer> {
+    /// The timer for an entry's next run, with its jitter; lateness of that run is measured
+    /// from `late_from` if later than its time.
+    fn timer_for(&self, e: &ScheduleEntry, late_from: Option<DateTime<Utc>>) -> Option<Timer> {
         if !matches!(
             e.task.status,
             ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
@@ -633,11 +686,14 @@ impl TaskScheduler {
             id: e.id(),
             due,
             fire_at,
+            late_from,
         })
     }
 
-    fn arm(&self, e: &ScheduleEntry) {
-        match self.timer_for(e) {
+    /// Arms the timer of an entry's next run (see [`timer_for`](Self::timer_for)), or disarms
+    /// it if it has none.
+    fn arm(&self, e: &ScheduleEntry, late_from: Option<DateTime<Utc>>) {
+        match self.timer_for(e, late_from) {
             Some(t) if !self.inner.stopped.load(Ordering::Acquire) => self.inner.timers.arm(t),
             _ => self.inner.timers.disarm(e.id()),
         }
@@ -646,9 +702,18 @@ impl TaskScheduler {
     /// Schedules many one-shot runs in one durable batch (one commit); returns their ids in
     /// order. Every config is checked before anything is stored.
     pub async fn schedule_many(&self, configs: Vec<ScheduledTaskConfig>) -> Result<Vec<Uuid>> {
+        let runtime = self.runtime();
+        let mut last_task: Option<String> = None;
         let entries = configs
             .into_iter()
-            .map(|c| self.one_shot_entry(c))
+            .map(|c| {
+                // The runtime is looked up once; the same task id is checked once in a row.
+                if last_task.as_deref() != Some(c.task_id.as_str()) {
+                    Self::check_task_in(runtime.as_ref(), &c.task_id)?;
+                    last_task = Some(c.task_id.clone());
+                }
+                Self::one_shot_checked(c)
+            })
             .collect::<Result<Vec<_>>>()?;
         self.add(entries).await
     }
@@ -791,52 +856,95 @@ impl TaskScheduler {
         }
     }
 
-    /// Handles an expired timer.
+    /// Handles an expired timer. The task the driver spawns for it is small until it runs
+    /// (many may wait at one instant); the work is allocated when it starts.
     async fn fire(self, timer: Timer) {
         if self.inner.stopped.load(Ordering::Acquire) {
             return;
         }
-        let Some(slot) = self.slot(timer.id) else {
-            return;
-        };
+        Box::pin(self.fire_now(timer)).await;
+    }
+
+    /// [`fire`](Self::fire)'s work.
+    async fn fire_now(self, timer: Timer) {
+        let id = timer.id;
+        let slot = self.slot(id);
         let mut st = slot.lock().await;
-        let e = &st.entry;
-        if e.task.next_execution_at != Some(timer.due)
+        let e = match self.inner.store.get(id).await {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                drop(st);
+                self.release(id, slot);
+                return;
+            }
+            Err(err) => {
+                tracing::error!(entry = %id, error = %err, "cannot load a due entry; it will be retried");
+                let mut t = timer;
+                t.fire_at = self.now() + chrono::Duration::seconds(1);
+                self.inner.timers.arm(t);
+                drop(st);
+                self.release(id, slot);
+                return;
+            }
+        };
+        if e.task.next_execution_at.map(|t| t.timestamp_millis())
+            != Some(timer.due.timestamp_millis())
             || !matches!(
                 e.task.status,
                 ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
             )
         {
-            // A stale timer: the entry moved, paused or ended meanwhile.
+            // A stale timer: the entry moved, paused or ended meanwhile. Should an entry that
+            // may still run have lost its timer (it cannot, short of a generation collision in
+            // the timer heap), it gets one again, so that it is never left without.
+            if matches!(
+                e.task.status,
+                ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Running
+            ) && e.task.next_execution_at.is_some()
+                && !self.inner.timers.is_armed(id)
+            {
+                self.arm(&e, None);
+            }
+            drop(st);
+            self.release(id, slot);
             return;
         }
+        let due = e.task.next_execution_at.unwrap_or(timer.due);
         let now = self.now();
-        let from = st.late_from.map_or(timer.fire_at, |l| l.max(timer.fire_at));
+        let from = timer
+            .late_from
+            .map_or(timer.fire_at, |l| l.max(timer.fire_at));
         let threshold =
             chrono::Duration::from_std(e.policy.misfire_threshold).unwrap_or(chrono::Duration::MAX);
         let misfire = now - from > threshold;
-        let plan = self.plan(e, timer.due, now, misfire);
-        let mut start = self.apply(&mut st, plan, now, misfire).await;
+        let plan = self.plan(&e, due, now, misfire);
+        // The larger steps are boxed, so that a firing waiting to be polled (there may be many
+        // at one instant) stays a small task.
+        let mut start = Box::pin(self.apply(&mut st, e, plan, now, misfire, timer.late_from)).await;
         drop(st);
         // The first run goes on this task (spawned by the driver already); others get their own.
         let first = (!start.is_empty()).then(|| start.remove(0));
         for (entry, d) in start {
             self.spawn_run(slot.clone(), entry, d, 1);
         }
-        if let Some((entry, d)) = first {
-            self.run(slot, entry, d, 1).await;
+        match first {
+            Some((entry, d)) => Box::pin(self.run(slot, entry, d, 1)).await,
+            None => self.release(id, slot),
         }
     }
 
-    /// Claims the runs of a plan under the entry's lock; returns those to start now.
+    /// Claims the runs of a plan of `old` under the entry's lock; returns those to start now.
+    /// `late_from` is the firing timer's (kept if the claim has to be tried again).
     async fn apply(
         &self,
         st: &mut SlotState,
+        old: ScheduleEntry,
         plan: Plan,
         now: DateTime<Utc>,
         misfire: bool,
+        late_from: Option<DateTime<Utc>>,
     ) -> Vec<(ScheduleEntry, DateTime<Utc>)> {
-        let p = &st.entry.policy;
+        let p = &old.policy;
         let limit = match p.overlap {
             OverlapPolicy::Allow => p.max_concurrent.unwrap_or(u32::MAX),
             _ => 1,
@@ -865,7 +973,10 @@ impl TaskScheduler {
                 overlapped.push(d);
             }
         }
-        let mut e = st.entry.clone();
+        // Tried again a little later if the claim fails (nothing is changed then).
+        let retry = self.timer_for(&old, late_from);
+        let was_active = old.is_active();
+        let mut e = old;
         let claimed = (start.len() + queue.len()) as u32;
         let next = if overlapped.is_empty() {
             plan.next
@@ -878,7 +989,7 @@ impl TaskScheduler {
         if plan.missed > 0 && !e.task.is_recurring() && claimed == 0 {
             e.task.error = Some(format!(
                 "misfired: due at {} and skipped by the misfire policy",
-                st.entry.task.execute_at.to_rfc3339()
+                e.task.execute_at.to_rfc3339()
             ));
         }
         if !start.is_empty() {
@@ -896,11 +1007,9 @@ impl TaskScheduler {
             Ok(c) => c,
             Err(err) => {
                 tracing::error!(entry = %e.id(), error = %err, "cannot claim a due run; it will be retried");
-                // Retry the firing a little later; nothing was changed.
-                let mut t = self.timer_for(&st.entry);
-                if let Some(t) = t.as_mut() {
+                if let Some(mut t) = retry {
                     t.fire_at = now + chrono::Duration::seconds(1);
-                    self.inner.timers.arm(*t);
+                    self.inner.timers.arm(t);
                 }
                 return Vec::new();
             }
@@ -908,70 +1017,91 @@ impl TaskScheduler {
         // Due times claimed before (and so already run or running elsewhere) are not run again.
         start.retain(|d| newly.contains(d));
         queue.retain(|d| newly.contains(d));
-        st.entry = e;
-        st.late_from = Some(now);
         st.running += start.len() as u32;
         st.pending.extend(queue.iter().copied());
-        self.arm(&st.entry);
+        self.arm(&e, Some(now));
         if plan.missed > 0 || misfire {
             self.emit(
                 SchedulerEventType::Misfired,
-                &st.entry,
-                || json!({"reason": "late", "missed": plan.missed, "running": due, "policy": st.entry.policy.misfire}),
+                &e,
+                || json!({"reason": "late", "missed": plan.missed, "running": due, "policy": e.policy.misfire}),
             );
         }
         if !overlapped.is_empty() {
             self.emit(
                 SchedulerEventType::Misfired,
-                &st.entry,
-                || json!({"reason": "overlap", "skipped": overlapped, "policy": st.entry.policy.overlap}),
+                &e,
+                || json!({"reason": "overlap", "skipped": overlapped, "policy": e.policy.overlap}),
             );
         }
-        if st.running == 0 && st.pending.is_empty() && !st.entry.is_active() {
-            self.inner.slots.lock().remove(&st.entry.id());
+        self.note_end(was_active, &e);
+        match start.len() {
+            0 => Vec::new(),
+            1 => vec![(e, start[0])],
+            _ => start.into_iter().map(|d| (e.clone(), d)).collect(),
         }
-        start.into_iter().map(|d| (st.entry.clone(), d)).collect()
     }
 
     fn spawn_run(&self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
         let this = self.clone();
-        tokio::spawn(async move { this.run(slot, entry, due, starts).await });
+        tokio::spawn(async move { Box::pin(this.run(slot, entry, due, starts)).await });
     }
 
     /// One run: executes the task and records its outcome.
     async fn run(self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
+        let id = entry.id();
         let Some(runtime) = self.runtime() else {
+            let mut st = slot.lock().await;
+            st.running = st.running.saturating_sub(1);
+            drop(st);
+            self.release(id, slot);
             return;
         };
         let started = self.now();
-        let key = format!("{}@{}", entry.id(), due.to_rfc3339());
+        let key = format!("{}@{}", id, due.to_rfc3339());
         self.emit(
             SchedulerEventType::Started,
             &entry,
             || json!({"due_at": due, "started_at": started, "idempotency_key": key, "starts": starts}),
         );
         let mut options = ExecuteOptions::default().idempotency_key(key);
+        let attempts = entry.policy.retry.as_ref().map_or(1, |r| r.max_attempts);
         if let Some(r) = entry.policy.retry.clone() {
             options = options.retry(r);
         }
-        let outcome = runtime
-            .execute(
-                TaskRef::Id(entry.task.task_id.clone()),
-                entry.task.input.clone(),
-                options,
-            )
-            .await;
+        // Only what the task needs is kept while it runs (the entry is read again after).
+        let (task_id, input) = {
+            let ScheduleEntry { task, .. } = entry;
+            (task.task_id, task.input)
+        };
+        let outcome = Box::pin(runtime.execute(TaskRef::Id(task_id), input, options)).await;
+        Box::pin(self.end_run(slot, id, due, starts, started, attempts, outcome)).await;
+    }
+
+    /// Records the outcome of a run and starts a waiting one if a place is free.
+    #[allow(clippy::too_many_arguments)] // The second half of `run`.
+    async fn end_run(
+        self,
+        slot: Slot,
+        id: Uuid,
+        due: DateTime<Utc>,
+        starts: u32,
+        started: DateTime<Utc>,
+        attempts: u32,
+        outcome: Result<Value>,
+    ) {
         if matches!(outcome, Err(Error::ShuttingDown)) {
             // Not run: the claim stays open and the next start runs it.
             let mut st = slot.lock().await;
             st.running = st.running.saturating_sub(1);
+            drop(st);
+            self.release(id, slot);
             return;
         }
         let finished = self.now();
         let mut record = RunRecord::new(due, started);
         record.finished_at = Some(finished);
-        let attempts = entry.policy.retry.as_ref().map_or(1, |r| r.max_attempts);
-        let mut run = ScheduleRun::claimed(entry.id(), due, started);
+        let mut run = ScheduleRun::claimed(id, due, started);
         run.starts = starts;
         run.finished_at = Some(finished);
         match &outcome {
@@ -994,7 +1124,19 @@ impl TaskScheduler {
         }
         let mut st = slot.lock().await;
         st.running = st.running.saturating_sub(1);
-        let mut e = st.entry.clone();
+        let current = match self.inner.store.get(id).await {
+            Ok(Some(e)) => e,
+            other => {
+                let error = other.err().map(|e| e.to_string());
+                tracing::error!(entry = %id, %due, error = ?error,
+                    "cannot load the entry of a finished run; it stays claimed and runs again at the next start");
+                drop(st);
+                self.release(id, slot);
+                return;
+            }
+        };
+        let was_active = current.is_active();
+        let mut e = current.clone();
         e.task.result = record.result.clone();
         e.task.error = record.error.clone();
         e.task.executed_at = Some(started);
@@ -1019,52 +1161,144 @@ impl TaskScheduler {
         );
         let expected = e.version;
         e.version += 1;
-        match self.inner.store.finish(&e, expected, &run).await {
-            Ok(()) => st.entry = e,
-            Err(err) => {
-                tracing::error!(entry = %entry.id(), %due, error = %err,
-                    "cannot record the end of a run; it stays claimed and runs again at the next start");
+        let now = match self.inner.store.finish(&e, expected, &run).await {
+            Ok(()) => {
+                self.note_end(was_active, &e);
+                e
             }
-        }
+            Err(err) => {
+                tracing::error!(entry = %id, %due, error = %err,
+                    "cannot record the end of a run; it stays claimed and runs again at the next start");
+                current
+            }
+        };
         let ev = if outcome.is_ok() {
             SchedulerEventType::Completed
         } else {
             SchedulerEventType::Failed
         };
-        self.emit(ev, &st.entry, || {
+        self.emit(ev, &now, || {
             json!({"due_at": due, "started_at": started, "finished_at": finished,
                    "result": run.result, "error": run.error})
         });
         if let Some(d) = next_run {
             st.running += 1;
-            self.spawn_run(slot.clone(), st.entry.clone(), d, 1);
+            self.spawn_run(slot.clone(), now, d, 1);
         }
-        if st.running == 0 && st.pending.is_empty() && !st.entry.is_active() {
-            self.inner.slots.lock().remove(&st.entry.id());
-        }
+        drop(st);
+        self.release(id, slot);
     }
 
-    /// Applies `change` to an entry under its lock and persists it; `Ok(false)` when the entry
-    /// is unknown or `change` refuses.
+    /// Applies `change` to an entry under its lock and persists it; `Ok(None)` when the entry
+    /// is unknown or `change` refuses. The slot returned is to be [released](Self::release).
     async fn modify(
         &self,
         id: Uuid,
         change: impl FnOnce(&mut ScheduleEntry, &SlotState) -> Result<bool>,
     ) -> Result<Option<(Slot, ScheduleEntry)>> {
-        let Some(slot) = self.slot(id) else {
+        let slot = self.slot(id);
+        let st = slot.lock().await;
+        let out = async {
+            let Some(mut e) = self.inner.store.get(id).await? else {
+                return Ok(None);
+            };
+            let was_active = e.is_active();
+            if !change(&mut e, &st)? {
+                return Ok(None);
+            }
+            let expected = e.version;
+            e.version += 1;
+            self.inner.store.update(&e, expected).await?;
+            self.note_end(was_active, &e);
+            Ok(Some(e))
+        }
+        .await;
+        drop(st);
+        match out {
+            Ok(Some(e)) => Ok(Some((slot, e))),
+            other => {
+                self.release(id, slot);
+                other.map(|_| None)
+            }
+        }
+    }
+
+    /// The entry as stored now (`fallback` if it cannot be read).
+    async fn current(&self, id: Uuid, fallback: &ScheduleEntry) -> ScheduleEntry {
+        match self.inner.store.get(id).await {
+            Ok(Some(e)) => e,
+            _ => fallback.clone(),
+        }
+    }
+
+    /// Closes the claims of an entry's waiting runs (it was cancelled).
+    async fn close_pending(&self, id: Uuid, st: &mut SlotState) -> Result<()> {
+        if st.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(mut cur) = self.inner.store.get(id).await? else {
+            st.pending.clear();
+            return Ok(());
+        };
+        while let Some(d) = st.pending.pop_front() {
+            let mut run = ScheduleRun::claimed(id, d, self.now());
+            run.state = RunState::Failed;
+            run.error = Some("cancelled before it started".into());
+            run.finished_at = Some(self.now());
+            let mut next = cur.clone();
+            let expected = next.version;
+            next.version += 1;
+            self.inner.store.finish(&next, expected, &run).await?;
+            cur = next;
+        }
+        Ok(())
+    }
+
+    /// [`Scheduler::cancel_task`] under the entry's lock: stores the entry cancelled, disarms
+    /// its timer and closes the claims of its waiting runs. `None` if it was not active.
+    async fn cancel_locked(&self, id: Uuid, st: &mut SlotState) -> Result<Option<ScheduleEntry>> {
+        let Some(mut e) = self.inner.store.get(id).await? else {
             return Ok(None);
         };
-        let mut st = slot.lock().await;
-        let mut e = st.entry.clone();
-        if !change(&mut e, &st)? {
+        if !e.is_active() {
             return Ok(None);
         }
+        e.task.status = ScheduledTaskStatus::Cancelled;
+        e.task.next_execution_at = None;
         let expected = e.version;
         e.version += 1;
         self.inner.store.update(&e, expected).await?;
-        st.entry = e.clone();
-        drop(st);
-        Ok(Some((slot, e)))
+        self.note_end(true, &e);
+        self.inner.timers.disarm(id);
+        self.close_pending(id, st).await?;
+        Ok(Some(e))
+    }
+
+    /// [`Scheduler::trigger_task`] under the entry's lock.
+    async fn trigger_locked(&self, id: Uuid, slot: &Slot, st: &mut SlotState) -> Result<bool> {
+        let Some(mut e) = self.inner.store.get(id).await? else {
+            return Ok(false);
+        };
+        if !e.is_active() {
+            return Ok(false);
+        }
+        let mut due = truncate_ms(self.now());
+        let expected = e.version;
+        e.version += 1;
+        let mut claimed = self.inner.store.claim(&e, expected, &[due], due).await?;
+        if claimed.is_empty() {
+            // Another run holds this millisecond: take the next one.
+            due += chrono::Duration::milliseconds(1);
+            let expected = e.version;
+            e.version += 1;
+            claimed = self.inner.store.claim(&e, expected, &[due], due).await?;
+        }
+        if claimed.is_empty() {
+            return Ok(false);
+        }
+        st.running += 1;
+        self.spawn_run(slot.clone(), e, due, 1);
+        Ok(true)
     }
 
     /// Without a runtime, changes go to the store directly (the entry is not in memory).
@@ -1129,50 +1363,51 @@ impl TaskScheduler {
         let mut timers = Vec::with_capacity(entries.len());
         let mut restarts = Vec::new();
         let mut settled = Vec::new();
+        self.inner.active.store(entries.len(), Ordering::Release);
         {
             let mut slots = self.inner.slots.lock();
+            slots.clear();
             for e in entries {
                 let id = e.id();
-                let mut state = SlotState {
-                    entry: e,
-                    running: 0,
-                    pending: VecDeque::new(),
-                    late_from: None,
-                };
+                let mut state = SlotState::default();
                 for r in open.remove(&id).unwrap_or_default() {
-                    if state.entry.task.status == ScheduledTaskStatus::Paused {
+                    if e.task.status == ScheduledTaskStatus::Paused {
                         state.pending.push_back(r.due_at);
                     } else {
                         state.running += 1;
                         restarts.push((id, r));
                     }
                 }
-                if let Some(t) = self.timer_for(&state.entry) {
+                // What was missed while stopped follows the misfire policy.
+                if let Some(t) = self.timer_for(&e, None) {
                     timers.push(t);
                 }
-                if state.entry.task.status == ScheduledTaskStatus::Running
-                    && state.running == 0
-                    && state.pending.is_empty()
-                {
+                let busy = state.running > 0 || !state.pending.is_empty();
+                if e.task.status == ScheduledTaskStatus::Running && !busy {
                     // Marked running, but nothing is left to run: settle it.
-                    let mut e = state.entry.clone();
-                    Self::settle(&mut e, 0, 0);
-                    settled.push((e, state.entry.version));
+                    settled.push(id);
                 }
-                slots.insert(id, Arc::new(tokio::sync::Mutex::new(state)));
+                if busy {
+                    slots.insert(id, Arc::new(tokio::sync::Mutex::new(state)));
+                }
             }
         }
         self.inner.timers.arm_many(timers);
-        for (mut e, expected) in settled {
-            e.version = expected + 1;
-            store.update(&e, expected).await?;
-            if let Some(slot) = self.slot(e.id()) {
-                let mut st = slot.lock().await;
-                let done = !e.is_active();
-                st.entry = e;
-                if done {
-                    self.inner.slots.lock().remove(&st.entry.id());
-                }
+        for id in settled {
+            let settled = self
+                .modify(id, |e, st| {
+                    if e.task.status != ScheduledTaskStatus::Running
+                        || st.running > 0
+                        || !st.pending.is_empty()
+                    {
+                        return Ok(false);
+                    }
+                    Self::settle(e, 0, 0);
+                    Ok(true)
+                })
+                .await?;
+            if let Some((slot, _)) = settled {
+                self.release(id, slot);
             }
         }
         // Claims of entries that are no longer active (cancelled meanwhile) are closed.
@@ -1193,14 +1428,13 @@ impl TaskScheduler {
         let n = restarts.len();
         for (id, r) in restarts {
             let starts = store.restart(id, r.due_at).await?;
-            if let Some(slot) = self.slot(id) {
-                let entry = slot.lock().await.entry.clone();
+            if let Some(entry) = store.get(id).await? {
                 tracing::info!(entry = %id, due = %r.due_at, starts, "restarting a run interrupted by a stop");
-                self.spawn_run(slot, entry, r.due_at, starts);
+                self.spawn_run(self.slot(id), entry, r.due_at, starts);
             }
         }
         tracing::info!(
-            active = self.inner.slots.lock().len(),
+            active = self.inner.active.load(Ordering::Acquire),
             restarted = n,
             "scheduler recovered"
         );
@@ -1238,6 +1472,19 @@ impl Scheduler for TaskScheduler {
     }
 
     async fn cancel_task(&self, id: Uuid) -> Result<bool> {
+        if self.inner.cluster.is_none() && self.runtime().is_some() {
+            // One pass under the entry's lock.
+            let slot = self.slot(id);
+            let mut st = slot.lock().await;
+            let out = self.cancel_locked(id, &mut st).await;
+            drop(st);
+            self.release(id, slot);
+            let Some(e) = out? else {
+                return Ok(false);
+            };
+            self.emit(SchedulerEventType::Cancelled, &e, || json!({}));
+            return Ok(true);
+        }
         let Some((slot, e)) = self
             .change(id, |e, _| {
                 if !e.is_active() {
@@ -1255,27 +1502,17 @@ impl Scheduler for TaskScheduler {
         if let Some(slot) = slot {
             let mut st = slot.lock().await;
             // Waiting runs will not start: close their claims.
-            while let Some(d) = st.pending.pop_front() {
-                let mut run = ScheduleRun::claimed(id, d, self.now());
-                run.state = RunState::Failed;
-                run.error = Some("cancelled before it started".into());
-                run.finished_at = Some(self.now());
-                let mut next = st.entry.clone();
-                let expected = next.version;
-                next.version += 1;
-                self.inner.store.finish(&next, expected, &run).await?;
-                st.entry = next;
-            }
-            if st.running == 0 {
-                self.inner.slots.lock().remove(&id);
-            }
+            let closed = self.close_pending(id, &mut st).await;
+            drop(st);
+            self.release(id, slot);
+            closed?;
         }
         self.emit(SchedulerEventType::Cancelled, &e, || json!({}));
         Ok(true)
     }
 
     async fn pause_task(&self, id: Uuid) -> Result<bool> {
-        let Some((_, e)) = self
+        let Some((slot, e)) = self
             .change(id, |e, _| {
                 if !matches!(
                     e.task.status,
@@ -1291,6 +1528,9 @@ impl Scheduler for TaskScheduler {
             return Ok(false);
         };
         self.inner.timers.disarm(id);
+        if let Some(slot) = slot {
+            self.release(id, slot);
+        }
         self.emit(
             SchedulerEventType::Paused,
             &e,
@@ -1316,10 +1556,9 @@ impl Scheduler for TaskScheduler {
         };
         if let Some(slot) = slot {
             let mut st = slot.lock().await;
-            // What was missed while paused follows the misfire policy.
-            st.late_from = None;
-            let limit = match st.entry.policy.overlap {
-                OverlapPolicy::Allow => st.entry.policy.max_concurrent.unwrap_or(u32::MAX),
+            let current = self.current(id, &e).await;
+            let limit = match current.policy.overlap {
+                OverlapPolicy::Allow => current.policy.max_concurrent.unwrap_or(u32::MAX),
                 _ => 1,
             };
             while st.running < limit {
@@ -1327,9 +1566,12 @@ impl Scheduler for TaskScheduler {
                     break;
                 };
                 st.running += 1;
-                self.spawn_run(slot.clone(), st.entry.clone(), d, 1);
+                self.spawn_run(slot.clone(), current.clone(), d, 1);
             }
-            self.arm(&st.entry);
+            // What was missed while paused follows the misfire policy.
+            self.arm(&current, None);
+            drop(st);
+            self.release(id, slot);
         }
         self.emit(
             SchedulerEventType::Resumed,
@@ -1372,9 +1614,11 @@ impl Scheduler for TaskScheduler {
             return Ok(false);
         };
         if let Some(slot) = slot {
-            let mut st = slot.lock().await;
-            st.late_from = Some(self.now());
-            self.arm(&st.entry);
+            let st = slot.lock().await;
+            let current = self.current(id, &e).await;
+            self.arm(&current, Some(self.now()));
+            drop(st);
+            self.release(id, slot);
         }
         self.emit(
             SchedulerEventType::Scheduled,
@@ -1391,38 +1635,15 @@ impl Scheduler for TaskScheduler {
         if self.inner.cluster.is_some() {
             return self.cluster_trigger(id).await;
         }
-        let Some(slot) = self.slot(id) else {
-            return Ok(false);
-        };
+        let slot = self.slot(id);
         let mut st = slot.lock().await;
-        if !st.entry.is_active() {
-            return Ok(false);
-        }
-        let mut due = truncate_ms(self.now());
-        let mut e = st.entry.clone();
-        let expected = e.version;
-        e.version += 1;
-        let mut claimed = self.inner.store.claim(&e, expected, &[due], due).await?;
-        if claimed.is_empty() {
-            // Another run holds this millisecond: take the next one.
-            due += chrono::Duration::milliseconds(1);
-            let expected = e.version;
-            e.version += 1;
-            claimed = self.inner.store.claim(&e, expected, &[due], due).await?;
-        }
-        st.entry = e;
-        if claimed.is_empty() {
-            return Ok(false);
-        }
-        st.running += 1;
-        self.spawn_run(slot.clone(), st.entry.clone(), due, 1);
-        Ok(true)
+        let out = self.trigger_locked(id, &slot, &mut st).await;
+        drop(st);
+        self.release(id, slot);
+        out
     }
 
     async fn get_task(&self, id: Uuid) -> Result<Option<ScheduledTask>> {
-        if let Some(slot) = self.slot(id) {
-            return Ok(Some(slot.lock().await.entry.task.clone()));
-        }
         Ok(self.inner.store.get(id).await?.map(|e| e.task))
     }
 
@@ -1497,7 +1718,6 @@ impl Extension for TaskScheduler {
         }
         *self.inner.runtime.write() = Some(runtime);
         self.inner.stopped.store(false, Ordering::Release);
-        self.inner.slots.lock().clear();
         self.recover().await?;
         let cancel = CancellationToken::new();
         *self.inner.cancel.lock() = cancel.clone();
@@ -1514,5 +1734,72 @@ impl Extension for TaskScheduler {
             let _ = h.await;
         }
         self.stop_cluster().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    use architectlm_core::{System, TaskDefinition};
+
+    use super::*;
+    use crate::clock::TokioClock;
+
+    /// An entry whose timer was lost and replaced by a stale one (what a wrapped timer
+    /// generation could do) gets its timer back and still runs once, on time.
+    #[tokio::test(start_paused = true)]
+    async fn an_active_entry_left_without_its_timer_is_armed_again() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let clock = Arc::new(TokioClock::starting_at(t0));
+        let runs = Arc::new(AtomicU32::new(0));
+        let (r, c) = (runs.clone(), clock.clone());
+        let task = TaskDefinition::new("t", move |_input, _ctx| {
+            assert!(c.now() >= t0 + chrono::Duration::seconds(10), "ran early");
+            r.fetch_add(1, Ordering::SeqCst);
+            async { Ok(Value::Null) }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let system = System::builder("heal")
+            .task(task)
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let scheduler = Arc::new(TaskScheduler::builder().clock(clock.clone()).build());
+        let runtime = Runtime::builder(system)
+            .extension(scheduler.clone())
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let due = t0 + chrono::Duration::seconds(10);
+        let id = scheduler
+            .schedule_task(ScheduledTaskConfig::new("t", json!({}), due))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The live timer is replaced by one for a time the entry does not have.
+        let wrong = t0 + chrono::Duration::seconds(5);
+        scheduler.inner.timers.arm(Timer {
+            id,
+            due: wrong,
+            fire_at: wrong,
+            late_from: None,
+        });
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            scheduler.armed_timers(),
+            1,
+            "armed again after the stale firing"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(scheduler.armed_timers(), 0);
+        runtime.shutdown(Duration::from_secs(1)).await;
     }
 }

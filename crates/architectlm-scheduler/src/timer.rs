@@ -1,46 +1,142 @@
-//! The timer core: one slab-backed delay queue holding at most one timer per entry (its next
-//! run), polled by a single driver task.
+//! The timer core: at most one timer per entry (its next run) in a binary heap ordered by
+//! wall-clock time, polled by a single driver task.
 //!
-//! There is no task per pending timer and no periodic scan of the entries: inserting, moving and
-//! removing a timer is O(1) on a hierarchical wheel (`tokio_util::time::DelayQueue`, 1 ms
-//! resolution), and the driver sleeps until the earliest deadline. Deadlines further than
-//! [`MAX_TIMER`] are armed for that long and re-armed when it passes. When a timer expires the
-//! driver checks the wall clock again and re-arms the timer if its due time has not been
-//! reached, so nothing fires early.
+//! There is no task per pending timer and no periodic scan of the entries. A timer is 32 bytes
+//! in the heap plus its place in the id map (20 bytes); inserting is O(log n). The rare timers
+//! that carry a `late_from` after their time keep it in a side map. Moving or removing a timer
+//! leaves the old heap item behind as stale (recognised by its generation) instead of searching
+//! for it; stale items are dropped when they reach the top, and the heap is compacted and its
+//! memory given back once stale items outnumber live ones. The driver sleeps until the earliest
+//! deadline (at most [`MAX_TIMER`] ahead) or until an earlier timer is armed. When a timer's
+//! deadline passes, the driver checks the wall clock and only hands out timers whose time has
+//! come, so nothing fires early.
 
-use std::collections::HashMap;
-use std::future::poll_fn;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::task::Poll;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::time::DelayQueue;
-use tokio_util::time::delay_queue::Key;
 use uuid::Uuid;
 
 use crate::clock::{Clock, MAX_TIMER};
+use crate::idhash::IdMap;
 
-/// What a timer carries: the entry, the occurrence's due time and the (jittered) time it may
-/// start at, which is never before the due time.
+/// Most timers handed out per wake of the driver.
+const BATCH: usize = 4096;
+
+/// What a timer carries: the entry, the occurrence's due time, the (jittered) time it may
+/// start at, which is never before the due time, and the time lateness is measured from when
+/// that is later than the start time (see the scheduler's `late_from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Timer {
     pub(crate) id: Uuid,
     pub(crate) due: DateTime<Utc>,
     pub(crate) fire_at: DateTime<Utc>,
+    pub(crate) late_from: Option<DateTime<Utc>>,
+}
+
+/// A timer as kept in the heap.
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    /// Milliseconds since the epoch, rounded up, so that firing at this millisecond is never
+    /// early.
+    fire_at: i64,
+    id: Uuid,
+    generation: u32,
+    /// `fire_at` minus the due time (milliseconds, rounded down): the jitter.
+    jitter: u32,
+}
+
+impl Item {
+    fn timer(&self, late_from: Option<i64>) -> Timer {
+        let t = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        Timer {
+            id: self.id,
+            due: t(self.fire_at - i64::from(self.jitter)),
+            fire_at: t(self.fire_at),
+            late_from: late_from.map(t),
+        }
+    }
+}
+
+impl PartialEq for Item {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Item {}
+
+impl PartialOrd for Item {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Item {
+    /// Reversed: the earliest timer is the greatest, at the top of the max-heap.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.fire_at, other.generation).cmp(&(self.fire_at, self.generation))
+    }
+}
+
+fn ceil_ms(t: DateTime<Utc>) -> i64 {
+    let ms = t.timestamp_millis();
+    if t.timestamp_subsec_nanos().is_multiple_of(1_000_000) {
+        ms
+    } else {
+        ms.saturating_add(1)
+    }
 }
 
 #[derive(Default)]
 struct Queue {
-    queue: Option<DelayQueue<Timer>>,
-    keys: HashMap<Uuid, Key>,
+    heap: BinaryHeap<Item>,
+    /// The generation of each entry's live timer.
+    live: IdMap<u32>,
+    /// `late_from` of the live timers that have one later than their time (milliseconds).
+    late: IdMap<i64>,
+    /// Wraps around; a stale item whose generation comes round again is caught by the
+    /// scheduler, which re-arms an active entry that finds itself without a timer.
+    generation: u32,
+    /// Heap items whose timer was moved or removed.
+    stale: usize,
+}
+
+impl Queue {
+    fn is_live(&self, item: &Item) -> bool {
+        self.live.get(&item.id) == Some(&item.generation)
+    }
+
+    /// Drops stale items and gives memory back once they outnumber the live ones.
+    fn compact(&mut self) {
+        if self.stale <= 1024 || self.stale <= self.live.len() {
+            return;
+        }
+        let live = &self.live;
+        self.heap.retain(|i| live.get(&i.id) == Some(&i.generation));
+        self.stale = 0;
+        if self.heap.capacity() > 2 * self.heap.len() + 1024 {
+            self.heap.shrink_to_fit();
+        }
+        if self.live.capacity() > 2 * self.live.len() + 1024 {
+            self.live.shrink_to_fit();
+        }
+        if self.late.capacity() > 2 * self.late.len() + 1024 {
+            self.late.shrink_to_fit();
+        }
+    }
 }
 
 /// The set of armed timers. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Timers {
     inner: Arc<Mutex<Queue>>,
+    wake: Arc<Notify>,
     clock: Arc<dyn Clock>,
 }
 
@@ -56,101 +152,149 @@ impl Timers {
     pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Queue::default())),
+            wake: Arc::new(Notify::new()),
             clock,
         }
     }
 
-    fn instant_for(&self, at: DateTime<Utc>) -> Instant {
-        let now = Instant::now();
-        let when = self.clock.deadline(at);
-        when.min(now + MAX_TIMER)
-    }
-
-    /// Arms (or moves) the timer of `timer.id`. Must be called inside a Tokio runtime.
+    /// Arms (or moves) the timer of `timer.id`.
     pub(crate) fn arm(&self, timer: Timer) {
         self.arm_many(std::iter::once(timer));
     }
 
     /// Arms many timers under one lock (recovery, batch inserts).
     pub(crate) fn arm_many(&self, timers: impl IntoIterator<Item = Timer>) {
+        let timers = timers.into_iter();
         let mut q = self.inner.lock();
-        let Queue { queue, keys } = &mut *q;
-        let queue = queue.get_or_insert_with(DelayQueue::new);
-        for timer in timers {
-            let when = self.instant_for(timer.fire_at);
-            if let Some(key) = keys.get(&timer.id) {
-                queue.try_remove(key);
+        let before = q.heap.peek().map(|i| i.fire_at);
+        let (lower, _) = timers.size_hint();
+        let (len, cap) = (q.heap.len(), q.heap.capacity());
+        if len + lower > cap {
+            // Grow by a quarter rather than double: a large heap is the bulk of the memory.
+            q.heap.reserve_exact(lower.max(len / 4));
+        }
+        q.live.reserve(lower);
+        let mut earliest = i64::MAX;
+        for t in timers {
+            q.generation = q.generation.wrapping_add(1);
+            let generation = q.generation;
+            if q.live.insert(t.id, generation).is_some() {
+                q.stale += 1;
             }
-            let key = queue.insert_at(timer, when);
-            keys.insert(timer.id, key);
+            let due = t.due.timestamp_millis();
+            // A jitter beyond 49 days is cut to that.
+            let fire_at =
+                ceil_ms(t.fire_at.max(t.due)).min(due.saturating_add(i64::from(u32::MAX)));
+            let jitter = u32::try_from(fire_at - due).unwrap_or(u32::MAX);
+            match t.late_from.map(|l| l.timestamp_millis()) {
+                Some(l) if l > fire_at => {
+                    q.late.insert(t.id, l);
+                }
+                _ if !q.late.is_empty() => {
+                    q.late.remove(&t.id);
+                }
+                _ => {}
+            }
+            earliest = earliest.min(fire_at);
+            q.heap.push(Item {
+                fire_at,
+                id: t.id,
+                generation,
+                jitter,
+            });
+        }
+        q.compact();
+        drop(q);
+        if before.is_none_or(|b| earliest < b) {
+            // An earlier deadline than the one the driver sleeps for.
+            self.wake.notify_one();
         }
     }
 
     /// Removes the timer of `id`, if armed.
     pub(crate) fn disarm(&self, id: Uuid) {
         let mut q = self.inner.lock();
-        let Queue { queue, keys } = &mut *q;
-        if let (Some(key), Some(queue)) = (keys.remove(&id), queue.as_mut()) {
-            queue.try_remove(&key);
-            if queue.is_empty() {
-                // Gives the memory of a drained queue back (after mass cancellations).
-                queue.shrink_to_fit();
-                keys.shrink_to_fit();
+        if q.live.remove(&id).is_some() {
+            q.stale += 1;
+            if !q.late.is_empty() {
+                q.late.remove(&id);
+            }
+            if q.live.is_empty() {
+                // Nothing is armed: give all the memory back (after mass cancellations).
+                q.heap = BinaryHeap::new();
+                q.live = IdMap::default();
+                q.late = IdMap::default();
+                q.stale = 0;
+            } else {
+                q.compact();
             }
         }
     }
 
-    /// Armed timers.
-    pub(crate) fn len(&self) -> usize {
-        self.inner.lock().keys.len()
+    /// Whether `id` has a timer armed.
+    pub(crate) fn is_armed(&self, id: Uuid) -> bool {
+        self.inner.lock().live.contains_key(&id)
     }
 
-    /// Waits for the next expired timers and returns every one that is due by the wall clock;
-    /// timers whose wall time has not come yet are re-armed.
+    /// Armed timers.
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().live.len()
+    }
+
+    /// Waits for the next timers whose time has come by the wall clock and returns them (up to
+    /// a batch), earliest first.
     pub(crate) async fn next_batch(&self, out: &mut Vec<Timer>) {
         loop {
-            let mut early = Vec::new();
-            poll_fn(|cx| {
+            let notified = self.wake.notified();
+            let next = {
+                let now = self.clock.now().timestamp_millis();
                 let mut q = self.inner.lock();
-                let Queue { queue, keys } = &mut *q;
-                let queue = queue.get_or_insert_with(DelayQueue::new);
-                while let Poll::Ready(Some(exp)) = queue.poll_expired(cx) {
-                    let t = exp.into_inner();
-                    keys.remove(&t.id);
-                    if self.clock.now() >= t.fire_at {
-                        out.push(t);
-                    } else {
-                        early.push(t);
+                let mut next = None;
+                while let Some(top) = q.heap.peek().copied() {
+                    if !q.is_live(&top) {
+                        q.heap.pop();
+                        q.stale = q.stale.saturating_sub(1);
+                        continue;
                     }
-                    if out.len() >= 4096 {
+                    if top.fire_at > now {
+                        next = Some(top.fire_at);
+                        break;
+                    }
+                    q.heap.pop();
+                    q.live.remove(&top.id);
+                    let late = if q.late.is_empty() {
+                        None
+                    } else {
+                        q.late.remove(&top.id)
+                    };
+                    out.push(top.timer(late));
+                    if out.len() >= BATCH {
                         break;
                     }
                 }
-                if out.is_empty() && early.is_empty() {
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
-            if !early.is_empty() {
-                // The monotonic deadline passed before the wall clock reached the due time (the
-                // clocks drift apart): wait for the rest, at least one tick, so this never spins.
-                let now = self.clock.now();
-                let mut q = self.inner.lock();
-                let Queue { queue, keys } = &mut *q;
-                let queue = queue.get_or_insert_with(DelayQueue::new);
-                for t in early {
-                    let rest = (t.fire_at - now)
-                        .to_std()
-                        .unwrap_or_default()
-                        .max(std::time::Duration::from_millis(1));
-                    let key = queue.insert_at(t, Instant::now() + rest.min(MAX_TIMER));
-                    keys.insert(t.id, key);
-                }
-            }
+                next
+            };
             if !out.is_empty() {
                 return;
+            }
+            match next {
+                Some(at) => {
+                    let at = DateTime::from_timestamp_millis(at).unwrap_or_default();
+                    let now = Instant::now();
+                    // The monotonic deadline may pass before the wall clock reaches the time
+                    // (the clocks drift apart): then wait at least a tick, so this never spins.
+                    let deadline = self.clock.deadline(at);
+                    let deadline = if deadline > now {
+                        deadline.min(now + MAX_TIMER)
+                    } else {
+                        now + Duration::from_millis(1)
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep_until(deadline) => {}
+                        () = notified => {}
+                    }
+                }
+                None => notified.await,
             }
         }
     }
@@ -158,8 +302,6 @@ impl Timers {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::clock::TokioClock;
 
@@ -177,21 +319,25 @@ mod tests {
             id: a,
             due: at(5),
             fire_at: at(5),
+            late_from: None,
         });
         timers.arm(Timer {
             id: b,
             due: at(2),
             fire_at: at(2),
+            late_from: None,
         });
         timers.arm(Timer {
             id: c,
             due: at(3),
             fire_at: at(3),
+            late_from: None,
         });
         timers.arm(Timer {
             id: b,
             due: at(4),
             fire_at: at(4),
+            late_from: None,
         });
         timers.disarm(c);
         assert_eq!(timers.len(), 2);
@@ -207,6 +353,67 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_earlier_timer_wakes_the_driver_and_cancelled_ones_give_memory_back() {
+        let clock = Arc::new(TokioClock::starting_at(t0()));
+        let timers = Timers::new(clock.clone());
+        let at = |s: i64| t0() + chrono::Duration::seconds(s);
+        let ids: Vec<Uuid> = (0..5000).map(|_| Uuid::new_v4()).collect();
+        timers.arm_many(ids.iter().map(|&id| Timer {
+            id,
+            due: at(100),
+            fire_at: at(100),
+            // Kept only when later than the time (otherwise it changes nothing).
+            late_from: Some(at(if id.as_u128() % 2 == 0 { 200 } else { 50 })),
+        }));
+        let driver = {
+            let timers = timers.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                timers.next_batch(&mut out).await;
+                out
+            })
+        };
+        tokio::task::yield_now().await;
+        let early = Uuid::new_v4();
+        timers.arm(Timer {
+            id: early,
+            due: at(1),
+            fire_at: at(1),
+            late_from: None,
+        });
+        let out = driver.await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].id, early);
+        assert!(clock.now() >= at(1) && clock.now() < at(2));
+        for id in &ids[..4000] {
+            timers.disarm(*id);
+        }
+        assert_eq!(timers.len(), 1000);
+        {
+            let q = timers.inner.lock();
+            assert!(q.heap.len() < 2500, "{} heap items left", q.heap.len());
+            assert!(q.late.len() <= 1000);
+        }
+        let mut out = Vec::new();
+        timers.next_batch(&mut out).await;
+        assert_eq!(out.len(), 1000);
+        for t in &out {
+            let want = (t.id.as_u128() % 2 == 0).then(|| at(200));
+            assert_eq!(t.late_from, want);
+        }
+        for id in &ids[4000..] {
+            assert!(out.iter().any(|t| t.id == *id));
+        }
+    }
+
+    #[test]
+    fn sub_millisecond_times_round_up() {
+        let t = t0() + chrono::Duration::microseconds(1500);
+        assert_eq!(ceil_ms(t), t0().timestamp_millis() + 2);
+        assert_eq!(ceil_ms(t0()), t0().timestamp_millis());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn far_deadlines_are_clamped_and_rearmed() {
         let clock = Arc::new(TokioClock::starting_at(t0()));
         let timers = Timers::new(clock.clone());
@@ -216,12 +423,12 @@ mod tests {
             id,
             due: far,
             fire_at: far,
+            late_from: None,
         });
         let mut out = Vec::new();
         timers.next_batch(&mut out).await;
         assert_eq!(out[0].id, id);
         assert!(clock.now() >= far);
         assert!(clock.now() - far < chrono::Duration::seconds(1));
-        let _ = Duration::ZERO;
     }
 }

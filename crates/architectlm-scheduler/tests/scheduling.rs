@@ -677,3 +677,62 @@ async fn one_scheduler_can_be_stopped_and_started_again() {
     );
     runtime.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_fires_every_entry_once_and_mass_cancels_leave_the_rest_armed() {
+    let h = Harness::start().await;
+    let configs = (0..3000)
+        .map(|k| {
+            // Half of them at one instant, the rest a second apart in pairs.
+            let at = if k % 2 == 0 {
+                t0() + secs(10)
+            } else {
+                t0() + secs(20 + k / 2)
+            };
+            ScheduledTaskConfig::new("record", json!(k), at)
+        })
+        .collect();
+    let ids = h.scheduler.schedule_many(configs).await.unwrap();
+    assert_eq!(h.scheduler.active_entries(), 3000);
+    assert_eq!(h.scheduler.armed_timers(), 3000);
+    // Cancel four in five of the later ones before they are due.
+    let mut cancelled = 0;
+    for (k, id) in ids.iter().enumerate() {
+        if k % 2 == 1 && k % 5 != 0 {
+            assert!(h.scheduler.cancel_task(*id).await.unwrap());
+            cancelled += 1;
+        }
+    }
+    assert_eq!(h.scheduler.armed_timers(), 3000 - cancelled);
+    assert_eq!(h.scheduler.active_entries(), 3000 - cancelled);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..200 {
+        if h.seen("record").len() >= 1500 {
+            break;
+        }
+        settle().await;
+    }
+    let seen = h.seen("record");
+    assert_eq!(seen.len(), 1500, "every entry due at the instant ran once");
+    assert!(seen.iter().all(|s| s.at >= t0() + secs(10)));
+    tokio::time::advance(Duration::from_secs(2000)).await;
+    for _ in 0..200 {
+        if h.scheduler.active_entries() == 0 {
+            break;
+        }
+        settle().await;
+    }
+    let mut inputs: Vec<i64> = h
+        .seen("record")
+        .iter()
+        .filter_map(|s| s.input.as_i64())
+        .collect();
+    inputs.sort_unstable();
+    let want: Vec<i64> = (0..3000).filter(|k| k % 2 == 0 || k % 5 == 0).collect();
+    assert_eq!(inputs, want, "each remaining entry ran exactly once");
+    assert_eq!(h.scheduler.armed_timers(), 0);
+    assert_eq!(h.scheduler.active_entries(), 0);
+    let task = h.scheduler.get_task(ids[1]).await.unwrap().unwrap();
+    assert_eq!(task.status, ScheduledTaskStatus::Cancelled);
+    h.stop().await;
+}

@@ -1,32 +1,494 @@
-//! Scheduled entries and run claims in memory.
+//! Scheduled entries and run claims in memory, in a compact form.
+//!
+//! Each entry is one [`Record`] in a chunked slab (no copy of the whole table when it grows,
+//! and at most one partly used chunk), found by id through a map of slab positions. A record
+//! keeps what every entry has inline and shares what entries have in common: task ids and
+//! policies are interned (`Arc`), and the rarely set parts (pattern, time zone, description,
+//! metadata, last result, history, limits) live in one optional box, absent for a fresh one-shot
+//! entry. The input is kept as given.
+
+use std::sync::Arc;
+
+use architectlm_core::extensions::scheduler::RunRecord;
 
 use super::*;
 
+/// A fast hasher for maps keyed by entry id: UUIDs are random in most of their bits, so a
+/// seeded multiply-rotate mix spreads them (several times cheaper than SipHash).
+#[derive(Debug, Clone, Copy)]
+struct IdHash {
+    seed: u64,
+}
+
+const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Default for IdHash {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        Self {
+            seed: std::hash::RandomState::new().hash_one(MIX),
+        }
+    }
+}
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher { h: self.seed }
+    }
+}
+
+struct IdHasher {
+    h: u64,
+}
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.h = (self.h ^ n).wrapping_mul(MIX).rotate_left(31);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        let mut x = self.h;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        x ^ (x >> 33)
+    }
+}
+
+/// Records per slab chunk.
+const CHUNK: usize = 1024;
+
+/// Distinct task ids and policies shared at most; past this, new values are simply not shared.
+const INTERN_LIMIT: usize = 4096;
+const POLICY_LIMIT: usize = 32;
+
+/// The rarely set parts of an entry.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Cold {
+    executed_at: Option<DateTime<Utc>>,
+    pattern: Option<String>,
+    timezone: Option<String>,
+    result: Option<Value>,
+    error: Option<String>,
+    description: Option<String>,
+    metadata: serde_json::Map<String, Value>,
+    history: Vec<RunRecord>,
+    start_at: Option<DateTime<Utc>>,
+    end_at: Option<DateTime<Utc>>,
+    max_executions: Option<u32>,
+    jitter: Option<Duration>,
+}
+
+impl Cold {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One stored entry.
+#[derive(Debug, Clone)]
+struct Record {
+    id: Uuid,
+    task_id: Arc<str>,
+    input: Value,
+    execute_at: DateTime<Utc>,
+    next: Option<DateTime<Utc>>,
+    version: u64,
+    policy: Arc<SchedulePolicy>,
+    cold: Option<Box<Cold>>,
+    execution_count: u32,
+    remaining: Option<u32>,
+    status: ScheduledTaskStatus,
+}
+
+impl Record {
+    fn to_entry(&self) -> ScheduleEntry {
+        let cold = self.cold.as_deref().cloned().unwrap_or_default();
+        let mut task =
+            ScheduledTask::new(self.id, &*self.task_id, self.input.clone(), self.execute_at);
+        task.status = self.status;
+        task.executed_at = cold.executed_at;
+        task.next_execution_at = self.next;
+        task.pattern = cold.pattern;
+        task.timezone = cold.timezone;
+        task.remaining_executions = self.remaining;
+        task.execution_count = self.execution_count;
+        task.result = cold.result;
+        task.error = cold.error;
+        task.description = cold.description;
+        task.metadata = cold.metadata;
+        task.history = cold.history;
+        ScheduleEntry {
+            task,
+            policy: (*self.policy).clone(),
+            start_at: cold.start_at,
+            end_at: cold.end_at,
+            max_executions: cold.max_executions,
+            jitter: cold.jitter,
+            version: self.version,
+        }
+    }
+
+    fn is_recurring(&self) -> bool {
+        self.cold.as_ref().is_some_and(|c| c.pattern.is_some())
+    }
+
+    fn is_active(&self) -> bool {
+        matches!(
+            self.status,
+            ScheduledTaskStatus::Scheduled
+                | ScheduledTaskStatus::Running
+                | ScheduledTaskStatus::Paused
+        )
+    }
+
+    fn next_key(&self) -> i64 {
+        self.next.map_or(i64::MAX, |t| t.timestamp_millis())
+    }
+}
+
+/// Makes `to` equal to `from`, copying only the runs added at its end when `from` is `to` with
+/// runs dropped from its front and added at its back (the usual change of a history).
+fn sync_history(to: &mut Vec<RunRecord>, from: &[RunRecord]) {
+    if to.as_slice() == from {
+        return;
+    }
+    for k in 0..=to.len() {
+        let kept = &to[k..];
+        if kept.len() <= from.len() && from[..kept.len()] == *kept {
+            let added = &from[kept.len()..];
+            to.drain(..k);
+            to.extend_from_slice(added);
+            return;
+        }
+    }
+    // Not reached: with every run dropped (`k == to.len()`), what is kept is a prefix.
+}
+
+/// Shares task ids and policies between records.
+#[derive(Default)]
+struct Interner {
+    task_ids: std::collections::HashSet<Arc<str>>,
+    policies: Vec<Arc<SchedulePolicy>>,
+}
+
+impl Interner {
+    fn task_id(&mut self, s: String) -> Arc<str> {
+        if let Some(a) = self.task_ids.get(s.as_str()) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        if self.task_ids.len() < INTERN_LIMIT {
+            self.task_ids.insert(a.clone());
+        }
+        a
+    }
+
+    fn policy(&mut self, p: SchedulePolicy) -> Arc<SchedulePolicy> {
+        if let Some(a) = self.policies.iter().find(|a| ***a == p) {
+            return a.clone();
+        }
+        let a = Arc::new(p);
+        if self.policies.len() < POLICY_LIMIT {
+            self.policies.push(a.clone());
+        }
+        a
+    }
+
+    /// A record of `e` replacing `old`: parts equal to `old`'s are shared with it, and only
+    /// what differs is copied.
+    fn record_ref(&mut self, e: &ScheduleEntry, old: &mut Record) -> Record {
+        let t = &e.task;
+        let task_id = if *old.task_id == *t.task_id {
+            old.task_id.clone()
+        } else {
+            self.task_id(t.task_id.clone())
+        };
+        let policy = if *old.policy == e.policy {
+            old.policy.clone()
+        } else {
+            self.policy(e.policy.clone())
+        };
+        let cold_empty = t.executed_at.is_none()
+            && t.pattern.is_none()
+            && t.timezone.is_none()
+            && t.result.is_none()
+            && t.error.is_none()
+            && t.description.is_none()
+            && t.metadata.is_empty()
+            && t.history.is_empty()
+            && e.start_at.is_none()
+            && e.end_at.is_none()
+            && e.max_executions.is_none()
+            && e.jitter.is_none();
+        // The rare parts are updated in place: only what changed is copied.
+        let cold = if cold_empty {
+            None
+        } else {
+            let mut c = old.cold.take().unwrap_or_default();
+            fn sync<T: Clone + PartialEq>(to: &mut T, from: &T) {
+                if to != from {
+                    to.clone_from(from);
+                }
+            }
+            c.executed_at = t.executed_at;
+            sync(&mut c.pattern, &t.pattern);
+            sync(&mut c.timezone, &t.timezone);
+            sync(&mut c.result, &t.result);
+            sync(&mut c.error, &t.error);
+            sync(&mut c.description, &t.description);
+            sync(&mut c.metadata, &t.metadata);
+            sync_history(&mut c.history, &t.history);
+            c.start_at = e.start_at;
+            c.end_at = e.end_at;
+            c.max_executions = e.max_executions;
+            c.jitter = e.jitter;
+            Some(c)
+        };
+        // The input rarely changes: keep the stored one rather than copy it again.
+        let input = if old.input == t.input {
+            std::mem::take(&mut old.input)
+        } else {
+            t.input.clone()
+        };
+        Record {
+            id: t.id,
+            task_id,
+            input,
+            execute_at: t.execute_at,
+            next: t.next_execution_at,
+            version: e.version,
+            policy,
+            cold,
+            execution_count: t.execution_count,
+            remaining: t.remaining_executions,
+            status: t.status,
+        }
+    }
+
+    /// A record of a new entry.
+    fn record(&mut self, e: ScheduleEntry, old: Option<&Record>) -> Record {
+        let ScheduleEntry {
+            task,
+            policy,
+            start_at,
+            end_at,
+            max_executions,
+            jitter,
+            version,
+        } = e;
+        let task_id = match old {
+            Some(o) if *o.task_id == *task.task_id => o.task_id.clone(),
+            _ => self.task_id(task.task_id),
+        };
+        let policy = match old {
+            Some(o) if *o.policy == policy => o.policy.clone(),
+            _ => self.policy(policy),
+        };
+        let cold = Cold {
+            executed_at: task.executed_at,
+            pattern: task.pattern,
+            timezone: task.timezone,
+            result: task.result,
+            error: task.error,
+            description: task.description,
+            metadata: task.metadata,
+            history: task.history,
+            start_at,
+            end_at,
+            max_executions,
+            jitter,
+        };
+        Record {
+            id: task.id,
+            task_id,
+            input: task.input,
+            execute_at: task.execute_at,
+            next: task.next_execution_at,
+            version,
+            policy,
+            cold: (!cold.is_empty()).then(|| Box::new(cold)),
+            execution_count: task.execution_count,
+            remaining: task.remaining_executions,
+            status: task.status,
+        }
+    }
+}
+
+/// A slab of records in fixed-size chunks.
+#[derive(Default)]
+struct Slab {
+    chunks: Vec<Box<[Option<Record>]>>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn get(&self, i: u32) -> Option<&Record> {
+        let i = i as usize;
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)?.as_ref()
+    }
+
+    fn get_mut(&mut self, i: u32) -> Option<&mut Record> {
+        let i = i as usize;
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)?.as_mut()
+    }
+
+    fn insert(&mut self, r: Record) -> u32 {
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = self.chunks.len() * CHUNK;
+                self.chunks.push(
+                    (0..CHUNK)
+                        .map(|_| None)
+                        .collect::<Vec<_>>()
+                        .into_boxed_slice(),
+                );
+                self.free.extend((i + 1..i + CHUNK).rev().map(|k| k as u32));
+                i as u32
+            }
+        };
+        let i_us = i as usize;
+        self.chunks[i_us / CHUNK][i_us % CHUNK] = Some(r);
+        i
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Record> {
+        self.chunks.iter().flat_map(|c| c.iter().flatten())
+    }
+}
+
+/// Slab positions by id: open addressing with linear probing, 8 bytes a place: the position
+/// and 32 bits of the id's hash, which both choose the place and are compared before the
+/// record is looked at (so growing never reads the records). Entries are never removed from
+/// the store, so there are no deletions to handle.
+#[derive(Default)]
+struct Index {
+    places: Vec<u64>,
+    len: usize,
+    hasher: IdHash,
+}
+
+const EMPTY: u64 = u64::MAX;
+
+impl Index {
+    fn hash(&self, id: &Uuid) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(id)
+    }
+
+    fn tag(h: u64) -> u64 {
+        (h >> 32) << 32
+    }
+
+    fn find(&self, id: &Uuid, slab: &Slab) -> Option<u32> {
+        if self.places.is_empty() {
+            return None;
+        }
+        let h = self.hash(id);
+        let mask = self.places.len() - 1;
+        let mut i = (h >> 32) as usize & mask;
+        loop {
+            let p = self.places[i];
+            if p == EMPTY {
+                return None;
+            }
+            if p & !0xFFFF_FFFF == Self::tag(h) {
+                let pos = p as u32;
+                if slab.get(pos).is_some_and(|r| r.id == *id) {
+                    return Some(pos);
+                }
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Makes room for `additional` more ids (a load of at most 7/8).
+    fn reserve(&mut self, additional: usize) {
+        let need = self.len + additional;
+        if need * 8 <= self.places.len() * 7 {
+            return;
+        }
+        let mut cap = self.places.len().max(16);
+        while need * 8 > cap * 7 {
+            cap *= 2;
+        }
+        let old = std::mem::replace(&mut self.places, vec![EMPTY; cap]);
+        for p in old.into_iter().filter(|&p| p != EMPTY) {
+            self.place(p, p as u32);
+        }
+    }
+
+    fn place(&mut self, h: u64, pos: u32) {
+        let mask = self.places.len() - 1;
+        let mut i = (h >> 32) as usize & mask;
+        while self.places[i] != EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.places[i] = Self::tag(h) | u64::from(pos);
+    }
+
+    /// Adds an id known to be absent.
+    fn insert(&mut self, id: &Uuid, pos: u32) {
+        self.reserve(1);
+        let h = self.hash(id);
+        self.place(h, pos);
+        self.len += 1;
+    }
+}
+
 #[derive(Default)]
 struct MemInner {
-    entries: HashMap<Uuid, ScheduleEntry>,
-    by_next: BTreeSet<(i64, Uuid)>,
-    runs: HashMap<Uuid, BTreeMap<i64, ScheduleRun>>,
+    index: Index,
+    slab: Slab,
+    interner: Interner,
+    /// The kept runs of each entry, sorted by due time (a handful each: a sorted vector is
+    /// smaller and faster than a tree).
+    runs: HashMap<Uuid, Vec<ScheduleRun>, IdHash>,
+}
+
+/// Where the run due at `key` (milliseconds) is or would go.
+fn run_at(runs: &[ScheduleRun], key: i64) -> std::result::Result<usize, usize> {
+    runs.binary_search_by_key(&key, |r| r.due_at.timestamp_millis())
 }
 
 impl MemInner {
+    fn record(&self, id: Uuid) -> Option<&Record> {
+        self.slab.get(self.index.find(&id, &self.slab)?)
+    }
+
     fn replace(&mut self, entry: &ScheduleEntry, expected: u64) -> Result<()> {
         let id = entry.id();
-        let Some(old) = self.entries.get(&id) else {
+        let Some(i) = self.index.find(&id, &self.slab) else {
+            return Err(Error::not_found("scheduled entry", id));
+        };
+        let MemInner { slab, interner, .. } = self;
+        let Some(old) = slab.get_mut(i) else {
             return Err(Error::not_found("scheduled entry", id));
         };
         if old.version != expected {
             return Err(conflict(id, expected, old.version));
         }
-        self.by_next.remove(&(next_key(old), id));
-        self.by_next.insert((next_key(entry), id));
-        self.entries.insert(id, entry.clone());
+        *old = interner.record_ref(entry, old);
         Ok(())
     }
 }
 
-/// Entries in memory, indexed by next run. Lost with the process; for tests and for
-/// deployments that do not need durability.
+/// Entries in memory, in a compact form (see the module source for the layout). Lost with the
+/// process; for tests and for deployments that do not need durability.
 #[derive(Default)]
 pub struct InMemoryScheduleStore {
     inner: RwLock<MemInner>,
@@ -35,7 +497,7 @@ pub struct InMemoryScheduleStore {
 impl fmt::Debug for InMemoryScheduleStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InMemoryScheduleStore")
-            .field("entries", &self.inner.read().entries.len())
+            .field("entries", &self.inner.read().index.len)
             .finish()
     }
 }
@@ -45,6 +507,68 @@ impl InMemoryScheduleStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Entries stored (active or not).
+    pub fn len(&self) -> usize {
+        self.inner.read().index.len
+    }
+
+    /// Whether no entry is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes the entries that can no longer run (completed, failed or cancelled) with their
+    /// runs, and gives their memory back; returns how many. They are no longer found by `get`
+    /// or `query` afterwards. An entry with a run still claimed is kept. Entries stay until
+    /// this is called (for queries), so a deployment that cancels or completes many entries
+    /// calls it from time to time.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use architectlm_core::extensions::scheduler::{SchedulePolicy, ScheduledTask, ScheduledTaskStatus};
+    /// use architectlm_store::schedule::{InMemoryScheduleStore, ScheduleEntry, ScheduleStore};
+    ///
+    /// let store = InMemoryScheduleStore::new();
+    /// let task = ScheduledTask::new(uuid::Uuid::new_v4(), "t", serde_json::json!({}), chrono::Utc::now());
+    /// let mut e = ScheduleEntry::new(task, SchedulePolicy::default());
+    /// store.insert(vec![e.clone()]).await?;
+    /// e.task.status = ScheduledTaskStatus::Cancelled;
+    /// e.version = 2;
+    /// store.update(&e, 1).await?;
+    /// assert_eq!(store.forget_finished(), 1);
+    /// assert!(store.get(e.id()).await?.is_none());
+    /// # Ok::<_, architectlm_core::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn forget_finished(&self) -> usize {
+        let mut g = self.inner.write();
+        let g = &mut *g;
+        let claimed: std::collections::HashSet<Uuid> = g
+            .runs
+            .iter()
+            .filter(|(_, runs)| runs.iter().any(|r| r.state == RunState::Claimed))
+            .map(|(id, _)| *id)
+            .collect();
+        let old = std::mem::take(&mut g.slab);
+        let mut index = Index::default();
+        let mut removed = 0;
+        for chunk in old.chunks {
+            for r in chunk.into_vec().into_iter().flatten() {
+                if r.is_active() || claimed.contains(&r.id) {
+                    let id = r.id;
+                    let at = g.slab.insert(r);
+                    index.insert(&id, at);
+                } else {
+                    g.runs.remove(&r.id);
+                    removed += 1;
+                }
+            }
+        }
+        g.index = index;
+        g.runs.shrink_to_fit();
+        removed
+    }
 }
 
 #[async_trait]
@@ -52,13 +576,17 @@ impl ScheduleStore for InMemoryScheduleStore {
     async fn insert(&self, entries: Vec<ScheduleEntry>) -> Result<()> {
         let mut g = self.inner.write();
         for e in &entries {
-            if let Some(old) = g.entries.get(&e.id()) {
+            if let Some(old) = g.record(e.id()) {
                 return Err(conflict(e.id(), 0, old.version));
             }
         }
+        let g = &mut *g;
+        g.index.reserve(entries.len());
         for e in entries {
-            g.by_next.insert((next_key(&e), e.id()));
-            g.entries.insert(e.id(), e);
+            let id = e.id();
+            let r = g.interner.record(e, None);
+            let i = g.slab.insert(r);
+            g.index.insert(&id, i);
         }
         Ok(())
     }
@@ -80,9 +608,8 @@ impl ScheduleStore for InMemoryScheduleStore {
         let mut claimed = Vec::with_capacity(due.len());
         for &d in due {
             let d = truncate_ms(d);
-            let key = d.timestamp_millis();
-            if let std::collections::btree_map::Entry::Vacant(v) = runs.entry(key) {
-                v.insert(ScheduleRun::claimed(entry.id(), d, now));
+            if let Err(at) = run_at(runs, d.timestamp_millis()) {
+                runs.insert(at, ScheduleRun::claimed(entry.id(), d, now));
                 claimed.push(d);
             }
         }
@@ -98,16 +625,22 @@ impl ScheduleStore for InMemoryScheduleStore {
         let mut g = self.inner.write();
         g.replace(entry, expected_version)?;
         let runs = g.runs.entry(entry.id()).or_default();
-        runs.insert(run.due_at.timestamp_millis(), run.clone());
-        let finished: Vec<i64> = runs
-            .iter()
-            .filter(|(_, r)| r.state != RunState::Claimed)
-            .map(|(k, _)| *k)
-            .collect();
-        if finished.len() > KEPT_RUNS {
-            for k in &finished[..finished.len() - KEPT_RUNS] {
-                runs.remove(k);
-            }
+        match run_at(runs, run.due_at.timestamp_millis()) {
+            Ok(at) => runs[at] = run.clone(),
+            Err(at) => runs.insert(at, run.clone()),
+        }
+        let finished = runs.iter().filter(|r| r.state != RunState::Claimed).count();
+        if finished > KEPT_RUNS {
+            // The oldest finished runs go.
+            let mut extra = finished - KEPT_RUNS;
+            runs.retain(|r| {
+                if extra > 0 && r.state != RunState::Claimed {
+                    extra -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
         }
         Ok(())
     }
@@ -117,26 +650,43 @@ impl ScheduleStore for InMemoryScheduleStore {
         let run = g
             .runs
             .get_mut(&entry_id)
-            .and_then(|r| r.get_mut(&due_at.timestamp_millis()))
+            .and_then(|r| {
+                let at = run_at(r, due_at.timestamp_millis()).ok()?;
+                r.get_mut(at)
+            })
             .ok_or_else(|| Error::not_found("scheduled run", format!("{entry_id}@{due_at}")))?;
         run.starts += 1;
         Ok(run.starts)
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<ScheduleEntry>> {
-        Ok(self.inner.read().entries.get(&id).cloned())
+        Ok(self.inner.read().record(id).map(Record::to_entry))
     }
 
     async fn query(&self, filter: &ScheduledTaskFilter) -> Result<Page<ScheduleEntry>> {
         let g = self.inner.read();
         let lo = filter.from.map_or(i64::MIN, |t| t.timestamp_millis());
         let hi = filter.to.map_or(i64::MAX, |t| t.timestamp_millis());
-        let items: Vec<ScheduleEntry> = g
-            .by_next
-            .range((lo, Uuid::nil())..=(hi, Uuid::max()))
-            .filter_map(|(_, id)| g.entries.get(id))
+        // Cheap checks on the compact records first; the full filter on the survivors.
+        let mut hits: Vec<(i64, Uuid, &Record)> = g
+            .slab
+            .iter()
+            .filter(|r| {
+                let k = r.next_key();
+                k >= lo
+                    && k <= hi
+                    && (filter.status.is_empty() || filter.status.contains(&r.status))
+                    && (filter.task_id.is_empty()
+                        || filter.task_id.iter().any(|t| **t == *r.task_id))
+                    && filter.recurring.is_none_or(|want| want == r.is_recurring())
+            })
+            .map(|r| (r.next_key(), r.id, r))
+            .collect();
+        hits.sort_unstable_by_key(|&(k, id, _)| (k, id));
+        let items: Vec<ScheduleEntry> = hits
+            .into_iter()
+            .map(|(_, _, r)| r.to_entry())
             .filter(|e| filter.matches(&e.task))
-            .cloned()
             .collect();
         Ok(paginate(items, filter))
     }
@@ -145,10 +695,10 @@ impl ScheduleStore for InMemoryScheduleStore {
         Ok(self
             .inner
             .read()
-            .entries
-            .values()
-            .filter(|e| e.is_active())
-            .cloned()
+            .slab
+            .iter()
+            .filter(|r| r.is_active())
+            .map(Record::to_entry)
             .collect())
     }
 
@@ -158,7 +708,7 @@ impl ScheduleStore for InMemoryScheduleStore {
             .read()
             .runs
             .values()
-            .flat_map(|r| r.values())
+            .flatten()
             .filter(|r| r.state == RunState::Claimed)
             .cloned()
             .collect())
@@ -170,7 +720,147 @@ impl ScheduleStore for InMemoryScheduleStore {
             .read()
             .runs
             .get(&entry_id)
-            .map(|r| r.values().cloned().collect())
+            .cloned()
             .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> ScheduleEntry {
+        ScheduleEntry::new(
+            ScheduledTask::new(
+                Uuid::new_v4(),
+                "tick",
+                serde_json::json!([1, 2]),
+                Utc::now(),
+            ),
+            SchedulePolicy::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn entries_round_trip_exactly_and_share_task_ids_and_policies() {
+        let store = InMemoryScheduleStore::new();
+        let plain = entry();
+        let mut full = entry();
+        full.task.pattern = Some("* * * * *".into());
+        full.task.description = Some("d".into());
+        full.task.metadata.insert("k".into(), serde_json::json!(1));
+        full.task.error = Some("e".into());
+        full.end_at = Some(Utc::now());
+        full.jitter = Some(Duration::from_millis(5));
+        store
+            .insert(vec![plain.clone(), full.clone()])
+            .await
+            .unwrap();
+        assert_eq!(store.get(plain.id()).await.unwrap(), Some(plain.clone()));
+        assert_eq!(store.get(full.id()).await.unwrap(), Some(full.clone()));
+        let g = store.inner.read();
+        let (a, b) = (g.record(plain.id()).unwrap(), g.record(full.id()).unwrap());
+        assert!(Arc::ptr_eq(&a.task_id, &b.task_id));
+        assert!(Arc::ptr_eq(&a.policy, &b.policy));
+        assert!(a.cold.is_none());
+        assert!(b.cold.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_index_finds_every_entry_across_growth() {
+        let store = InMemoryScheduleStore::new();
+        let mut ids = Vec::new();
+        for _ in 0..7 {
+            let batch: Vec<ScheduleEntry> = (0..500).map(|_| entry()).collect();
+            ids.extend(batch.iter().map(ScheduleEntry::id));
+            store.insert(batch).await.unwrap();
+        }
+        for id in &ids {
+            assert_eq!(store.get(*id).await.unwrap().map(|e| e.id()), Some(*id));
+        }
+        assert_eq!(store.get(Uuid::new_v4()).await.unwrap(), None);
+        let g = store.inner.read();
+        assert_eq!(g.index.len, ids.len());
+        assert!(g.index.places.len() * 7 >= ids.len() * 8);
+    }
+
+    #[tokio::test]
+    async fn forgetting_finished_entries_keeps_active_and_claimed_ones_and_compacts() {
+        let store = InMemoryScheduleStore::new();
+        let entries: Vec<ScheduleEntry> = (0..3000).map(|_| entry()).collect();
+        store.insert(entries.clone()).await.unwrap();
+        let now = Utc::now();
+        for (k, e) in entries.iter().enumerate() {
+            let mut next = e.clone();
+            next.version = 2;
+            match k % 4 {
+                0 => {}
+                1 => {
+                    next.task.status = ScheduledTaskStatus::Cancelled;
+                    store.update(&next, 1).await.unwrap();
+                }
+                2 => {
+                    next.task.status = ScheduledTaskStatus::Completed;
+                    store.claim(&next, 1, &[now], now).await.unwrap();
+                    let mut run = ScheduleRun::claimed(e.id(), now, now);
+                    run.state = RunState::Completed;
+                    let mut last = next.clone();
+                    last.version = 3;
+                    store.finish(&last, 2, &run).await.unwrap();
+                }
+                _ => {
+                    // Failed, but a run is still claimed: kept.
+                    next.task.status = ScheduledTaskStatus::Failed;
+                    store.claim(&next, 1, &[now], now).await.unwrap();
+                }
+            }
+        }
+        assert_eq!(store.forget_finished(), 1500);
+        assert_eq!(store.len(), 1500);
+        for (k, e) in entries.iter().enumerate() {
+            let found = store.get(e.id()).await.unwrap().is_some();
+            assert_eq!(found, k % 4 == 0 || k % 4 == 3, "entry {k}");
+            assert_eq!(store.runs(e.id()).await.unwrap().is_empty(), k % 4 != 3);
+        }
+        assert_eq!(
+            store.inner.read().slab.chunks.len(),
+            1500_usize.div_ceil(CHUNK)
+        );
+        assert_eq!(store.unfinished_runs().await.unwrap().len(), 750);
+    }
+
+    #[test]
+    fn a_history_is_updated_by_its_changes_only() {
+        let run = |s: i64| {
+            RunRecord::new(
+                DateTime::from_timestamp(s, 0).unwrap_or_default(),
+                DateTime::from_timestamp(s, 0).unwrap_or_default(),
+            )
+        };
+        let mut to: Vec<RunRecord> = (0..5).map(run).collect();
+        let from: Vec<RunRecord> = (2..7).map(run).collect();
+        sync_history(&mut to, &from);
+        assert_eq!(to, from);
+        let other: Vec<RunRecord> = (10..12).map(run).collect();
+        sync_history(&mut to, &other);
+        assert_eq!(to, other);
+        sync_history(&mut to, &[]);
+        assert!(to.is_empty());
+    }
+
+    #[test]
+    fn the_slab_grows_in_chunks_and_reuses_freed_places() {
+        let mut slab = Slab::default();
+        let rec = InMemoryScheduleStore::new()
+            .inner
+            .write()
+            .interner
+            .record(entry(), None);
+        let ids: Vec<u32> = (0..CHUNK + 1).map(|_| slab.insert(rec.clone())).collect();
+        assert_eq!(slab.chunks.len(), 2);
+        assert_eq!(ids[0], 0);
+        assert_eq!(ids[CHUNK], CHUNK as u32);
+        assert!(slab.get(ids[5]).is_some());
+        assert!(slab.get(u32::MAX).is_none());
     }
 }

@@ -24,7 +24,7 @@
 //! each occurrence run on exactly one node. Nodes find due work through the index on the next
 //! run (`SELECT … WHERE next_run <= $1 ORDER BY next_run FOR UPDATE SKIP LOCKED`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -339,12 +339,6 @@ fn conflict(id: Uuid, expected: u64, actual: u64) -> Error {
         expected,
         actual,
     }
-}
-
-fn next_key(e: &ScheduleEntry) -> i64 {
-    e.task
-        .next_execution_at
-        .map_or(i64::MAX, |t| t.timestamp_millis())
 }
 
 fn paginate<T>(items: Vec<T>, filter: &ScheduledTaskFilter) -> Page<T> {

@@ -244,8 +244,8 @@ struct Inner {
 ///   its leases every `lease / 3`, and takes over runs whose lease expired. Each
 ///   `(entry, due time)` is claimed exactly once across nodes; a run of a node that died runs
 ///   again elsewhere (same idempotency key) about one lease after the death. Overlap policies
-///   count the runs of every node; jitter and `max_active` are not applied in this mode. See
-///   `docs/multi-node.md`.
+///   and concurrency limits count the runs of every node, and jitter is applied with a delay
+///   every node agrees on; `max_active` is not applied in this mode. See `docs/multi-node.md`.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {

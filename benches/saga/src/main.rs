@@ -7,7 +7,8 @@
 //!   with journal commits per step from the database's writer statistics;
 //! - raw SQLite inserts on the same settings in the same run: single-row writes from 200
 //!   concurrent tasks (group commit), and 1,000-row transactions;
-//! - duroxide's published workload: 20 concurrent sagas × 5 steps × 10 ms on SQLite;
+//! - duroxide's published workload: 20 concurrent sagas × 5 steps × 10 ms on SQLite, beside the
+//!   same loop of plain Tokio sleeps without sagas (the timer's ceiling);
 //! - recovery: 10,000 unfinished sagas resumed after a restart;
 //! - memory: sagas parked inside a step (100,000 / 20,000).
 
@@ -343,6 +344,47 @@ async fn duroxide_workload(quick: bool) -> Row {
     }
 }
 
+/// The same 20 × 5 × 10 ms loop with no saga code: five `tokio::time::sleep(10 ms)` in a row per
+/// iteration. Tokio's timer works in whole milliseconds and rounds every sleep up, so this is the
+/// ceiling any coordinator running 10 ms Tokio sleeps can reach on this machine.
+async fn sleep_ceiling(quick: bool) -> Row {
+    let run_for = Duration::from_secs(if quick { 3 } else { 10 });
+    let t0 = Instant::now();
+    let stop_at = t0 + run_for;
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < stop_at {
+                let t = Instant::now();
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.extend(h.await.expect("worker"));
+    }
+    let el = t0.elapsed();
+    lat.sort();
+    let per_sec = lat.len() as f64 / el.as_secs_f64();
+    Row {
+        workload: "plain Tokio, same loop without sagas: 20 concurrent × 5 sleeps of 10 ms".into(),
+        sagas: lat.len() as u64,
+        per_sec,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        extra: format!(
+            "{:.1}% of the 400/s bound (the timer's ceiling: Tokio rounds each sleep up to whole milliseconds)",
+            per_sec / 400.0 * 100.0
+        ),
+    }
+}
+
 async fn recovery() -> Row {
     let n = 10_000;
     let dir = temp_dir();
@@ -482,11 +524,12 @@ async fn main() {
                     rows.extend([a, b]);
                 }
                 "duroxide" => rows.push(duroxide_workload(quick).await),
+                "ceiling" => rows.push(sleep_ceiling(quick).await),
                 "recovery" => rows.push(recovery().await),
                 "memory" => rows.push(memory(quick).await),
                 other => {
                     eprintln!(
-                        "unknown workload \"{other}\" in --only (expected in-memory, sqlite, raw, duroxide, recovery or memory)"
+                        "unknown workload \"{other}\" in --only (expected in-memory, sqlite, raw, duroxide, ceiling, recovery or memory)"
                     );
                     std::process::exit(2);
                 }
@@ -509,6 +552,7 @@ async fn main() {
     let sql = sqlite(quick).await;
     let (raw1, raw2) = raw_inserts(quick).await;
     let dur = duroxide_workload(quick).await;
+    let ceiling = sleep_ceiling(quick).await;
     let rec = recovery().await;
     let park = memory(quick).await;
     let sql_steps_per_sec = sql.per_sec * 5.0;
@@ -527,7 +571,7 @@ async fn main() {
     println!();
     println!("| workload | sagas | sagas/s (rows/s) | p50 ms | p99 ms | notes |");
     println!("|---|---:|---:|---:|---:|---|");
-    for r in [&mem, &sql, &raw1, &raw2, &dur, &rec, &park] {
+    for r in [&mem, &sql, &raw1, &raw2, &dur, &ceiling, &rec, &park] {
         println!(
             "| {} | {} | {} | {} | {} | {} |",
             r.workload,
@@ -544,8 +588,9 @@ async fn main() {
     }
     println!();
     println!(
-        "Ratios in this run: SQLite journal steps/s vs raw single-row writes/s = {:.2}; duroxide workload vs its 400/s bound = {:.2} (duroxide itself published 16–28/s on this workload; run in the same invocation by `benches/saga-duroxide`, row below).",
+        "Ratios in this run: SQLite journal steps/s vs raw single-row writes/s = {:.2}; duroxide workload vs its 400/s bound = {:.2}, vs plain Tokio sleeps on the same loop = {:.2} (duroxide itself published 16–28/s on this workload; run in the same invocation by `benches/saga-duroxide`, row below).",
         sql_steps_per_sec / raw1.per_sec,
-        dur.per_sec / 400.0
+        dur.per_sec / 400.0,
+        dur.per_sec / ceiling.per_sec
     );
 }

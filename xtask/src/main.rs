@@ -175,7 +175,25 @@ fn deny(root: &Path) -> Result {
         eprintln!("\n==> cargo deny check: skipped (cargo-deny is not installed)");
         return Ok(());
     }
-    run(root, &["deny", "check"], &[])
+    run(root, &["deny", "check", "bans", "licenses", "sources"], &[])?;
+    // The advisory database is fetched from GitHub; without network access that check cannot
+    // run, which is reported rather than failing the other checks' verdict.
+    eprintln!("\n==> cargo deny check advisories");
+    let out = Command::new(cargo())
+        .args(["deny", "check", "advisories"])
+        .current_dir(root)
+        .output()
+        .map_err(|e| format!("could not start cargo deny: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(())
+    } else if stderr.contains("failed to fetch advisory database") {
+        eprintln!("    skipped: the advisory database could not be fetched (no network access)");
+        Ok(())
+    } else {
+        eprintln!("{stderr}");
+        Err("cargo deny check advisories failed".into())
+    }
 }
 
 // ----- bench ----------------------------------------------------------------------------

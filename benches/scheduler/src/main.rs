@@ -1,7 +1,7 @@
 //! Scheduler workloads run on architectlm-scheduler and its peers in one invocation; prints one
 //! markdown section.
 //!
-//! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick]`
+//! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick] [--instant-only]`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync as parking;
@@ -600,6 +600,18 @@ async fn main() {
             1_000_000,
         )
     };
+    if std::env::args().any(|a| a == "--instant-only") {
+        // For profiling the firing path: only our same-instant workload.
+        let r = ours("due at one instant", same_n, Duration::ZERO, true).await;
+        println!(
+            "{} due at one instant: p50 {} ms, p99 {} ms, max {} ms",
+            r.n,
+            fmt(r.p50_ms),
+            fmt(r.p99_ms),
+            fmt(r.max_ms)
+        );
+        return;
+    }
     let mut rows = Vec::new();
     let w = format!("{n} one-shots over {}s", span.as_secs());
     rows.push(ours(&w, n, span, false).await);

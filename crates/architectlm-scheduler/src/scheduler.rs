@@ -303,13 +303,51 @@ struct Plan {
     next: Option<DateTime<Utc>>,
 }
 
-/// The idempotency key of the run of `id` due at `due`: `"{id}@{due in RFC 3339}"`, written in
-/// one allocation.
+/// The idempotency key of the run of `id` due at `due`: `"{id}@{due in RFC 3339}"` as
+/// `to_rfc3339` writes it, in one allocation and without the formatting machinery (it is built
+/// at every run).
 fn idempotency_key(id: Uuid, due: DateTime<Utc>) -> String {
-    use std::fmt::Write as _;
+    use chrono::{Datelike, Timelike};
     let mut key = String::with_capacity(72);
-    // `%+` is RFC 3339 with as many fraction digits as needed, as `to_rfc3339` writes it.
-    let _ = write!(key, "{id}@{}", due.format("%+"));
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    key.push_str(id.hyphenated().encode_lower(&mut buf));
+    key.push('@');
+    let year = due.year();
+    let nanos = due.nanosecond();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        // Years with a sign or five digits, and leap seconds: as chrono writes them.
+        key.push_str(&due.to_rfc3339());
+        return key;
+    }
+    fn digits(key: &mut String, v: u32, width: u32) {
+        for k in (0..width).rev() {
+            let d = (v / 10u32.pow(k)) % 10;
+            key.push(char::from(b'0' + d as u8));
+        }
+    }
+    digits(&mut key, year as u32, 4);
+    key.push('-');
+    digits(&mut key, due.month(), 2);
+    key.push('-');
+    digits(&mut key, due.day(), 2);
+    key.push('T');
+    digits(&mut key, due.hour(), 2);
+    key.push(':');
+    digits(&mut key, due.minute(), 2);
+    key.push(':');
+    digits(&mut key, due.second(), 2);
+    // As many fraction digits as needed: none, milliseconds, microseconds or nanoseconds.
+    if nanos != 0 {
+        key.push('.');
+        if nanos % 1_000_000 == 0 {
+            digits(&mut key, nanos / 1_000_000, 3);
+        } else if nanos % 1_000 == 0 {
+            digits(&mut key, nanos / 1_000, 6);
+        } else {
+            digits(&mut key, nanos, 9);
+        }
+    }
+    key.push_str("+00:00");
     key
 }
 
@@ -1854,10 +1892,23 @@ mod key_tests {
                 "{ms}"
             );
         }
-        let nanos = DateTime::from_timestamp(1_700_000_000, 123_456_789).expect("time");
-        assert_eq!(
-            idempotency_key(id, nanos),
-            format!("{id}@{}", nanos.to_rfc3339())
-        );
+        for (secs, nanos) in [
+            (1_700_000_000, 123_456_789),
+            (1_700_000_000, 123_456_000),
+            (1_700_000_000, 5_000_000),
+            (1_700_000_000, 1),
+            (-62_167_219_200, 0),
+            (-62_167_219_201, 0),
+            (253_402_300_799, 999_000_000),
+            (253_402_300_800, 0),
+            (1_483_228_799, 1_500_000_000),
+        ] {
+            let due = DateTime::from_timestamp(secs, nanos).expect("time");
+            assert_eq!(
+                idempotency_key(id, due),
+                format!("{id}@{}", due.to_rfc3339()),
+                "{secs} {nanos}"
+            );
+        }
     }
 }

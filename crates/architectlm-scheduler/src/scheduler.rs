@@ -339,9 +339,9 @@ fn idempotency_key(id: Uuid, due: DateTime<Utc>) -> String {
     // As many fraction digits as needed: none, milliseconds, microseconds or nanoseconds.
     if nanos != 0 {
         key.push('.');
-        if nanos % 1_000_000 == 0 {
+        if nanos.is_multiple_of(1_000_000) {
             digits(&mut key, nanos / 1_000_000, 3);
-        } else if nanos % 1_000 == 0 {
+        } else if nanos.is_multiple_of(1_000) {
             digits(&mut key, nanos / 1_000, 6);
         } else {
             digits(&mut key, nanos, 9);

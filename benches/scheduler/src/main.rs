@@ -1,7 +1,7 @@
 //! Scheduler workloads run on architectlm-scheduler and its peers in one invocation; prints one
 //! markdown section.
 //!
-//! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick] [--instant-only]`
+//! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick] [--instant-only | --one-shots-only]`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync as parking;
@@ -606,6 +606,19 @@ async fn main() {
         println!(
             "{} due at one instant: p50 {} ms, p99 {} ms, max {} ms",
             r.n,
+            fmt(r.p50_ms),
+            fmt(r.p99_ms),
+            fmt(r.max_ms)
+        );
+        return;
+    }
+    if std::env::args().any(|a| a == "--one-shots-only") {
+        // For profiling the firing path: only our spread one-shot workload.
+        let r = ours("one-shots", n, span, false).await;
+        println!(
+            "{} one-shots over {}s: p50 {} ms, p99 {} ms, max {} ms",
+            r.n,
+            span.as_secs(),
             fmt(r.p50_ms),
             fmt(r.p99_ms),
             fmt(r.max_ms)

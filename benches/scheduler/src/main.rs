@@ -57,10 +57,10 @@ impl Recorder {
         })
     }
     fn record(&self, i: usize, late_us: i64) {
-        if let Some(slot) = self.late.get(i) {
-            if slot.swap(late_us, Ordering::Relaxed) == i64::MIN {
-                self.fired.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(slot) = self.late.get(i)
+            && slot.swap(late_us, Ordering::Relaxed) == i64::MIN
+        {
+            self.fired.fetch_add(1, Ordering::Relaxed);
         }
     }
     async fn wait(&self, n: usize, within: Duration) {

@@ -1,7 +1,7 @@
 //! Scheduler workloads run on architectlm-scheduler and its peers in one invocation; prints one
 //! markdown section.
 //!
-//! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick]`
+//! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick] [--instant-only | --one-shots-only]`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync as parking;
@@ -57,10 +57,10 @@ impl Recorder {
         })
     }
     fn record(&self, i: usize, late_us: i64) {
-        if let Some(slot) = self.late.get(i) {
-            if slot.swap(late_us, Ordering::Relaxed) == i64::MIN {
-                self.fired.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(slot) = self.late.get(i)
+            && slot.swap(late_us, Ordering::Relaxed) == i64::MIN
+        {
+            self.fired.fetch_add(1, Ordering::Relaxed);
         }
     }
     async fn wait(&self, n: usize, within: Duration) {
@@ -600,6 +600,31 @@ async fn main() {
             1_000_000,
         )
     };
+    if std::env::args().any(|a| a == "--instant-only") {
+        // For profiling the firing path: only our same-instant workload.
+        let r = ours("due at one instant", same_n, Duration::ZERO, true).await;
+        println!(
+            "{} due at one instant: p50 {} ms, p99 {} ms, max {} ms",
+            r.n,
+            fmt(r.p50_ms),
+            fmt(r.p99_ms),
+            fmt(r.max_ms)
+        );
+        return;
+    }
+    if std::env::args().any(|a| a == "--one-shots-only") {
+        // For profiling the firing path: only our spread one-shot workload.
+        let r = ours("one-shots", n, span, false).await;
+        println!(
+            "{} one-shots over {}s: p50 {} ms, p99 {} ms, max {} ms",
+            r.n,
+            span.as_secs(),
+            fmt(r.p50_ms),
+            fmt(r.p99_ms),
+            fmt(r.max_ms)
+        );
+        return;
+    }
     let mut rows = Vec::new();
     let w = format!("{n} one-shots over {}s", span.as_secs());
     rows.push(ours(&w, n, span, false).await);

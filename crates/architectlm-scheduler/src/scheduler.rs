@@ -303,6 +303,54 @@ struct Plan {
     next: Option<DateTime<Utc>>,
 }
 
+/// The idempotency key of the run of `id` due at `due`: `"{id}@{due in RFC 3339}"` as
+/// `to_rfc3339` writes it, in one allocation and without the formatting machinery (it is built
+/// at every run).
+fn idempotency_key(id: Uuid, due: DateTime<Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    let mut key = String::with_capacity(72);
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    key.push_str(id.hyphenated().encode_lower(&mut buf));
+    key.push('@');
+    let year = due.year();
+    let nanos = due.nanosecond();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        // Years with a sign or five digits, and leap seconds: as chrono writes them.
+        key.push_str(&due.to_rfc3339());
+        return key;
+    }
+    fn digits(key: &mut String, v: u32, width: u32) {
+        for k in (0..width).rev() {
+            let d = (v / 10u32.pow(k)) % 10;
+            key.push(char::from(b'0' + d as u8));
+        }
+    }
+    digits(&mut key, year as u32, 4);
+    key.push('-');
+    digits(&mut key, due.month(), 2);
+    key.push('-');
+    digits(&mut key, due.day(), 2);
+    key.push('T');
+    digits(&mut key, due.hour(), 2);
+    key.push(':');
+    digits(&mut key, due.minute(), 2);
+    key.push(':');
+    digits(&mut key, due.second(), 2);
+    // As many fraction digits as needed: none, milliseconds, microseconds or nanoseconds.
+    if nanos != 0 {
+        key.push('.');
+        if nanos.is_multiple_of(1_000_000) {
+            digits(&mut key, nanos / 1_000_000, 3);
+        } else if nanos.is_multiple_of(1_000) {
+            digits(&mut key, nanos / 1_000, 6);
+        } else {
+            digits(&mut key, nanos, 9);
+        }
+    }
+    key.push_str("+00:00");
+    key
+}
+
 fn kind(e: &ScheduleEntry) -> &'static str {
     if e.task.is_recurring() {
         "recurring"
@@ -920,20 +968,22 @@ impl TaskScheduler {
         let plan = self.plan(&e, due, now, misfire);
         // The larger steps are boxed, so that a firing waiting to be polled (there may be many
         // at one instant) stays a small task.
-        let mut start = Box::pin(self.apply(&mut st, e, plan, now, misfire, timer.late_from)).await;
+        let start = Box::pin(self.apply(&mut st, e, plan, now, misfire, timer.late_from)).await;
         drop(st);
         // The first run goes on this task (spawned by the driver already); others get their own.
-        let first = (!start.is_empty()).then(|| start.remove(0));
-        for (entry, d) in start {
-            self.spawn_run(slot.clone(), entry, d, 1);
-        }
-        match first {
-            Some((entry, d)) => Box::pin(self.run(slot, entry, d, 1)).await,
+        match start {
+            Some((entry, due)) => {
+                for &d in &due[1..] {
+                    self.spawn_run(slot.clone(), entry.clone(), d, 1);
+                }
+                Box::pin(self.run(slot, entry, due[0], 1)).await;
+            }
             None => self.release(id, slot),
         }
     }
 
-    /// Claims the runs of a plan of `old` under the entry's lock; returns those to start now.
+    /// Claims the runs of a plan of `old` under the entry's lock; returns the entry as written
+    /// and the due times of the runs to start now, if any.
     /// `late_from` is the firing timer's (kept if the claim has to be tried again).
     async fn apply(
         &self,
@@ -943,7 +993,7 @@ impl TaskScheduler {
         now: DateTime<Utc>,
         misfire: bool,
         late_from: Option<DateTime<Utc>>,
-    ) -> Vec<(ScheduleEntry, DateTime<Utc>)> {
+    ) -> Option<(ScheduleEntry, Vec<DateTime<Utc>>)> {
         let p = &old.policy;
         let limit = match p.overlap {
             OverlapPolicy::Allow => p.max_concurrent.unwrap_or(u32::MAX),
@@ -961,18 +1011,24 @@ impl TaskScheduler {
         } else {
             cap
         };
-        let mut start = Vec::new();
+        // The runs to start now stay in the plan's vector (in order); the others move out.
         let mut queue = Vec::new();
         let mut overlapped = Vec::new();
-        for d in plan.run {
-            if st.running + (start.len() as u32) < limit && st.pending.is_empty() {
-                start.push(d);
-            } else if st.pending.len() + queue.len() < cap {
-                queue.push(d);
+        let mut start = plan.run;
+        let mut starting = 0u32;
+        start.retain(|&d| {
+            if st.running + starting < limit && st.pending.is_empty() {
+                starting += 1;
+                true
             } else {
-                overlapped.push(d);
+                if st.pending.len() + queue.len() < cap {
+                    queue.push(d);
+                } else {
+                    overlapped.push(d);
+                }
+                false
             }
-        }
+        });
         // Tried again a little later if the claim fails (nothing is changed then).
         let retry = self.timer_for(&old, late_from);
         let was_active = old.is_active();
@@ -1002,8 +1058,14 @@ impl TaskScheduler {
         );
         let expected = e.version;
         e.version += 1;
-        let due: Vec<DateTime<Utc>> = start.iter().chain(queue.iter()).copied().collect();
-        let newly = match self.inner.store.claim(&e, expected, &due, now).await {
+        let joined: Vec<DateTime<Utc>>;
+        let due: &[DateTime<Utc>] = if queue.is_empty() {
+            &start
+        } else {
+            joined = start.iter().chain(queue.iter()).copied().collect();
+            &joined
+        };
+        let newly = match self.inner.store.claim(&e, expected, due, now).await {
             Ok(c) => c,
             Err(err) => {
                 tracing::error!(entry = %e.id(), error = %err, "cannot claim a due run; it will be retried");
@@ -1011,20 +1073,25 @@ impl TaskScheduler {
                     t.fire_at = now + chrono::Duration::seconds(1);
                     self.inner.timers.arm(t);
                 }
-                return Vec::new();
+                return None;
             }
         };
+        let late = plan.missed > 0 || misfire;
+        // What the misfire event reports as run (only built when it is due).
+        let running = if late { due.to_vec() } else { Vec::new() };
         // Due times claimed before (and so already run or running elsewhere) are not run again.
-        start.retain(|d| newly.contains(d));
-        queue.retain(|d| newly.contains(d));
+        if newly.len() != due.len() {
+            start.retain(|d| newly.contains(d));
+            queue.retain(|d| newly.contains(d));
+        }
         st.running += start.len() as u32;
         st.pending.extend(queue.iter().copied());
         self.arm(&e, Some(now));
-        if plan.missed > 0 || misfire {
+        if late {
             self.emit(
                 SchedulerEventType::Misfired,
                 &e,
-                || json!({"reason": "late", "missed": plan.missed, "running": due, "policy": e.policy.misfire}),
+                || json!({"reason": "late", "missed": plan.missed, "running": running, "policy": e.policy.misfire}),
             );
         }
         if !overlapped.is_empty() {
@@ -1035,11 +1102,7 @@ impl TaskScheduler {
             );
         }
         self.note_end(was_active, &e);
-        match start.len() {
-            0 => Vec::new(),
-            1 => vec![(e, start[0])],
-            _ => start.into_iter().map(|d| (e.clone(), d)).collect(),
-        }
+        (!start.is_empty()).then_some((e, start))
     }
 
     fn spawn_run(&self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
@@ -1058,7 +1121,7 @@ impl TaskScheduler {
             return;
         };
         let started = self.now();
-        let key = format!("{}@{}", id, due.to_rfc3339());
+        let key = idempotency_key(id, due);
         self.emit(
             SchedulerEventType::Started,
             &entry,
@@ -1136,15 +1199,17 @@ impl TaskScheduler {
             }
         };
         let was_active = current.is_active();
-        let mut e = current.clone();
+        let mut e = current;
         e.task.result = record.result.clone();
         e.task.error = record.error.clone();
         e.task.executed_at = Some(started);
-        e.task.history.push(record);
+        // The oldest records go first, so that the full history does not grow its buffer.
         let limit = self.inner.options.history_limit;
-        if e.task.history.len() > limit {
-            let drop = e.task.history.len() - limit;
-            e.task.history.drain(..drop);
+        let history = &mut e.task.history;
+        let excess = (history.len() + 1).saturating_sub(limit).min(history.len());
+        history.drain(..excess);
+        if limit > 0 {
+            history.push(record);
         }
         // Start a waiting run now that a place is free (not while paused).
         let mut next_run = None;
@@ -1169,7 +1234,9 @@ impl TaskScheduler {
             Err(err) => {
                 tracing::error!(entry = %id, %due, error = %err,
                     "cannot record the end of a run; it stays claimed and runs again at the next start");
-                current
+                // The entry as stored (the write did not happen); what was read if that fails.
+                e.version = expected;
+                self.current(id, &e).await
             }
         };
         let ev = if outcome.is_ok() {
@@ -1801,5 +1868,47 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(scheduler.armed_timers(), 0);
         runtime.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_key_is_id_at_rfc3339() {
+        let id = Uuid::from_u128(0x1234_5678_9abc_def0_1234_5678_9abc_def0);
+        for ms in [
+            0_i64,
+            1_700_000_000_000,
+            1_700_000_000_123,
+            1_700_000_000_120,
+            -86_400_001,
+        ] {
+            let due = DateTime::from_timestamp_millis(ms).expect("time");
+            assert_eq!(
+                idempotency_key(id, due),
+                format!("{id}@{}", due.to_rfc3339()),
+                "{ms}"
+            );
+        }
+        for (secs, nanos) in [
+            (1_700_000_000, 123_456_789),
+            (1_700_000_000, 123_456_000),
+            (1_700_000_000, 5_000_000),
+            (1_700_000_000, 1),
+            (-62_167_219_200, 0),
+            (-62_167_219_201, 0),
+            (253_402_300_799, 999_000_000),
+            (253_402_300_800, 0),
+            (1_483_228_799, 1_500_000_000),
+        ] {
+            let due = DateTime::from_timestamp(secs, nanos).expect("time");
+            assert_eq!(
+                idempotency_key(id, due),
+                format!("{id}@{}", due.to_rfc3339()),
+                "{secs} {nanos}"
+            );
+        }
     }
 }

@@ -457,7 +457,69 @@ struct MemInner {
     interner: Interner,
     /// The kept runs of each entry, sorted by due time (a handful each: a sorted vector is
     /// smaller and faster than a tree).
-    runs: HashMap<Uuid, Vec<ScheduleRun>, IdHash>,
+    runs: Runs,
+}
+
+/// Shards of [`Runs`].
+const RUN_SHARDS: usize = 256;
+
+/// The kept runs of each entry, in shards by id. The table gains an entry at each entry's first
+/// run, so it grows while timers fire; growing rehashes one small shard at a time instead of the
+/// whole table under the store's lock (tens of milliseconds at a million entries).
+struct Runs {
+    shards: Box<[HashMap<Uuid, Vec<ScheduleRun>, IdHash>]>,
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Self {
+            shards: (0..RUN_SHARDS)
+                .map(|_| HashMap::with_hasher(IdHash::default()))
+                .collect(),
+        }
+    }
+}
+
+impl Runs {
+    fn shard(&self, id: &Uuid) -> &HashMap<Uuid, Vec<ScheduleRun>, IdHash> {
+        &self.shards[Self::shard_of(id)]
+    }
+
+    fn shard_mut(&mut self, id: &Uuid) -> &mut HashMap<Uuid, Vec<ScheduleRun>, IdHash> {
+        &mut self.shards[Self::shard_of(id)]
+    }
+
+    /// The top bits of a mix of all the id's bits (ids need not be random).
+    fn shard_of(id: &Uuid) -> usize {
+        let (a, b) = id.as_u64_pair();
+        ((a ^ b.rotate_left(32)).wrapping_mul(MIX) >> 56) as usize % RUN_SHARDS
+    }
+
+    fn entry(&mut self, id: Uuid) -> &mut Vec<ScheduleRun> {
+        self.shard_mut(&id).entry(id).or_default()
+    }
+
+    fn get(&self, id: &Uuid) -> Option<&Vec<ScheduleRun>> {
+        self.shard(id).get(id)
+    }
+
+    fn get_mut(&mut self, id: &Uuid) -> Option<&mut Vec<ScheduleRun>> {
+        self.shard_mut(id).get_mut(id)
+    }
+
+    fn remove(&mut self, id: &Uuid) {
+        self.shard_mut(id).remove(id);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Uuid, &Vec<ScheduleRun>)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    fn shrink_to_fit(&mut self) {
+        for s in &mut self.shards {
+            s.shrink_to_fit();
+        }
+    }
 }
 
 /// Where the run due at `key` (milliseconds) is or would go.
@@ -604,7 +666,7 @@ impl ScheduleStore for InMemoryScheduleStore {
     ) -> Result<Vec<DateTime<Utc>>> {
         let mut g = self.inner.write();
         g.replace(entry, expected_version)?;
-        let runs = g.runs.entry(entry.id()).or_default();
+        let runs = g.runs.entry(entry.id());
         let mut claimed = Vec::with_capacity(due.len());
         for &d in due {
             let d = truncate_ms(d);
@@ -624,7 +686,7 @@ impl ScheduleStore for InMemoryScheduleStore {
     ) -> Result<()> {
         let mut g = self.inner.write();
         g.replace(entry, expected_version)?;
-        let runs = g.runs.entry(entry.id()).or_default();
+        let runs = g.runs.entry(entry.id());
         match run_at(runs, run.due_at.timestamp_millis()) {
             Ok(at) => runs[at] = run.clone(),
             Err(at) => runs.insert(at, run.clone()),
@@ -707,8 +769,8 @@ impl ScheduleStore for InMemoryScheduleStore {
             .inner
             .read()
             .runs
-            .values()
-            .flatten()
+            .iter()
+            .flat_map(|(_, runs)| runs)
             .filter(|r| r.state == RunState::Claimed)
             .cloned()
             .collect())

@@ -15,46 +15,20 @@ use architectlm_core::extensions::scheduler::{
 };
 use architectlm_core::{Runtime, System, TaskDefinition, TaskError};
 use architectlm_scheduler::{ClusterOptions, TaskScheduler};
-use architectlm_store::postgres::{PgDb, PgOptions};
+use architectlm_store::postgres::PgDb;
 use architectlm_store::schedule::PgScheduleStore;
 use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
+
+mod support;
+use support::pg::{connect, database_url, drop_schema};
 
 const SCHEMA_ENV: &str = "ARCHITECTLM_SCHEDULER_PG_CHILD_SCHEMA";
 /// Scheduled runs in the crash test.
 const RUNS: usize = 10_000;
 const LEASE: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(50);
-
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            eprintln!("{test}: skipped: DATABASE_URL not set");
-            None
-        }
-    }
-}
-
-async fn connect(url: &str, schema: &str, pool: usize) -> PgDb {
-    PgDb::connect(PgOptions::new(url).schema(schema).pool_size(pool))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn drop_schema(url: &str, schema: &str) {
-    let db = PgDb::connect_url(url)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let client = db.client().await.unwrap_or_else(|e| panic!("{e}"));
-    client
-        .batch_execute(&format!(
-            "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-}
 
 /// A task that records each execution in the ledger table, keyed by its idempotency key.
 fn system(db: PgDb, node: String, pause: Duration) -> System {

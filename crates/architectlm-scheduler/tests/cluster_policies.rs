@@ -12,43 +12,16 @@ use architectlm_core::extensions::scheduler::{
 };
 use architectlm_core::{Runtime, System, TaskDefinition, TaskError};
 use architectlm_scheduler::{ClusterOptions, TaskScheduler};
-use architectlm_store::postgres::{PgDb, PgOptions};
+use architectlm_store::postgres::PgDb;
 use architectlm_store::schedule::PgScheduleStore;
 use serde_json::json;
 use uuid::Uuid;
 
+mod support;
+use support::pg::{connect, database_url, drop_schema};
+
 const LEASE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
-
-fn database_url(test: &str) -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            eprintln!("{test}: skipped: DATABASE_URL not set");
-            None
-        }
-    }
-}
-
-async fn connect(url: &str, schema: &str, pool: usize) -> PgDb {
-    PgDb::connect(PgOptions::new(url).schema(schema).pool_size(pool))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn drop_schema(url: &str, schema: &str) {
-    let db = PgDb::connect_url(url)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    db.client()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .batch_execute(&format!(
-            "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-}
 
 /// A task that takes `pause` and records each execution in the ledger, keyed by its
 /// idempotency key.

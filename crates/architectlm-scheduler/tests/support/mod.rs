@@ -2,6 +2,9 @@
 //! for events with a deadline.
 #![allow(dead_code)] // Each test file uses a different part of the helpers.
 
+#[cfg(feature = "postgres")]
+pub(crate) mod pg;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -170,16 +170,31 @@ impl SupervisorBuilder {
     }
 }
 
-struct ProcessWatch {
-    config: Arc<ProcessSupervisionConfig>,
+/// A supervised process or task: its configuration, the wake-up of its check loop and the loop.
+struct Watch<C> {
+    config: Arc<C>,
     wake: Arc<Notify>,
     task: Option<JoinHandle<()>>,
 }
 
-struct TaskWatch {
-    config: Arc<TaskSupervisionConfig>,
-    wake: Arc<Notify>,
-    task: Option<JoinHandle<()>>,
+type ProcessWatch = Watch<ProcessSupervisionConfig>;
+type TaskWatch = Watch<TaskSupervisionConfig>;
+
+impl<C> Watch<C> {
+    /// Puts a fresh watch for `config` under `id`, stopping the loop of the one it replaces.
+    fn install(watches: &mut HashMap<String, Self>, id: String, config: C) {
+        let old = watches.insert(
+            id,
+            Self {
+                config: Arc::new(config),
+                wake: Arc::new(Notify::new()),
+                task: None,
+            },
+        );
+        if let Some(t) = old.and_then(|w| w.task) {
+            t.abort();
+        }
+    }
 }
 
 struct InstanceEntry {
@@ -1217,20 +1232,7 @@ impl SupervisorContract for Supervisor {
             validate_process_against(rt, &config)?;
         }
         let id = config.process_id.clone();
-        {
-            let mut watches = self.shared.processes.lock();
-            let old = watches.insert(
-                id.clone(),
-                ProcessWatch {
-                    config: Arc::new(config),
-                    wake: Arc::new(Notify::new()),
-                    task: None,
-                },
-            );
-            if let Some(t) = old.and_then(|w| w.task) {
-                t.abort();
-            }
-        }
+        Watch::install(&mut self.shared.processes.lock(), id.clone(), config);
         self.shared.start_process_loop(&id);
         Ok(())
     }
@@ -1241,20 +1243,7 @@ impl SupervisorContract for Supervisor {
             validate_task_against(rt, &config)?;
         }
         let id = config.task_id.clone();
-        {
-            let mut watches = self.shared.tasks.write();
-            let old = watches.insert(
-                id.clone(),
-                TaskWatch {
-                    config: Arc::new(config),
-                    wake: Arc::new(Notify::new()),
-                    task: None,
-                },
-            );
-            if let Some(t) = old.and_then(|w| w.task) {
-                t.abort();
-            }
-        }
+        Watch::install(&mut self.shared.tasks.write(), id.clone(), config);
         self.shared.start_task_loop(&id);
         Ok(())
     }

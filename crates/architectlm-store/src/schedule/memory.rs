@@ -13,60 +13,11 @@ use architectlm_core::extensions::scheduler::RunRecord;
 
 use super::*;
 
-/// A fast hasher for maps keyed by entry id: UUIDs are random in most of their bits, so a
-/// seeded multiply-rotate mix spreads them (several times cheaper than SipHash).
-#[derive(Debug, Clone, Copy)]
-struct IdHash {
-    seed: u64,
-}
+/// Seeded fast hashing for maps keyed by entry id (several times cheaper than SipHash).
+type IdHash = foldhash::fast::RandomState;
 
+/// Mixes id bits when choosing a shard.
 const MIX: u64 = 0x9E37_79B9_7F4A_7C15;
-
-impl Default for IdHash {
-    fn default() -> Self {
-        use std::hash::BuildHasher;
-        Self {
-            seed: std::hash::RandomState::new().hash_one(MIX),
-        }
-    }
-}
-
-impl std::hash::BuildHasher for IdHash {
-    type Hasher = IdHasher;
-
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher { h: self.seed }
-    }
-}
-
-struct IdHasher {
-    h: u64,
-}
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for c in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..c.len()].copy_from_slice(c);
-            self.write_u64(u64::from_le_bytes(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.h = (self.h ^ n).wrapping_mul(MIX).rotate_left(31);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        let mut x = self.h;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        x ^ (x >> 33)
-    }
-}
 
 /// Records per slab chunk.
 const CHUNK: usize = 1024;

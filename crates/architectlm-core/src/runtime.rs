@@ -847,7 +847,13 @@ impl Runtime {
             idempotency_key: job.key.clone(),
             cancel: cancel.clone(),
         };
-        let fut = AssertUnwindSafe(job.handler.call(input, ctx)).catch_unwind();
+        // A handler may panic before it returns its future: that fails the attempt too.
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| job.handler.call(input, ctx)))
+        {
+            Ok(fut) => fut,
+            Err(panic) => Box::pin(async move { std::panic::resume_unwind(panic) }),
+        };
+        let fut = AssertUnwindSafe(fut).catch_unwind();
         if job.timeout.is_none() && job.caller.is_none() {
             return Either::Left(fut);
         }

@@ -185,6 +185,30 @@ async fn a_timeout_cancels_the_attempt_and_retries() {
     assert_eq!(t0.elapsed(), Duration::from_millis(200));
 }
 
+#[tokio::test]
+async fn a_handler_panicking_before_its_future_fails_only_its_task() {
+    let boom = TaskDefinition::new("boom", |i: serde_json::Value, _c| {
+        let first = i.as_array().map(|a| a.len()).unwrap_or(0);
+        if first == 0 {
+            panic!("no lines in the order");
+        }
+        async move { Ok(json!(first)) }
+    })
+    .expect("valid");
+    let rt = start(System::builder("s").task(boom).build().expect("valid")).await;
+    let err = rt
+        .execute_task("boom", json!([]))
+        .await
+        .expect_err("panicked");
+    assert_msg(&err, "task \"boom\" panicked: no lines in the order");
+    assert_eq!(
+        rt.execute_task("boom", json!([1, 2]))
+            .await
+            .expect("the runtime still works"),
+        json!(2)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_task_fails_only_itself() {
     let boom = TaskDefinition::new("boom", |_i, _c| async move {

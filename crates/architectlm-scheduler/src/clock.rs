@@ -30,6 +30,14 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current wall time.
     fn now(&self) -> DateTime<Utc>;
 
+    /// Whether the last stretch of a wait for this clock may be slept on a blocking thread,
+    /// which wakes within tens of microseconds rather than at Tokio's next millisecond tick.
+    /// True for the system clock; false (the default) for a clock that follows Tokio's
+    /// (possibly paused) time, which only Tokio's timer may wait for.
+    fn precise_wait(&self) -> bool {
+        false
+    }
+
     /// The monotonic instant at which the wall clock is expected to read `at`.
     fn deadline(&self, at: DateTime<Utc>) -> Instant {
         let now_wall = self.now();
@@ -48,6 +56,10 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
+    }
+
+    fn precise_wait(&self) -> bool {
+        true
     }
 }
 

@@ -3,7 +3,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
 
 use architectlm_core::event::{Event, EventFilter, EventHub, EventSubscription};
 use architectlm_core::extensions::scheduler::{
@@ -52,6 +54,10 @@ pub struct SchedulerOptions {
     /// Most entries that may be active (scheduled, running or paused) at once; scheduling more
     /// fails with [`Error::Unavailable`] instead of growing without bound (default 50 million).
     pub max_active: usize,
+    /// How long before its time a run is acquired: claimed in the store, so that its body
+    /// starts on time even when thousands are due at once (default 100 ms; zero acquires at
+    /// the due time). See "Acquiring ahead" in [`TaskScheduler`]'s docs.
+    pub acquire_ahead: Duration,
 }
 
 impl Default for SchedulerOptions {
@@ -60,6 +66,7 @@ impl Default for SchedulerOptions {
             history_limit: 20,
             event_capacity: architectlm_core::event::DEFAULT_EVENT_CAPACITY,
             max_active: 50_000_000,
+            acquire_ahead: Duration::from_millis(100),
         }
     }
 }
@@ -144,6 +151,12 @@ impl TaskSchedulerBuilder {
         self
     }
 
+    /// How long before its time a run is acquired (see [`SchedulerOptions::acquire_ahead`]).
+    pub fn acquire_ahead(mut self, ahead: Duration) -> Self {
+        self.options.acquire_ahead = ahead;
+        self
+    }
+
     /// Builds the scheduler. It runs nothing until started by a runtime.
     pub fn build(self) -> TaskScheduler {
         let clock = self.clock;
@@ -161,6 +174,8 @@ impl TaskSchedulerBuilder {
                 patterns: PatternCache::new(),
                 cancel: Mutex::new(CancellationToken::new()),
                 stopped: AtomicBool::new(false),
+                epoch: AtomicU64::new(0),
+                firing: AtomicUsize::new(0),
                 driver: Mutex::new(None),
                 cluster: self
                     .cluster
@@ -180,6 +195,74 @@ struct SlotState {
     running: u32,
     /// Claimed runs waiting for a free place (overlap `queue-one`, or `allow` at its limit).
     pending: VecDeque<DateTime<Utc>>,
+    /// Runs acquired ahead of their time whose body has not started (counted in `running`).
+    /// Cancelling closes their claims; pausing moves them to `pending`.
+    acquired: Vec<DateTime<Utc>>,
+}
+
+impl SlotState {
+    /// Turns the acquired runs into waiting ones (they were cancelled or paused before their
+    /// time); the runs themselves see that they were and do not start.
+    fn revoke_acquired(&mut self) {
+        let n = self.acquired.len() as u32;
+        self.running = self.running.saturating_sub(n);
+        for d in self.acquired.drain(..).rev() {
+            self.pending.push_front(d);
+        }
+    }
+}
+
+/// A run ready to start: acquired ahead of its time and held by the timers until then, with
+/// everything its start needs made in advance.
+struct Ready {
+    slot: Slot,
+    id: Uuid,
+    due: DateTime<Utc>,
+    starts: u32,
+    /// The start of the scheduler it was acquired under.
+    epoch: u64,
+    task_id: String,
+    input: Value,
+    options: ExecuteOptions,
+    attempts: u32,
+}
+
+/// Runs started by one task when many are due at one instant.
+const START_CHUNK: usize = 128;
+
+/// Firings being handled at most (loading, deciding and claiming their runs). More wait, so
+/// that a large backlog of acquisitions does not queue ahead of runs whose time has come.
+const FIRING_LIMIT: usize = 64;
+
+/// A firing being handled: counted in `Inner::firing` until dropped, when the driver is told
+/// if that makes room for more.
+struct Firing(TaskScheduler);
+
+impl Drop for Firing {
+    fn drop(&mut self) {
+        if self.0.inner.firing.fetch_sub(1, Ordering::AcqRel) == FIRING_LIMIT / 2 + 1 {
+            self.0.inner.timers.notify();
+        }
+    }
+}
+
+/// A run whose body finished as it started, waiting to record its end.
+type Ended = (
+    Slot,
+    Uuid,
+    DateTime<Utc>,
+    u32,
+    DateTime<Utc>,
+    u32,
+    Result<Value>,
+);
+
+/// The runs of one instant started by several tasks: the ends of those that finished at once
+/// are recorded when the last task is done, so that recording them does not delay the others'
+/// starts.
+struct StartBatch {
+    tasks_left: AtomicUsize,
+    ended: Mutex<Vec<Ended>>,
 }
 
 /// The lock of one entry: every change of an entry happens under it (read from the store,
@@ -189,7 +272,7 @@ type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 struct Inner {
     store: Arc<dyn ScheduleStore>,
     clock: Arc<dyn Clock>,
-    timers: Timers,
+    timers: Timers<Ready>,
     events: EventHub<SchedulerEvent>,
     runtime: RwLock<Option<Runtime>>,
     /// Slots of the entries in use (being changed, fired, or running).
@@ -200,6 +283,11 @@ struct Inner {
     /// Stops the driver; a fresh token per start, so a scheduler can be started again.
     cancel: Mutex<CancellationToken>,
     stopped: AtomicBool,
+    /// Counts starts, so that a run acquired before a stop does not start after a restart
+    /// (the restart runs it again from its claim).
+    epoch: AtomicU64,
+    /// Firings being handled (at most [`FIRING_LIMIT`] handed out).
+    firing: AtomicUsize,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Set when this scheduler is one node of a cluster.
     cluster: Option<cluster::Cluster>,
@@ -453,6 +541,17 @@ impl TaskScheduler {
     /// Publishes an event to the scheduler's hub and the runtime's bus; builds it only if
     /// somebody listens.
     fn emit(&self, t: SchedulerEventType, entry: &ScheduleEntry, payload: impl FnOnce() -> Value) {
+        self.emit_for(t, entry.id(), &entry.task.task_id, payload);
+    }
+
+    /// [`emit`](Self::emit) for the entry `id` of the runtime task `task_id`.
+    fn emit_for(
+        &self,
+        t: SchedulerEventType,
+        id: Uuid,
+        task_id: &str,
+        payload: impl FnOnce() -> Value,
+    ) {
         if !self.listening() {
             return;
         }
@@ -464,7 +563,7 @@ impl TaskScheduler {
         if !local && !to_bus {
             return;
         }
-        let mut event = SchedulerEvent::new(t, entry.id(), entry.task.task_id.clone(), payload());
+        let mut event = SchedulerEvent::new(t, id, task_id, payload());
         event.timestamp = self.now();
         if let (Some(r), true) = (runtime, to_bus) {
             let payload = serde_json::to_value(&event).unwrap_or(Value::Null);
@@ -490,6 +589,7 @@ impl TaskScheduler {
             && let Ok(st) = slot.try_lock()
             && st.running == 0
             && st.pending.is_empty()
+            && st.acquired.is_empty()
         {
             drop(st);
             slots.remove(&id);
@@ -907,17 +1007,25 @@ impl TaskScheduler {
     /// Handles an expired timer. The task the driver spawns for it is small until it runs
     /// (many may wait at one instant); the work is allocated when it starts.
     async fn fire(self, timer: Timer) {
+        let firing = Firing(self.clone());
         if self.inner.stopped.load(Ordering::Acquire) {
             return;
         }
-        Box::pin(self.fire_now(timer)).await;
+        Box::pin(self.fire_now(timer, firing)).await;
     }
 
     /// [`fire`](Self::fire)'s work.
-    async fn fire_now(self, timer: Timer) {
+    async fn fire_now(self, timer: Timer, firing: Firing) {
         let id = timer.id;
         let slot = self.slot(id);
         let mut st = slot.lock().await;
+        if (st.running > 0 || !st.pending.is_empty()) && timer.fire_at > self.now() {
+            // A run of the entry goes on: whether the next one overlaps is decided at its
+            // time, not ahead of it.
+            drop(st);
+            self.wait_until(timer.fire_at).await;
+            st = slot.lock().await;
+        }
         let e = match self.inner.store.get(id).await {
             Ok(Some(e)) => e,
             Ok(None) => {
@@ -966,12 +1074,30 @@ impl TaskScheduler {
             chrono::Duration::from_std(e.policy.misfire_threshold).unwrap_or(chrono::Duration::MAX);
         let misfire = now - from > threshold;
         let plan = self.plan(&e, due, now, misfire);
+        // Acquired ahead of its time, the run starts at its time.
+        let start_at = now.max(timer.fire_at);
         // The larger steps are boxed, so that a firing waiting to be polled (there may be many
         // at one instant) stays a small task.
-        let start = Box::pin(self.apply(&mut st, e, plan, now, misfire, timer.late_from)).await;
+        let start =
+            Box::pin(self.apply(&mut st, e, plan, now, start_at, misfire, timer.late_from)).await;
         drop(st);
+        drop(firing);
         // The first run goes on this task (spawned by the driver already); others get their own.
         match start {
+            Some((entry, due)) if start_at > now => {
+                // Held until its time, then started with the others due at that instant.
+                let epoch = self.inner.epoch.load(Ordering::Acquire);
+                for &d in &due[1..] {
+                    let ready = Self::ready(slot.clone(), entry.clone(), d, 1, epoch);
+                    if let Err(ready) = self.inner.timers.hold(start_at, ready) {
+                        self.spawn_start(ready);
+                    }
+                }
+                let ready = Self::ready(slot, entry, due[0], 1, epoch);
+                if let Err(ready) = self.inner.timers.hold(start_at, ready) {
+                    Box::pin(self.start(ready)).await;
+                }
+            }
             Some((entry, due)) => {
                 for &d in &due[1..] {
                     self.spawn_run(slot.clone(), entry.clone(), d, 1);
@@ -983,14 +1109,17 @@ impl TaskScheduler {
     }
 
     /// Claims the runs of a plan of `old` under the entry's lock; returns the entry as written
-    /// and the due times of the runs to start now, if any.
-    /// `late_from` is the firing timer's (kept if the claim has to be tried again).
+    /// and the due times of the runs to start at `start_at` (now, or later when acquired
+    /// ahead), if any. `late_from` is the firing timer's (kept if the claim has to be tried
+    /// again).
+    #[allow(clippy::too_many_arguments)] // The second half of `fire_now`.
     async fn apply(
         &self,
         st: &mut SlotState,
         old: ScheduleEntry,
         plan: Plan,
         now: DateTime<Utc>,
+        start_at: DateTime<Utc>,
         misfire: bool,
         late_from: Option<DateTime<Utc>>,
     ) -> Option<(ScheduleEntry, Vec<DateTime<Utc>>)> {
@@ -1049,7 +1178,7 @@ impl TaskScheduler {
             ));
         }
         if !start.is_empty() {
-            e.task.executed_at = Some(now);
+            e.task.executed_at = Some(start_at);
         }
         Self::settle(
             &mut e,
@@ -1065,7 +1194,7 @@ impl TaskScheduler {
             joined = start.iter().chain(queue.iter()).copied().collect();
             &joined
         };
-        let newly = match self.inner.store.claim(&e, expected, due, now).await {
+        let newly = match self.inner.store.claim(&e, expected, due, start_at).await {
             Ok(c) => c,
             Err(err) => {
                 tracing::error!(entry = %e.id(), error = %err, "cannot claim a due run; it will be retried");
@@ -1085,6 +1214,9 @@ impl TaskScheduler {
             queue.retain(|d| newly.contains(d));
         }
         st.running += start.len() as u32;
+        if start_at > now {
+            st.acquired.extend(start.iter().copied());
+        }
         st.pending.extend(queue.iter().copied());
         self.arm(&e, Some(now));
         if late {
@@ -1110,34 +1242,186 @@ impl TaskScheduler {
         tokio::spawn(async move { Box::pin(this.run(slot, entry, due, starts)).await });
     }
 
-    /// One run: executes the task and records its outcome.
-    async fn run(self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
+    /// Waits until the wall clock reads `at` (never returns before).
+    async fn wait_until(&self, at: DateTime<Utc>) {
+        while self.now() < at {
+            let now = tokio::time::Instant::now();
+            // The clocks may drift apart: then wait a tick at a time, never spinning.
+            let deadline = self
+                .inner
+                .clock
+                .deadline(at)
+                .max(now + Duration::from_micros(100));
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    /// What the start of a run needs, made in advance; only what the task needs is kept (the
+    /// entry is read again when the run ends).
+    fn ready(
+        slot: Slot,
+        entry: ScheduleEntry,
+        due: DateTime<Utc>,
+        starts: u32,
+        epoch: u64,
+    ) -> Ready {
         let id = entry.id();
-        let Some(runtime) = self.runtime() else {
-            let mut st = slot.lock().await;
+        let ScheduleEntry { task, policy, .. } = entry;
+        let attempts = policy.retry.as_ref().map_or(1, |r| r.max_attempts);
+        let mut options = ExecuteOptions::default().idempotency_key(idempotency_key(id, due));
+        if let Some(r) = policy.retry {
+            options = options.retry(r);
+        }
+        Ready {
+            slot,
+            id,
+            due,
+            starts,
+            epoch,
+            task_id: task.task_id,
+            input: task.input,
+            options,
+            attempts,
+        }
+    }
+
+    /// Whether a held run may start now: it may not if it was cancelled or paused meanwhile
+    /// (which closed or kept its claim), or acquired before a stop (its claim stays open and
+    /// the next start runs it).
+    fn admit(&self, st: &mut SlotState, r: &Ready) -> bool {
+        let Some(i) = st.acquired.iter().position(|d| *d == r.due) else {
+            return false;
+        };
+        st.acquired.swap_remove(i);
+        let current = self.inner.epoch.load(Ordering::Acquire) == r.epoch
+            && !self.inner.stopped.load(Ordering::Acquire);
+        if !current {
             st.running = st.running.saturating_sub(1);
-            drop(st);
-            self.release(id, slot);
+        }
+        current
+    }
+
+    fn spawn_start(&self, ready: Ready) {
+        let this = self.clone();
+        tokio::spawn(async move { Box::pin(this.start(ready)).await });
+    }
+
+    /// Starts a held run now and records its outcome.
+    async fn start(self, r: Ready) {
+        let admitted = {
+            let mut st = r.slot.lock().await;
+            self.admit(&mut st, &r)
+        };
+        if !admitted {
+            self.release(r.id, r.slot);
+            return;
+        }
+        let Some(runtime) = self.runtime() else {
+            self.abandon(r.id, r.slot).await;
             return;
         };
         let started = self.now();
-        let key = idempotency_key(id, due);
-        self.emit(
-            SchedulerEventType::Started,
-            &entry,
-            || json!({"due_at": due, "started_at": started, "idempotency_key": key, "starts": starts}),
-        );
-        let mut options = ExecuteOptions::default().idempotency_key(key);
-        let attempts = entry.policy.retry.as_ref().map_or(1, |r| r.max_attempts);
-        if let Some(r) = entry.policy.retry.clone() {
-            options = options.retry(r);
+        self.emit_started(&r, started);
+        let outcome = Box::pin(runtime.execute(TaskRef::Id(r.task_id), r.input, r.options)).await;
+        Box::pin(self.end_run(r.slot, r.id, r.due, r.starts, started, r.attempts, outcome)).await;
+    }
+
+    /// Starts the held runs of one instant, one after another on this task: each body starts
+    /// here; one that does not finish at once goes on in a task of its own, and the ends of
+    /// those that did are recorded once all of these have started.
+    async fn start_many(self, runs: Vec<Ready>, batch: Arc<StartBatch>) {
+        let runtime = self.runtime();
+        let mut ended = Vec::new();
+        for r in runs {
+            let admitted = match r.slot.try_lock() {
+                Ok(mut st) => self.admit(&mut st, &r),
+                Err(_) => {
+                    let mut st = r.slot.lock().await;
+                    self.admit(&mut st, &r)
+                }
+            };
+            if !admitted {
+                self.release(r.id, r.slot);
+                continue;
+            }
+            let Some(runtime) = &runtime else {
+                self.abandon(r.id, r.slot).await;
+                continue;
+            };
+            let started = self.now();
+            self.emit_started(&r, started);
+            let Ready {
+                slot,
+                id,
+                due,
+                starts,
+                attempts,
+                ..
+            } = r;
+            let mut run = Box::pin(runtime.execute(TaskRef::Id(r.task_id), r.input, r.options));
+            match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
+                Poll::Ready(outcome) => {
+                    ended.push((slot, id, due, starts, started, attempts, outcome))
+                }
+                Poll::Pending => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let outcome = run.await;
+                        Box::pin(this.end_run(slot, id, due, starts, started, attempts, outcome))
+                            .await;
+                    });
+                }
+            }
         }
-        // Only what the task needs is kept while it runs (the entry is read again after).
-        let (task_id, input) = {
-            let ScheduleEntry { task, .. } = entry;
-            (task.task_id, task.input)
+        let ended = {
+            let mut all = batch.ended.lock();
+            all.append(&mut ended);
+            if batch.tasks_left.fetch_sub(1, Ordering::AcqRel) > 1 {
+                return;
+            }
+            std::mem::take(&mut *all)
         };
-        let outcome = Box::pin(runtime.execute(TaskRef::Id(task_id), input, options)).await;
+        for (slot, id, due, starts, started, attempts, outcome) in ended {
+            let this = self.clone();
+            tokio::spawn(async move {
+                Box::pin(this.end_run(slot, id, due, starts, started, attempts, outcome)).await;
+            });
+        }
+    }
+
+    /// A run that cannot start (no runtime): its place is given back and its claim stays open.
+    async fn abandon(&self, id: Uuid, slot: Slot) {
+        let mut st = slot.lock().await;
+        st.running = st.running.saturating_sub(1);
+        drop(st);
+        self.release(id, slot);
+    }
+
+    fn emit_started(&self, r: &Ready, started: DateTime<Utc>) {
+        self.emit_for(SchedulerEventType::Started, r.id, &r.task_id, || {
+            json!({"due_at": r.due, "started_at": started,
+                   "idempotency_key": idempotency_key(r.id, r.due), "starts": r.starts})
+        });
+    }
+
+    /// One run: executes the task and records its outcome.
+    async fn run(self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
+        let r = Self::ready(slot, entry, due, starts, 0);
+        let Some(runtime) = self.runtime() else {
+            self.abandon(r.id, r.slot).await;
+            return;
+        };
+        let started = self.now();
+        self.emit_started(&r, started);
+        let Ready {
+            slot,
+            id,
+            due,
+            starts,
+            attempts,
+            ..
+        } = r;
+        let outcome = Box::pin(runtime.execute(TaskRef::Id(r.task_id), r.input, r.options)).await;
         Box::pin(self.end_run(slot, id, due, starts, started, attempts, outcome)).await;
     }
 
@@ -1300,6 +1584,7 @@ impl TaskScheduler {
 
     /// Closes the claims of an entry's waiting runs (it was cancelled).
     async fn close_pending(&self, id: Uuid, st: &mut SlotState) -> Result<()> {
+        st.revoke_acquired();
         if st.pending.is_empty() {
             return Ok(());
         }
@@ -1431,6 +1716,8 @@ impl TaskScheduler {
         let mut restarts = Vec::new();
         let mut settled = Vec::new();
         self.inner.active.store(entries.len(), Ordering::Release);
+        let now = self.now();
+        let epoch = self.inner.epoch.load(Ordering::Acquire);
         {
             let mut slots = self.inner.slots.lock();
             slots.clear();
@@ -1442,6 +1729,10 @@ impl TaskScheduler {
                         state.pending.push_back(r.due_at);
                     } else {
                         state.running += 1;
+                        // Acquired ahead of its time before the stop: it still waits for it.
+                        if r.due_at > now {
+                            state.acquired.push(r.due_at);
+                        }
                         restarts.push((id, r));
                     }
                 }
@@ -1497,7 +1788,16 @@ impl TaskScheduler {
             let starts = store.restart(id, r.due_at).await?;
             if let Some(entry) = store.get(id).await? {
                 tracing::info!(entry = %id, due = %r.due_at, starts, "restarting a run interrupted by a stop");
-                self.spawn_run(self.slot(id), entry, r.due_at, starts);
+                let slot = self.slot(id);
+                if r.due_at > now {
+                    // Acquired ahead of its time before the stop: held until then.
+                    let ready = Self::ready(slot, entry, r.due_at, starts, epoch);
+                    if let Err(ready) = self.inner.timers.hold(r.due_at, ready) {
+                        self.spawn_start(ready);
+                    }
+                } else {
+                    self.spawn_run(slot, entry, r.due_at, starts);
+                }
             }
         }
         tracing::info!(
@@ -1510,11 +1810,35 @@ impl TaskScheduler {
 
     async fn drive(self, cancel: CancellationToken) {
         let mut batch = Vec::new();
+        let mut ready = Vec::new();
+        let ahead = self.inner.options.acquire_ahead;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = self.inner.timers.next_batch(&mut batch) => {}
+                () = self.inner.timers.next_batch(
+                    &mut batch,
+                    &mut ready,
+                    ahead,
+                    FIRING_LIMIT.saturating_sub(self.inner.firing.load(Ordering::Acquire)),
+                ) => {}
             }
+            // Runs whose instant has come start first, a chunk per task so that every worker
+            // takes part.
+            if !ready.is_empty() {
+                let batch = Arc::new(StartBatch {
+                    tasks_left: AtomicUsize::new(ready.len().div_ceil(START_CHUNK)),
+                    ended: Mutex::new(Vec::new()),
+                });
+                let mut held = ready.drain(..);
+                loop {
+                    let chunk: Vec<Ready> = held.by_ref().take(START_CHUNK).collect();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    tokio::spawn(self.clone().start_many(chunk, batch.clone()));
+                }
+            }
+            self.inner.firing.fetch_add(batch.len(), Ordering::AcqRel);
             for t in batch.drain(..) {
                 tokio::spawn(self.clone().fire(t));
             }
@@ -1596,6 +1920,10 @@ impl Scheduler for TaskScheduler {
         };
         self.inner.timers.disarm(id);
         if let Some(slot) = slot {
+            // Runs acquired ahead of their time wait for the resume, as queued ones do.
+            let mut st = slot.lock().await;
+            st.revoke_acquired();
+            drop(st);
             self.release(id, slot);
         }
         self.emit(
@@ -1784,6 +2112,7 @@ impl Extension for TaskScheduler {
             return Ok(());
         }
         *self.inner.runtime.write() = Some(runtime);
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
         self.inner.stopped.store(false, Ordering::Release);
         self.recover().await?;
         let cancel = CancellationToken::new();
@@ -1807,7 +2136,6 @@ impl Extension for TaskScheduler {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicU32;
-    use std::time::Duration;
 
     use architectlm_core::{System, TaskDefinition};
 

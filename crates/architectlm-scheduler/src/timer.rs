@@ -8,11 +8,15 @@
 //! for it; stale items are dropped when they reach the top, and the heap is compacted and its
 //! memory given back once stale items outnumber live ones. The driver sleeps until the earliest
 //! deadline (at most [`MAX_TIMER`] ahead) or until an earlier timer is armed. When a timer's
-//! deadline passes, the driver checks the wall clock and only hands out timers whose time has
-//! come, so nothing fires early.
+//! deadline passes, the driver checks the wall clock and only hands out timers whose time comes
+//! within the acquire window.
+//!
+//! Runs acquired ahead of their time are [held](Timers::hold) by instant (millisecond) until
+//! the wall clock reaches it, then handed to the driver all at once: nothing starts early, and
+//! thousands of runs due at one instant cost one wake-up, not a timer and a task each.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +31,10 @@ use crate::idhash::IdMap;
 
 /// Most timers handed out per wake of the driver.
 const BATCH: usize = 4096;
+
+/// How long before the instant of held runs the driver stops relying on Tokio's
+/// millisecond timer (see [`Clock::precise_wait`]).
+const PRECISE_WINDOW: Duration = Duration::from_millis(2);
 
 /// What a timer carries: the entry, the occurrence's due time, the (jittered) time it may
 /// start at, which is never before the due time, and the time lateness is measured from when
@@ -93,9 +101,10 @@ fn ceil_ms(t: DateTime<Utc>) -> i64 {
     }
 }
 
-#[derive(Default)]
-struct Queue {
+struct Queue<R> {
     heap: BinaryHeap<Item>,
+    /// What is held for an instant (milliseconds) not reached yet.
+    held: BTreeMap<i64, Vec<R>>,
     /// The generation of each entry's live timer.
     live: IdMap<u32>,
     /// `late_from` of the live timers that have one later than their time (milliseconds).
@@ -107,7 +116,20 @@ struct Queue {
     stale: usize,
 }
 
-impl Queue {
+impl<R> Default for Queue<R> {
+    fn default() -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+            held: BTreeMap::new(),
+            live: IdMap::default(),
+            late: IdMap::default(),
+            generation: 0,
+            stale: 0,
+        }
+    }
+}
+
+impl<R> Queue<R> {
     fn is_live(&self, item: &Item) -> bool {
         self.live.get(&item.id) == Some(&item.generation)
     }
@@ -132,15 +154,24 @@ impl Queue {
     }
 }
 
-/// The set of armed timers. Cheap to clone.
-#[derive(Clone)]
-pub(crate) struct Timers {
-    inner: Arc<Mutex<Queue>>,
+/// The set of armed timers, and what is held for an instant (`R`). Cheap to clone.
+pub(crate) struct Timers<R> {
+    inner: Arc<Mutex<Queue<R>>>,
     wake: Arc<Notify>,
     clock: Arc<dyn Clock>,
 }
 
-impl std::fmt::Debug for Timers {
+impl<R> Clone for Timers<R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            wake: self.wake.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Timers<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Timers")
             .field("armed", &self.len())
@@ -148,7 +179,7 @@ impl std::fmt::Debug for Timers {
     }
 }
 
-impl Timers {
+impl<R> Timers<R> {
     pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Queue::default())),
@@ -231,6 +262,49 @@ impl Timers {
         }
     }
 
+    /// Holds `item` until the wall clock reaches `at`, when [`next_batch`](Self::next_batch)
+    /// hands it out; gives it back if the wall clock has reached `at` already.
+    pub(crate) fn hold(&self, at: DateTime<Utc>, item: R) -> Result<(), R> {
+        let key = ceil_ms(at);
+        if key <= self.clock.now().timestamp_millis() {
+            return Err(item);
+        }
+        let mut q = self.inner.lock();
+        let earliest = q.held.keys().next().is_none_or(|&k| key < k);
+        q.held.entry(key).or_default().push(item);
+        drop(q);
+        if earliest {
+            // The driver may be sleeping past it.
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves what is held for instants up to `now` to `out`; returns the next instant held.
+    fn release_held(&self, now: i64, out: &mut Vec<R>) -> Option<i64> {
+        let mut q = self.inner.lock();
+        loop {
+            match q.held.first_key_value() {
+                Some((&k, _)) if k <= now => {
+                    if let Some((_, items)) = q.held.pop_first() {
+                        if out.is_empty() {
+                            *out = items;
+                        } else {
+                            out.extend(items);
+                        }
+                    }
+                }
+                Some((&k, _)) => return Some(k),
+                None => return None,
+            }
+        }
+    }
+
+    /// Wakes the driver waiting in [`next_batch`](Self::next_batch) (there is room again).
+    pub(crate) fn notify(&self) {
+        self.wake.notify_one();
+    }
+
     /// Whether `id` has a timer armed.
     pub(crate) fn is_armed(&self, id: Uuid) -> bool {
         self.inner.lock().live.contains_key(&id)
@@ -241,13 +315,28 @@ impl Timers {
         self.inner.lock().live.len()
     }
 
-    /// Waits for the next timers whose time has come by the wall clock and returns them (up to
-    /// a batch), earliest first.
-    pub(crate) async fn next_batch(&self, out: &mut Vec<Timer>) {
+    /// Waits for the next timers whose time comes within `ahead` by the wall clock, or for
+    /// what is [held](Self::hold) for an instant the wall clock has reached, and returns them:
+    /// the timers (up to a batch, earliest first) in `out`, the held items in `ready`. With
+    /// `ahead` zero, only timers whose time has come. At most `room` timers are handed out;
+    /// with no room, only held items (until [`notify`](Self::notify) is called).
+    pub(crate) async fn next_batch(
+        &self,
+        out: &mut Vec<Timer>,
+        ready: &mut Vec<R>,
+        ahead: Duration,
+        room: usize,
+    ) {
+        let ahead = i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX);
+        let room = room.min(BATCH);
         loop {
             let notified = self.wake.notified();
-            let next = {
-                let now = self.clock.now().timestamp_millis();
+            let wall = self.clock.now().timestamp_millis();
+            let held = self.release_held(wall, ready);
+            let next = if room == 0 {
+                None
+            } else {
+                let now = wall.saturating_add(ahead);
                 let mut q = self.inner.lock();
                 let mut next = None;
                 while let Some(top) = q.heap.peek().copied() {
@@ -268,22 +357,51 @@ impl Timers {
                         q.late.remove(&top.id)
                     };
                     out.push(top.timer(late));
-                    if out.len() >= BATCH {
+                    if out.len() >= room {
                         break;
                     }
                 }
                 next
             };
-            if !out.is_empty() {
+            if !out.is_empty() || !ready.is_empty() {
                 return;
             }
+            // Held runs start at their instant to the tick of the wall clock, acquisitions
+            // need no such precision.
+            let (next, precise) = match (next.map(|n| n.saturating_sub(ahead)), held) {
+                (Some(a), Some(h)) if h <= a => (Some(h), true),
+                (Some(a), _) => (Some(a), false),
+                (None, h) => (h, h.is_some()),
+            };
+            let precise = precise && self.clock.precise_wait();
             match next {
                 Some(at) => {
                     let at = DateTime::from_timestamp_millis(at).unwrap_or_default();
                     let now = Instant::now();
+                    let deadline = self.clock.deadline(at);
+                    if precise && deadline <= now + PRECISE_WINDOW {
+                        // The last stretch is slept on a blocking thread, which wakes within
+                        // microseconds of the time rather than at the next millisecond tick.
+                        let left = deadline
+                            .saturating_duration_since(now)
+                            .max(Duration::from_micros(50));
+                        let sleep = tokio::task::spawn_blocking(move || std::thread::sleep(left));
+                        tokio::select! {
+                            _ = sleep => {}
+                            // With no room, the caller looks again for room.
+                            () = notified => if room == 0 { return },
+                        }
+                        continue;
+                    }
+                    // Tokio's timer wakes up to a tick or two late: a precise wait wakes that
+                    // much early and sleeps the rest as above.
+                    let deadline = if precise {
+                        deadline - PRECISE_WINDOW
+                    } else {
+                        deadline
+                    };
                     // The monotonic deadline may pass before the wall clock reaches the time
                     // (the clocks drift apart): then wait at least a tick, so this never spins.
-                    let deadline = self.clock.deadline(at);
                     let deadline = if deadline > now {
                         deadline.min(now + MAX_TIMER)
                     } else {
@@ -291,10 +409,15 @@ impl Timers {
                     };
                     tokio::select! {
                         () = tokio::time::sleep_until(deadline) => {}
-                        () = notified => {}
+                        () = notified => if room == 0 { return },
                     }
                 }
-                None => notified.await,
+                None => {
+                    notified.await;
+                    if room == 0 {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -312,7 +435,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn timers_fire_in_order_never_early_and_can_move_or_go() {
         let clock = Arc::new(TokioClock::starting_at(t0()));
-        let timers = Timers::new(clock.clone());
+        let timers = Timers::<()>::new(clock.clone());
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let at = |s: i64| t0() + chrono::Duration::seconds(s);
         timers.arm(Timer {
@@ -342,11 +465,15 @@ mod tests {
         timers.disarm(c);
         assert_eq!(timers.len(), 2);
         let mut out = Vec::new();
-        timers.next_batch(&mut out).await;
+        timers
+            .next_batch(&mut out, &mut Vec::new(), Duration::ZERO, usize::MAX)
+            .await;
         assert_eq!(out.iter().map(|t| t.id).collect::<Vec<_>>(), vec![b]);
         assert!(clock.now() >= at(4));
         out.clear();
-        timers.next_batch(&mut out).await;
+        timers
+            .next_batch(&mut out, &mut Vec::new(), Duration::ZERO, usize::MAX)
+            .await;
         assert_eq!(out[0].id, a);
         assert!(clock.now() >= at(5));
         assert_eq!(timers.len(), 0);
@@ -355,7 +482,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_earlier_timer_wakes_the_driver_and_cancelled_ones_give_memory_back() {
         let clock = Arc::new(TokioClock::starting_at(t0()));
-        let timers = Timers::new(clock.clone());
+        let timers = Timers::<()>::new(clock.clone());
         let at = |s: i64| t0() + chrono::Duration::seconds(s);
         let ids: Vec<Uuid> = (0..5000).map(|_| Uuid::new_v4()).collect();
         timers.arm_many(ids.iter().map(|&id| Timer {
@@ -369,7 +496,9 @@ mod tests {
             let timers = timers.clone();
             tokio::spawn(async move {
                 let mut out = Vec::new();
-                timers.next_batch(&mut out).await;
+                timers
+                    .next_batch(&mut out, &mut Vec::new(), Duration::ZERO, usize::MAX)
+                    .await;
                 out
             })
         };
@@ -395,7 +524,9 @@ mod tests {
             assert!(q.late.len() <= 1000);
         }
         let mut out = Vec::new();
-        timers.next_batch(&mut out).await;
+        timers
+            .next_batch(&mut out, &mut Vec::new(), Duration::ZERO, usize::MAX)
+            .await;
         assert_eq!(out.len(), 1000);
         for t in &out {
             let want = (t.id.as_u128() % 2 == 0).then(|| at(200));
@@ -416,7 +547,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn far_deadlines_are_clamped_and_rearmed() {
         let clock = Arc::new(TokioClock::starting_at(t0()));
-        let timers = Timers::new(clock.clone());
+        let timers = Timers::<()>::new(clock.clone());
         let id = Uuid::new_v4();
         let far = t0() + chrono::Duration::days(3 * 365);
         timers.arm(Timer {
@@ -426,7 +557,9 @@ mod tests {
             late_from: None,
         });
         let mut out = Vec::new();
-        timers.next_batch(&mut out).await;
+        timers
+            .next_batch(&mut out, &mut Vec::new(), Duration::ZERO, usize::MAX)
+            .await;
         assert_eq!(out[0].id, id);
         assert!(clock.now() >= far);
         assert!(clock.now() - far < chrono::Duration::seconds(1));

@@ -325,6 +325,20 @@ struct Inner {
 ///   was missed meanwhile by the misfire policy. **Cancel** is final; running runs finish,
 ///   waiting ones are dropped. **Trigger** runs an entry now, outside of its schedule, without
 ///   moving it or counting toward `max_executions`. **Reschedule** moves the next run.
+/// - **Acquiring ahead.** A run is acquired up to [`SchedulerOptions::acquire_ahead`] (100 ms
+///   by default) before its time: its entry is read, the misfire policy applied and the run
+///   claimed then, so that its body starts at its time even when thousands are due at the same
+///   instant (they start together, from a few tasks; the ends of those that finish at once are
+///   recorded after all have started). From the acquisition the entry reads `running` and
+///   counts the run in `execution_count`; its `started` event and body come at the due time,
+///   never before. A cancel in that window stops the run (its claim is closed as "cancelled
+///   before it started"); a pause holds it until the resume, like a queued run; a reschedule
+///   moves the entry's next run but not the acquired one (a one-shot entry's reschedule then
+///   answers `false`). While a run of the entry still goes, the next one is not acquired ahead:
+///   whether it overlaps is decided at its time. A run acquired before a crash follows the
+///   at-least-once rule above. With the system clock, the last 2 ms before the instant are
+///   slept on a blocking thread, so runs start within about 0.1 ms of it rather than at Tokio's
+///   next millisecond tick. Zero turns acquiring ahead off.
 /// - **Shutdown** stops the timer driver; runs the runtime is finishing are recorded.
 /// - **Several nodes** ([`TaskSchedulerBuilder::cluster`], a shared PostgreSQL store): no
 ///   entries are held in memory; each node polls the store's next-run index for due entries

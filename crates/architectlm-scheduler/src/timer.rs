@@ -537,6 +537,56 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn held_items_come_out_together_at_their_instant_never_before() {
+        let clock = Arc::new(TokioClock::starting_at(t0()));
+        let timers = Timers::<u32>::new(clock.clone());
+        let at = |ms: i64| t0() + chrono::Duration::milliseconds(ms);
+        // The past gives the item back at once.
+        assert_eq!(timers.hold(at(0), 7), Err(7));
+        for i in 0..1000 {
+            assert_eq!(timers.hold(at(2_000), i), Ok(()));
+        }
+        assert_eq!(timers.hold(at(1_000), 1000), Ok(()));
+        let (mut out, mut ready) = (Vec::new(), Vec::new());
+        timers
+            .next_batch(&mut out, &mut ready, Duration::ZERO, usize::MAX)
+            .await;
+        assert_eq!(ready, vec![1000]);
+        assert_eq!(clock.now(), at(1_000));
+        ready.clear();
+        timers
+            .next_batch(&mut out, &mut ready, Duration::ZERO, usize::MAX)
+            .await;
+        assert_eq!(ready.len(), 1000, "all of one instant at once");
+        assert_eq!(clock.now(), at(2_000));
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_are_handed_out_ahead_of_their_time_within_the_room_given() {
+        let clock = Arc::new(TokioClock::starting_at(t0()));
+        let timers = Timers::<()>::new(clock.clone());
+        let at = t0() + chrono::Duration::seconds(10);
+        timers.arm_many((0..10).map(|_| Timer {
+            id: Uuid::new_v4(),
+            due: at,
+            fire_at: at,
+            late_from: None,
+        }));
+        let mut out = Vec::new();
+        timers
+            .next_batch(&mut out, &mut Vec::new(), Duration::from_millis(100), 4)
+            .await;
+        assert_eq!(out.len(), 4);
+        assert_eq!(clock.now(), at - chrono::Duration::milliseconds(100));
+        out.clear();
+        timers
+            .next_batch(&mut out, &mut Vec::new(), Duration::from_millis(100), 100)
+            .await;
+        assert_eq!(out.len(), 6);
+    }
+
     #[test]
     fn sub_millisecond_times_round_up() {
         let t = t0() + chrono::Duration::microseconds(1500);

@@ -517,7 +517,8 @@ async fn every_second(n: usize, window: u32) -> Row {
             .map(|d| d.with_timezone(&Utc));
         match due {
             Some(due) if due >= start && due <= end && k < n => {
-                let i = k * window as usize + (due - start).num_seconds() as usize;
+                // Occurrence-major, so that the runs of one instant write side by side.
+                let i = (due - start).num_seconds() as usize * n + k;
                 if l2[i].swap(now - wall_us(due), Ordering::Relaxed) != i64::MIN {
                     d2.fetch_add(1, Ordering::Relaxed);
                 }

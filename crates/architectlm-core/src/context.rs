@@ -33,7 +33,7 @@ pub struct TaskContext {
     pub(crate) attempt: u32,
     pub(crate) process: Option<Arc<ProcessRef>>,
     pub(crate) idempotency_key: Option<Arc<str>>,
-    pub(crate) cancel: CancellationToken,
+    pub(crate) cancel: Arc<CancellationToken>,
 }
 
 impl fmt::Debug for TaskContext {

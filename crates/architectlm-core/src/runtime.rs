@@ -391,11 +391,12 @@ impl RuntimeBuilder {
                 locks: (0..LOCK_SHARDS)
                     .map(|_| Mutex::new(HashMap::new()))
                     .collect(),
+                has_middleware: AtomicBool::new(!self.middleware.is_empty()),
                 middleware: parking_lot::RwLock::new(self.middleware.into()),
                 inflight: AtomicUsize::new(0),
                 idle: Notify::new(),
                 shutting_down: AtomicBool::new(false),
-                cancel: CancellationToken::new(),
+                cancel: Arc::new(CancellationToken::new()),
                 extensions: self.extensions,
             }),
         };
@@ -420,10 +421,14 @@ struct Inner {
     /// different threads rarely meet on one mutex.
     locks: Box<[Mutex<HashMap<Uuid, InstanceMutex>>]>,
     middleware: parking_lot::RwLock<Arc<[Arc<dyn TaskMiddleware>]>>,
+    /// Whether `middleware` has any: executions without skip its lock.
+    has_middleware: AtomicBool,
     inflight: AtomicUsize,
     idle: Notify,
     shutting_down: AtomicBool,
-    cancel: CancellationToken,
+    /// Shared by the contexts of the executions that have no token of their own (an `Arc`
+    /// clone: cloning the token itself takes a lock every execution would contend for).
+    cancel: Arc<CancellationToken>,
     extensions: Vec<Arc<dyn Extension>>,
 }
 
@@ -692,6 +697,7 @@ impl Runtime {
         let mut v: Vec<_> = slot.iter().cloned().collect();
         v.push(m);
         *slot = v.into();
+        self.inner.has_middleware.store(true, Ordering::Release);
     }
 
     // ----- events -------------------------------------------------------------------------
@@ -834,7 +840,7 @@ impl Runtime {
     fn attempt(&self, job: &Job, input: Value, attempt: u32) -> Attempt {
         let inner = &*self.inner;
         let cancel = if job.timeout.is_some() || job.caller.is_some() {
-            inner.cancel.child_token()
+            Arc::new(inner.cancel.child_token())
         } else {
             inner.cancel.clone()
         };
@@ -890,7 +896,11 @@ impl Runtime {
             let inner = &*self.inner;
             let _guard = InflightGuard::enter(inner)?;
             let job = &job;
-            let middleware = inner.middleware.read().clone();
+            let middleware = inner
+                .has_middleware
+                .load(Ordering::Acquire)
+                .then(|| inner.middleware.read().clone());
+            let middleware: &[Arc<dyn TaskMiddleware>] = middleware.as_deref().unwrap_or(&[]);
             for m in middleware.iter() {
                 let input = input.as_ref().unwrap_or(&Value::Null);
                 if let Err(e) = m.before(&job.call(input, 0)) {
@@ -931,7 +941,7 @@ impl Runtime {
                     break Err(cancelled);
                 }
             };
-            self.finish(job, input.as_ref(), attempt, &outcome, &middleware);
+            self.finish(job, input.as_ref(), attempt, &outcome, middleware);
             outcome.map_err(|e| job.failed(e))
         }
     }

@@ -1335,7 +1335,7 @@ impl TaskScheduler {
             return;
         };
         let started = self.now();
-        self.emit_started(&r, started);
+        self.emit_started(&r, started, &runtime);
         let outcome = Box::pin(runtime.execute(TaskRef::Id(r.task_id), r.input, r.options)).await;
         Box::pin(self.end_run(r.slot, r.id, r.due, r.starts, started, r.attempts, outcome)).await;
     }
@@ -1345,7 +1345,7 @@ impl TaskScheduler {
     /// those that did are recorded once all of these have started.
     async fn start_many(self, runs: Vec<Ready>, batch: Arc<StartBatch>) {
         let runtime = self.runtime();
-        let mut ended = Vec::new();
+        let mut ended = Vec::with_capacity(runs.len());
         for r in runs {
             let admitted = match r.slot.try_lock() {
                 Ok(mut st) => self.admit(&mut st, &r),
@@ -1363,7 +1363,7 @@ impl TaskScheduler {
                 continue;
             };
             let started = self.now();
-            self.emit_started(&r, started);
+            self.emit_started(&r, started, runtime);
             let Ready {
                 slot,
                 id,
@@ -1411,7 +1411,12 @@ impl TaskScheduler {
         self.release(id, slot);
     }
 
-    fn emit_started(&self, r: &Ready, started: DateTime<Utc>) {
+    /// Emits `started` for a run on `runtime` (which tells whether its bus has listeners without
+    /// the scheduler's lock).
+    fn emit_started(&self, r: &Ready, started: DateTime<Utc>, runtime: &Runtime) {
+        if !self.inner.events.has_subscribers() && !runtime.events().has_subscribers() {
+            return;
+        }
         self.emit_for(SchedulerEventType::Started, r.id, &r.task_id, || {
             json!({"due_at": r.due, "started_at": started,
                    "idempotency_key": idempotency_key(r.id, r.due), "starts": r.starts})
@@ -1426,7 +1431,7 @@ impl TaskScheduler {
             return;
         };
         let started = self.now();
-        self.emit_started(&r, started);
+        self.emit_started(&r, started, &runtime);
         let Ready {
             slot,
             id,
@@ -1841,7 +1846,7 @@ impl TaskScheduler {
             if !ready.is_empty() {
                 let batch = Arc::new(StartBatch {
                     tasks_left: AtomicUsize::new(ready.len().div_ceil(START_CHUNK)),
-                    ended: Mutex::new(Vec::new()),
+                    ended: Mutex::new(Vec::with_capacity(ready.len())),
                 });
                 let mut held = ready.drain(..);
                 loop {

@@ -6,7 +6,13 @@
 //! policies are interned (`Arc`), and the rarely set parts (pattern, time zone, description,
 //! metadata, last result, history, limits) live in one optional box, absent for a fresh one-shot
 //! entry. The input is kept as given.
+//!
+//! Ended entries (completed, failed, cancelled) stay queryable; past the newest
+//! [`keep_ended`](InMemoryScheduleStore::keep_ended) of them, the oldest are removed once ended
+//! entries make up three quarters of the store, and the slab and index are rebuilt so that the
+//! memory comes back (one pass, paid once per that many endings).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use architectlm_core::extensions::scheduler::RunRecord;
@@ -401,7 +407,9 @@ impl Index {
     }
 }
 
-#[derive(Default)]
+/// Ended entries kept by default (see [`InMemoryScheduleStore::keep_ended`]).
+const DEFAULT_KEEP_ENDED: usize = 10_000;
+
 struct MemInner {
     index: Index,
     slab: Slab,
@@ -409,6 +417,24 @@ struct MemInner {
     /// The kept runs of each entry, sorted by due time (a handful each: a sorted vector is
     /// smaller and faster than a tree).
     runs: Runs,
+    /// Entries that ended (completed, failed or cancelled), in the order they did.
+    ended: VecDeque<Uuid>,
+    /// Ended entries kept at least; more are removed, oldest first, once they make up three
+    /// quarters of the store.
+    keep_ended: usize,
+}
+
+impl Default for MemInner {
+    fn default() -> Self {
+        Self {
+            index: Index::default(),
+            slab: Slab::default(),
+            interner: Interner::default(),
+            runs: Runs::default(),
+            ended: VecDeque::new(),
+            keep_ended: DEFAULT_KEEP_ENDED,
+        }
+    }
 }
 
 /// Shards of [`Runs`].
@@ -495,8 +521,66 @@ impl MemInner {
         if old.version != expected {
             return Err(conflict(id, expected, old.version));
         }
+        let was_active = old.is_active();
         *old = interner.record_ref(entry, old);
+        if was_active && !old.is_active() {
+            self.ended.push_back(id);
+            if self.ended.len() > self.keep_ended && self.ended.len() * 4 > self.index.len * 3 {
+                self.prune_ended(self.keep_ended);
+            }
+        }
         Ok(())
+    }
+
+    /// Removes ended entries, oldest first, until `keep` are left (an entry with a run still
+    /// claimed, or active again, is skipped), with their runs; rebuilds the slab and the index
+    /// so that the memory is given back. Returns how many were removed.
+    fn prune_ended(&mut self, keep: usize) -> usize {
+        let mut removed = 0;
+        while self.ended.len() > keep {
+            let Some(id) = self.ended.pop_front() else {
+                break;
+            };
+            let claimed = self
+                .runs
+                .get(&id)
+                .is_some_and(|runs| runs.iter().any(|r| r.state == RunState::Claimed));
+            let Some(pos) = self.index.find(&id, &self.slab) else {
+                continue;
+            };
+            if claimed || self.slab.get(pos).is_none_or(Record::is_active) {
+                continue;
+            }
+            // Dropped in place; the index skips empty places until it is rebuilt below.
+            let pos = pos as usize;
+            if let Some(place) = self
+                .slab
+                .chunks
+                .get_mut(pos / CHUNK)
+                .and_then(|c| c.get_mut(pos % CHUNK))
+            {
+                *place = None;
+            }
+            self.runs.remove(&id);
+            removed += 1;
+        }
+        if removed == 0 {
+            return 0;
+        }
+        let old = std::mem::take(&mut self.slab);
+        let mut index = Index::default();
+        index.reserve(self.index.len.saturating_sub(removed));
+        for chunk in old.chunks {
+            for r in chunk.into_vec().into_iter().flatten() {
+                let id = r.id;
+                let at = self.slab.insert(r);
+                index.insert(&id, at);
+            }
+        }
+        self.index = index;
+        self.runs.shrink_to_fit();
+        self.ended.shrink_to_fit();
+        removed
     }
 }
 
@@ -521,6 +605,17 @@ impl InMemoryScheduleStore {
         Self::default()
     }
 
+    /// Keeps at least `n` ended entries (completed, failed or cancelled), so that `get` and
+    /// queries still answer for them (default 10,000). Once ended entries
+    /// outnumber `n` and make up three quarters of the store, the oldest are removed down to
+    /// `n`, with their runs, and their memory is given back; that costs one pass over the store,
+    /// paid once per that many endings. `usize::MAX` keeps every entry.
+    #[must_use]
+    pub fn keep_ended(self, n: usize) -> Self {
+        self.inner.write().keep_ended = n;
+        self
+    }
+
     /// Entries stored (active or not).
     pub fn len(&self) -> usize {
         self.inner.read().index.len
@@ -533,9 +628,8 @@ impl InMemoryScheduleStore {
 
     /// Removes the entries that can no longer run (completed, failed or cancelled) with their
     /// runs, and gives their memory back; returns how many. They are no longer found by `get`
-    /// or `query` afterwards. An entry with a run still claimed is kept. Entries stay until
-    /// this is called (for queries), so a deployment that cancels or completes many entries
-    /// calls it from time to time.
+    /// or `query` afterwards. An entry with a run still claimed is kept. Without this, ended
+    /// entries are removed on their own past [`keep_ended`](Self::keep_ended).
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -580,6 +674,11 @@ impl InMemoryScheduleStore {
         }
         g.index = index;
         g.runs.shrink_to_fit();
+        let ended = std::mem::take(&mut g.ended);
+        g.ended = ended
+            .into_iter()
+            .filter(|id| g.record(*id).is_some())
+            .collect();
         removed
     }
 }
@@ -752,6 +851,61 @@ mod tests {
             ),
             SchedulePolicy::default(),
         )
+    }
+
+    #[tokio::test]
+    async fn ended_entries_beyond_the_kept_number_go_oldest_first_and_give_memory_back() {
+        let store = InMemoryScheduleStore::new().keep_ended(10);
+        let entries: Vec<ScheduleEntry> = (0..100).map(|_| entry()).collect();
+        store.insert(entries.clone()).await.unwrap();
+        // Entry 0 ends with a run still claimed: it is kept whatever its age.
+        let mut first = entries[0].clone();
+        first.version = 2;
+        store
+            .claim(&first, 1, &[first.task.execute_at], Utc::now())
+            .await
+            .unwrap();
+        let end = |e: &ScheduleEntry, from: u64| {
+            let mut e = e.clone();
+            e.task.status = ScheduledTaskStatus::Cancelled;
+            e.version = from + 1;
+            e
+        };
+        store.update(&end(&first, 2), 2).await.unwrap();
+        for e in &entries[1..80] {
+            store.update(&end(e, 1), 1).await.unwrap();
+        }
+        // 76 ended of 100 made three quarters: all but the newest 10 went (and the claimed one).
+        let chunks = store.inner.read().slab.chunks.len();
+        assert!(store.len() < 40, "{} left", store.len());
+        assert_eq!(chunks, 1);
+        assert!(
+            store.get(entries[0].id()).await.unwrap().is_some(),
+            "claimed"
+        );
+        assert_eq!(store.runs(entries[0].id()).await.unwrap().len(), 1);
+        assert!(
+            store.get(entries[1].id()).await.unwrap().is_none(),
+            "oldest"
+        );
+        for e in &entries[70..80] {
+            let kept = store
+                .get(e.id())
+                .await
+                .unwrap()
+                .expect("among the newest ended");
+            assert_eq!(kept.task.status, ScheduledTaskStatus::Cancelled);
+        }
+        for e in &entries[80..] {
+            assert!(store.get(e.id()).await.unwrap().is_some(), "active");
+        }
+        // Keeping every entry is a setting.
+        let all = InMemoryScheduleStore::new().keep_ended(usize::MAX);
+        all.insert(entries.clone()).await.unwrap();
+        for e in &entries {
+            all.update(&end(e, 1), 1).await.unwrap();
+        }
+        assert_eq!(all.len(), 100);
     }
 
     #[tokio::test]

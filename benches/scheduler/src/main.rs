@@ -360,7 +360,7 @@ async fn cancel_ours(n: usize) -> Row {
         bytes_per_entry: full as f64 / n as f64,
         bytes_excl_input: full as f64 / n as f64 - input,
         extra: format!(
-            "live memory {:.0} MB → {:.0} MB after the cancels (ended entries past the newest 10,000 are removed on their own once they are three quarters of the store) → {:.0} MB after `forget_finished` ({forgotten} more removed)",
+            "live memory {:.0} MB → {:.0} MB after the cancels (ended entries past the newest 10,000 are removed on their own) → {:.0} MB after `forget_finished` ({forgotten} more removed)",
             full as f64 / 1e6,
             after as f64 / 1e6,
             pruned as f64 / 1e6

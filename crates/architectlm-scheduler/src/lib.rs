@@ -5,8 +5,10 @@
 //! a runtime as an [`Extension`](architectlm_core::Extension).
 //!
 //! - **On time, never early.** One timer driver over a heap of timers ordered by wall-clock
-//!   time (1 ms resolution) holds one timer per entry; no task per timer, no periodic scan. A
-//!   timer is handed out only once the wall clock has reached its time.
+//!   time (1 ms resolution) holds one timer per entry; no task per timer, no periodic scan.
+//!   Runs are acquired (claimed) a little ahead of their time and held until the wall clock
+//!   reaches it; then every run of that instant starts together, so that thousands due at once
+//!   start within milliseconds.
 //! - **Compact.** A pending entry is kept once, in the store; the scheduler holds only its
 //!   timer (about 70 bytes), plus a small slot while the entry runs or is being changed.
 //! - **Cron** patterns with 5, 6 or 7 fields, `L`, `W`, `#` and nicknames, in IANA time zones,

@@ -1033,10 +1033,12 @@ impl TaskScheduler {
         let id = timer.id;
         let slot = self.slot(id);
         let mut st = slot.lock().await;
+        let mut firing = Some(firing);
         if (st.running > 0 || !st.pending.is_empty()) && timer.fire_at > self.now() {
             // A run of the entry goes on: whether the next one overlaps is decided at its
-            // time, not ahead of it.
+            // time, not ahead of it. The wait does not hold up other firings.
             drop(st);
+            drop(firing.take());
             self.wait_until(timer.fire_at).await;
             st = slot.lock().await;
         }

@@ -8,9 +8,9 @@
 //! entry. The input is kept as given.
 //!
 //! Ended entries (completed, failed, cancelled) stay queryable; past the newest
-//! [`keep_ended`](InMemoryScheduleStore::keep_ended) of them, the oldest are removed once ended
-//! entries make up three quarters of the store, and the slab and index are rebuilt so that the
-//! memory comes back (one pass, paid once per that many endings).
+//! [`keep_ended`](InMemoryScheduleStore::keep_ended) of them, the oldest are removed as others
+//! end (at most two per ending, each in place: its slab place is freed for reuse, a slab chunk
+//! left empty and a mostly empty index give their memory back).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -285,11 +285,21 @@ impl Interner {
     }
 }
 
-/// A slab of records in fixed-size chunks.
+/// A slab of records in fixed-size chunks. A chunk whose records are all removed gives its
+/// memory back, and is allocated again when one of its places is reused.
 #[derive(Default)]
 struct Slab {
     chunks: Vec<Box<[Option<Record>]>>,
+    /// Records in each chunk.
+    live: Vec<u32>,
     free: Vec<u32>,
+}
+
+fn empty_chunk() -> Box<[Option<Record>]> {
+    (0..CHUNK)
+        .map(|_| None)
+        .collect::<Vec<_>>()
+        .into_boxed_slice()
 }
 
 impl Slab {
@@ -308,19 +318,31 @@ impl Slab {
             Some(i) => i,
             None => {
                 let i = self.chunks.len() * CHUNK;
-                self.chunks.push(
-                    (0..CHUNK)
-                        .map(|_| None)
-                        .collect::<Vec<_>>()
-                        .into_boxed_slice(),
-                );
+                self.chunks.push(empty_chunk());
+                self.live.push(0);
                 self.free.extend((i + 1..i + CHUNK).rev().map(|k| k as u32));
                 i as u32
             }
         };
-        let i_us = i as usize;
-        self.chunks[i_us / CHUNK][i_us % CHUNK] = Some(r);
+        let (c, k) = (i as usize / CHUNK, i as usize % CHUNK);
+        if self.chunks[c].is_empty() {
+            self.chunks[c] = empty_chunk();
+        }
+        self.chunks[c][k] = Some(r);
+        self.live[c] += 1;
         i
+    }
+
+    /// Takes the record at `i` out; its place is reused by a later insert.
+    fn remove(&mut self, i: u32) -> Option<Record> {
+        let (c, k) = (i as usize / CHUNK, i as usize % CHUNK);
+        let r = self.chunks.get_mut(c)?.get_mut(k)?.take()?;
+        self.free.push(i);
+        self.live[c] -= 1;
+        if self.live[c] == 0 {
+            self.chunks[c] = Box::default();
+        }
+        Some(r)
     }
 
     fn iter(&self) -> impl Iterator<Item = &Record> {
@@ -330,8 +352,8 @@ impl Slab {
 
 /// Slab positions by id: open addressing with linear probing, 8 bytes a place: the position
 /// and 32 bits of the id's hash, which both choose the place and are compared before the
-/// record is looked at (so growing never reads the records). Entries are never removed from
-/// the store, so there are no deletions to handle.
+/// record is looked at (so growing never reads the records). A removal shifts the later places
+/// of its probe run back (no tombstones).
 #[derive(Default)]
 struct Index {
     places: Vec<u64>,
@@ -396,6 +418,49 @@ impl Index {
             i = (i + 1) & mask;
         }
         self.places[i] = Self::tag(h) | u64::from(pos);
+    }
+
+    /// Removes the place of `id` at slab position `pos`, if there.
+    fn remove(&mut self, id: &Uuid, pos: u32) {
+        if self.places.is_empty() {
+            return;
+        }
+        let h = self.hash(id);
+        let mask = self.places.len() - 1;
+        let want = Self::tag(h) | u64::from(pos);
+        let mut hole = (h >> 32) as usize & mask;
+        loop {
+            match self.places[hole] {
+                EMPTY => return,
+                p if p == want => break,
+                _ => hole = (hole + 1) & mask,
+            }
+        }
+        // A later place of the run moves into the hole unless its own ideal place lies
+        // after the hole (cyclically), where a lookup would not look back.
+        let mut j = (hole + 1) & mask;
+        while self.places[j] != EMPTY {
+            let p = self.places[j];
+            let ideal = (p >> 32) as usize & mask;
+            if hole.wrapping_sub(ideal) & mask <= j.wrapping_sub(ideal) & mask {
+                self.places[hole] = p;
+                hole = j;
+            }
+            j = (j + 1) & mask;
+        }
+        self.places[hole] = EMPTY;
+        self.len -= 1;
+        if self.places.len() > 4096 && self.len * 8 < self.places.len() {
+            // Mostly empty: give memory back.
+            let mut cap = 16;
+            while self.len * 8 > cap * 3 {
+                cap *= 2;
+            }
+            let old = std::mem::replace(&mut self.places, vec![EMPTY; cap]);
+            for p in old.into_iter().filter(|&p| p != EMPTY) {
+                self.place(p, p as u32);
+            }
+        }
     }
 
     /// Adds an id known to be absent.
@@ -525,62 +590,43 @@ impl MemInner {
         *old = interner.record_ref(entry, old);
         if was_active && !old.is_active() {
             self.ended.push_back(id);
-            if self.ended.len() > self.keep_ended && self.ended.len() * 4 > self.index.len * 3 {
-                self.prune_ended(self.keep_ended);
-            }
+            self.prune_ended();
         }
         Ok(())
     }
 
-    /// Removes ended entries, oldest first, until `keep` are left (an entry with a run still
-    /// claimed, or active again, is skipped), with their runs; rebuilds the slab and the index
-    /// so that the memory is given back. Returns how many were removed.
-    fn prune_ended(&mut self, keep: usize) -> usize {
-        let mut removed = 0;
-        while self.ended.len() > keep {
+    /// Removes the oldest ended entries past `keep_ended`, with their runs, two at most per
+    /// call (so that the work is spread over the endings): each is dropped in place and its
+    /// memory given back. An entry with a run still claimed goes to the back of the line.
+    fn prune_ended(&mut self) {
+        for _ in 0..2 {
+            if self.ended.len() <= self.keep_ended {
+                return;
+            }
             let Some(id) = self.ended.pop_front() else {
-                break;
+                return;
             };
+            let Some(pos) = self.index.find(&id, &self.slab) else {
+                continue;
+            };
+            if self.slab.get(pos).is_none_or(Record::is_active) {
+                continue;
+            }
             let claimed = self
                 .runs
                 .get(&id)
                 .is_some_and(|runs| runs.iter().any(|r| r.state == RunState::Claimed));
-            let Some(pos) = self.index.find(&id, &self.slab) else {
-                continue;
-            };
-            if claimed || self.slab.get(pos).is_none_or(Record::is_active) {
+            if claimed {
+                self.ended.push_back(id);
                 continue;
             }
-            // Dropped in place; the index skips empty places until it is rebuilt below.
-            let pos = pos as usize;
-            if let Some(place) = self
-                .slab
-                .chunks
-                .get_mut(pos / CHUNK)
-                .and_then(|c| c.get_mut(pos % CHUNK))
-            {
-                *place = None;
-            }
+            self.slab.remove(pos);
+            self.index.remove(&id, pos);
             self.runs.remove(&id);
-            removed += 1;
         }
-        if removed == 0 {
-            return 0;
+        if self.ended.capacity() > 2 * self.ended.len() + 1024 {
+            self.ended.shrink_to_fit();
         }
-        let old = std::mem::take(&mut self.slab);
-        let mut index = Index::default();
-        index.reserve(self.index.len.saturating_sub(removed));
-        for chunk in old.chunks {
-            for r in chunk.into_vec().into_iter().flatten() {
-                let id = r.id;
-                let at = self.slab.insert(r);
-                index.insert(&id, at);
-            }
-        }
-        self.index = index;
-        self.runs.shrink_to_fit();
-        self.ended.shrink_to_fit();
-        removed
     }
 }
 
@@ -606,10 +652,9 @@ impl InMemoryScheduleStore {
     }
 
     /// Keeps at least `n` ended entries (completed, failed or cancelled), so that `get` and
-    /// queries still answer for them (default 10,000). Once ended entries
-    /// outnumber `n` and make up three quarters of the store, the oldest are removed down to
-    /// `n`, with their runs, and their memory is given back; that costs one pass over the store,
-    /// paid once per that many endings. `usize::MAX` keeps every entry.
+    /// queries still answer for them (default 10,000). Past `n`, the oldest are removed as
+    /// others end, with their runs, and their memory is given back (an entry with a run still
+    /// claimed waits). `usize::MAX` keeps every entry.
     #[must_use]
     pub fn keep_ended(self, n: usize) -> Self {
         self.inner.write().keep_ended = n;
@@ -875,7 +920,7 @@ mod tests {
         for e in &entries[1..80] {
             store.update(&end(e, 1), 1).await.unwrap();
         }
-        // 76 ended of 100 made three quarters: all but the newest 10 went (and the claimed one).
+        // All but the newest 10 ended went, and the claimed one.
         let chunks = store.inner.read().slab.chunks.len();
         assert!(store.len() < 40, "{} left", store.len());
         assert_eq!(chunks, 1);
@@ -888,7 +933,9 @@ mod tests {
             store.get(entries[1].id()).await.unwrap().is_none(),
             "oldest"
         );
-        for e in &entries[70..80] {
+        // The claimed one takes one of the 10 places kept.
+        assert!(store.get(entries[70].id()).await.unwrap().is_none());
+        for e in &entries[71..80] {
             let kept = store
                 .get(e.id())
                 .await
@@ -949,6 +996,41 @@ mod tests {
         let g = store.inner.read();
         assert_eq!(g.index.len, ids.len());
         assert!(g.index.places.len() * 7 >= ids.len() * 8);
+    }
+
+    #[tokio::test]
+    async fn removals_keep_every_other_entry_findable_and_give_chunks_and_index_back() {
+        let store = InMemoryScheduleStore::new().keep_ended(0);
+        let entries: Vec<ScheduleEntry> = (0..20_000).map(|_| entry()).collect();
+        store.insert(entries.clone()).await.unwrap();
+        let places = store.inner.read().index.places.len();
+        // End (and so remove) the first 19,000 and every third of the rest.
+        let gone = |k: usize| k < 19_000 || k.is_multiple_of(3);
+        for (k, e) in entries.iter().enumerate() {
+            if gone(k) {
+                let mut c = e.clone();
+                c.task.status = ScheduledTaskStatus::Cancelled;
+                c.version = 2;
+                store.update(&c, 1).await.unwrap();
+            }
+        }
+        for (k, e) in entries.iter().enumerate() {
+            let found = store.get(e.id()).await.unwrap().is_some();
+            assert_eq!(found, !gone(k), "entry {k}");
+        }
+        {
+            let g = store.inner.read();
+            assert_eq!(g.index.len, (19_000..20_000).filter(|k| !gone(*k)).count());
+            assert!(g.index.places.len() * 4 <= places, "the index shrank");
+            let allocated = g.slab.chunks.iter().filter(|c| !c.is_empty()).count();
+            assert!(allocated <= 2, "{allocated} chunks still allocated");
+        }
+        // Freed places are reused, their chunks allocated again.
+        let more: Vec<ScheduleEntry> = (0..5000).map(|_| entry()).collect();
+        store.insert(more.clone()).await.unwrap();
+        for e in &more {
+            assert!(store.get(e.id()).await.unwrap().is_some());
+        }
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
@@ -222,10 +223,14 @@ struct Ready {
     /// The start of the scheduler it was acquired under.
     epoch: u64,
     task_id: String,
-    input: Value,
-    options: ExecuteOptions,
     attempts: u32,
+    /// The execution, resolved by the runtime but not started (`None` without a runtime).
+    run: Option<Execution>,
 }
+
+/// A run's execution as the runtime returns it, boxed so that it can be built ahead, polled
+/// in place and moved to a task of its own if it has to wait.
+type Execution = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
 
 /// Runs started by one task when many are due at one instant.
 const START_CHUNK: usize = 128;
@@ -1104,12 +1109,12 @@ impl TaskScheduler {
                 // Held until its time, then started with the others due at that instant.
                 let epoch = self.inner.epoch.load(Ordering::Acquire);
                 for &d in &due[1..] {
-                    let ready = Self::ready(slot.clone(), entry.clone(), d, 1, epoch);
+                    let ready = self.ready(slot.clone(), entry.clone(), d, 1, epoch);
                     if let Err(ready) = self.inner.timers.hold(start_at, ready) {
                         self.spawn_start(ready);
                     }
                 }
-                let ready = Self::ready(slot, entry, due[0], 1, epoch);
+                let ready = self.ready(slot, entry, due[0], 1, epoch);
                 if let Err(ready) = self.inner.timers.hold(start_at, ready) {
                     Box::pin(self.start(ready)).await;
                 }
@@ -1275,6 +1280,7 @@ impl TaskScheduler {
     /// What the start of a run needs, made in advance; only what the task needs is kept (the
     /// entry is read again when the run ends).
     fn ready(
+        &self,
         slot: Slot,
         entry: ScheduleEntry,
         due: DateTime<Utc>,
@@ -1288,6 +1294,10 @@ impl TaskScheduler {
         if let Some(r) = policy.retry {
             options = options.retry(r);
         }
+        let run = self.runtime().map(|rt| {
+            Box::pin(rt.execute(TaskRef::Id(task.task_id.clone()), task.input, options))
+                as Execution
+        });
         Ready {
             slot,
             id,
@@ -1295,9 +1305,8 @@ impl TaskScheduler {
             starts,
             epoch,
             task_id: task.task_id,
-            input: task.input,
-            options,
             attempts,
+            run,
         }
     }
 
@@ -1332,14 +1341,26 @@ impl TaskScheduler {
             self.release(r.id, r.slot);
             return;
         }
-        let Some(runtime) = self.runtime() else {
+        let (Some(runtime), Some(_)) = (self.runtime(), &r.run) else {
             self.abandon(r.id, r.slot).await;
             return;
         };
         let started = self.now();
         self.emit_started(&r, started, &runtime);
-        let outcome = Box::pin(runtime.execute(TaskRef::Id(r.task_id), r.input, r.options)).await;
-        Box::pin(self.end_run(r.slot, r.id, r.due, r.starts, started, r.attempts, outcome)).await;
+        let Ready {
+            slot,
+            id,
+            due,
+            starts,
+            attempts,
+            run,
+            ..
+        } = r;
+        let outcome = match run {
+            Some(run) => run.await,
+            None => Err(Error::ShuttingDown),
+        };
+        Box::pin(self.end_run(slot, id, due, starts, started, attempts, outcome)).await;
     }
 
     /// Starts the held runs of one instant, one after another on this task: each body starts
@@ -1360,7 +1381,7 @@ impl TaskScheduler {
                 self.release(r.id, r.slot);
                 continue;
             }
-            let Some(runtime) = &runtime else {
+            let (Some(runtime), Some(_)) = (&runtime, &r.run) else {
                 self.abandon(r.id, r.slot).await;
                 continue;
             };
@@ -1372,9 +1393,12 @@ impl TaskScheduler {
                 due,
                 starts,
                 attempts,
+                run,
                 ..
             } = r;
-            let mut run = Box::pin(runtime.execute(TaskRef::Id(r.task_id), r.input, r.options));
+            let Some(mut run) = run else {
+                continue;
+            };
             match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
                 Poll::Ready(outcome) => {
                     ended.push((slot, id, due, starts, started, attempts, outcome))
@@ -1427,8 +1451,8 @@ impl TaskScheduler {
 
     /// One run: executes the task and records its outcome.
     async fn run(self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
-        let r = Self::ready(slot, entry, due, starts, 0);
-        let Some(runtime) = self.runtime() else {
+        let r = self.ready(slot, entry, due, starts, 0);
+        let (Some(runtime), Some(_)) = (self.runtime(), &r.run) else {
             self.abandon(r.id, r.slot).await;
             return;
         };
@@ -1440,9 +1464,13 @@ impl TaskScheduler {
             due,
             starts,
             attempts,
+            run,
             ..
         } = r;
-        let outcome = Box::pin(runtime.execute(TaskRef::Id(r.task_id), r.input, r.options)).await;
+        let outcome = match run {
+            Some(run) => run.await,
+            None => Err(Error::ShuttingDown),
+        };
         Box::pin(self.end_run(slot, id, due, starts, started, attempts, outcome)).await;
     }
 
@@ -1812,7 +1840,7 @@ impl TaskScheduler {
                 let slot = self.slot(id);
                 if r.due_at > now {
                     // Acquired ahead of its time before the stop: held until then.
-                    let ready = Self::ready(slot, entry, r.due_at, starts, epoch);
+                    let ready = self.ready(slot, entry, r.due_at, starts, epoch);
                     if let Err(ready) = self.inner.timers.hold(r.due_at, ready) {
                         self.spawn_start(ready);
                     }

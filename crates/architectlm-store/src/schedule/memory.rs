@@ -374,25 +374,7 @@ impl Index {
     }
 
     fn find(&self, id: &Uuid, slab: &Slab) -> Option<u32> {
-        if self.places.is_empty() {
-            return None;
-        }
-        let h = self.hash(id);
-        let mask = self.places.len() - 1;
-        let mut i = (h >> 32) as usize & mask;
-        loop {
-            let p = self.places[i];
-            if p == EMPTY {
-                return None;
-            }
-            if p & !0xFFFF_FFFF == Self::tag(h) {
-                let pos = p as u32;
-                if slab.get(pos).is_some_and(|r| r.id == *id) {
-                    return Some(pos);
-                }
-            }
-            i = (i + 1) & mask;
-        }
+        self.find_place(id, slab).map(|(_, pos)| pos)
     }
 
     /// Makes room for `additional` more ids (a load of at most 7/8).
@@ -420,22 +402,32 @@ impl Index {
         self.places[i] = Self::tag(h) | u64::from(pos);
     }
 
-    /// Removes the place of `id` at slab position `pos`, if there.
-    fn remove(&mut self, id: &Uuid, pos: u32) {
+    /// Where `id` is: its place in the index and its slab position.
+    fn find_place(&self, id: &Uuid, slab: &Slab) -> Option<(usize, u32)> {
         if self.places.is_empty() {
-            return;
+            return None;
         }
         let h = self.hash(id);
         let mask = self.places.len() - 1;
-        let want = Self::tag(h) | u64::from(pos);
-        let mut hole = (h >> 32) as usize & mask;
+        let mut i = (h >> 32) as usize & mask;
         loop {
-            match self.places[hole] {
-                EMPTY => return,
-                p if p == want => break,
-                _ => hole = (hole + 1) & mask,
+            let p = self.places[i];
+            if p == EMPTY {
+                return None;
             }
+            if p & !0xFFFF_FFFF == Self::tag(h) {
+                let pos = p as u32;
+                if slab.get(pos).is_some_and(|r| r.id == *id) {
+                    return Some((i, pos));
+                }
+            }
+            i = (i + 1) & mask;
         }
+    }
+
+    /// Removes the id at place `hole` (from [`find_place`](Self::find_place)).
+    fn remove_place(&mut self, mut hole: usize) {
+        let mask = self.places.len() - 1;
         // A later place of the run moves into the hole unless its own ideal place lies
         // after the hole (cyclically), where a lookup would not look back.
         let mut j = (hole + 1) & mask;
@@ -549,8 +541,8 @@ impl Runs {
         self.shard_mut(id).get_mut(id)
     }
 
-    fn remove(&mut self, id: &Uuid) {
-        self.shard_mut(id).remove(id);
+    fn remove(&mut self, id: &Uuid) -> Option<Vec<ScheduleRun>> {
+        self.shard_mut(id).remove(id)
     }
 
     fn iter(&self) -> impl Iterator<Item = (&Uuid, &Vec<ScheduleRun>)> {
@@ -606,23 +598,22 @@ impl MemInner {
             let Some(id) = self.ended.pop_front() else {
                 return;
             };
-            let Some(pos) = self.index.find(&id, &self.slab) else {
+            let Some((place, pos)) = self.index.find_place(&id, &self.slab) else {
                 continue;
             };
             if self.slab.get(pos).is_none_or(Record::is_active) {
                 continue;
             }
-            let claimed = self
-                .runs
-                .get(&id)
-                .is_some_and(|runs| runs.iter().any(|r| r.state == RunState::Claimed));
-            if claimed {
+            if let Some(runs) = self.runs.remove(&id)
+                && runs.iter().any(|r| r.state == RunState::Claimed)
+            {
+                // A run still claimed: kept, and looked at again later.
+                *self.runs.entry(id) = runs;
                 self.ended.push_back(id);
                 continue;
             }
             self.slab.remove(pos);
-            self.index.remove(&id, pos);
-            self.runs.remove(&id);
+            self.index.remove_place(place);
         }
         if self.ended.capacity() > 2 * self.ended.len() + 1024 {
             self.ended.shrink_to_fit();

@@ -592,6 +592,96 @@ async fn every_second(n: usize, window: u32) -> Row {
     row
 }
 
+/// The every-second workload with plain Tokio: one task per entry sleeping until each whole
+/// second (`spawn` + `sleep_until`), or one `DelayQueue` holding every entry's next second.
+/// Lateness is measured against the wall clock, as for the scheduler.
+async fn every_second_peer(n: usize, window: u32, delay_queue: bool) -> Row {
+    let start = Utc::now() + chrono::Duration::seconds(2);
+    let start = DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start);
+    let late: Arc<Vec<AtomicI64>> = Arc::new(
+        (0..n * window as usize)
+            .map(|_| AtomicI64::new(i64::MIN))
+            .collect(),
+    );
+    // The monotonic instant at which the wall clock reads `at`.
+    let instant = |at: DateTime<Utc>| {
+        let now = tokio::time::Instant::now();
+        match (at - Utc::now()).to_std() {
+            Ok(d) => now + d,
+            Err(_) => now,
+        }
+    };
+    let due = move |occ: u32| start + chrono::Duration::seconds(i64::from(occ));
+    let record = {
+        let late = late.clone();
+        move |k: usize, occ: u32| {
+            let now = wall_us(Utc::now());
+            late[occ as usize * n + k].store(now - wall_us(due(occ)), Ordering::Relaxed);
+        }
+    };
+    let handles: Vec<tokio::task::JoinHandle<()>> = if delay_queue {
+        use tokio_util::time::DelayQueue;
+        let mut q = DelayQueue::with_capacity(n);
+        for k in 0..n {
+            q.insert_at((k, 0u32), instant(due(0)));
+        }
+        vec![tokio::spawn(async move {
+            use std::future::poll_fn;
+            while let Some(e) = poll_fn(|cx| q.poll_expired(cx)).await {
+                let (k, occ) = e.into_inner();
+                record(k, occ);
+                if occ + 1 < window {
+                    q.insert_at((k, occ + 1), instant(due(occ + 1)));
+                }
+            }
+        })]
+    } else {
+        (0..n)
+            .map(|k| {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    for occ in 0..window {
+                        tokio::time::sleep_until(instant(due(occ))).await;
+                        record(k, occ);
+                    }
+                })
+            })
+            .collect()
+    };
+    let end = due(window - 1);
+    let over = (end + chrono::Duration::seconds(3) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(over).await;
+    for h in handles {
+        h.abort();
+    }
+    let expected = n * window as usize;
+    let rec = Recorder::new(expected);
+    for (i, l) in late.iter().enumerate() {
+        let l = l.load(Ordering::Relaxed);
+        if l != i64::MIN {
+            rec.record(i, l);
+        }
+    }
+    summarize(
+        &rec,
+        Row {
+            workload: format!("{n} every-second entries for {window}s"),
+            name: if delay_queue {
+                "tokio-util DelayQueue".into()
+            } else {
+                "tokio spawn + sleep_until".into()
+            },
+            n: expected,
+            insert_per_s: f64::NAN,
+            bytes_per_entry: f64::NAN,
+            bytes_excl_input: f64::NAN,
+            ..Row::default()
+        },
+    )
+}
+
 fn fmt(x: f64) -> String {
     if x.is_nan() {
         "–".into()
@@ -645,6 +735,17 @@ async fn main() {
         // For profiling the recurring firing path: only the every-second workload.
         let (es_n, es_w) = if quick { (2_000, 5) } else { (10_000, 20) };
         let r = every_second(es_n, es_w).await;
+        for peer in [true, false] {
+            let p = every_second_peer(es_n, es_w, peer).await;
+            println!(
+                "{}: p50 {} ms, p99 {} ms, max {} ms, lost {}",
+                p.name,
+                fmt(p.p50_ms),
+                fmt(p.p99_ms),
+                fmt(p.max_ms),
+                p.lost
+            );
+        }
         println!(
             "{} every-second entries for {es_w}s: p50 {} ms, p99 {} ms, max {} ms, lost {} ({})",
             es_n,
@@ -691,6 +792,8 @@ async fn main() {
     };
     rows.push(idle_recurring(idle_n, idle_s).await);
     rows.push(every_second(es_n, es_w).await);
+    rows.push(every_second_peer(es_n, es_w, true).await);
+    rows.push(every_second_peer(es_n, es_w, false).await);
 
     println!("### Scheduler");
     println!();

@@ -1675,25 +1675,6 @@ impl TaskScheduler {
         Ok(Some(e))
     }
 
-    /// Cancels an entry that had no slot (see [`Scheduler::cancel_task`]); a
-    /// [`Error::Conflict`] if it changed meanwhile.
-    async fn cancel_idle(&self, id: Uuid) -> Result<Option<ScheduleEntry>> {
-        let Some(mut e) = self.inner.store.get(id).await? else {
-            return Ok(None);
-        };
-        if !e.is_active() {
-            return Ok(None);
-        }
-        e.task.status = ScheduledTaskStatus::Cancelled;
-        e.task.next_execution_at = None;
-        let expected = e.version;
-        e.version += 1;
-        self.inner.store.update(&e, expected).await?;
-        self.note_end(true, &e);
-        self.inner.timers.disarm(id);
-        Ok(Some(e))
-    }
-
     /// [`Scheduler::trigger_task`] under the entry's lock.
     async fn trigger_locked(&self, id: Uuid, slot: &Slot, st: &mut SlotState) -> Result<bool> {
         let Some(mut e) = self.inner.store.get(id).await? else {
@@ -1933,20 +1914,22 @@ impl Scheduler for TaskScheduler {
     async fn cancel_task(&self, id: Uuid) -> Result<bool> {
         if self.inner.cluster.is_none() && self.runtime().is_some() {
             // An entry nobody uses (no runs going, waiting or held, not being fired or
-            // changed) is cancelled without taking its lock: a firing that starts meanwhile has
-            // its claim refused (the version moved) and then finds the entry cancelled; one
-            // that claimed first makes this write fail the same way, and the cancel is done
-            // again under the lock.
-            if !self.inner.slots.lock().contains_key(&id) {
-                match self.cancel_idle(id).await {
-                    Ok(Some(e)) => {
-                        self.emit(SchedulerEventType::Cancelled, &e, || json!({}));
-                        return Ok(true);
-                    }
-                    Ok(None) => return Ok(false),
-                    Err(Error::Conflict { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+            // changed) and with no run claimed is cancelled in one store write without taking
+            // its lock: a firing that starts meanwhile has its claim refused (the version
+            // moved) and then finds the entry cancelled; one that claimed first made it
+            // `running`, and the cancel is done under the lock.
+            if !self.inner.slots.lock().contains_key(&id)
+                && let Some(task_id) = self.inner.store.cancel_unclaimed(id).await?
+            {
+                let _ = self
+                    .inner
+                    .active
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        Some(n.saturating_sub(1))
+                    });
+                self.inner.timers.disarm(id);
+                self.emit_for(SchedulerEventType::Cancelled, id, &task_id, || json!({}));
+                return Ok(true);
             }
             // One pass under the entry's lock.
             let slot = self.slot(id);

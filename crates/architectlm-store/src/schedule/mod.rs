@@ -233,6 +233,31 @@ pub trait ScheduleStore: Send + Sync + fmt::Debug + 'static {
     async fn unfinished_runs(&self) -> Result<Vec<ScheduleRun>>;
     /// The kept runs of an entry, oldest due time first.
     async fn runs(&self, entry_id: Uuid) -> Result<Vec<ScheduleRun>>;
+
+    /// Cancels the entry `id` in one write if it is `scheduled` or `paused` (no run of it
+    /// claimed): status `cancelled`, no next run, version + 1. Returns its task id; `None` if
+    /// it is unknown, in another status, or changed while this ran (the caller then cancels it
+    /// the long way). The default reads and updates; a store may do it in place.
+    async fn cancel_unclaimed(&self, id: Uuid) -> Result<Option<String>> {
+        let Some(mut e) = self.get(id).await? else {
+            return Ok(None);
+        };
+        if !matches!(
+            e.task.status,
+            ScheduledTaskStatus::Scheduled | ScheduledTaskStatus::Paused
+        ) {
+            return Ok(None);
+        }
+        e.task.status = ScheduledTaskStatus::Cancelled;
+        e.task.next_execution_at = None;
+        let expected = e.version;
+        e.version += 1;
+        match self.update(&e, expected).await {
+            Ok(()) => Ok(Some(e.task.task_id)),
+            Err(Error::Conflict { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
 }
 
 /// One entry's part of a [`SharedScheduleStore::claim_batch`]: the entry as it is after the
@@ -500,6 +525,29 @@ mod tests {
             .status(ScheduledTaskStatus::Cancelled)
             .status(ScheduledTaskStatus::Paused);
         assert_eq!(store.query(&q).await.unwrap().items[0].id(), c.id());
+        // A scheduled entry with nothing claimed is cancelled in one write; a cancelled one,
+        // a running one or an unknown id is left to the long way.
+        let mut d = entry("d", 300, false);
+        store.insert(vec![d.clone()]).await.unwrap();
+        assert_eq!(
+            store.cancel_unclaimed(d.id()).await.unwrap().as_deref(),
+            Some("d")
+        );
+        let stored = store.get(d.id()).await.unwrap().unwrap();
+        assert_eq!(stored.task.status, ScheduledTaskStatus::Cancelled);
+        assert_eq!(stored.task.next_execution_at, None);
+        assert_eq!(stored.version, d.version + 1);
+        assert_eq!(store.cancel_unclaimed(d.id()).await.unwrap(), None);
+        assert_eq!(store.cancel_unclaimed(Uuid::new_v4()).await.unwrap(), None);
+        d = entry("d2", 300, false);
+        store.insert(vec![d.clone()]).await.unwrap();
+        d.version += 1;
+        d.task.status = ScheduledTaskStatus::Running;
+        store
+            .claim(&d, d.version - 1, &[at(300)], at(300))
+            .await
+            .unwrap();
+        assert_eq!(store.cancel_unclaimed(d.id()).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -553,7 +601,7 @@ mod tests {
                 .await
                 .unwrap()
                 .total,
-            4
+            6
         );
         drop_schema(&url, &schema).await;
     }

@@ -761,9 +761,11 @@ async fn main() {
         // For profiling the firing path: only our spread one-shot workload.
         let r = ours("one-shots", n, span, false).await;
         println!(
-            "{} one-shots over {}s: p50 {} ms, p99 {} ms, max {} ms",
+            "{} one-shots over {}s: inserted at {}/s, {} B each without input; p50 {} ms, p99 {} ms, max {} ms",
             r.n,
             span.as_secs(),
+            fmt(r.insert_per_s),
+            fmt(r.bytes_excl_input),
             fmt(r.p50_ms),
             fmt(r.p99_ms),
             fmt(r.max_ms)
@@ -811,7 +813,10 @@ async fn main() {
             .iter()
             .find(|p| p.workload == r.workload && p.name.starts_with("tokio-util"))
             .map(|p| p.insert_per_s);
-        let ratio = peer.map_or("–".into(), |p| format!("{:.2}×", r.insert_per_s / p));
+        let ratio = peer
+            .map(|p| r.insert_per_s / p)
+            .filter(|x| x.is_finite())
+            .map_or("–".into(), |x| format!("{x:.2}×"));
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.workload,

@@ -140,19 +140,30 @@ fn sync_history(to: &mut Vec<RunRecord>, from: &[RunRecord]) {
 /// Shares task ids and policies between records.
 #[derive(Default)]
 struct Interner {
-    task_ids: std::collections::HashSet<Arc<str>>,
+    task_ids: std::collections::HashSet<Arc<str>, IdHash>,
+    /// The task id interned last: entries come in batches of one task more often than not.
+    last_task_id: Option<Arc<str>>,
     policies: Vec<Arc<SchedulePolicy>>,
 }
 
 impl Interner {
     fn task_id(&mut self, s: String) -> Arc<str> {
-        if let Some(a) = self.task_ids.get(s.as_str()) {
-            return a.clone();
+        if let Some(last) = &self.last_task_id
+            && **last == *s
+        {
+            return last.clone();
         }
-        let a: Arc<str> = Arc::from(s);
-        if self.task_ids.len() < INTERN_LIMIT {
-            self.task_ids.insert(a.clone());
-        }
+        let a = match self.task_ids.get(s.as_str()) {
+            Some(a) => a.clone(),
+            None => {
+                let a: Arc<str> = Arc::from(s);
+                if self.task_ids.len() < INTERN_LIMIT {
+                    self.task_ids.insert(a.clone());
+                }
+                a
+            }
+        };
+        self.last_task_id = Some(a.clone());
         a
     }
 

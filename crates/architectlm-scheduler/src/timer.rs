@@ -387,7 +387,11 @@ impl<R> Timers<R> {
                             .max(Duration::from_micros(50));
                         let sleep = tokio::task::spawn_blocking(move || std::thread::sleep(left));
                         tokio::select! {
-                            _ = sleep => {}
+                            slept = sleep => if slept.is_err() {
+                                // No blocking thread (the runtime is shutting down): wait a
+                                // tick instead, so that this never spins.
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            },
                             // With no room, the caller looks again for room.
                             () = notified => if room == 0 { return },
                         }

@@ -490,20 +490,46 @@ async fn idle_recurring(n: usize, idle: Duration) -> Row {
     }
 }
 
+/// The every-second workloads start on a whole second, two seconds out.
+fn whole_second_start() -> DateTime<Utc> {
+    let start = Utc::now() + chrono::Duration::seconds(2);
+    DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start)
+}
+
+/// One lateness slot per (entry, occurrence), empty until recorded.
+fn lateness_slots(len: usize) -> Arc<Vec<AtomicI64>> {
+    Arc::new((0..len).map(|_| AtomicI64::new(i64::MIN)).collect())
+}
+
+/// Sleeps until every occurrence up to `end` has had three seconds to run.
+async fn settle_after(end: DateTime<Utc>) {
+    let over = (end + chrono::Duration::seconds(3) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(over).await;
+}
+
+/// The recorded slots as a [`Recorder`] (empty slots count as lost).
+fn recorded(late: &[AtomicI64]) -> Arc<Recorder> {
+    let rec = Recorder::new(late.len());
+    for (i, l) in late.iter().enumerate() {
+        let l = l.load(Ordering::Relaxed);
+        if l != i64::MIN {
+            rec.record(i, l);
+        }
+    }
+    rec
+}
+
 async fn every_second(n: usize, window: u32) -> Row {
     use architectlm_core::extensions::scheduler::RecurringTaskConfig;
     // Start on a whole second, two seconds out, and stop after `window` occurrences each.
-    let start = Utc::now() + chrono::Duration::seconds(2);
-    let start = DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start);
+    let start = whole_second_start();
     let end = start + chrono::Duration::seconds(i64::from(window) - 1);
     // One place per (entry, occurrence): the body records its lateness there (no counter
     // shared by all runs), and counts a second run of the same occurrence as a duplicate. The
     // due time comes from the run's idempotency key (`<entry>@<due, RFC 3339>`).
-    let late: Arc<Vec<AtomicI64>> = Arc::new(
-        (0..n * window as usize)
-            .map(|_| AtomicI64::new(i64::MIN))
-            .collect(),
-    );
+    let late = lateness_slots(n * window as usize);
     let dups = Arc::new(AtomicUsize::new(0));
     let unknown = Arc::new(AtomicUsize::new(0));
     let (l2, d2, u2) = (late.clone(), dups.clone(), unknown.clone());
@@ -558,19 +584,9 @@ async fn every_second(n: usize, window: u32) -> Row {
         );
     }
     let expected = n * window as usize;
-    // Every occurrence has had three seconds to run by then.
-    let over = (end + chrono::Duration::seconds(3) - Utc::now())
-        .to_std()
-        .unwrap_or_default();
-    tokio::time::sleep(over).await;
+    settle_after(end).await;
     rt.shutdown(Duration::from_secs(1)).await;
-    let rec = Recorder::new(expected);
-    for (i, l) in late.iter().enumerate() {
-        let l = l.load(Ordering::Relaxed);
-        if l != i64::MIN {
-            rec.record(i, l);
-        }
-    }
+    let rec = recorded(&late);
     let mut row = summarize(
         &rec,
         Row {
@@ -596,13 +612,8 @@ async fn every_second(n: usize, window: u32) -> Row {
 /// second (`spawn` + `sleep_until`), or one `DelayQueue` holding every entry's next second.
 /// Lateness is measured against the wall clock, as for the scheduler.
 async fn every_second_peer(n: usize, window: u32, delay_queue: bool) -> Row {
-    let start = Utc::now() + chrono::Duration::seconds(2);
-    let start = DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start);
-    let late: Arc<Vec<AtomicI64>> = Arc::new(
-        (0..n * window as usize)
-            .map(|_| AtomicI64::new(i64::MIN))
-            .collect(),
-    );
+    let start = whole_second_start();
+    let late = lateness_slots(n * window as usize);
     // The monotonic instant at which the wall clock reads `at`.
     let instant = |at: DateTime<Utc>| {
         let now = tokio::time::Instant::now();
@@ -649,21 +660,12 @@ async fn every_second_peer(n: usize, window: u32, delay_queue: bool) -> Row {
             .collect()
     };
     let end = due(window - 1);
-    let over = (end + chrono::Duration::seconds(3) - Utc::now())
-        .to_std()
-        .unwrap_or_default();
-    tokio::time::sleep(over).await;
+    settle_after(end).await;
     for h in handles {
         h.abort();
     }
     let expected = n * window as usize;
-    let rec = Recorder::new(expected);
-    for (i, l) in late.iter().enumerate() {
-        let l = l.load(Ordering::Relaxed);
-        if l != i64::MIN {
-            rec.record(i, l);
-        }
-    }
+    let rec = recorded(&late);
     summarize(
         &rec,
         Row {

@@ -618,13 +618,18 @@ impl TaskScheduler {
     /// Counts an entry that stopped being active (`was_active` before the write of `now`).
     fn note_end(&self, was_active: bool, now: &ScheduleEntry) {
         if was_active && !now.is_active() {
-            let _ = self
-                .inner
-                .active
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    Some(n.saturating_sub(1))
-                });
+            self.count_ended();
         }
+    }
+
+    /// Counts one active entry fewer.
+    fn count_ended(&self) {
+        let _ = self
+            .inner
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     fn schedule_of(&self, e: &ScheduleEntry) -> Result<Option<CronSchedule>> {
@@ -1341,25 +1346,30 @@ impl TaskScheduler {
             self.release(r.id, r.slot);
             return;
         }
-        let (Some(runtime), Some(_)) = (self.runtime(), &r.run) else {
-            self.abandon(r.id, r.slot).await;
-            return;
-        };
-        let started = self.now();
-        self.emit_started(&r, started, &runtime);
+        self.execute(r).await;
+    }
+
+    /// Runs a run's execution now and records its outcome (the run is given up, its claim left
+    /// open, if there is no runtime).
+    async fn execute(self, r: Ready) {
         let Ready {
             slot,
             id,
             due,
             starts,
+            task_id,
             attempts,
             run,
             ..
         } = r;
-        let outcome = match run {
-            Some(run) => run.await,
-            None => Err(Error::ShuttingDown),
+        let (Some(runtime), Some(run)) = (self.runtime(), run) else {
+            self.abandon(id, slot).await;
+            return;
         };
+        let started = self.now();
+        self.emit_started(id, &task_id, due, starts, started, &runtime);
+        drop(task_id);
+        let outcome = run.await;
         Box::pin(self.end_run(slot, id, due, starts, started, attempts, outcome)).await;
     }
 
@@ -1381,24 +1391,22 @@ impl TaskScheduler {
                 self.release(r.id, r.slot);
                 continue;
             }
-            let (Some(runtime), Some(_)) = (&runtime, &r.run) else {
-                self.abandon(r.id, r.slot).await;
-                continue;
-            };
-            let started = self.now();
-            self.emit_started(&r, started, runtime);
             let Ready {
                 slot,
                 id,
                 due,
                 starts,
+                task_id,
                 attempts,
                 run,
                 ..
             } = r;
-            let Some(mut run) = run else {
+            let (Some(runtime), Some(mut run)) = (&runtime, run) else {
+                self.abandon(id, slot).await;
                 continue;
             };
+            let started = self.now();
+            self.emit_started(id, &task_id, due, starts, started, runtime);
             match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
                 Poll::Ready(outcome) => {
                     ended.push((slot, id, due, starts, started, attempts, outcome))
@@ -1439,39 +1447,28 @@ impl TaskScheduler {
 
     /// Emits `started` for a run on `runtime` (which tells whether its bus has listeners without
     /// the scheduler's lock).
-    fn emit_started(&self, r: &Ready, started: DateTime<Utc>, runtime: &Runtime) {
+    fn emit_started(
+        &self,
+        id: Uuid,
+        task_id: &str,
+        due: DateTime<Utc>,
+        starts: u32,
+        started: DateTime<Utc>,
+        runtime: &Runtime,
+    ) {
         if !self.inner.events.has_subscribers() && !runtime.events().has_subscribers() {
             return;
         }
-        self.emit_for(SchedulerEventType::Started, r.id, &r.task_id, || {
-            json!({"due_at": r.due, "started_at": started,
-                   "idempotency_key": idempotency_key(r.id, r.due), "starts": r.starts})
+        self.emit_for(SchedulerEventType::Started, id, task_id, || {
+            json!({"due_at": due, "started_at": started,
+                   "idempotency_key": idempotency_key(id, due), "starts": starts})
         });
     }
 
     /// One run: executes the task and records its outcome.
     async fn run(self, slot: Slot, entry: ScheduleEntry, due: DateTime<Utc>, starts: u32) {
         let r = self.ready(slot, entry, due, starts, 0);
-        let (Some(runtime), Some(_)) = (self.runtime(), &r.run) else {
-            self.abandon(r.id, r.slot).await;
-            return;
-        };
-        let started = self.now();
-        self.emit_started(&r, started, &runtime);
-        let Ready {
-            slot,
-            id,
-            due,
-            starts,
-            attempts,
-            run,
-            ..
-        } = r;
-        let outcome = match run {
-            Some(run) => run.await,
-            None => Err(Error::ShuttingDown),
-        };
-        Box::pin(self.end_run(slot, id, due, starts, started, attempts, outcome)).await;
+        self.execute(r).await;
     }
 
     /// Records the outcome of a run and starts a waiting one if a place is free.
@@ -1921,12 +1918,7 @@ impl Scheduler for TaskScheduler {
             if !self.inner.slots.lock().contains_key(&id)
                 && let Some(task_id) = self.inner.store.cancel_unclaimed(id).await?
             {
-                let _ = self
-                    .inner
-                    .active
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        Some(n.saturating_sub(1))
-                    });
+                self.count_ended();
                 self.inner.timers.disarm(id);
                 self.emit_for(SchedulerEventType::Cancelled, id, &task_id, || json!({}));
                 return Ok(true);

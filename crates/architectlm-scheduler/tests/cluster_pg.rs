@@ -22,7 +22,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 mod support;
-use support::pg::{connect, database_url, drop_schema};
+use support::pg::{connect, connect_named, database_url, drop_schema};
 
 const SCHEMA_ENV: &str = "ARCHITECTLM_SCHEDULER_PG_CHILD_SCHEMA";
 /// Scheduled runs in the crash test.
@@ -69,7 +69,7 @@ async fn node(
     pause: Duration,
     max_in_flight: usize,
 ) -> (Runtime, Arc<TaskScheduler>) {
-    let db = connect(url, schema, 12).await;
+    let db = connect_named(url, schema, 12, &application_name(name, schema)).await;
     let store = Arc::new(
         PgScheduleStore::open(db.clone())
             .await
@@ -92,6 +92,12 @@ async fn node(
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     (runtime, scheduler)
+}
+
+/// The `application_name` of node `name`'s connections: a killed node's transactions are
+/// settled once none of its connections is left in `pg_stat_activity`.
+fn application_name(name: &str, schema: &str) -> String {
+    format!("{name}-{schema}")
 }
 
 /// The child node: works on the shared schema until it is killed.
@@ -148,6 +154,31 @@ async fn count(db: &PgDb, sql: &str) -> i64 {
         .await
         .and_then(|r| r.try_get(0))
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Waits until no server process serves connections named `application_name`.
+async fn wait_gone(db: &PgDb, application_name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = db.client().await.unwrap_or_else(|e| panic!("{e}"));
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&application_name],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if n == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} connections of {application_name} are still served"
+        );
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Waits (polling the database, with a deadline) until `sql` counts at least `want`.
@@ -252,6 +283,9 @@ async fn three_nodes_and_a_killed_one_run_each_occurrence_exactly_once() {
     child.kill().unwrap_or_else(|e| panic!("{e}"));
     let killed_at = Instant::now();
     let _ = child.wait();
+    // A transaction the child sent before dying (a claim's COMMIT, say) may still be read by
+    // its server process: the runs it held are known once its connections are gone.
+    wait_gone(&db, &application_name("child", &schema)).await;
     let held: HashSet<(Uuid, i64)> = {
         let client = db.client().await.unwrap_or_else(|e| panic!("{e}"));
         client

@@ -21,6 +21,23 @@ pub(crate) async fn connect(url: &str, schema: &str, pool: usize) -> PgDb {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Like [`connect`], with the connections named `application_name` in `pg_stat_activity`.
+pub(crate) async fn connect_named(
+    url: &str,
+    schema: &str,
+    pool: usize,
+    application_name: &str,
+) -> PgDb {
+    PgDb::connect(
+        PgOptions::new(url)
+            .schema(schema)
+            .pool_size(pool)
+            .application_name(application_name),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Drops `schema` and everything in it.
 pub(crate) async fn drop_schema(url: &str, schema: &str) {
     let db = PgDb::connect_url(url)

@@ -4,8 +4,9 @@
 //! `cargo run --release --manifest-path benches/scheduler/Cargo.toml -- [--quick] [--instant-only | --one-shots-only]`
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicIsize, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use architectlm_core::extensions::scheduler::{ScheduledTaskConfig, Scheduler};
@@ -16,21 +17,47 @@ use serde_json::json;
 
 struct Counting;
 
-static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// Live heap bytes, counted per shard: each thread adds to a shard of its own, so that the
+/// count does not make two threads that allocate at once contend for one cache line (which
+/// would slow every allocating workload measured here, ours and the peers alike).
+const SHARDS: usize = 64;
+
+#[repr(align(128))]
+struct Shard(AtomicIsize);
+
+static LIVE: [Shard; SHARDS] = [const { Shard(AtomicIsize::new(0)) }; SHARDS];
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static MY_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn shard() -> &'static AtomicIsize {
+    let i = MY_SHARD
+        .try_with(|s| {
+            let mut i = s.get();
+            if i == usize::MAX {
+                i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+                s.set(i);
+            }
+            i
+        })
+        .unwrap_or(0);
+    &LIVE[i].0
+}
 
 // Safety: every call is forwarded unchanged to the system allocator; only sizes are counted.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        shard().fetch_add(l.size() as isize, Ordering::Relaxed);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        shard().fetch_sub(l.size() as isize, Ordering::Relaxed);
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n, Ordering::Relaxed);
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        shard().fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
         unsafe { System.realloc(p, l, n) }
     }
 }
@@ -39,7 +66,8 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn live() -> usize {
-    LIVE.load(Ordering::Relaxed)
+    let sum: isize = LIVE.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
+    sum.max(0) as usize
 }
 
 /// Signed lateness per timer in microseconds; `i64::MIN` means it never fired.
@@ -509,6 +537,54 @@ async fn settle_after(end: DateTime<Utc>) {
     tokio::time::sleep(over).await;
 }
 
+/// The due time of a run (microseconds since the epoch) from the RFC 3339 part of its
+/// idempotency key. A whole second in UTC (`YYYY-MM-DDTHH:MM:SS+00:00`, the every-second
+/// workload's) is read by position, which costs the measuring body little; anything else goes
+/// through chrono.
+fn due_us(d: &str) -> Option<i64> {
+    let b = d.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        b.get(r)?.iter().try_fold(0i64, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
+    };
+    if b.len() == 25 && &b[19..] == b"+00:00" {
+        let (y, m, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (h, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        return Some(((days * 24 + h) * 60 + min) * 60_000_000 + sec * 1_000_000);
+    }
+    DateTime::parse_from_rfc3339(d)
+        .ok()
+        .map(|t| wall_us(t.with_timezone(&Utc)))
+}
+
+/// Prints, per occurrence, the lateness of its first, median, 99th-percentile and last run
+/// (for looking into where a burst's time goes).
+fn spread(late: &[AtomicI64], n: usize) {
+    for (occ, runs) in late.chunks(n).enumerate() {
+        let mut v: Vec<i64> = runs
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .filter(|l| *l != i64::MIN)
+            .collect();
+        v.sort_unstable();
+        if let (Some(first), Some(last)) = (v.first(), v.last()) {
+            eprintln!(
+                "occurrence {occ}: first {first} us, p50 {} us, p99 {} us, last {last} us",
+                v[v.len() / 2],
+                v[v.len() * 99 / 100]
+            );
+        }
+    }
+}
+
 /// The recorded slots as a [`Recorder`] (empty slots count as lost).
 fn recorded(late: &[AtomicI64]) -> Arc<Recorder> {
     let rec = Recorder::new(late.len());
@@ -529,6 +605,9 @@ async fn every_second(n: usize, window: u32) -> Row {
     // One place per (entry, occurrence): the body records its lateness there (no counter
     // shared by all runs), and counts a second run of the same occurrence as a duplicate. The
     // due time comes from the run's idempotency key (`<entry>@<due, RFC 3339>`).
+    for t in [start, end, start - chrono::Duration::days(400)] {
+        assert_eq!(due_us(&t.to_rfc3339()), Some(wall_us(t)), "{t}");
+    }
     let late = lateness_slots(n * window as usize);
     let dups = Arc::new(AtomicUsize::new(0));
     let unknown = Arc::new(AtomicUsize::new(0));
@@ -539,13 +618,12 @@ async fn every_second(n: usize, window: u32) -> Row {
         let due = ctx
             .idempotency_key()
             .and_then(|key| key.split_once('@'))
-            .and_then(|(_, d)| DateTime::parse_from_rfc3339(d).ok())
-            .map(|d| d.with_timezone(&Utc));
+            .and_then(|(_, d)| due_us(d));
         match due {
-            Some(due) if due >= start && due <= end && k < n => {
+            Some(due) if due >= wall_us(start) && due <= wall_us(end) && k < n => {
                 // Occurrence-major, so that the runs of one instant write side by side.
-                let i = (due - start).num_seconds() as usize * n + k;
-                if l2[i].swap(now - wall_us(due), Ordering::Relaxed) != i64::MIN {
+                let i = ((due - wall_us(start)) / 1_000_000) as usize * n + k;
+                if l2[i].swap(now - due, Ordering::Relaxed) != i64::MIN {
                     d2.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -586,6 +664,9 @@ async fn every_second(n: usize, window: u32) -> Row {
     let expected = n * window as usize;
     settle_after(end).await;
     rt.shutdown(Duration::from_secs(1)).await;
+    if std::env::var_os("EVERY_SECOND_SPREAD").is_some() {
+        spread(&late, n);
+    }
     let rec = recorded(&late);
     let mut row = summarize(
         &rec,

@@ -33,7 +33,9 @@ pub struct TaskContext {
     pub(crate) attempt: u32,
     pub(crate) process: Option<Arc<ProcessRef>>,
     pub(crate) idempotency_key: Option<Arc<str>>,
-    pub(crate) cancel: Arc<CancellationToken>,
+    /// The attempt's own token (with a timeout or a caller's token); `None` for the
+    /// runtime's, reached through `runtime` so that most executions touch no shared count.
+    pub(crate) cancel: Option<Arc<CancellationToken>>,
 }
 
 impl fmt::Debug for TaskContext {
@@ -118,12 +120,14 @@ impl TaskContext {
     /// Cancelled when the runtime shuts down, the attempt times out, or the caller cancels.
     /// Long tasks should watch it.
     pub fn cancellation(&self) -> &CancellationToken {
-        &self.cancel
+        self.cancel
+            .as_deref()
+            .unwrap_or_else(|| self.runtime.cancellation())
     }
 
     /// Whether cancellation was requested.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.cancellation().is_cancelled()
     }
 
     /// Emits an event on the runtime's bus, with this task as its source.

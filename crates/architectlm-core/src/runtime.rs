@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -393,10 +393,10 @@ impl RuntimeBuilder {
                     .collect(),
                 has_middleware: AtomicBool::new(!self.middleware.is_empty()),
                 middleware: parking_lot::RwLock::new(self.middleware.into()),
-                inflight: AtomicUsize::new(0),
+                inflight: Inflight::default(),
                 idle: Notify::new(),
                 shutting_down: AtomicBool::new(false),
-                cancel: Arc::new(CancellationToken::new()),
+                cancel: CancellationToken::new(),
                 extensions: self.extensions,
             }),
         };
@@ -423,12 +423,13 @@ struct Inner {
     middleware: parking_lot::RwLock<Arc<[Arc<dyn TaskMiddleware>]>>,
     /// Whether `middleware` has any: executions without skip its lock.
     has_middleware: AtomicBool,
-    inflight: AtomicUsize,
+    inflight: Inflight,
     idle: Notify,
     shutting_down: AtomicBool,
-    /// Shared by the contexts of the executions that have no token of their own (an `Arc`
-    /// clone: cloning the token itself takes a lock every execution would contend for).
-    cancel: Arc<CancellationToken>,
+    /// The token of the executions that have no token of their own (their contexts reach it
+    /// through the runtime: cloning the token itself takes a lock every execution would
+    /// contend for).
+    cancel: CancellationToken,
     extensions: Vec<Arc<dyn Extension>>,
 }
 
@@ -462,19 +463,73 @@ impl fmt::Debug for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Runtime")
             .field("system", &self.inner.system.id)
-            .field("inflight", &self.inner.inflight.load(Ordering::Relaxed))
+            .field("inflight", &self.inner.inflight.load())
             .finish_non_exhaustive()
     }
 }
 
+/// Executions running, counted per shard: each thread counts on a shard of its own, so that
+/// executions starting and ending at once on several threads do not contend for one counter.
+/// An execution may end on another thread than it started on, so a shard may go negative;
+/// only the sum means anything.
+struct Inflight {
+    shards: Box<[PaddedCount]>,
+}
+
+/// A counter alone on its cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct PaddedCount(AtomicIsize);
+
+const INFLIGHT_SHARDS: usize = 16;
+
+impl Default for Inflight {
+    fn default() -> Self {
+        Self {
+            shards: (0..INFLIGHT_SHARDS)
+                .map(|_| PaddedCount::default())
+                .collect(),
+        }
+    }
+}
+
+impl Inflight {
+    /// This thread's shard.
+    fn shard(&self) -> &AtomicIsize {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        let i = SHARD.try_with(|s| *s).unwrap_or(0) % self.shards.len();
+        &self.shards[i].0
+    }
+
+    fn enter(&self) {
+        self.shard().fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn exit(&self) {
+        self.shard().fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Executions running now.
+    fn load(&self) -> usize {
+        let n: isize = self.shards.iter().map(|s| s.0.load(Ordering::SeqCst)).sum();
+        usize::try_from(n).unwrap_or(0)
+    }
+}
+
 /// Counts a running execution; wakes a waiting shutdown when the last one ends.
+///
+/// Every step is `SeqCst`: an execution that enters either sees `shutting_down` or is seen by
+/// the shutdown's count, and of executions ending at once the last to count sees zero.
 struct InflightGuard<'a>(&'a Inner);
 
 impl<'a> InflightGuard<'a> {
     fn enter(inner: &'a Inner) -> Result<Self> {
-        inner.inflight.fetch_add(1, Ordering::AcqRel);
+        inner.inflight.enter();
         let guard = Self(inner);
-        if inner.shutting_down.load(Ordering::Acquire) {
+        if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
         Ok(guard)
@@ -483,9 +538,8 @@ impl<'a> InflightGuard<'a> {
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.0.shutting_down.load(Ordering::Acquire)
-        {
+        self.0.inflight.exit();
+        if self.0.shutting_down.load(Ordering::SeqCst) && self.0.inflight.load() == 0 {
             self.0.idle.notify_waiters();
         }
     }
@@ -502,6 +556,8 @@ struct Job {
     key: Option<Arc<str>>,
     caller: Option<CancellationToken>,
     execution_id: Uuid,
+    /// The runtime for the first attempt's context, cloned when the job is resolved.
+    ctx_runtime: Option<Runtime>,
 }
 
 impl Job {
@@ -683,7 +739,7 @@ impl Runtime {
 
     /// How many task executions are running now (actions included).
     pub fn running_tasks(&self) -> usize {
-        self.inner.inflight.load(Ordering::Acquire)
+        self.inner.inflight.load()
     }
 
     /// Whether shutdown has begun.
@@ -817,6 +873,7 @@ impl Runtime {
             key: options.idempotency_key.as_deref().map(Arc::from),
             caller: options.cancel,
             execution_id: options.execution_id.unwrap_or_else(Uuid::new_v4),
+            ctx_runtime: Some(self.clone()),
         })
     }
 
@@ -837,15 +894,12 @@ impl Runtime {
     /// Starts one attempt. The common case (no timeout, no caller's token) is the task's own
     /// future behind a panic guard; the others are boxed, so that they cost the common case
     /// nothing while it waits.
-    fn attempt(&self, job: &Job, input: Value, attempt: u32) -> Attempt {
+    fn attempt(&self, job: &Job, runtime: Runtime, input: Value, attempt: u32) -> Attempt {
         let inner = &*self.inner;
-        let cancel = if job.timeout.is_some() || job.caller.is_some() {
-            Arc::new(inner.cancel.child_token())
-        } else {
-            inner.cancel.clone()
-        };
+        let own = job.timeout.is_some() || job.caller.is_some();
+        let cancel = own.then(|| Arc::new(inner.cancel.child_token()));
         let ctx = TaskContext {
-            runtime: self.clone(),
+            runtime,
             task_id: job.task_id.clone(),
             execution_id: job.execution_id,
             attempt,
@@ -860,9 +914,9 @@ impl Runtime {
             Err(panic) => Box::pin(async move { std::panic::resume_unwind(panic) }),
         };
         let fut = AssertUnwindSafe(fut).catch_unwind();
-        if job.timeout.is_none() && job.caller.is_none() {
+        let Some(cancel) = cancel else {
             return Either::Left(fut);
-        }
+        };
         let (caller, timeout, task_id) = (job.caller.clone(), job.timeout, job.task_id.clone());
         Either::Right(Box::pin(async move {
             let fut = forward_cancel(fut, caller.as_ref(), &cancel);
@@ -895,6 +949,8 @@ impl Runtime {
         async move {
             let inner = &*self.inner;
             let _guard = InflightGuard::enter(inner)?;
+            let mut job = job;
+            let mut ctx_runtime = job.ctx_runtime.take();
             let job = &job;
             let middleware = inner
                 .has_middleware
@@ -930,7 +986,12 @@ impl Runtime {
                     || !middleware.is_empty()
                     || inner.events.has_subscribers();
                 let arg = if keep { input.clone() } else { input.take() };
-                let result = self.attempt(job, arg.unwrap_or(Value::Null), attempt).await;
+                // The first attempt's context takes the runtime cloned when the execution was
+                // resolved, so that starting it touches no count shared by every execution.
+                let runtime = ctx_runtime.take().unwrap_or_else(|| self.clone());
+                let result = self
+                    .attempt(job, runtime, arg.unwrap_or(Value::Null), attempt)
+                    .await;
                 let result = result.unwrap_or_else(|panic| job.panicked(&*panic));
                 // Taken apart before the wait, so that the wait does not also hold it.
                 let e = match result {
@@ -1268,6 +1329,7 @@ impl Runtime {
             key: None,
             caller: None,
             execution_id: Uuid::new_v4(),
+            ctx_runtime: None,
         };
         let result = ACTION_OF
             .scope(instance.id, self.clone().run_job(job, input))
@@ -1386,13 +1448,13 @@ impl Runtime {
     /// were still running when the deadline passed (0 on a clean shutdown).
     pub async fn shutdown(&self, timeout: Duration) -> usize {
         let inner = &*self.inner;
-        if inner.shutting_down.swap(true, Ordering::AcqRel) {
-            return inner.inflight.load(Ordering::Acquire);
+        if inner.shutting_down.swap(true, Ordering::SeqCst) {
+            return inner.inflight.load();
         }
         let wait = async {
             loop {
                 let idle = inner.idle.notified();
-                if inner.inflight.load(Ordering::Acquire) == 0 {
+                if inner.inflight.load() == 0 {
                     break;
                 }
                 idle.await;
@@ -1402,7 +1464,7 @@ impl Runtime {
         // told to stop.
         if tokio::time::timeout(timeout, wait).await.is_err() {
             tracing::warn!(
-                running = inner.inflight.load(Ordering::Acquire),
+                running = inner.inflight.load(),
                 "shutdown deadline passed with tasks still running"
             );
         }
@@ -1410,7 +1472,7 @@ impl Runtime {
         for e in inner.extensions.iter().rev() {
             e.shutdown().await;
         }
-        inner.inflight.load(Ordering::Acquire)
+        inner.inflight.load()
     }
 
     /// Waits for running tasks; like [`shutdown`](Self::shutdown) with no deadline.

@@ -131,3 +131,50 @@ async fn a_task_past_the_deadline_is_cancelled_and_counted() {
     assert_eq!(out, json!("stopped"));
     assert_eq!(rt.running_tasks(), 1);
 }
+
+/// Executions counted on one thread and ended on another still add up: once they are all
+/// done none is counted as running, and a shutdown started while they run waits for every
+/// one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executions_that_move_between_threads_are_all_waited_for() {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let r = release.clone();
+    let hop = TaskDefinition::new("hop", move |_i, _ctx| {
+        let release = r.clone();
+        async move {
+            // Waiting moves the execution to whichever worker wakes it.
+            let _permit = release.acquire().await;
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            Ok(json!(true))
+        }
+    })
+    .expect("valid");
+    let rt = start(System::builder("s").task(hop).build().expect("valid")).await;
+    let runs: Vec<_> = (0..200)
+        .map(|_| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.execute_task("hop", json!(null)).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while rt.running_tasks() < 200 {
+        assert!(tokio::time::Instant::now() < deadline, "all started");
+        tokio::task::yield_now().await;
+    }
+    let shutdown = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.shutdown(Duration::from_secs(3600)).await }
+    });
+    release.add_permits(200);
+    let left = tokio::time::timeout(DEADLINE, shutdown)
+        .await
+        .expect("shutdown ends once the last execution has")
+        .expect("joined");
+    assert_eq!(left, 0);
+    for r in runs {
+        assert_eq!(r.await.expect("joined").expect("ran"), json!(true));
+    }
+    assert_eq!(rt.running_tasks(), 0);
+}

@@ -226,14 +226,29 @@ struct Ready {
     attempts: u32,
     /// The execution, resolved by the runtime but not started (`None` without a runtime).
     run: Option<Execution>,
+    /// What became of it when many runs of an instant were started (see
+    /// [`TaskScheduler::start_many`]).
+    outcome: Held,
+}
+
+/// What became of a held run started with the others of its instant: what is left to do is
+/// done once every run of the instant has started.
+enum Held {
+    /// Not started yet.
+    Waiting,
+    /// Its body finished as it started: the start and the outcome, to record.
+    Ended(DateTime<Utc>, Result<Value>),
+    /// Its body goes on in a task of its own, which records its end.
+    Moved,
+    /// Cancelled, paused or acquired before a stop: its slot is given back.
+    Refused,
+    /// No runtime to run it: its place is given back and its claim left open.
+    Abandoned,
 }
 
 /// A run's execution as the runtime returns it, boxed so that it can be built ahead, polled
 /// in place and moved to a task of its own if it has to wait.
 type Execution = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
-
-/// Runs started by one task when many are due at one instant.
-const START_CHUNK: usize = 128;
 
 /// Firings being handled at most (loading, deciding and claiming their runs). More wait, so
 /// that a large backlog of acquisitions does not queue ahead of runs whose time has come.
@@ -251,23 +266,12 @@ impl Drop for Firing {
     }
 }
 
-/// A run whose body finished as it started, waiting to record its end.
-type Ended = (
-    Slot,
-    Uuid,
-    DateTime<Utc>,
-    u32,
-    DateTime<Utc>,
-    u32,
-    Result<Value>,
-);
-
-/// The runs of one instant started by several tasks: the ends of those that finished at once
-/// are recorded when the last task is done, so that recording them does not delay the others'
-/// starts.
+/// The runs of one instant, started a chunk per task: the ends of those that finished at once
+/// are recorded when the last task is done, so that recording them (and freeing what the runs
+/// were built with) does not delay the others' starts.
 struct StartBatch {
     tasks_left: AtomicUsize,
-    ended: Mutex<Vec<Ended>>,
+    done: Mutex<Vec<Vec<Ready>>>,
 }
 
 /// The lock of one entry: every change of an entry happens under it (read from the store,
@@ -1312,6 +1316,7 @@ impl TaskScheduler {
             task_id: task.task_id,
             attempts,
             run,
+            outcome: Held::Waiting,
         }
     }
 
@@ -1375,44 +1380,39 @@ impl TaskScheduler {
 
     /// Starts the held runs of one instant, one after another on this task: each body starts
     /// here; one that does not finish at once goes on in a task of its own, and the ends of
-    /// those that did are recorded once all of these have started.
-    async fn start_many(self, runs: Vec<Ready>, batch: Arc<StartBatch>) {
+    /// those that did are recorded once all of these have started. Nothing is allocated or
+    /// freed here for a run whose body finishes at once: its outcome is kept in place.
+    async fn start_many(self, mut runs: Vec<Ready>, batch: Arc<StartBatch>) {
         let runtime = self.runtime();
-        let mut ended = Vec::with_capacity(runs.len());
-        for r in runs {
+        // Stands in for the slot of a run that moved to a task of its own (which takes the
+        // slot, so that giving the slot back later finds it unshared).
+        let moved: Slot = Slot::default();
+        for r in &mut runs {
             let admitted = match r.slot.try_lock() {
-                Ok(mut st) => self.admit(&mut st, &r),
+                Ok(mut st) => self.admit(&mut st, r),
                 Err(_) => {
                     let mut st = r.slot.lock().await;
-                    self.admit(&mut st, &r)
+                    self.admit(&mut st, r)
                 }
             };
             if !admitted {
-                self.release(r.id, r.slot);
+                r.outcome = Held::Refused;
                 continue;
             }
-            let Ready {
-                slot,
-                id,
-                due,
-                starts,
-                task_id,
-                attempts,
-                run,
-                ..
-            } = r;
-            let (Some(runtime), Some(mut run)) = (&runtime, run) else {
-                self.abandon(id, slot).await;
+            let (Some(runtime), Some(run)) = (&runtime, r.run.as_mut()) else {
+                r.outcome = Held::Abandoned;
                 continue;
             };
             let started = self.now();
-            self.emit_started(id, &task_id, due, starts, started, runtime);
+            self.emit_started(r.id, &r.task_id, r.due, r.starts, started, runtime);
             match std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await {
-                Poll::Ready(outcome) => {
-                    ended.push((slot, id, due, starts, started, attempts, outcome))
-                }
+                Poll::Ready(outcome) => r.outcome = Held::Ended(started, outcome),
                 Poll::Pending => {
+                    let Some(run) = r.run.take() else { continue };
+                    r.outcome = Held::Moved;
+                    let slot = std::mem::replace(&mut r.slot, moved.clone());
                     let this = self.clone();
+                    let (id, due, starts, attempts) = (r.id, r.due, r.starts, r.attempts);
                     tokio::spawn(async move {
                         let outcome = run.await;
                         Box::pin(this.end_run(slot, id, due, starts, started, attempts, outcome))
@@ -1421,19 +1421,40 @@ impl TaskScheduler {
                 }
             }
         }
-        let ended = {
-            let mut all = batch.ended.lock();
-            all.append(&mut ended);
+        let all = {
+            let mut done = batch.done.lock();
+            done.push(runs);
             if batch.tasks_left.fetch_sub(1, Ordering::AcqRel) > 1 {
                 return;
             }
-            std::mem::take(&mut *all)
+            std::mem::take(&mut *done)
         };
-        for (slot, id, due, starts, started, attempts, outcome) in ended {
-            let this = self.clone();
-            tokio::spawn(async move {
-                Box::pin(this.end_run(slot, id, due, starts, started, attempts, outcome)).await;
-            });
+        for r in all.into_iter().flatten() {
+            let Ready {
+                slot,
+                id,
+                due,
+                starts,
+                attempts,
+                outcome,
+                run,
+                task_id,
+                ..
+            } = r;
+            // What the run was built with is freed here, not while others started.
+            drop((run, task_id));
+            match outcome {
+                Held::Ended(started, outcome) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        Box::pin(this.end_run(slot, id, due, starts, started, attempts, outcome))
+                            .await;
+                    });
+                }
+                Held::Refused => self.release(id, slot),
+                Held::Abandoned => self.abandon(id, slot).await,
+                Held::Waiting | Held::Moved => {}
+            }
         }
     }
 
@@ -1872,15 +1893,10 @@ impl TaskScheduler {
             // takes part.
             if !ready.is_empty() {
                 let batch = Arc::new(StartBatch {
-                    tasks_left: AtomicUsize::new(ready.len().div_ceil(START_CHUNK)),
-                    ended: Mutex::new(Vec::with_capacity(ready.len())),
+                    tasks_left: AtomicUsize::new(ready.len()),
+                    done: Mutex::new(Vec::with_capacity(ready.len())),
                 });
-                let mut held = ready.drain(..);
-                loop {
-                    let chunk: Vec<Ready> = held.by_ref().take(START_CHUNK).collect();
-                    if chunk.is_empty() {
-                        break;
-                    }
+                for chunk in ready.drain(..) {
                     tokio::spawn(self.clone().start_many(chunk, batch.clone()));
                 }
             }

@@ -32,6 +32,10 @@ use crate::idhash::IdMap;
 /// Most timers handed out per wake of the driver.
 const BATCH: usize = 4096;
 
+/// Held items come out in chunks of at most this many, built as they are held (so that
+/// handing out thousands of them at their instant allocates nothing).
+pub(crate) const HELD_CHUNK: usize = 128;
+
 /// How long before the instant of held runs the driver stops relying on Tokio's
 /// millisecond timer (see [`Clock::precise_wait`]).
 const PRECISE_WINDOW: Duration = Duration::from_millis(2);
@@ -103,8 +107,8 @@ fn ceil_ms(t: DateTime<Utc>) -> i64 {
 
 struct Queue<R> {
     heap: BinaryHeap<Item>,
-    /// What is held for an instant (milliseconds) not reached yet.
-    held: BTreeMap<i64, Vec<R>>,
+    /// What is held for an instant (milliseconds) not reached yet, in chunks.
+    held: BTreeMap<i64, Vec<Vec<R>>>,
     /// The generation of each entry's live timer.
     live: IdMap<u32>,
     /// `late_from` of the live timers that have one later than their time (milliseconds).
@@ -271,7 +275,15 @@ impl<R> Timers<R> {
         }
         let mut q = self.inner.lock();
         let earliest = q.held.keys().next().is_none_or(|&k| key < k);
-        q.held.entry(key).or_default().push(item);
+        let chunks = q.held.entry(key).or_default();
+        match chunks.last_mut() {
+            Some(c) if c.len() < HELD_CHUNK => c.push(item),
+            _ => {
+                let mut c = Vec::with_capacity(HELD_CHUNK);
+                c.push(item);
+                chunks.push(c);
+            }
+        }
         drop(q);
         if earliest {
             // The driver may be sleeping past it.
@@ -280,8 +292,9 @@ impl<R> Timers<R> {
         Ok(())
     }
 
-    /// Moves what is held for instants up to `now` to `out`; returns the next instant held.
-    fn release_held(&self, now: i64, out: &mut Vec<R>) -> Option<i64> {
+    /// Moves what is held for instants up to `now` to `out`, in chunks of at most
+    /// [`HELD_CHUNK`]; returns the next instant held.
+    fn release_held(&self, now: i64, out: &mut Vec<Vec<R>>) -> Option<i64> {
         let mut q = self.inner.lock();
         loop {
             match q.held.first_key_value() {
@@ -317,13 +330,14 @@ impl<R> Timers<R> {
 
     /// Waits for the next timers whose time comes within `ahead` by the wall clock, or for
     /// what is [held](Self::hold) for an instant the wall clock has reached, and returns them:
-    /// the timers (up to a batch, earliest first) in `out`, the held items in `ready`. With
+    /// the timers (up to a batch, earliest first) in `out`, the held items in `ready` (in
+    /// chunks of at most [`HELD_CHUNK`]). With
     /// `ahead` zero, only timers whose time has come. At most `room` timers are handed out;
     /// with no room, only held items (until [`notify`](Self::notify) is called).
     pub(crate) async fn next_batch(
         &self,
         out: &mut Vec<Timer>,
-        ready: &mut Vec<R>,
+        ready: &mut Vec<Vec<R>>,
         ahead: Duration,
         room: usize,
     ) {
@@ -556,13 +570,19 @@ mod tests {
         timers
             .next_batch(&mut out, &mut ready, Duration::ZERO, usize::MAX)
             .await;
-        assert_eq!(ready, vec![1000]);
+        assert_eq!(ready, vec![vec![1000]]);
         assert_eq!(clock.now(), at(1_000));
         ready.clear();
         timers
             .next_batch(&mut out, &mut ready, Duration::ZERO, usize::MAX)
             .await;
-        assert_eq!(ready.len(), 1000, "all of one instant at once");
+        assert!(ready.iter().all(|c| c.len() <= HELD_CHUNK), "in chunks");
+        let all: Vec<u32> = ready.concat();
+        assert_eq!(
+            all,
+            (0..1000).collect::<Vec<_>>(),
+            "all of one instant at once"
+        );
         assert_eq!(clock.now(), at(2_000));
         assert!(out.is_empty());
     }

@@ -524,11 +524,6 @@ fn whole_second_start() -> DateTime<Utc> {
     DateTime::from_timestamp(start.timestamp(), 0).unwrap_or(start)
 }
 
-/// One lateness slot per (entry, occurrence), empty until recorded.
-fn lateness_slots(len: usize) -> Arc<Vec<AtomicI64>> {
-    Arc::new((0..len).map(|_| AtomicI64::new(i64::MIN)).collect())
-}
-
 /// Sleeps until every occurrence up to `end` has had three seconds to run.
 async fn settle_after(end: DateTime<Utc>) {
     let over = (end + chrono::Duration::seconds(3) - Utc::now())
@@ -567,7 +562,7 @@ fn due_us(d: &str) -> Option<i64> {
 
 /// Prints, per occurrence, the lateness of its first, median, 99th-percentile and last run
 /// (for looking into where a burst's time goes).
-fn spread(late: &[AtomicI64], n: usize) {
+fn spread(late: &[AtomicI64], n: usize, threads: &[AtomicUsize]) {
     for (occ, runs) in late.chunks(n).enumerate() {
         let mut v: Vec<i64> = runs
             .iter()
@@ -575,13 +570,102 @@ fn spread(late: &[AtomicI64], n: usize) {
             .filter(|l| *l != i64::MIN)
             .collect();
         v.sort_unstable();
+        // Runs and the last lateness per thread that ran them.
+        let mut per: std::collections::BTreeMap<usize, (usize, i64)> = Default::default();
+        for (k, l) in runs.iter().enumerate() {
+            let l = l.load(Ordering::Relaxed);
+            if let Some(t) = threads.get(occ * n + k) {
+                let e = per.entry(t.load(Ordering::Relaxed)).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(l);
+            }
+        }
         if let (Some(first), Some(last)) = (v.first(), v.last()) {
             eprintln!(
-                "occurrence {occ}: first {first} us, p50 {} us, p99 {} us, last {last} us",
+                "occurrence {occ}: first {first} us, p50 {} us, p99 {} us, last {last} us; per thread (runs, last us): {per:?}",
                 v[v.len() / 2],
                 v[v.len() * 99 / 100]
             );
         }
+    }
+}
+
+/// A small number for the calling thread.
+fn thread_no() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(1);
+    thread_local! {
+        static NO: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NO.with(|n| *n)
+}
+
+/// Lateness records appended by each thread to a log of its own, so that recording writes no
+/// cache line another thread writes (the runs of one instant start on several workers, in no
+/// particular entry order); merged into one slot per (entry, occurrence) afterwards.
+struct Logs {
+    id: usize,
+    capacity: usize,
+    all: std::sync::Mutex<Vec<Arc<std::sync::Mutex<Vec<Record>>>>>,
+}
+
+/// One recorded run: its slot, the thread that ran it and its lateness (microseconds).
+#[derive(Clone, Copy)]
+struct Record {
+    slot: u32,
+    thread: u32,
+    late_us: i64,
+}
+
+type LocalLog = std::cell::RefCell<Option<(usize, Arc<std::sync::Mutex<Vec<Record>>>)>>;
+
+impl Logs {
+    fn new(capacity: usize) -> Arc<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        Arc::new(Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            capacity,
+            all: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn record(&self, slot: usize, late_us: i64) {
+        thread_local! {
+            static LOG: LocalLog = const { std::cell::RefCell::new(None) };
+        }
+        let r = Record {
+            slot: slot as u32,
+            thread: thread_no() as u32,
+            late_us,
+        };
+        LOG.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.as_ref().is_none_or(|(id, _)| *id != self.id) {
+                let log = Arc::new(std::sync::Mutex::new(Vec::with_capacity(self.capacity)));
+                self.all.lock().expect("logs").push(log.clone());
+                *l = Some((self.id, log));
+            }
+            if let Some((_, log)) = l.as_ref() {
+                log.lock().expect("log").push(r);
+            }
+        });
+    }
+
+    /// The lateness per slot (a second record of a slot counts as a duplicate), the thread
+    /// that ran each slot's run, and the number of duplicates.
+    fn merge(&self, len: usize) -> (Vec<AtomicI64>, Vec<AtomicUsize>, usize) {
+        let late: Vec<AtomicI64> = (0..len).map(|_| AtomicI64::new(i64::MIN)).collect();
+        let threads: Vec<AtomicUsize> = (0..len).map(|_| AtomicUsize::new(0)).collect();
+        let mut dups = 0;
+        for log in self.all.lock().expect("logs").iter() {
+            for r in log.lock().expect("log").iter() {
+                let i = r.slot as usize;
+                if late[i].swap(r.late_us, Ordering::Relaxed) != i64::MIN {
+                    dups += 1;
+                }
+                threads[i].store(r.thread as usize, Ordering::Relaxed);
+            }
+        }
+        (late, threads, dups)
     }
 }
 
@@ -608,10 +692,9 @@ async fn every_second(n: usize, window: u32) -> Row {
     for t in [start, end, start - chrono::Duration::days(400)] {
         assert_eq!(due_us(&t.to_rfc3339()), Some(wall_us(t)), "{t}");
     }
-    let late = lateness_slots(n * window as usize);
-    let dups = Arc::new(AtomicUsize::new(0));
+    let logs = Logs::new(n * window as usize);
     let unknown = Arc::new(AtomicUsize::new(0));
-    let (l2, d2, u2) = (late.clone(), dups.clone(), unknown.clone());
+    let (logs2, u2) = (logs.clone(), unknown.clone());
     let task = TaskDefinition::new("every", move |input, ctx| {
         let now = wall_us(Utc::now());
         let k = input[0].as_u64().unwrap_or(u64::MAX) as usize;
@@ -621,11 +704,9 @@ async fn every_second(n: usize, window: u32) -> Row {
             .and_then(|(_, d)| due_us(d));
         match due {
             Some(due) if due >= wall_us(start) && due <= wall_us(end) && k < n => {
-                // Occurrence-major, so that the runs of one instant write side by side.
+                // Occurrence-major.
                 let i = ((due - wall_us(start)) / 1_000_000) as usize * n + k;
-                if l2[i].swap(now - due, Ordering::Relaxed) != i64::MIN {
-                    d2.fetch_add(1, Ordering::Relaxed);
-                }
+                logs2.record(i, now - due);
             }
             _ => {
                 u2.fetch_add(1, Ordering::Relaxed);
@@ -664,8 +745,9 @@ async fn every_second(n: usize, window: u32) -> Row {
     let expected = n * window as usize;
     settle_after(end).await;
     rt.shutdown(Duration::from_secs(1)).await;
+    let (late, threads, dups) = logs.merge(expected);
     if std::env::var_os("EVERY_SECOND_SPREAD").is_some() {
-        spread(&late, n);
+        spread(&late, n, &threads);
     }
     let rec = recorded(&late);
     let mut row = summarize(
@@ -682,8 +764,7 @@ async fn every_second(n: usize, window: u32) -> Row {
     );
     let distinct = rec.fired.load(Ordering::Relaxed);
     row.extra = format!(
-        "{expected} occurrences expected, {distinct} distinct ran, {} duplicates, {} outside the window",
-        dups.load(Ordering::Relaxed),
+        "{expected} occurrences expected, {distinct} distinct ran, {dups} duplicates, {} outside the window",
         unknown.load(Ordering::Relaxed)
     );
     row
@@ -694,7 +775,7 @@ async fn every_second(n: usize, window: u32) -> Row {
 /// Lateness is measured against the wall clock, as for the scheduler.
 async fn every_second_peer(n: usize, window: u32, delay_queue: bool) -> Row {
     let start = whole_second_start();
-    let late = lateness_slots(n * window as usize);
+    let logs = Logs::new(n * window as usize);
     // The monotonic instant at which the wall clock reads `at`.
     let instant = |at: DateTime<Utc>| {
         let now = tokio::time::Instant::now();
@@ -705,10 +786,10 @@ async fn every_second_peer(n: usize, window: u32, delay_queue: bool) -> Row {
     };
     let due = move |occ: u32| start + chrono::Duration::seconds(i64::from(occ));
     let record = {
-        let late = late.clone();
+        let logs = logs.clone();
         move |k: usize, occ: u32| {
             let now = wall_us(Utc::now());
-            late[occ as usize * n + k].store(now - wall_us(due(occ)), Ordering::Relaxed);
+            logs.record(occ as usize * n + k, now - wall_us(due(occ)));
         }
     };
     let handles: Vec<tokio::task::JoinHandle<()>> = if delay_queue {
@@ -746,6 +827,10 @@ async fn every_second_peer(n: usize, window: u32, delay_queue: bool) -> Row {
         h.abort();
     }
     let expected = n * window as usize;
+    let (late, threads, _) = logs.merge(expected);
+    if std::env::var_os("EVERY_SECOND_SPREAD").is_some() {
+        spread(&late, n, &threads);
+    }
     let rec = recorded(&late);
     summarize(
         &rec,
@@ -817,6 +902,10 @@ async fn main() {
     if std::env::args().any(|a| a == "--every-second-only") {
         // For profiling the recurring firing path: only the every-second workload.
         let (es_n, es_w) = if quick { (2_000, 5) } else { (10_000, 20) };
+        let es_w = std::env::var("EVERY_SECOND_WINDOW")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(es_w);
         let r = every_second(es_n, es_w).await;
         for peer in [true, false] {
             let p = every_second_peer(es_n, es_w, peer).await;

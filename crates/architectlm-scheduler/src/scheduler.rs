@@ -198,7 +198,7 @@ struct SlotState {
     pending: VecDeque<DateTime<Utc>>,
     /// Runs acquired ahead of their time whose body has not started (counted in `running`).
     /// Cancelling closes their claims; pausing moves them to `pending`.
-    acquired: Vec<DateTime<Utc>>,
+    acquired: Dues,
 }
 
 impl SlotState {
@@ -207,9 +207,59 @@ impl SlotState {
     fn revoke_acquired(&mut self) {
         let n = self.acquired.len() as u32;
         self.running = self.running.saturating_sub(n);
-        for d in self.acquired.drain(..).rev() {
+        for d in self.acquired.take().into_iter().rev() {
             self.pending.push_front(d);
         }
+    }
+}
+
+/// Due times in order, the first kept inline: an entry rarely has more than one run acquired,
+/// and checking it at the run's start then reads no memory apart from the entry's slot.
+#[derive(Default)]
+struct Dues {
+    /// `None` only when `rest` is empty too.
+    first: Option<DateTime<Utc>>,
+    rest: Vec<DateTime<Utc>>,
+}
+
+impl Dues {
+    fn push(&mut self, d: DateTime<Utc>) {
+        if self.first.is_none() {
+            self.first = Some(d);
+        } else {
+            self.rest.push(d);
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// Removes `d`; whether it was there.
+    fn remove(&mut self, d: DateTime<Utc>) -> bool {
+        if self.first == Some(d) {
+            self.first = (!self.rest.is_empty()).then(|| self.rest.remove(0));
+            return true;
+        }
+        match self.rest.iter().position(|x| *x == d) {
+            Some(i) => {
+                self.rest.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// All of them, in order, leaving none.
+    fn take(&mut self) -> Vec<DateTime<Utc>> {
+        let mut all = Vec::with_capacity(self.len());
+        all.extend(self.first.take());
+        all.append(&mut self.rest);
+        all
     }
 }
 
@@ -1245,7 +1295,9 @@ impl TaskScheduler {
         }
         st.running += start.len() as u32;
         if start_at > now {
-            st.acquired.extend(start.iter().copied());
+            for &d in &start {
+                st.acquired.push(d);
+            }
         }
         st.pending.extend(queue.iter().copied());
         self.arm(&e, Some(now));
@@ -1324,10 +1376,9 @@ impl TaskScheduler {
     /// (which closed or kept its claim), or acquired before a stop (its claim stays open and
     /// the next start runs it).
     fn admit(&self, st: &mut SlotState, r: &Ready) -> bool {
-        let Some(i) = st.acquired.iter().position(|d| *d == r.due) else {
+        if !st.acquired.remove(r.due) {
             return false;
-        };
-        st.acquired.swap_remove(i);
+        }
         let current = self.inner.epoch.load(Ordering::Acquire) == r.epoch
             && !self.inner.stopped.load(Ordering::Acquire);
         if !current {
@@ -2277,6 +2328,27 @@ mod tests {
 #[cfg(test)]
 mod key_tests {
     use super::*;
+
+    #[test]
+    fn acquired_dues_keep_their_order_through_removals() {
+        let t = |s: i64| DateTime::from_timestamp(s, 0).unwrap_or_default();
+        let mut d = Dues::default();
+        assert!(d.is_empty());
+        for s in [1, 2, 3, 4] {
+            d.push(t(s));
+        }
+        assert_eq!(d.len(), 4);
+        assert!(d.remove(t(1)), "the first");
+        assert!(d.remove(t(3)), "one of the rest");
+        assert!(!d.remove(t(3)), "gone already");
+        assert!(!d.remove(t(9)), "never there");
+        d.push(t(5));
+        assert_eq!(d.take(), vec![t(2), t(4), t(5)]);
+        assert!(d.is_empty());
+        assert_eq!(d.len(), 0);
+        d.push(t(6));
+        assert_eq!(d.take(), vec![t(6)]);
+    }
 
     #[test]
     fn idempotency_key_is_id_at_rfc3339() {

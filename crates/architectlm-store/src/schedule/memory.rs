@@ -779,6 +779,17 @@ impl ScheduleStore for InMemoryScheduleStore {
             Ok(at) => runs[at] = run.clone(),
             Err(at) => runs.insert(at, run.clone()),
         }
+        if entry.task.is_recurring() && runs.capacity() <= KEPT_RUNS {
+            // A recurring entry's kept runs grow to `KEPT_RUNS` finished ones and the next one
+            // claimed, and no further: room for them is made once, here, when a run ends. Grown
+            // by doubling as runs are claimed instead, the runs of entries firing together all
+            // grow at the same occurrence and stall the claims of that occurrence.
+            let left = entry.max_executions.map_or(usize::MAX, |m| {
+                m.saturating_sub(entry.task.execution_count) as usize
+            });
+            let want = (KEPT_RUNS + 1).min(runs.len().saturating_add(left));
+            runs.reserve_exact(want.saturating_sub(runs.len()));
+        }
         let finished = runs.iter().filter(|r| r.state != RunState::Claimed).count();
         if finished > KEPT_RUNS {
             // The oldest finished runs go.

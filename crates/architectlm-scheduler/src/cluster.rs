@@ -444,9 +444,13 @@ impl TaskScheduler {
             });
         }
         let entries: Vec<ScheduleEntry> = claims.iter().map(|c| c.entry.clone()).collect();
+        // Claims are stamped now, not with the poll's time: the reservation read the running
+        // runs after the poll began, so a run it saw finished may have ended after that time,
+        // and a claim stamped with it would seem to start before the run it followed ended.
+        let claimed_at = self.now().max(now);
         let out = match c
             .shared
-            .claim_batch(&c.opts.node_id, c.opts.lease, now, claims)
+            .claim_batch(&c.opts.node_id, c.opts.lease, claimed_at, claims)
             .await
         {
             Ok(out) => out,

@@ -1436,8 +1436,8 @@ impl TaskScheduler {
     async fn start_many(self, mut runs: Vec<Ready>, batch: Arc<StartBatch>) {
         let runtime = self.runtime();
         // Stands in for the slot of a run that moved to a task of its own (which takes the
-        // slot, so that giving the slot back later finds it unshared).
-        let moved: Slot = Slot::default();
+        // slot, so that giving the slot back later finds it unshared); made when first needed.
+        let mut moved: Option<Slot> = None;
         for r in &mut runs {
             let admitted = match r.slot.try_lock() {
                 Ok(mut st) => self.admit(&mut st, r),
@@ -1461,7 +1461,8 @@ impl TaskScheduler {
                 Poll::Pending => {
                     let Some(run) = r.run.take() else { continue };
                     r.outcome = Held::Moved;
-                    let slot = std::mem::replace(&mut r.slot, moved.clone());
+                    let stand_in = moved.get_or_insert_with(Slot::default).clone();
+                    let slot = std::mem::replace(&mut r.slot, stand_in);
                     let this = self.clone();
                     let (id, due, starts, attempts) = (r.id, r.due, r.starts, r.attempts);
                     tokio::spawn(async move {

@@ -26,24 +26,9 @@ const SHARDS: usize = 64;
 struct Shard(AtomicIsize);
 
 static LIVE: [Shard; SHARDS] = [const { Shard(AtomicIsize::new(0)) }; SHARDS];
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static MY_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-}
 
 fn shard() -> &'static AtomicIsize {
-    let i = MY_SHARD
-        .try_with(|s| {
-            let mut i = s.get();
-            if i == usize::MAX {
-                i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
-                s.set(i);
-            }
-            i
-        })
-        .unwrap_or(0);
-    &LIVE[i].0
+    &LIVE[thread_no() % SHARDS].0
 }
 
 // Safety: every call is forwarded unchanged to the system allocator; only sizes are counted.
@@ -590,13 +575,20 @@ fn spread(late: &[AtomicI64], n: usize, threads: &[AtomicUsize]) {
     }
 }
 
-/// A small number for the calling thread.
+/// A small number for the calling thread, from 1 (0 while the thread is being torn down).
+/// Usable from the allocator: it allocates nothing.
 fn thread_no() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     thread_local! {
-        static NO: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        static NO: Cell<usize> = const { Cell::new(0) };
     }
-    NO.with(|n| *n)
+    NO.try_with(|no| {
+        if no.get() == 0 {
+            no.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        no.get()
+    })
+    .unwrap_or(0)
 }
 
 /// Lateness records appended by each thread to a log of its own, so that recording writes no

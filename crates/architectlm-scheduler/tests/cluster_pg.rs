@@ -156,42 +156,38 @@ async fn count(db: &PgDb, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-/// Waits until no server process serves connections named `application_name`.
+/// Waits until no server process serves connections named `application_name` (a node's
+/// name and a schema: nothing to quote).
 async fn wait_gone(db: &PgDb, application_name: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let client = db.client().await.unwrap_or_else(|e| panic!("{e}"));
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                &[&application_name],
-            )
-            .await
-            .and_then(|r| r.try_get(0))
-            .unwrap_or_else(|e| panic!("{e}"));
-        if n == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} connections of {application_name} are still served"
-        );
-        drop(client);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{application_name}'"
+    );
+    wait_for(db, &sql, |n| n == 0, "= 0", Duration::from_secs(30)).await;
 }
 
 /// Waits (polling the database, with a deadline) until `sql` counts at least `want`.
 async fn wait_count(db: &PgDb, sql: &str, want: i64, within: Duration) -> i64 {
+    wait_for(db, sql, |n| n >= want, &format!(">= {want}"), within).await
+}
+
+/// Waits (polling the database, with a deadline) until the count `sql` reads is `done`
+/// (`wanted` says how, for the timeout's message).
+async fn wait_for(
+    db: &PgDb,
+    sql: &str,
+    done: impl Fn(i64) -> bool,
+    wanted: &str,
+    within: Duration,
+) -> i64 {
     let deadline = Instant::now() + within;
     loop {
         let n = count(db, sql).await;
-        if n >= want {
+        if done(n) {
             return n;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for {sql} >= {want} (at {n})"
+            "timed out waiting for {sql} {wanted} (at {n})"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -16,9 +16,7 @@ pub(crate) fn database_url(test: &str) -> Option<String> {
 
 /// A pool of `pool` connections whose tables live in `schema`.
 pub(crate) async fn connect(url: &str, schema: &str, pool: usize) -> PgDb {
-    PgDb::connect(PgOptions::new(url).schema(schema).pool_size(pool))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
+    open(PgOptions::new(url).schema(schema).pool_size(pool)).await
 }
 
 /// Like [`connect`], with the connections named `application_name` in `pg_stat_activity`.
@@ -28,14 +26,19 @@ pub(crate) async fn connect_named(
     pool: usize,
     application_name: &str,
 ) -> PgDb {
-    PgDb::connect(
+    open(
         PgOptions::new(url)
             .schema(schema)
             .pool_size(pool)
             .application_name(application_name),
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn open(options: PgOptions) -> PgDb {
+    PgDb::connect(options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Drops `schema` and everything in it.

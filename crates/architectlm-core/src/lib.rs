@@ -31,6 +31,7 @@ mod context;
 mod error;
 pub mod event;
 pub mod extensions;
+pub mod json;
 mod process;
 mod retry;
 mod runtime;

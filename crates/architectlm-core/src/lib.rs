@@ -39,6 +39,7 @@ mod services;
 pub mod store;
 mod system;
 mod task;
+pub mod time;
 mod util;
 
 pub use context::{ProcessRef, TaskContext};

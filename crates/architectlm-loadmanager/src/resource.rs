@@ -546,7 +546,7 @@ impl ResourceInner {
                 return Err(Rejected::QueueFull);
             }
             let _slot = WaitSlot(&self.waiting);
-            let deadline = tokio::time::Instant::now() + wait;
+            let deadline = architectlm_core::time::deadline_in(wait);
             loop {
                 let notified = self.notify.notified();
                 tokio::pin!(notified);
@@ -747,9 +747,9 @@ impl ResourceInner {
         let s = &self.rules;
         let factor =
             f64::from(s.reset_backoff).powi(i32::try_from(cold.opens_in_row).unwrap_or(i32::MAX));
-        let timeout = s
-            .reset_timeout
-            .mul_f64(factor.min(1e9))
+        // Saturates: a `reset_timeout` or backoff product past `Duration::MAX` is `MAX`, capped
+        // by `max_reset_timeout`.
+        let timeout = architectlm_core::time::mul_duration(s.reset_timeout, factor)
             .min(s.max_reset_timeout);
         cold.opens_in_row = cold.opens_in_row.saturating_add(1);
         cold.openings += 1;

@@ -123,10 +123,8 @@ struct LeaseSettings {
 impl Inner {
     /// The lease to take on a saga now (`None` on a store serving one node).
     fn lease_until(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.lease.map(|l| {
-            chrono::Utc::now()
-                + chrono::Duration::from_std(l.duration).unwrap_or(chrono::Duration::MAX)
-        })
+        self.lease
+            .map(|l| architectlm_core::time::add_to_utc(chrono::Utc::now(), l.duration))
     }
 
     pub(crate) fn listening(&self, runtime: &Runtime) -> bool {
@@ -330,7 +328,9 @@ impl CoordinatorBuilder {
     }
 
     /// On a store shared by several nodes ([`SagaStore::shared`]): how long this node's
-    /// ownership of a saga lasts without renewal (default 10 s). The node renews every third
+    /// ownership of a saga lasts without renewal (default
+    /// [`DEFAULT_LEASE`](architectlm_core::time::DEFAULT_LEASE), 30 s, as for the scheduler's
+    /// runs; at most 24 h). The node renews every third
     /// of it; when the node dies, other nodes take its sagas over once the lease runs out, so
     /// this bounds failover time. Ignored on a store serving one node.
     pub fn lease_duration(mut self, d: Duration) -> Self {
@@ -364,13 +364,11 @@ impl CoordinatorBuilder {
                 "must be at least 1",
             ));
         }
-        if self.lease_duration < Duration::from_millis(100) {
-            return Err(Error::invalid_config(
-                "lease_duration",
-                format!("{:?}", self.lease_duration),
-                "must be at least 100 ms (it is renewed every third of it)",
-            ));
-        }
+        architectlm_core::time::check_lease(
+            "lease_duration",
+            self.lease_duration,
+            Duration::from_millis(100),
+        )?;
         let takeover_every = self
             .takeover_interval
             .unwrap_or_else(|| (self.lease_duration / 5).min(Duration::from_millis(500)));
@@ -417,7 +415,7 @@ impl Coordinator {
             node: None,
             shutdown_timeout: Duration::from_secs(10),
             event_capacity: architectlm_core::event::DEFAULT_EVENT_CAPACITY,
-            lease_duration: Duration::from_secs(10),
+            lease_duration: architectlm_core::time::DEFAULT_LEASE,
             takeover_interval: None,
         }
     }
@@ -611,7 +609,7 @@ impl Coordinator {
     async fn renew_loop(self, lease: LeaseSettings) {
         // Nothing needs renewing at start: claims and creates take a fresh lease.
         let mut renew = tokio::time::interval_at(
-            tokio::time::Instant::now() + lease.renew_every,
+            architectlm_core::time::deadline_in(lease.renew_every),
             lease.renew_every,
         );
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

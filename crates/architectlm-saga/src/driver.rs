@@ -100,7 +100,7 @@ impl Run {
             let elapsed = (crate::now() - stored.instance.started_at)
                 .to_std()
                 .unwrap_or_default();
-            Instant::now() + t.saturating_sub(elapsed)
+            architectlm_core::time::add_to_instant(Instant::now(), t.saturating_sub(elapsed))
         });
         let inst = State::new(stored.instance, &prep);
         Self {

@@ -69,7 +69,7 @@ impl ClusterOptions {
     pub fn new(node_id: impl Into<String>) -> Self {
         Self {
             node_id: node_id.into(),
-            lease: Duration::from_secs(30),
+            lease: architectlm_core::time::DEFAULT_LEASE,
             poll_interval: Duration::from_millis(200),
             batch_size: 512,
             max_in_flight: 4096,
@@ -117,13 +117,7 @@ impl ClusterOptions {
                 "must not be empty",
             ));
         }
-        if self.lease < Duration::from_millis(30) {
-            return Err(Error::invalid_config(
-                "cluster.lease",
-                format!("{:?}", self.lease),
-                "must be at least 30 ms",
-            ));
-        }
+        architectlm_core::time::check_lease("cluster.lease", self.lease, Duration::from_millis(30))?;
         if self.poll_interval.is_zero() {
             return Err(Error::invalid_config(
                 "cluster.poll_interval",

@@ -903,8 +903,10 @@ impl TaskScheduler {
         let due = e.task.next_execution_at?;
         let fire_at = match e.jitter {
             Some(j) if !j.is_zero() => {
-                let ms = (j.as_millis() as f64 * random_unit()) as i64;
-                due + chrono::Duration::milliseconds(ms)
+                // A float-to-int cast saturates; a jitter past the calendar's end fires at
+                // its end.
+                let ms = (j.as_millis() as f64 * random_unit()) as u64;
+                architectlm_core::time::add_to_utc(due, Duration::from_millis(ms))
             }
             _ => due,
         };

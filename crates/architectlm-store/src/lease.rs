@@ -523,11 +523,14 @@ async fn keep(
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 fn check_ttl(ttl: Duration) -> Result<f64> {
-    if ttl.is_zero() {
+    if ttl.is_zero() || ttl > architectlm_core::time::MAX_LEASE {
         return Err(Error::invalid_config(
             "ttl",
             format!("{ttl:?}"),
-            "a lease needs a positive time to live",
+            format!(
+                "a lease needs a positive time to live of at most {:?}",
+                architectlm_core::time::MAX_LEASE
+            ),
         ));
     }
     Ok(ttl.as_secs_f64())

@@ -15,17 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use architectlm::extensions::loadmanager::{CircuitStatus, ResourceType};
-use architectlm::extensions::saga::{SagaDefinition, SagaStatus, SagaStep};
-use architectlm::extensions::scheduler::{RecurringTaskConfig, ScheduledTaskConfig};
 use architectlm::extensions::supervisor::{ProcessRecoveryStrategy, ProcessSupervisionConfig};
-use architectlm::loadmanager::{LoadManager, ResourceSettings};
 use architectlm::prelude::*;
-use architectlm::saga::Coordinator;
-use architectlm::scheduler::TaskScheduler;
 use architectlm::storage::saga::SqliteSagaStore;
 use architectlm::storage::schedule::SqliteScheduleStore;
 use architectlm::storage::sqlite::{SqliteDb, SqliteOptions};
-use architectlm::supervisor::Supervisor as ProcessSupervisor;
 use architectlm::supervisor::worker::{ChildSpec, SupervisorSpec, WorkerEventKind};
 use architectlm::{ExtensionsConfig as Extensions, TaskError};
 use serde_json::{Value, json};
@@ -164,7 +158,7 @@ async fn main() -> Result<()> {
             .store(Arc::new(SqliteScheduleStore::open(db.clone()).await?))
             .build(),
     );
-    let supervisor = Arc::new(ProcessSupervisor::new());
+    let supervisor = Arc::new(Supervisor::new());
     let load = Arc::new(LoadManager::new());
 
     let system = System::builder("shop")

@@ -24,6 +24,31 @@ pub struct ProcessRef {
     pub context: Value,
 }
 
+/// Who started an execution, when an extension did: typed, so that a task never has to parse
+/// its idempotency key to learn its saga, step or schedule entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TaskOrigin {
+    /// A saga step, or the compensation of one.
+    SagaStep {
+        /// The saga definition's id.
+        saga_id: Arc<str>,
+        /// The saga instance.
+        instance_id: Uuid,
+        /// The step's id.
+        step_id: Arc<str>,
+        /// Whether this runs the step's compensation.
+        compensation: bool,
+    },
+    /// A run of a scheduled entry.
+    ScheduledRun {
+        /// The schedule entry.
+        entry_id: Uuid,
+        /// The occurrence this run is for (its due time, before jitter).
+        due_at: chrono::DateTime<chrono::Utc>,
+    },
+}
+
 /// What a running task can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct TaskContext {
@@ -33,6 +58,7 @@ pub struct TaskContext {
     pub(crate) attempt: u32,
     pub(crate) process: Option<Arc<ProcessRef>>,
     pub(crate) idempotency_key: Option<Arc<str>>,
+    pub(crate) origin: Option<Arc<TaskOrigin>>,
     /// The attempt's own token (with a timeout or a caller's token); `None` for the
     /// runtime's, reached through `runtime` so that most executions touch no shared count.
     pub(crate) cancel: Option<Arc<CancellationToken>>,
@@ -46,6 +72,7 @@ impl fmt::Debug for TaskContext {
             .field("attempt", &self.attempt)
             .field("process", &self.process)
             .field("idempotency_key", &self.idempotency_key)
+            .field("origin", &self.origin)
             .finish_non_exhaustive()
     }
 }
@@ -105,6 +132,51 @@ impl TaskContext {
     /// pass on to external systems.
     pub fn idempotency_key(&self) -> Option<&str> {
         self.idempotency_key.as_deref()
+    }
+
+    /// Who started this execution, when an extension did (a saga step, a scheduled run).
+    pub fn origin(&self) -> Option<&TaskOrigin> {
+        self.origin.as_deref()
+    }
+
+    /// The saga instance this task runs a step (or compensation) of.
+    pub fn saga_instance_id(&self) -> Option<Uuid> {
+        match self.origin()? {
+            TaskOrigin::SagaStep { instance_id, .. } => Some(*instance_id),
+            _ => None,
+        }
+    }
+
+    /// The saga definition's id, when this task runs a saga step.
+    pub fn saga_id(&self) -> Option<&str> {
+        match self.origin()? {
+            TaskOrigin::SagaStep { saga_id, .. } => Some(saga_id),
+            _ => None,
+        }
+    }
+
+    /// The saga step's id, when this task runs one (or its compensation).
+    pub fn saga_step_id(&self) -> Option<&str> {
+        match self.origin()? {
+            TaskOrigin::SagaStep { step_id, .. } => Some(step_id),
+            _ => None,
+        }
+    }
+
+    /// The schedule entry this task runs for, when the scheduler started it.
+    pub fn schedule_entry_id(&self) -> Option<Uuid> {
+        match self.origin()? {
+            TaskOrigin::ScheduledRun { entry_id, .. } => Some(*entry_id),
+            _ => None,
+        }
+    }
+
+    /// The occurrence a scheduled run is for (its due time, before jitter).
+    pub fn scheduled_for(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.origin()? {
+            TaskOrigin::ScheduledRun { due_at, .. } => Some(*due_at),
+            _ => None,
+        }
     }
 
     /// The process instance this task acts for, when it runs as a transition's action.

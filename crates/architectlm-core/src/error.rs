@@ -126,6 +126,19 @@ pub enum Error {
     #[error("serialization error: {0}")]
     Serialization(#[from] serde_json::Error),
 
+    /// A value could not be encoded or decoded; names which value (such as `output of task
+    /// "charge" as my_app::Receipt`) and keeps serde's error as its source.
+    #[error("cannot {action} the {what}: {source}")]
+    Codec {
+        /// `encode` or `decode`.
+        action: &'static str,
+        /// Which value.
+        what: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// An extension implementation failed in a way of its own.
     #[error("{extension}: {source}")]
     Extension {
@@ -167,6 +180,53 @@ impl Error {
     /// Wraps a storage backend error.
     pub fn storage(error: impl Into<BoxError>) -> Self {
         Self::Storage(error.into())
+    }
+
+    /// Wraps a storage backend error with what was being done, keeping the error as the
+    /// source of a [`Context`].
+    pub fn storage_with(what: impl Into<String>, error: impl Into<BoxError>) -> Self {
+        Self::Storage(Box::new(Context {
+            what: what.into(),
+            source: error.into(),
+        }))
+    }
+
+    /// A value that could not be decoded (`what` names it).
+    pub fn decode(what: impl Into<String>, source: serde_json::Error) -> Self {
+        Self::Codec {
+            action: "decode",
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// A value that could not be encoded (`what` names it).
+    pub fn encode(what: impl Into<String>, source: serde_json::Error) -> Self {
+        Self::Codec {
+            action: "encode",
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// A lower layer's error with what was being done when it happened, such as `cannot get a
+/// PostgreSQL connection to 127.0.0.1:5432/app`; the error stays its [`source`](std::error::Error::source).
+#[derive(Debug)]
+pub struct Context {
+    what: String,
+    source: BoxError,
+}
+
+impl std::fmt::Display for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
     }
 }
 

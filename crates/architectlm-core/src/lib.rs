@@ -42,8 +42,8 @@ mod task;
 pub mod time;
 mod util;
 
-pub use context::{ProcessRef, TaskContext};
-pub use error::{BoxError, Error, Result};
+pub use context::{ProcessRef, TaskContext, TaskOrigin};
+pub use error::{BoxError, Context, Error, Result};
 pub use event::{Event, EventFilter, EventHub, EventSubscription, Subscription};
 pub use process::{
     ActionRecord, ActionStatus, FromStates, Guard, GuardInput, ProcessBuilder, ProcessDefinition,

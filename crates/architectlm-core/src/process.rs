@@ -410,7 +410,10 @@ impl ProcessBuilder {
     pub fn build(self) -> Result<ProcessDefinition> {
         let pid = self.id.trim().to_owned();
         if pid.is_empty() {
-            return Err(Error::definition("process id is missing"));
+            return Err(Error::definition(format!(
+                "process id {:?} is missing (empty or only whitespace)",
+                self.id
+            )));
         }
         if self.states.is_empty() {
             return Err(Error::definition(format!(
@@ -656,7 +659,7 @@ mod tests {
 
     #[test]
     fn each_definition_error_names_the_culprit() {
-        assert!(err(ProcessDefinition::builder("")).contains("process id is missing"));
+        assert!(err(ProcessDefinition::builder("")).contains("process id \"\" is missing"));
         assert!(err(ProcessDefinition::builder("p")).contains("\"p\" has no states"));
         assert!(err(ProcessDefinition::builder("p").state("a")).contains("has no transitions"));
         assert!(

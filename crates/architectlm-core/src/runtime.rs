@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::context::{ProcessRef, TaskContext};
+use crate::context::{ProcessRef, TaskContext, TaskOrigin};
 use crate::event::{Event, EventFilter, EventHub, EventSubscription, Subscription, types};
 use crate::extensions::{LoadManager, SagaCoordinator, Scheduler, Supervisor};
 use crate::process::{
@@ -184,6 +184,8 @@ pub struct ExecuteOptions {
     pub cancel: Option<CancellationToken>,
     /// Pins the execution id (for example to keep it stable across a recovery).
     pub execution_id: Option<Uuid>,
+    /// Who starts the execution, visible to the task as [`TaskContext::origin`].
+    pub origin: Option<Arc<TaskOrigin>>,
 }
 
 impl ExecuteOptions {
@@ -210,6 +212,11 @@ impl ExecuteOptions {
     /// Pins the execution id.
     pub fn execution_id(mut self, id: Uuid) -> Self {
         self.execution_id = Some(id);
+        self
+    }
+    /// Says who starts the execution.
+    pub fn origin(mut self, origin: TaskOrigin) -> Self {
+        self.origin = Some(Arc::new(origin));
         self
     }
 }
@@ -554,6 +561,7 @@ struct Job {
     timeout: Option<Duration>,
     process: Option<Arc<ProcessRef>>,
     key: Option<Arc<str>>,
+    origin: Option<Arc<TaskOrigin>>,
     caller: Option<CancellationToken>,
     execution_id: Uuid,
     /// The runtime for the first attempt's context, cloned when the job is resolved.
@@ -814,10 +822,25 @@ impl Runtime {
         I: serde::Serialize + ?Sized,
         O: serde::de::DeserializeOwned,
     {
-        let out = self
-            .execute_task(task_id, serde_json::to_value(input)?)
-            .await?;
-        Ok(serde_json::from_value(out)?)
+        let input = serde_json::to_value(input).map_err(|e| {
+            Error::encode(
+                format!(
+                    "input of task \"{task_id}\" from {}",
+                    std::any::type_name::<I>()
+                ),
+                e,
+            )
+        })?;
+        let out = self.execute_task(task_id, input).await?;
+        serde_json::from_value(out).map_err(|e| {
+            Error::decode(
+                format!(
+                    "output of task \"{task_id}\" as {}",
+                    std::any::type_name::<O>()
+                ),
+                e,
+            )
+        })
     }
 
     /// Runs a task or an ad-hoc handler with per-call options.
@@ -871,6 +894,7 @@ impl Runtime {
             timeout,
             process: None,
             key: options.idempotency_key.as_deref().map(Arc::from),
+            origin: options.origin,
             caller: options.cancel,
             execution_id: options.execution_id.unwrap_or_else(Uuid::new_v4),
             ctx_runtime: Some(self.clone()),
@@ -905,6 +929,7 @@ impl Runtime {
             attempt,
             process: job.process.clone(),
             idempotency_key: job.key.clone(),
+            origin: job.origin.clone(),
             cancel: cancel.clone(),
         };
         // A handler may panic before it returns its future: that fails the attempt too.
@@ -1327,6 +1352,7 @@ impl Runtime {
             timeout: def.timeout,
             process: Some(process),
             key: None,
+            origin: None,
             caller: None,
             execution_id: Uuid::new_v4(),
             ctx_runtime: None,

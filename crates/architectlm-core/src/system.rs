@@ -11,21 +11,67 @@ use crate::task::TaskDefinition;
 use crate::{Error, Result};
 
 /// One switch per extension; an enabled extension must get a service when the runtime starts.
+///
+/// Built with [`none`](Self::none) (or `default()`), [`all`](Self::all) and one setter per
+/// switch; its JSON form is partial — a missing key is `false` — and an unknown key is
+/// refused by name. Keys are kebab-case (`saga-coordinator`), snake_case is accepted too.
+///
+/// ```
+/// use architectlm_core::ExtensionsConfig;
+///
+/// let c = ExtensionsConfig::none().scheduler(true);
+/// assert!(c.scheduler && !c.saga_coordinator);
+/// let from_json: ExtensionsConfig = serde_json::from_str(r#"{"scheduler": true}"#).unwrap();
+/// assert_eq!(from_json, c);
+/// let typo = serde_json::from_str::<ExtensionsConfig>(r#"{"schedular": true}"#).unwrap_err();
+/// assert!(typo.to_string().contains("schedular"));
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ExtensionsConfig {
     /// The saga coordinator.
+    #[serde(alias = "saga_coordinator")]
     pub saga_coordinator: bool,
     /// The scheduler.
     pub scheduler: bool,
     /// The supervisor.
     pub supervisor: bool,
     /// The load manager.
+    #[serde(alias = "load_manager")]
     pub load_manager: bool,
 }
 
 impl ExtensionsConfig {
+    /// No extension enabled (the default).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Enables or disables the saga coordinator.
+    pub fn saga_coordinator(mut self, on: bool) -> Self {
+        self.saga_coordinator = on;
+        self
+    }
+
+    /// Enables or disables the scheduler.
+    pub fn scheduler(mut self, on: bool) -> Self {
+        self.scheduler = on;
+        self
+    }
+
+    /// Enables or disables the supervisor.
+    pub fn supervisor(mut self, on: bool) -> Self {
+        self.supervisor = on;
+        self
+    }
+
+    /// Enables or disables the load manager.
+    pub fn load_manager(mut self, on: bool) -> Self {
+        self.load_manager = on;
+        self
+    }
+
     /// Every extension enabled.
     pub fn all() -> Self {
         Self {
@@ -144,7 +190,10 @@ impl SystemBuilder {
     pub fn build(self) -> Result<System> {
         let id = self.id.trim().to_owned();
         if id.is_empty() {
-            return Err(Error::definition("system id is missing"));
+            return Err(Error::definition(format!(
+                "system id {:?} is missing (empty or only whitespace)",
+                self.id
+            )));
         }
         let mut tasks = HashMap::with_capacity(self.tasks.len());
         for t in self.tasks {
@@ -194,7 +243,7 @@ mod tests {
     #[test]
     fn system_errors_name_the_culprit() {
         let e = System::builder(" ").build().unwrap_err().to_string();
-        assert!(e.contains("system id is missing"), "{e}");
+        assert!(e.contains("system id \" \" is missing"), "{e}");
         let e = System::builder("s")
             .task(noop("a"))
             .task(noop("a"))

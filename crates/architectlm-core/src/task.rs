@@ -344,7 +344,10 @@ impl TaskBuilder {
     /// timeout must be positive and the retry policy valid.
     pub fn build(self) -> Result<TaskDefinition> {
         if self.id.trim().is_empty() {
-            return Err(Error::definition("task id is missing"));
+            return Err(Error::definition(format!(
+                "task id {:?} is missing (empty or only whitespace)",
+                self.id
+            )));
         }
         let Some(handler) = self.handler else {
             return Err(Error::definition(format!(

@@ -20,7 +20,7 @@ fn process_definition_errors_name_the_offender() {
         vec![
             (
                 ProcessDefinition::builder("  ").state("a"),
-                "process id is missing",
+                "process id \"  \" is missing",
             ),
             (
                 ProcessDefinition::builder("p"),
@@ -182,7 +182,7 @@ fn guarded_transitions_may_share_a_state_and_event() {
 fn system_definition_errors_name_the_offender() {
     assert_msg(
         &System::builder("").build().expect_err("no id"),
-        "system id is missing",
+        "system id \"\" is missing",
     );
     assert_msg(
         &System::builder("s")
@@ -243,7 +243,7 @@ fn task_definition_errors_name_the_offender() {
             .handler(|i, _c| async move { Ok(i) })
             .build()
             .expect_err("no id"),
-        "task id is missing",
+        "task id \" \" is missing",
     );
     assert_msg(
         &TaskDefinition::builder("t")

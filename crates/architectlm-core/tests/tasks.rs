@@ -378,6 +378,92 @@ async fn typed_tasks_convert_in_and_out_and_name_bad_input() {
     assert_msg(&err, "invalid input for task \"charge\"");
 }
 
+#[tokio::test]
+async fn a_typed_output_that_does_not_match_names_the_task_and_the_output() {
+    #[derive(Debug, serde::Deserialize)]
+    struct Invoice {
+        #[allow(dead_code)]
+        number: u64,
+    }
+    let charge = TaskDefinition::typed("charge", |o: Order, _ctx| async move {
+        Ok::<_, TaskError>(Receipt {
+            charged: o.amount * 100,
+        })
+    })
+    .expect("valid");
+    let rt = start(System::builder("s").task(charge).build().expect("valid")).await;
+    let err = rt
+        .execute_typed::<_, Invoice>("charge", &json!({"amount": 3}))
+        .await
+        .expect_err("a receipt is no invoice");
+    assert!(
+        matches!(
+            &err,
+            Error::Codec {
+                action: "decode",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_msg(&err, "output of task \"charge\"");
+    assert_msg(&err, "Invoice");
+    assert_msg(&err, "missing field `number`");
+    // serde's error stays the source, for callers that walk the chain.
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(source.to_string().contains("number"), "{source}");
+
+    // The input side, likewise: a map with non-string keys cannot become JSON.
+    let bad: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
+    let err = rt
+        .execute_typed::<_, Receipt>("charge", &bad)
+        .await
+        .expect_err("unencodable input");
+    assert!(
+        matches!(
+            &err,
+            Error::Codec {
+                action: "encode",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_msg(&err, "input of task \"charge\"");
+}
+
+#[test]
+fn blank_ids_are_named_as_written() {
+    for id in ["", "  ", "\t"] {
+        let e = TaskDefinition::new(id, |i, _ctx| async move { Ok(i) }).expect_err("blank");
+        assert_msg(&e, &format!("{id:?}"));
+        let e = System::builder(id).build().expect_err("blank");
+        assert_msg(&e, &format!("{id:?}"));
+        let e = architectlm_core::ProcessDefinition::builder(id)
+            .initial_state("a")
+            .build()
+            .expect_err("blank");
+        assert_msg(&e, &format!("{id:?}"));
+    }
+}
+
+#[test]
+fn extensions_config_is_built_by_setters_and_read_partially_from_json() {
+    use architectlm_core::ExtensionsConfig;
+    let c = ExtensionsConfig::none().scheduler(true).load_manager(true);
+    assert!(c.scheduler && c.load_manager && !c.saga_coordinator && !c.supervisor);
+    let from_json: ExtensionsConfig =
+        serde_json::from_str(r#"{"scheduler": true, "load_manager": true}"#).expect("partial");
+    assert_eq!(from_json, c);
+    let empty: ExtensionsConfig = serde_json::from_str("{}").expect("empty");
+    assert_eq!(empty, ExtensionsConfig::none());
+    let typo = serde_json::from_str::<ExtensionsConfig>(r#"{"schedular": true}"#).unwrap_err();
+    assert!(typo.to_string().contains("schedular"), "{typo}");
+    let round: ExtensionsConfig =
+        serde_json::from_str(&serde_json::to_string(&ExtensionsConfig::all()).unwrap()).unwrap();
+    assert_eq!(round, ExtensionsConfig::all());
+}
+
 #[derive(Debug)]
 struct Mailer {
     from: &'static str,

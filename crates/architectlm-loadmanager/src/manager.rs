@@ -308,7 +308,12 @@ impl contract::LoadManager for LoadManager {
     }
 
     async fn release_resource(&self, id: &str, units: u64) -> Result<()> {
-        self.get(id)?.release(units);
+        let r = self.get(id)?;
+        if units == 0 {
+            // Releasing nothing is a caller's mistake (a count lost on the way), not a no-op.
+            return Err(crate::Rejected::ZeroUnits.into_error(id));
+        }
+        r.release(units);
         Ok(())
     }
 

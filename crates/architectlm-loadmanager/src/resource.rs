@@ -99,7 +99,7 @@ impl Rejected {
     pub fn into_error(self, id: &str) -> Error {
         match self {
             Self::ZeroUnits => {
-                Error::InvalidInput(format!("resource \"{id}\": units must be at least 1"))
+                Error::InvalidInput(format!("resource \"{id}\": units = 0, must be at least 1"))
             }
             r => Error::Unavailable {
                 id: id.to_owned(),
@@ -749,8 +749,8 @@ impl ResourceInner {
             f64::from(s.reset_backoff).powi(i32::try_from(cold.opens_in_row).unwrap_or(i32::MAX));
         // Saturates: a `reset_timeout` or backoff product past `Duration::MAX` is `MAX`, capped
         // by `max_reset_timeout`.
-        let timeout = architectlm_core::time::mul_duration(s.reset_timeout, factor)
-            .min(s.max_reset_timeout);
+        let timeout =
+            architectlm_core::time::mul_duration(s.reset_timeout, factor).min(s.max_reset_timeout);
         cold.opens_in_row = cold.opens_in_row.saturating_add(1);
         cold.openings += 1;
         tracing::info!(resource = %self.id(), reason, ?timeout, "circuit opened");

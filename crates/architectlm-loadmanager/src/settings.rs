@@ -185,6 +185,14 @@ impl ResourceSettings {
         ] {
             percent(field, v)?;
         }
+        if t.warning <= 0.0 {
+            // Usage is never below 0 %: such a resource would never be Normal.
+            return Err(Error::invalid_config(
+                "thresholds.warning",
+                t.warning,
+                "must be above 0 (at 0 % every usage, even none, would be a warning)",
+            ));
+        }
         if t.critical < t.warning {
             return Err(Error::invalid_config(
                 "thresholds.critical",

@@ -353,8 +353,8 @@ impl CoordinatorBuilder {
         if node.trim().is_empty() {
             return Err(Error::invalid_config(
                 "node_id",
-                "\"\"",
-                "must not be empty",
+                format!("{node:?}"),
+                "must not be empty or only whitespace",
             ));
         }
         if self.event_capacity == 0 {

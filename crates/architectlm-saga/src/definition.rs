@@ -27,7 +27,10 @@ impl Prepared {
 pub(crate) fn check(def: SagaDefinition) -> Result<Arc<Prepared>> {
     let name = &def.id;
     if def.id.trim().is_empty() {
-        return Err(Error::definition("saga id is missing"));
+        return Err(Error::definition(format!(
+            "saga id {:?} is missing (empty or only whitespace)",
+            def.id
+        )));
     }
     if def.steps.is_empty() {
         return Err(Error::definition(format!("saga \"{name}\" has no steps")));
@@ -41,7 +44,8 @@ pub(crate) fn check(def: SagaDefinition) -> Result<Arc<Prepared>> {
     for step in &def.steps {
         if step.id.trim().is_empty() {
             return Err(Error::definition(format!(
-                "saga \"{name}\" has a step without an id"
+                "saga \"{name}\" has a step whose id {:?} is empty or only whitespace",
+                step.id
             )));
         }
         if !seen.insert(step.id.as_str()) {

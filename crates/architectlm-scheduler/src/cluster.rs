@@ -22,7 +22,7 @@ use std::time::Duration;
 use architectlm_core::extensions::scheduler::{
     OverlapPolicy, RunRecord, ScheduledTaskStatus, SchedulerEventType,
 };
-use architectlm_core::{Error, ExecuteOptions, Result, TaskRef};
+use architectlm_core::{Error, ExecuteOptions, Result, TaskOrigin, TaskRef};
 use architectlm_store::schedule::{
     Claim, DueEntry, RunState, ScheduleEntry, ScheduleRun, SharedScheduleStore, truncate_ms,
 };
@@ -113,11 +113,15 @@ impl ClusterOptions {
         if self.node_id.trim().is_empty() {
             return Err(Error::invalid_config(
                 "cluster.node_id",
-                "\"\"",
-                "must not be empty",
+                format!("{:?}", self.node_id),
+                "must not be empty or only whitespace",
             ));
         }
-        architectlm_core::time::check_lease("cluster.lease", self.lease, Duration::from_millis(30))?;
+        architectlm_core::time::check_lease(
+            "cluster.lease",
+            self.lease,
+            Duration::from_millis(30),
+        )?;
         if self.poll_interval.is_zero() {
             return Err(Error::invalid_config(
                 "cluster.poll_interval",
@@ -557,7 +561,13 @@ impl TaskScheduler {
         self.emit(SchedulerEventType::Started, &entry, || {
             json!({"due_at": due, "started_at": started, "idempotency_key": key, "starts": starts})
         });
-        let mut options = ExecuteOptions::default().idempotency_key(key);
+        let mut options =
+            ExecuteOptions::default()
+                .idempotency_key(key)
+                .origin(TaskOrigin::ScheduledRun {
+                    entry_id: entry.id(),
+                    due_at: due,
+                });
         if let Some(r) = entry.policy.retry.clone() {
             options = options.retry(r);
         }

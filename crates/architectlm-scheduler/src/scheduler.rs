@@ -9,13 +9,15 @@ use std::task::Poll;
 use std::time::Duration;
 
 use architectlm_core::event::{Event, EventFilter, EventHub, EventSubscription};
+use architectlm_core::extensions::Page;
 use architectlm_core::extensions::scheduler::{
-    MisfirePolicy, OverlapPolicy, RecurringTaskConfig, RunRecord, SchedulePolicy, ScheduledTask,
-    ScheduledTaskConfig, ScheduledTaskFilter, ScheduledTaskStatus, Scheduler, SchedulerEvent,
-    SchedulerEventHandler, SchedulerEventType,
+    MAX_JITTER, MisfirePolicy, OverlapPolicy, RecurringTaskConfig, RunRecord, SchedulePolicy,
+    ScheduledTask, ScheduledTaskConfig, ScheduledTaskFilter, ScheduledTaskStatus, Scheduler,
+    SchedulerEvent, SchedulerEventHandler, SchedulerEventType,
 };
 use architectlm_core::{
-    Error, ExecuteOptions, Extension, Result, Runtime, ServiceRegistry, TaskRef, random_unit,
+    Error, ExecuteOptions, Extension, Result, Runtime, ServiceRegistry, TaskOrigin, TaskRef,
+    random_unit,
 };
 use architectlm_store::schedule::{
     InMemoryScheduleStore, RunState, ScheduleEntry, ScheduleRun, ScheduleStore,
@@ -726,8 +728,8 @@ impl TaskScheduler {
         if task_id.trim().is_empty() {
             return Err(Error::invalid_config(
                 "task_id",
-                "\"\"",
-                "must not be empty",
+                format!("{task_id:?}"),
+                "must not be empty or only whitespace",
             ));
         }
         if let Some(r) = runtime
@@ -797,6 +799,13 @@ impl TaskScheduler {
         }
         let sched =
             CronSchedule::with_cache(&self.inner.patterns, &c.pattern, c.timezone.as_deref())?;
+        if let Some(j) = c.jitter.filter(|j| *j > MAX_JITTER) {
+            return Err(Error::invalid_config(
+                "jitter",
+                format!("{j:?}"),
+                format!("must be at most {MAX_JITTER:?} (30 days)"),
+            ));
+        }
         if c.max_executions == Some(0) {
             return Err(Error::invalid_config(
                 "max_executions",
@@ -1353,7 +1362,12 @@ impl TaskScheduler {
         let id = entry.id();
         let ScheduleEntry { task, policy, .. } = entry;
         let attempts = policy.retry.as_ref().map_or(1, |r| r.max_attempts);
-        let mut options = ExecuteOptions::default().idempotency_key(idempotency_key(id, due));
+        let mut options = ExecuteOptions::default()
+            .idempotency_key(idempotency_key(id, due))
+            .origin(TaskOrigin::ScheduledRun {
+                entry_id: id,
+                due_at: due,
+            });
         if let Some(r) = policy.retry {
             options = options.retry(r);
         }
@@ -1979,6 +1993,67 @@ impl Scheduler for TaskScheduler {
     }
 
     async fn cancel_task(&self, id: Uuid) -> Result<bool> {
+        let changed = self.cancel_entry(id).await?;
+        self.known(id, changed).await
+    }
+
+    async fn pause_task(&self, id: Uuid) -> Result<bool> {
+        let changed = self.pause_entry(id).await?;
+        self.known(id, changed).await
+    }
+
+    async fn resume_task(&self, id: Uuid) -> Result<bool> {
+        let changed = self.resume_entry(id).await?;
+        self.known(id, changed).await
+    }
+
+    async fn reschedule_task(&self, id: Uuid, execute_at: DateTime<Utc>) -> Result<bool> {
+        let changed = self.reschedule_entry(id, execute_at).await?;
+        self.known(id, changed).await
+    }
+
+    async fn trigger_task(&self, id: Uuid) -> Result<bool> {
+        let changed = self.trigger_entry(id).await?;
+        self.known(id, changed).await
+    }
+
+    async fn get_task(&self, id: Uuid) -> Result<Option<ScheduledTask>> {
+        Ok(self.inner.store.get(id).await?.map(|e| e.task))
+    }
+
+    async fn get_tasks(&self, filter: ScheduledTaskFilter) -> Result<Page<ScheduledTask>> {
+        let page = self.inner.store.query(&filter).await?;
+        Ok(Page::new(
+            page.items.into_iter().map(|e| e.task).collect(),
+            page.total,
+            page.next_offset,
+        ))
+    }
+
+    fn on_scheduler_event(
+        &self,
+        filter: EventFilter,
+        handler: SchedulerEventHandler,
+    ) -> EventSubscription {
+        self.inner.events.on(filter, move |e| handler(e))
+    }
+}
+
+/// The control operations behind the [`Scheduler`] contract; each answers whether it changed
+/// the entry, and [`known`](TaskScheduler::known) turns an unknown id into `NotFound`.
+impl TaskScheduler {
+    /// The refusal rule of the contracts: `Ok(false)` when the entry exists but the operation
+    /// changes nothing (already in that state, or ended); `Err(NotFound)` for an unknown id.
+    /// The extra read is paid only when nothing changed.
+    async fn known(&self, id: Uuid, changed: bool) -> Result<bool> {
+        if changed || self.inner.store.get(id).await?.is_some() {
+            Ok(changed)
+        } else {
+            Err(Error::not_found("schedule entry", id))
+        }
+    }
+
+    async fn cancel_entry(&self, id: Uuid) -> Result<bool> {
         if self.inner.cluster.is_none() && self.runtime().is_some() {
             // An entry nobody uses (no runs going, waiting or held, not being fired or
             // changed) and with no run claimed is cancelled in one store write without taking
@@ -2031,7 +2106,7 @@ impl Scheduler for TaskScheduler {
         Ok(true)
     }
 
-    async fn pause_task(&self, id: Uuid) -> Result<bool> {
+    async fn pause_entry(&self, id: Uuid) -> Result<bool> {
         let Some((slot, e)) = self
             .change(id, |e, _| {
                 if !matches!(
@@ -2063,7 +2138,7 @@ impl Scheduler for TaskScheduler {
         Ok(true)
     }
 
-    async fn resume_task(&self, id: Uuid) -> Result<bool> {
+    async fn resume_entry(&self, id: Uuid) -> Result<bool> {
         let Some((slot, e)) = self
             .change(id, |e, st| {
                 if e.task.status != ScheduledTaskStatus::Paused {
@@ -2105,7 +2180,7 @@ impl Scheduler for TaskScheduler {
         Ok(true)
     }
 
-    async fn reschedule_task(&self, id: Uuid, execute_at: DateTime<Utc>) -> Result<bool> {
+    async fn reschedule_entry(&self, id: Uuid, execute_at: DateTime<Utc>) -> Result<bool> {
         let at = truncate_ms(execute_at);
         let Some((slot, e)) = self
             .change(id, |e, _| {
@@ -2152,7 +2227,7 @@ impl Scheduler for TaskScheduler {
         Ok(true)
     }
 
-    async fn trigger_task(&self, id: Uuid) -> Result<bool> {
+    async fn trigger_entry(&self, id: Uuid) -> Result<bool> {
         if self.runtime().is_none() {
             return Ok(false);
         }
@@ -2165,30 +2240,6 @@ impl Scheduler for TaskScheduler {
         drop(st);
         self.release(id, slot);
         out
-    }
-
-    async fn get_task(&self, id: Uuid) -> Result<Option<ScheduledTask>> {
-        Ok(self.inner.store.get(id).await?.map(|e| e.task))
-    }
-
-    async fn get_tasks(&self, filter: ScheduledTaskFilter) -> Result<Vec<ScheduledTask>> {
-        Ok(self
-            .inner
-            .store
-            .query(&filter)
-            .await?
-            .items
-            .into_iter()
-            .map(|e| e.task)
-            .collect())
-    }
-
-    fn on_scheduler_event(
-        &self,
-        filter: EventFilter,
-        handler: SchedulerEventHandler,
-    ) -> EventSubscription {
-        self.inner.events.on(filter, move |e| handler(e))
     }
 }
 

@@ -44,6 +44,8 @@ async fn a_one_shot_runs_its_task_with_its_input_at_its_time_and_records_the_res
         seen[0].key.as_deref(),
         Some(format!("{id}@{}", due.to_rfc3339()).as_str())
     );
+    // The task learns its entry and occurrence without parsing the key.
+    assert_eq!(seen[0].origin, Some((id, due)));
     let task = h.scheduler.get_task(id).await.unwrap().unwrap();
     assert_eq!(task.status, ScheduledTaskStatus::Completed);
     assert_eq!(task.result, Some(json!({"echo": {"n": 1}})));
@@ -273,7 +275,23 @@ async fn cancel_is_final_and_unknown_ids_answer_false() {
     assert!(!h.scheduler.pause_task(id).await.unwrap());
     assert!(!h.scheduler.trigger_task(id).await.unwrap());
     let unknown = uuid::Uuid::new_v4();
-    assert!(!h.scheduler.cancel_task(unknown).await.unwrap());
+    // An unknown id is an error naming it, in every control operation (the contracts' rule);
+    // a lookup answers `None`.
+    for e in [
+        h.scheduler.cancel_task(unknown).await.unwrap_err(),
+        h.scheduler.pause_task(unknown).await.unwrap_err(),
+        h.scheduler.resume_task(unknown).await.unwrap_err(),
+        h.scheduler.trigger_task(unknown).await.unwrap_err(),
+        h.scheduler
+            .reschedule_task(unknown, t0() + secs(5))
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(&e, architectlm_core::Error::NotFound { id, .. } if *id == unknown.to_string()),
+            "{e}"
+        );
+    }
     assert!(h.scheduler.get_task(unknown).await.unwrap().is_none());
     tokio::time::advance(Duration::from_secs(120)).await;
     settle().await;
@@ -487,7 +505,7 @@ async fn queries_filter_sort_and_paginate() {
         .await
         .unwrap();
     assert!(s.pause_task(ids[0]).await.unwrap());
-    let all = s.get_tasks(ScheduledTaskFilter::new()).await.unwrap();
+    let all = s.get_tasks(ScheduledTaskFilter::new()).await.unwrap().items;
     assert_eq!(all.len(), 7);
     let next: Vec<_> = all.iter().map(|t| t.next_execution_at).collect();
     assert!(
@@ -495,28 +513,35 @@ async fn queries_filter_sort_and_paginate() {
         "sorted by next run: {next:?}"
     );
     let q = ScheduledTaskFilter::new().task_id("slow");
-    assert_eq!(s.get_tasks(q).await.unwrap().len(), 3);
+    assert_eq!(s.get_tasks(q).await.unwrap().items.len(), 3);
     let q = ScheduledTaskFilter::new()
         .task_id("slow")
         .task_id("record")
         .recurring(false);
-    assert_eq!(s.get_tasks(q).await.unwrap().len(), 6);
+    assert_eq!(s.get_tasks(q).await.unwrap().items.len(), 6);
     let q = ScheduledTaskFilter::new().recurring(true);
-    assert_eq!(s.get_tasks(q).await.unwrap()[0].id, cron);
+    assert_eq!(s.get_tasks(q).await.unwrap().items[0].id, cron);
     let q = ScheduledTaskFilter::new().status(ScheduledTaskStatus::Paused);
-    assert_eq!(s.get_tasks(q).await.unwrap()[0].id, ids[0]);
+    assert_eq!(s.get_tasks(q).await.unwrap().items[0].id, ids[0]);
     let q = ScheduledTaskFilter::new()
         .status(ScheduledTaskStatus::Paused)
         .status(ScheduledTaskStatus::Scheduled);
-    assert_eq!(s.get_tasks(q).await.unwrap().len(), 7);
+    assert_eq!(s.get_tasks(q).await.unwrap().items.len(), 7);
     // Inclusive range on the next run: 360 s ..= 480 s holds entries 2, 3 and 4.
     let q = ScheduledTaskFilter::new()
         .from(t0() + secs(360))
         .to(t0() + secs(480));
-    let got: Vec<_> = s.get_tasks(q).await.unwrap().iter().map(|t| t.id).collect();
+    let got: Vec<_> = s
+        .get_tasks(q)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|t| t.id)
+        .collect();
     assert_eq!(got, vec![ids[4], ids[3], ids[2]]);
     let q = ScheduledTaskFilter::new().metadata("tenant", json!("b"));
-    assert_eq!(s.get_tasks(q).await.unwrap().len(), 3);
+    assert_eq!(s.get_tasks(q).await.unwrap().items.len(), 3);
     let page = s
         .query(
             &ScheduledTaskFilter::new()

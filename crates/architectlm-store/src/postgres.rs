@@ -137,6 +137,33 @@ fn valid_identifier(s: &str) -> bool {
         && s.len() <= 63
 }
 
+/// A schema this library may create: an identifier not starting with `pg_`, which PostgreSQL
+/// reserves for itself (it refuses `CREATE SCHEMA pg_…`).
+fn valid_schema(s: &str) -> bool {
+    valid_identifier(s) && !s.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("pg_"))
+}
+
+/// `host:port` of each configured host, comma-separated, as a user writes them.
+fn hosts_label(cfg: &tokio_postgres::Config) -> String {
+    let ports = cfg.get_ports();
+    cfg.get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            };
+            match ports.get(i).or(ports.first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Turns a driver error into a storage error whose message carries the server's own words
 /// (message, detail and SQLSTATE), not just "db error".
 pub(crate) fn pg_err(context: &str, e: tokio_postgres::Error) -> Error {
@@ -149,7 +176,7 @@ pub(crate) fn pg_err(context: &str, e: tokio_postgres::Error) -> Error {
                 db.code().code()
             ))
         }
-        None => Error::storage(format!("{context}: {e}")),
+        None => Error::storage_with(context, e),
     }
 }
 
@@ -224,11 +251,12 @@ impl PgDb {
                 "the pool needs at least one connection",
             ));
         }
-        if let Some(s) = opts.schema.as_deref().filter(|s| !valid_identifier(s)) {
+        if let Some(s) = opts.schema.as_deref().filter(|s| !valid_schema(s)) {
             return Err(Error::invalid_config(
                 "schema",
                 format!("{s:?}"),
-                "use letters, digits and '_' (at most 63, not starting with a digit)",
+                "use letters, digits and '_' (at most 63, not starting with a digit, not \
+                 starting with \"pg_\", which PostgreSQL reserves)",
             ));
         }
         let mut cfg: tokio_postgres::Config = opts.url.parse().map_err(|e| {
@@ -249,8 +277,8 @@ impl PgDb {
             cfg.options(options);
         }
         let label = format!(
-            "{:?}/{}",
-            cfg.get_hosts(),
+            "{}/{}",
+            hosts_label(&cfg),
             cfg.get_dbname().unwrap_or("(default)")
         );
         let manager = Manager::from_config(
@@ -310,10 +338,10 @@ impl PgDb {
     /// timeout. The connection returns to the pool when dropped.
     pub async fn client(&self) -> Result<PgClient> {
         self.inner.pool.get().await.map_err(|e| {
-            Error::storage(format!(
-                "cannot get a PostgreSQL connection to {}: {e}",
-                self.inner.label
-            ))
+            Error::storage_with(
+                format!("cannot get a PostgreSQL connection to {}", self.inner.label),
+                e,
+            )
         })
     }
 
@@ -590,6 +618,8 @@ mod tests {
         assert!(!valid_identifier("0a"));
         assert!(!valid_identifier("a;drop"));
         assert!(!valid_identifier(""));
+        assert!(valid_identifier("pg_x"), "a column may be named pg_…");
+        assert!(!valid_schema("pg_temp_app") && !valid_schema("PG_x") && valid_schema("app_pg"));
         let bad = ClaimSpec::new("jobs; --", "id").validate().unwrap_err();
         assert!(bad.to_string().contains("jobs; --"), "{bad}");
         assert!(ClaimSpec::new("s.jobs", "id").validate().is_ok());

@@ -256,8 +256,8 @@ pub(crate) fn validate_process_config(c: &ProcessSupervisionConfig) -> Result<()
     if c.process_id.trim().is_empty() {
         return Err(Error::invalid_config(
             "process_id",
-            "\"\"",
-            "must name a process",
+            format!("{:?}", c.process_id),
+            "must name a process (not empty or only whitespace)",
         ));
     }
     check_attempts_and_interval(
@@ -303,7 +303,7 @@ fn check_custom_action(is_custom: bool, action: Option<&str>, kind: &str, id: &s
         )),
         (true, Some(a)) if a.trim().is_empty() => Err(Error::invalid_config(
             "custom_recovery_action",
-            "\"\"",
+            format!("{a:?}"),
             format!("the custom strategy of {kind} \"{id}\" needs a recovery task"),
         )),
         (false, Some(a)) => Err(Error::invalid_config(
@@ -382,7 +382,11 @@ fn check_attempts_and_interval(
 /// Checks a task supervision configuration on its own.
 pub(crate) fn validate_task_config(c: &TaskSupervisionConfig) -> Result<()> {
     if c.task_id.trim().is_empty() {
-        return Err(Error::invalid_config("task_id", "\"\"", "must name a task"));
+        return Err(Error::invalid_config(
+            "task_id",
+            format!("{:?}", c.task_id),
+            "must name a task (not empty or only whitespace)",
+        ));
     }
     check_attempts_and_interval(
         "task",

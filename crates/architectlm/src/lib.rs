@@ -51,11 +51,42 @@ pub use architectlm_loadmanager as loadmanager;
 #[doc(inline)]
 pub use architectlm_store as storage;
 
-/// The types most programs need.
+/// The types most programs write by name, with no two of the same name.
+///
+/// The extension *traits* come in anonymously (`as _`), so that their methods work on any
+/// service, while the names `LoadManager`, `Supervisor`, ... are the concrete extensions a
+/// program builds (with their features on). To name a trait — for `Arc<dyn SagaCoordinator>`
+/// or a mock — import it from [`extensions`](crate::extensions).
+///
+/// ```
+/// use architectlm::prelude::*;
+/// use architectlm::extensions::LoadManager as _; // already in the prelude, anonymously
+///
+/// # #[cfg(all(feature = "loadmanager", feature = "supervisor"))]
+/// # fn f() -> architectlm::Result<()> {
+/// let supervisor = Supervisor::new(); // the struct, no clash with the trait
+/// let manager = LoadManager::new();
+/// # let _ = (supervisor, manager);
+/// # Ok(()) }
+/// ```
 pub mod prelude {
-    pub use architectlm_core::extensions::{LoadManager, SagaCoordinator, Scheduler, Supervisor};
-    pub use architectlm_core::{
-        Error, Event, EventFilter, ExtensionsConfig, ProcessDefinition, Result, RetryPolicy,
-        Runtime, System, TaskContext, TaskDefinition, TaskError, TransitionDefinition,
+    pub use architectlm_core::extensions::saga::{SagaDefinition, SagaStatus, SagaStep};
+    pub use architectlm_core::extensions::scheduler::{RecurringTaskConfig, ScheduledTaskConfig};
+    pub use architectlm_core::extensions::{
+        LoadManager as _, SagaCoordinator as _, Scheduler as _, Supervisor as _,
     };
+    pub use architectlm_core::{
+        Error, Event, EventFilter, ExecuteOptions, ExtensionsConfig, ProcessDefinition, Result,
+        RetryPolicy, Runtime, System, TaskContext, TaskDefinition, TaskError, TaskOrigin, TaskRef,
+        TransitionDefinition,
+    };
+
+    #[cfg(feature = "loadmanager")]
+    pub use architectlm_loadmanager::{LoadManager, ResourceSettings};
+    #[cfg(feature = "saga")]
+    pub use architectlm_saga::Coordinator;
+    #[cfg(feature = "scheduler")]
+    pub use architectlm_scheduler::TaskScheduler;
+    #[cfg(feature = "supervisor")]
+    pub use architectlm_supervisor::Supervisor;
 }

@@ -3,6 +3,24 @@
 //! Each trait is object safe and used as `Arc<dyn …>` in [`crate::Services`]. With the `mock`
 //! feature, mockall generates `MockSagaCoordinator`, `MockScheduler`, `MockSupervisor` and
 //! `MockLoadManager` for tests. Serialised names are kebab-case, as in the original contracts.
+//!
+//! # The refusal rule
+//!
+//! Every extension answers the same situation the same way:
+//!
+//! | situation | answer |
+//! |---|---|
+//! | a lookup (`get_*`) of an id nobody knows | `Ok(None)` |
+//! | a command (`cancel_task`, `compensate_saga`, `recover_process`, `acquire_resource`, ...) on an id nobody knows | `Err(Error::NotFound { kind, id })` |
+//! | a command whose answer is a `bool`, on a known thing that it leaves unchanged (already in that state, ended, or — for `acquire_resource` — refused for load) | `Ok(false)`; `Ok(true)` when it changed something |
+//! | a command that returns a value (a permit, an instance) and cannot produce it for load | `Err(Error::Unavailable { id, reason })` |
+//! | a command that is impossible in the thing's state (unwinding a saga whose version is not registered, rescheduling past `end_at`) | `Err` naming the id and the state |
+//! | a bad argument (zero units, a blank name, a value nested too deep) | `Err(Error::InvalidInput)` or `Err(Error::InvalidConfig)` naming the field and the value |
+//!
+//! So `false` always means "known, and nothing happened, for an ordinary reason"; an error
+//! always means the caller asked for something that cannot be, or the engine failed.
+//! Lists come as a [`Page`], whose [`has_more`](Page::has_more) says when more items match
+//! than were returned.
 
 pub mod loadmanager;
 pub mod saga;
@@ -36,6 +54,12 @@ impl<T> Page<T> {
             total,
             next_offset,
         }
+    }
+
+    /// Whether more items match than this page holds (its [`next_offset`](Self::next_offset)
+    /// reads the next page): a list is never cut short silently.
+    pub fn has_more(&self) -> bool {
+        self.next_offset.is_some()
     }
 }
 

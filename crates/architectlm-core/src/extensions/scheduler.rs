@@ -12,7 +12,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::Pagination;
+use super::{Page, Pagination};
+
+/// The longest jitter a recurring entry accepts: 30 days. Spreading runs further apart than
+/// that is a different schedule, not a jitter.
+pub const MAX_JITTER: Duration = Duration::from_secs(30 * 86_400);
 use crate::Result;
 use crate::event::{EventFilter, EventSubscription, Typed};
 use crate::retry::RetryPolicy;
@@ -177,7 +181,8 @@ pub struct RecurringTaskConfig {
     pub end_at: Option<DateTime<Utc>>,
     /// Stop after this many runs.
     pub max_executions: Option<u32>,
-    /// Delay each run by a random amount up to this.
+    /// Delay each run by a random amount up to this; at most [`MAX_JITTER`] (30 days), a
+    /// longer one is refused when the entry is scheduled.
     #[serde(with = "crate::serde_duration::option")]
     pub jitter: Option<Duration>,
     /// What it is for.
@@ -230,7 +235,7 @@ impl RecurringTaskConfig {
         self
     }
 
-    /// Sets the jitter.
+    /// Sets the jitter (at most [`MAX_JITTER`]).
     pub fn jitter(mut self, j: Duration) -> Self {
         self.jitter = Some(j);
         self
@@ -625,8 +630,10 @@ pub trait Scheduler: Send + Sync {
     async fn trigger_task(&self, id: Uuid) -> Result<bool>;
     /// One entry.
     async fn get_task(&self, id: Uuid) -> Result<Option<ScheduledTask>>;
-    /// Entries matching a filter, sorted by next run.
-    async fn get_tasks(&self, filter: ScheduledTaskFilter) -> Result<Vec<ScheduledTask>>;
+    /// Entries matching a filter, sorted by next run: one page of at most the filter's limit
+    /// (100 by default), with the total and the offset of the next page
+    /// ([`Page::has_more`](super::Page::has_more)).
+    async fn get_tasks(&self, filter: ScheduledTaskFilter) -> Result<Page<ScheduledTask>>;
     /// Calls `handler` for matching events until the handle is dropped.
     fn on_scheduler_event(
         &self,

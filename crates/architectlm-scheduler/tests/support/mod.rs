@@ -22,6 +22,8 @@ use tokio::sync::Semaphore;
 pub(crate) struct Seen {
     pub(crate) task: &'static str,
     pub(crate) key: Option<String>,
+    /// The entry and occurrence, as the task reads them from its context.
+    pub(crate) origin: Option<(uuid::Uuid, DateTime<Utc>)>,
     pub(crate) input: Value,
     pub(crate) at: DateTime<Utc>,
 }
@@ -58,6 +60,7 @@ pub(crate) fn system(
             seen.lock().push(Seen {
                 task: "record",
                 key: ctx.idempotency_key().map(str::to_owned),
+                origin: ctx.schedule_entry_id().zip(ctx.scheduled_for()),
                 input: input.clone(),
                 at: clock.now(),
             });
@@ -70,6 +73,7 @@ pub(crate) fn system(
             seen.lock().push(Seen {
                 task: "slow",
                 key: ctx.idempotency_key().map(str::to_owned),
+                origin: ctx.schedule_entry_id().zip(ctx.scheduled_for()),
                 input,
                 at: clock.now(),
             });
@@ -90,6 +94,7 @@ pub(crate) fn system(
             seen.lock().push(Seen {
                 task: "fail",
                 key: ctx.idempotency_key().map(str::to_owned),
+                origin: ctx.schedule_entry_id().zip(ctx.scheduled_for()),
                 input,
                 at: clock.now(),
             });

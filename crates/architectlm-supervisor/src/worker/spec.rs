@@ -395,8 +395,8 @@ impl ChildSpec {
         if self.name().trim().is_empty() {
             return Err(Error::invalid_config(
                 "children[].name",
-                "\"\"",
-                "a child needs a name",
+                format!("{:?}", self.name()),
+                "a child needs a name (not empty or only whitespace)",
             ));
         }
         if self.heartbeat == Some(Duration::ZERO) {
@@ -533,8 +533,8 @@ impl SupervisorSpecBuilder {
         if self.name.trim().is_empty() {
             return Err(Error::invalid_config(
                 "name",
-                "\"\"",
-                "a supervisor needs a name",
+                format!("{:?}", self.name),
+                "a supervisor needs a name (not empty or only whitespace)",
             ));
         }
         if self.intensity.period.is_zero() {

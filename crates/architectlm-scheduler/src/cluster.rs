@@ -104,7 +104,7 @@ impl ClusterOptions {
     /// version check keeps a firing from being claimed twice), so it is short: entries a dead
     /// node reserved, and entries waiting for a free place, are looked at again after it.
     pub(super) fn hold(&self) -> Duration {
-        (self.poll_interval * 5)
+        (self.poll_interval.saturating_mul(5))
             .max(Duration::from_secs(1))
             .min(self.lease)
     }

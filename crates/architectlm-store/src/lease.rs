@@ -482,7 +482,7 @@ async fn keep(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let every = ttl / 3;
-    let mut next = tokio::time::Instant::now() + every;
+    let mut next = architectlm_core::time::deadline_in(every);
     loop {
         tokio::select! {
             _ = &mut stop => return,
@@ -499,7 +499,7 @@ async fn keep(
             Ok(Ok(renewed)) => {
                 lease = renewed;
                 live_until = now + live(ttl);
-                next = now + every;
+                next = architectlm_core::time::add_to_instant(now, every);
                 state.send_replace(Some(lease.clone()));
             }
             Ok(Err(crate::Error::Conflict { actual, .. })) => {

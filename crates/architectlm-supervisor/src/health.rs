@@ -49,6 +49,7 @@ use architectlm_core::extensions::supervisor::{
     SupervisionEventHandler, SupervisionEventType, SupervisionStatus, TargetType,
     TaskRecoveryStrategy, TaskSupervisionConfig,
 };
+use architectlm_core::time::add_to_instant;
 use architectlm_core::{
     ActionStatus, Error, Event, EventFilter, EventHub, EventSubscription, ExecuteOptions,
     Extension, ProcessDefinition, ProcessInstance, Result, RetryPolicy, Runtime, ServiceRegistry,
@@ -783,7 +784,8 @@ impl Shared {
                                 .backoff
                                 .as_ref()
                                 .map(|b| effective_backoff(b).delay(attempt));
-                            e.next_attempt_at = now + delay.unwrap_or(config.check_interval);
+                            e.next_attempt_at =
+                                add_to_instant(now, delay.unwrap_or(config.check_interval));
                             retry_in = delay;
                         }
                     }
@@ -1099,7 +1101,8 @@ impl Shared {
                                 .backoff
                                 .as_ref()
                                 .map(|b| effective_backoff(b).delay(attempt));
-                            e.next_attempt_at = now + delay.unwrap_or(config.check_interval);
+                            e.next_attempt_at =
+                                add_to_instant(now, delay.unwrap_or(config.check_interval));
                             retry_in = delay;
                         }
                     }

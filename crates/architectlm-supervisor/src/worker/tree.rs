@@ -21,6 +21,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use architectlm_core::time::add_to_instant;
 use architectlm_core::{Error, EventHub, Result};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
@@ -584,7 +585,7 @@ impl Actor {
             if delay.is_zero() {
                 self.start(idx);
             } else {
-                self.schedule_restart(idx, now + delay, delay, attempt);
+                self.schedule_restart(idx, add_to_instant(now, delay), delay, attempt);
             }
             return None;
         }
@@ -620,7 +621,7 @@ impl Actor {
             }
         } else {
             for j in group {
-                self.schedule_restart(j, now + delay, delay, attempt);
+                self.schedule_restart(j, add_to_instant(now, delay), delay, attempt);
             }
         }
         None
@@ -753,7 +754,7 @@ impl Actor {
             }
             c.state = ChildState::Stopping;
             c.hung = true;
-            let at = now + timeout;
+            let at = add_to_instant(now, timeout);
             c.deadline = Some(at);
             self.next_kill = min_opt(self.next_kill, at);
             let c = &self.children[j];

@@ -138,6 +138,21 @@ impl CronSchedule {
     }
 
     fn find(&self, t: DateTime<Utc>, inclusive: bool) -> Option<DateTime<Utc>> {
+        // Occurrences are searched from year 1 to year 9999: beyond, a local time may not be
+        // representable at all (chrono's calendar ends near year 262,000 in UTC, a zone's
+        // offset pushes past it). Later than the range has no occurrence; earlier searches
+        // from its start.
+        const FIRST: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+        const LAST: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+        let secs = t.timestamp();
+        if secs > LAST {
+            return None;
+        }
+        let t = if secs < FIRST {
+            DateTime::from_timestamp(FIRST, 0).unwrap_or(t)
+        } else {
+            t
+        };
         let local = t.with_timezone(&self.tz);
         self.cron
             .find_next_occurrence(&local, inclusive)

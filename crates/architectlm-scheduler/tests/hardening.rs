@@ -108,3 +108,27 @@ async fn times_at_the_calendars_edges_neither_panic_nor_run() {
     assert_eq!(h.seen("record").len(), 1);
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_recurring_entry_starting_at_the_calendars_end_in_a_time_zone_is_refused_not_a_panic() {
+    let h = Harness::start().await;
+    let e = h
+        .scheduler
+        .schedule_recurring_task(
+            RecurringTaskConfig::new("record", json!({}), "* * * * *")
+                .timezone("Europe/Berlin")
+                .start_at(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no future occurrence"), "{e}");
+    assert_eq!(
+        h.scheduler
+            .get_tasks(ScheduledTaskFilter::new())
+            .await
+            .unwrap()
+            .total,
+        0
+    );
+    h.stop().await;
+}

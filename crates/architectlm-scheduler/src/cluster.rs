@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use architectlm_core::extensions::scheduler::{
-    OverlapPolicy, RunRecord, ScheduledTaskStatus, SchedulerEventType,
+    MisfireReason, MisfireRecord, OverlapPolicy, RunRecord, ScheduledTaskStatus, SchedulerEventType,
 };
 use architectlm_core::{Error, ExecuteOptions, Result, TaskOrigin, TaskRef};
 use architectlm_store::schedule::{
@@ -432,6 +432,23 @@ impl TaskScheduler {
             if ran > 0 {
                 n.task.executed_at = Some(now);
             }
+            // Misfire decisions go into the run history with the claim, as on one node.
+            let opts = &self.inner.options;
+            if plan.missed > 0 || misfire {
+                let reason = MisfireReason::Late {
+                    policy: e.policy.misfire,
+                };
+                let rec = MisfireRecord::new(reason, plan.missed, ran);
+                super::push_history(&mut n, RunRecord::misfire(due, now, rec), opts);
+            }
+            if let Some(&first) = overlapped.first() {
+                let reason = MisfireReason::Overlap {
+                    policy: e.policy.overlap,
+                };
+                let skipped = u32::try_from(overlapped.len()).unwrap_or(u32::MAX);
+                let rec = MisfireRecord::new(reason, skipped, ran);
+                super::push_history(&mut n, RunRecord::misfire(first, now, rec), opts);
+            }
             Self::settle(&mut n, ran + running, 0);
             n.version = e.version + 1;
             misses.push((plan.missed, misfire, overlapped));
@@ -642,7 +659,7 @@ impl TaskScheduler {
         let Some(c) = self.cluster() else {
             return;
         };
-        let limit = self.inner.options.history_limit;
+        let opts = self.inner.options.clone();
         let mut records: HashMap<(Uuid, i64), RunRecord> = HashMap::with_capacity(batch.len());
         let mut runs = Vec::with_capacity(batch.len());
         for d in batch {
@@ -654,11 +671,7 @@ impl TaskScheduler {
                 e.task.result = rec.result.clone();
                 e.task.error = rec.error.clone();
                 e.task.executed_at = Some(rec.started_at);
-                e.task.history.push(rec.clone());
-                if e.task.history.len() > limit {
-                    let drop = e.task.history.len() - limit;
-                    e.task.history.drain(..drop);
-                }
+                super::push_history(e, rec.clone(), &opts);
             }
             Self::settle(e, 0, 0);
         };

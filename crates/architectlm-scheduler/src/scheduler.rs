@@ -11,9 +11,9 @@ use std::time::Duration;
 use architectlm_core::event::{Event, EventFilter, EventHub, EventSubscription};
 use architectlm_core::extensions::Page;
 use architectlm_core::extensions::scheduler::{
-    MAX_JITTER, MisfirePolicy, OverlapPolicy, RecurringTaskConfig, RunRecord, SchedulePolicy,
-    ScheduledTask, ScheduledTaskConfig, ScheduledTaskFilter, ScheduledTaskStatus, Scheduler,
-    SchedulerEvent, SchedulerEventHandler, SchedulerEventType,
+    MAX_JITTER, MisfirePolicy, MisfireReason, MisfireRecord, OverlapPolicy, RecurringTaskConfig,
+    RunRecord, SchedulePolicy, ScheduledTask, ScheduledTaskConfig, ScheduledTaskFilter,
+    ScheduledTaskStatus, Scheduler, SchedulerEvent, SchedulerEventHandler, SchedulerEventType,
 };
 use architectlm_core::{
     Error, ExecuteOptions, Extension, Result, Runtime, ServiceRegistry, TaskOrigin, TaskRef,
@@ -50,8 +50,12 @@ const MISSED_COUNT_LIMIT: u32 = 10_000;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SchedulerOptions {
-    /// Runs kept in each entry's `history` (default 20).
+    /// Records kept in each entry's `history` — runs and misfire decisions — the newest
+    /// first (default 20; 0 keeps none).
     pub history_limit: usize,
+    /// Records older than this (by when they finished) leave the history as new ones arrive
+    /// (default: none, only the count applies).
+    pub history_max_age: Option<Duration>,
     /// How far an event subscriber may fall behind (default 1024).
     pub event_capacity: usize,
     /// Most entries that may be active (scheduled, running or paused) at once; scheduling more
@@ -67,6 +71,7 @@ impl Default for SchedulerOptions {
     fn default() -> Self {
         Self {
             history_limit: 20,
+            history_max_age: None,
             event_capacity: architectlm_core::event::DEFAULT_EVENT_CAPACITY,
             max_active: 50_000_000,
             acquire_ahead: Duration::from_millis(100),
@@ -136,9 +141,16 @@ impl TaskSchedulerBuilder {
         self
     }
 
-    /// Runs kept in each entry's history.
+    /// Records (runs and misfire decisions) kept in each entry's history (default 20).
     pub fn history_limit(mut self, n: usize) -> Self {
         self.options.history_limit = n;
+        self
+    }
+
+    /// Drops history records that finished longer than `age` ago, as new ones arrive
+    /// (default: no age limit).
+    pub fn history_max_age(mut self, age: Duration) -> Self {
+        self.options.history_max_age = Some(age);
         self
     }
 
@@ -469,6 +481,27 @@ struct Plan {
 /// The idempotency key of the run of `id` due at `due`: `"{id}@{due in RFC 3339}"` as
 /// `to_rfc3339` writes it, in one allocation and without the formatting machinery (it is built
 /// at every run).
+/// Appends a record to an entry's run history, keeping the newest `history_limit` and none
+/// older than `history_max_age`. The oldest go first, so that a full history does not grow
+/// its buffer.
+pub(crate) fn push_history(e: &mut ScheduleEntry, record: RunRecord, options: &SchedulerOptions) {
+    let limit = options.history_limit;
+    let history = &mut e.task.history;
+    if let Some(age) = options.history_max_age {
+        let oldest = architectlm_core::time::sub_from_utc(record.started_at, age);
+        let stale = history
+            .iter()
+            .take_while(|r| r.finished_at.unwrap_or(r.started_at) < oldest)
+            .count();
+        history.drain(..stale);
+    }
+    let excess = (history.len() + 1).saturating_sub(limit).min(history.len());
+    history.drain(..excess);
+    if limit > 0 {
+        history.push(record);
+    }
+}
+
 fn idempotency_key(id: Uuid, due: DateTime<Utc>) -> String {
     use chrono::{Datelike, Timelike};
     let mut key = String::with_capacity(72);
@@ -1252,6 +1285,7 @@ impl TaskScheduler {
         // Tried again a little later if the claim fails (nothing is changed then).
         let retry = self.timer_for(&old, late_from);
         let was_active = old.is_active();
+        let first_due = old.task.next_execution_at.unwrap_or(now);
         let mut e = old;
         let claimed = (start.len() + queue.len()) as u32;
         let next = if overlapped.is_empty() {
@@ -1270,6 +1304,23 @@ impl TaskScheduler {
         }
         if !start.is_empty() {
             e.task.executed_at = Some(start_at);
+        }
+        // Misfire decisions go into the run history with the claim, so they outlive a restart.
+        let opts = &self.inner.options;
+        if plan.missed > 0 || misfire {
+            let reason = MisfireReason::Late {
+                policy: e.policy.misfire,
+            };
+            let rec = MisfireRecord::new(reason, plan.missed, claimed);
+            push_history(&mut e, RunRecord::misfire(first_due, now, rec), opts);
+        }
+        if let Some(&skipped) = overlapped.first() {
+            let reason = MisfireReason::Overlap {
+                policy: e.policy.overlap,
+            };
+            let n = u32::try_from(overlapped.len()).unwrap_or(u32::MAX);
+            let rec = MisfireRecord::new(reason, n, claimed);
+            push_history(&mut e, RunRecord::misfire(skipped, now, rec), opts);
         }
         Self::settle(
             &mut e,
@@ -1622,14 +1673,7 @@ impl TaskScheduler {
         e.task.result = record.result.clone();
         e.task.error = record.error.clone();
         e.task.executed_at = Some(started);
-        // The oldest records go first, so that the full history does not grow its buffer.
-        let limit = self.inner.options.history_limit;
-        let history = &mut e.task.history;
-        let excess = (history.len() + 1).saturating_sub(limit).min(history.len());
-        history.drain(..excess);
-        if limit > 0 {
-            history.push(record);
-        }
+        push_history(&mut e, record, &self.inner.options);
         // Start a waiting run now that a place is free (not while paused).
         let mut next_run = None;
         if e.task.status != ScheduledTaskStatus::Paused

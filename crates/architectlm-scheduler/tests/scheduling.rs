@@ -367,7 +367,26 @@ async fn overlap_skip_skips_runs_due_while_one_is_going() {
     let at: Vec<_> = h.seen("slow").iter().map(|s| s.at).collect();
     assert_eq!(at[0], t0() + secs(10));
     assert!(at[1] >= t0() + secs(30), "{at:?}");
-    assert_eq!(task.history.len(), 2);
+    // Two runs, and the decision that skipped 20 s, in the run history.
+    let runs: Vec<_> = task
+        .history
+        .iter()
+        .filter(|r| r.misfire.is_none())
+        .collect();
+    assert_eq!(runs.len(), 2);
+    let skip: Vec<_> = task
+        .history
+        .iter()
+        .filter_map(|r| r.misfire.map(|m| (r.due_at, m)))
+        .collect();
+    assert_eq!(skip.len(), 1, "{:?}", task.history);
+    assert_eq!(skip[0].0, t0() + secs(20));
+    assert_eq!(
+        skip[0].1.reason,
+        architectlm_core::extensions::scheduler::MisfireReason::Overlap {
+            policy: OverlapPolicy::Skip
+        }
+    );
     h.stop().await;
 }
 
@@ -627,8 +646,20 @@ async fn a_restart_brings_every_entry_back_and_applies_the_misfire_policy() {
     assert_eq!(t(later).await.status, ScheduledTaskStatus::Scheduled);
     let c = t(cron).await;
     // The earliest two missed occurrences ran, and the schedule goes on after "now".
-    let dues: Vec<_> = c.history.iter().map(|r| r.due_at).collect();
+    let dues: Vec<_> = c
+        .history
+        .iter()
+        .filter(|r| r.misfire.is_none())
+        .map(|r| r.due_at)
+        .collect();
     assert_eq!(dues, vec![t0() + secs(900), t0() + secs(1800)]);
+    // The decision is in the history too: four missed, two run (fire-all, max 2).
+    let decision = c
+        .history
+        .iter()
+        .find_map(|r| r.misfire)
+        .expect("a misfire record");
+    assert_eq!((decision.skipped, decision.started), (2, 2));
     assert_eq!(c.next_execution_at, Some(back + secs(900)));
     // The later one-shot still runs at its time.
     wait_for(&mut ev, T::Completed, 1, DAY).await;
@@ -760,4 +791,105 @@ async fn a_batch_fires_every_entry_once_and_mass_cancels_leave_the_rest_armed() 
     let task = h.scheduler.get_task(ids[1]).await.unwrap().unwrap();
     assert_eq!(task.status, ScheduledTaskStatus::Cancelled);
     h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn misfire_decisions_are_kept_in_the_run_history_across_restarts() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("misfire-history-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let open = || {
+        let dir = dir.clone();
+        async move {
+            let db = architectlm_store::sqlite::SqliteDb::open(
+                architectlm_store::sqlite::SqliteOptions::file(dir.join("schedule.sqlite")),
+            )
+            .unwrap();
+            let s: Arc<dyn ScheduleStore> = Arc::new(
+                architectlm_store::schedule::SqliteScheduleStore::open(db)
+                    .await
+                    .unwrap(),
+            );
+            s
+        }
+    };
+    let h = Harness::start_with(open().await, t0()).await;
+    let id = h
+        .scheduler
+        .schedule_recurring_task(
+            RecurringTaskConfig::new("record", json!("cron"), "*/10 * * * *").policy(
+                SchedulePolicy::default()
+                    .misfire(MisfirePolicy::Skip)
+                    .misfire_threshold(Duration::from_secs(5)),
+            ),
+        )
+        .await
+        .unwrap();
+    h.stop().await;
+    drop(h);
+    // Down for an hour: six occurrences missed, skipped by the policy.
+    let h = Harness::start_with(open().await, t0() + secs(3600)).await;
+    let mut ev = h.events();
+    wait_for(&mut ev, T::Misfired, 1, Duration::from_secs(1)).await;
+    h.stop().await;
+    drop(h);
+    // The decision outlives another restart: it is in the entry's history in the file.
+    let h = Harness::start_with(open().await, t0() + secs(3601)).await;
+    let t = h.scheduler.get_task(id).await.unwrap().unwrap();
+    let decisions: Vec<_> = t
+        .history
+        .iter()
+        .filter_map(|r| r.misfire.map(|m| (r, m)))
+        .collect();
+    assert_eq!(decisions.len(), 1, "{:?}", t.history);
+    let (rec, m) = decisions[0];
+    assert_eq!(rec.due_at, t0() + secs(600));
+    assert_eq!(rec.started_at, t0() + secs(3600));
+    assert_eq!(rec.attempts, 0);
+    assert_eq!(
+        m.reason,
+        architectlm_core::extensions::scheduler::MisfireReason::Late {
+            policy: MisfirePolicy::Skip
+        }
+    );
+    assert_eq!((m.skipped, m.started), (6, 0));
+    assert!(h.seen("record").is_empty(), "skipped runs never ran");
+    h.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn history_retention_keeps_the_newest_by_count_and_drops_the_old_by_age() {
+    let store: Arc<dyn ScheduleStore> = Arc::new(InMemoryScheduleStore::new());
+    let clock = Arc::new(architectlm_scheduler::TokioClock::starting_at(t0()));
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let scheduler = Arc::new(
+        architectlm_scheduler::TaskScheduler::builder()
+            .store(store)
+            .clock(clock.clone())
+            .history_limit(3)
+            .history_max_age(Duration::from_secs(90))
+            .build(),
+    );
+    let runtime = architectlm_core::Runtime::builder(support::system(seen, gate, clock))
+        .extension(scheduler.clone())
+        .start()
+        .await
+        .unwrap();
+    let mut ev = support::Events::of(&scheduler);
+    let id = scheduler
+        .schedule_recurring_task(RecurringTaskConfig::new("record", json!({}), "* * * * *"))
+        .await
+        .unwrap();
+    wait_for(&mut ev, T::Completed, 2, DAY).await;
+    // Two runs, a minute apart: both within the age and the count.
+    let t = scheduler.get_task(id).await.unwrap().unwrap();
+    assert_eq!(t.history.len(), 2);
+    wait_for(&mut ev, T::Completed, 3, DAY).await;
+    // Five runs: the count would keep three, the age (90 s before the newest) keeps two.
+    let t = scheduler.get_task(id).await.unwrap().unwrap();
+    let dues: Vec<_> = t.history.iter().map(|r| r.due_at).collect();
+    assert_eq!(dues, vec![t0() + secs(240), t0() + secs(300)], "{dues:?}");
+    runtime.shutdown(Duration::from_secs(1)).await;
 }

@@ -293,8 +293,54 @@ pub struct RunRecord {
     pub result: Option<Value>,
     /// Its error.
     pub error: Option<String>,
-    /// Attempts made.
+    /// Attempts made (0 for a misfire decision that started nothing).
     pub attempts: u32,
+    /// Set when this record is a misfire decision: occurrences that were late or overlapped,
+    /// what the policy made of them. Such a record's `due_at` is the first occurrence it
+    /// decided on and `started_at` = `finished_at` the time of the decision. Kept in the run
+    /// history with the runs, so the decision survives restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub misfire: Option<MisfireRecord>,
+}
+
+/// Why occurrences misfired, and the policy that decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum MisfireReason {
+    /// Later than the misfire threshold (the scheduler was down, paused or busy).
+    Late {
+        /// The entry's misfire policy.
+        policy: MisfirePolicy,
+    },
+    /// Due while earlier runs were still going, beyond what the overlap policy lets wait.
+    Overlap {
+        /// The entry's overlap policy.
+        policy: OverlapPolicy,
+    },
+}
+
+/// A misfire decision in an entry's run history ([`RunRecord::misfire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MisfireRecord {
+    /// Why, and the policy that decided.
+    pub reason: MisfireReason,
+    /// Occurrences the decision skipped (never run).
+    pub skipped: u32,
+    /// Runs it started or queued.
+    pub started: u32,
+}
+
+impl MisfireRecord {
+    /// A decision skipping `skipped` occurrences and starting `started` runs.
+    pub fn new(reason: MisfireReason, skipped: u32, started: u32) -> Self {
+        Self {
+            reason,
+            skipped,
+            started,
+        }
+    }
 }
 
 impl RunRecord {
@@ -307,6 +353,21 @@ impl RunRecord {
             result: None,
             error: None,
             attempts: 0,
+            misfire: None,
+        }
+    }
+
+    /// The record of a misfire decision taken at `decided_at` about the occurrences from
+    /// `due_at` on.
+    pub fn misfire(
+        due_at: DateTime<Utc>,
+        decided_at: DateTime<Utc>,
+        decision: MisfireRecord,
+    ) -> Self {
+        Self {
+            finished_at: Some(decided_at),
+            misfire: Some(decision),
+            ..Self::new(due_at, decided_at)
         }
     }
 }

@@ -171,6 +171,15 @@ pub(crate) struct Events {
 }
 
 impl Events {
+    /// Every event of `scheduler` from now on.
+    pub(crate) fn of(scheduler: &TaskScheduler) -> Self {
+        Self {
+            sub: scheduler.subscribe("*"),
+            log: Vec::new(),
+            taken: std::collections::HashMap::new(),
+        }
+    }
+
     pub(crate) fn log(&self) -> &[Arc<SchedulerEvent>] {
         &self.log
     }

@@ -131,7 +131,10 @@ mod tests {
     #[test]
     fn products_saturate() {
         assert_eq!(mul_duration(Duration::MAX, 1e300), Duration::MAX);
-        assert_eq!(mul_duration(Duration::from_secs(1), f64::INFINITY), Duration::MAX);
+        assert_eq!(
+            mul_duration(Duration::from_secs(1), f64::INFINITY),
+            Duration::MAX
+        );
         assert_eq!(mul_duration(Duration::from_secs(1), -1.0), Duration::ZERO);
     }
 }

@@ -749,8 +749,8 @@ impl ResourceInner {
             f64::from(s.reset_backoff).powi(i32::try_from(cold.opens_in_row).unwrap_or(i32::MAX));
         // Saturates: a `reset_timeout` or backoff product past `Duration::MAX` is `MAX`, capped
         // by `max_reset_timeout`.
-        let timeout = architectlm_core::time::mul_duration(s.reset_timeout, factor)
-            .min(s.max_reset_timeout);
+        let timeout =
+            architectlm_core::time::mul_duration(s.reset_timeout, factor).min(s.max_reset_timeout);
         cold.opens_in_row = cold.opens_in_row.saturating_add(1);
         cold.openings += 1;
         tracing::info!(resource = %self.id(), reason, ?timeout, "circuit opened");

@@ -489,46 +489,6 @@ impl Coordinator {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Waits until the instance reaches a terminal status, or `timeout` passes
-    /// ([`Error::Timeout`]). Returns the instance as stored.
-    pub async fn wait_for(&self, instance_id: Uuid, timeout: Duration) -> Result<SagaInstance> {
-        let mut sub = self.inner.events.subscribe(EventFilter::All);
-        let wait = async {
-            loop {
-                let inst = self
-                    .inner
-                    .store
-                    .get(instance_id)
-                    .await?
-                    .ok_or_else(|| Error::not_found("saga instance", instance_id))?;
-                if inst.instance.status.is_terminal() && !self.is_active(instance_id) {
-                    return Ok(inst.instance);
-                }
-                if self.is_active(instance_id) {
-                    self.settled(instance_id).await;
-                    continue;
-                }
-                // Wake on this instance's next event; poll now and then in case it was missed.
-                let next = async {
-                    while let Some(e) = sub.recv().await {
-                        if e.instance_id == instance_id {
-                            break;
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(Duration::from_millis(50), next).await;
-            }
-        };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Timeout {
-                    what: format!("waiting for saga instance {instance_id}"),
-                    after: timeout,
-                })
-            })
-    }
-
     fn is_active(&self, id: Uuid) -> bool {
         self.inner.active.lock().contains_key(&id)
     }
@@ -771,16 +731,6 @@ impl Coordinator {
         }
     }
 
-    /// Waits until this node no longer drives the instance: it reached a terminal status, or
-    /// was stopped by shutdown. Returns at once if this node does not drive it. Cheaper than
-    /// [`wait_for`](Self::wait_for) (no read of the journal).
-    pub async fn settled(&self, instance_id: Uuid) {
-        let control = self.inner.active.lock().get(&instance_id).cloned();
-        if let Some(c) = control {
-            c.finished().await;
-        }
-    }
-
     /// Claims an instance and drives it from `status` (used to unwind a completed saga and to
     /// resume a failed unwind).
     async fn restart_unwind(
@@ -1020,6 +970,51 @@ impl SagaCoordinator for Coordinator {
 
     fn on_saga_event(&self, filter: EventFilter, handler: SagaEventHandler) -> EventSubscription {
         self.inner.events.on(filter, move |e| handler(e))
+    }
+
+    async fn wait_for(&self, instance_id: Uuid, timeout: Duration) -> Result<SagaInstance> {
+        let mut sub = self.inner.events.subscribe(EventFilter::All);
+        let wait = async {
+            loop {
+                let inst = self
+                    .inner
+                    .store
+                    .get(instance_id)
+                    .await?
+                    .ok_or_else(|| Error::not_found("saga instance", instance_id))?;
+                if inst.instance.status.is_terminal() && !self.is_active(instance_id) {
+                    return Ok(inst.instance);
+                }
+                if self.is_active(instance_id) {
+                    self.settled(instance_id).await;
+                    continue;
+                }
+                // Wake on this instance's next event; poll now and then in case it was missed.
+                let next = async {
+                    while let Some(e) = sub.recv().await {
+                        if e.instance_id == instance_id {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(50), next).await;
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    what: format!("waiting for saga instance {instance_id}"),
+                    after: timeout,
+                })
+            })
+    }
+
+    async fn settled(&self, instance_id: Uuid) {
+        let control = self.inner.active.lock().get(&instance_id).cloned();
+        if let Some(c) = control {
+            c.finished().await;
+        }
     }
 }
 

@@ -712,3 +712,102 @@ async fn closures_work_as_steps_and_reach_services_through_the_context() {
     assert_eq!(done.status, SagaStatus::Compensated);
     assert_eq!(done.steps[2].status, SagaStepStatus::Pending);
 }
+
+/// Application code written against the contract: starts an order saga and waits for its end.
+async fn place_order(
+    sagas: Arc<dyn SagaCoordinator>,
+    order: u32,
+) -> architectlm_core::Result<SagaStatus> {
+    let started = sagas.start_saga("order", json!({"order": order})).await?;
+    sagas.settled(started.id).await;
+    let done = sagas.wait_for(started.id, WAIT).await?;
+    Ok(done.status)
+}
+
+#[tokio::test]
+async fn code_written_against_the_trait_can_wait_for_a_saga() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(None)).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let dyn_sagas: Arc<dyn SagaCoordinator> = Arc::new(sagas.clone());
+
+    assert_eq!(
+        place_order(dyn_sagas.clone(), 1).await.unwrap(),
+        SagaStatus::Completed
+    );
+    assert_eq!(log.tasks(), vec!["step1", "step2", "step3", "step4"]);
+    // Unknown instances: `settled` returns at once, `wait_for` names the instance.
+    let unknown = uuid::Uuid::now_v7();
+    dyn_sagas.settled(unknown).await;
+    let e = dyn_sagas.wait_for(unknown, WAIT).await.unwrap_err();
+    assert!(
+        matches!(e, Error::NotFound { .. }) && e.to_string().contains(&unknown.to_string()),
+        "{e}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_for_through_the_trait_times_out_while_the_saga_carries_on() {
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(SagaDefinition::new("slow").step(SagaStep::closure(
+            "wait",
+            move |_input, _ctx| {
+                let g = g.clone();
+                async move {
+                    g.notified().await;
+                    Ok(json!("done"))
+                }
+            },
+        )))
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![]), &sagas).await;
+    let dyn_sagas: Arc<dyn SagaCoordinator> = Arc::new(sagas.clone());
+    let started = dyn_sagas.start_saga("slow", json!({})).await.unwrap();
+    let e = dyn_sagas
+        .wait_for(started.id, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    gate.notify_one();
+    let done = dyn_sagas.wait_for(started.id, Duration::MAX).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+}
+
+#[tokio::test]
+async fn a_mock_coordinator_can_stand_in_for_waiting() {
+    use architectlm_core::mock::MockSagaCoordinator;
+    let id = uuid::Uuid::now_v7();
+    let instance = |status| {
+        let mut i = architectlm_core::extensions::saga::SagaInstance::new(
+            id,
+            "order",
+            1,
+            json!({"order": 2}),
+            None,
+            chrono::Utc::now(),
+            vec![],
+        );
+        i.status = status;
+        i
+    };
+    let mut mock = MockSagaCoordinator::new();
+    let running = instance(SagaStatus::Running);
+    mock.expect_start_saga()
+        .times(1)
+        .returning(move |_, _| Ok(running.clone()));
+    mock.expect_settled().times(1).returning(|_| ());
+    let completed = instance(SagaStatus::Completed);
+    mock.expect_wait_for()
+        .withf(move |i, t| *i == id && *t == WAIT)
+        .times(1)
+        .returning(move |_, _| Ok(completed.clone()));
+    assert_eq!(
+        place_order(Arc::new(mock), 2).await.unwrap(),
+        SagaStatus::Completed
+    );
+}

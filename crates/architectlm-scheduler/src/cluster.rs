@@ -117,7 +117,11 @@ impl ClusterOptions {
                 "must not be empty",
             ));
         }
-        architectlm_core::time::check_lease("cluster.lease", self.lease, Duration::from_millis(30))?;
+        architectlm_core::time::check_lease(
+            "cluster.lease",
+            self.lease,
+            Duration::from_millis(30),
+        )?;
         if self.poll_interval.is_zero() {
             return Err(Error::invalid_config(
                 "cluster.poll_interval",

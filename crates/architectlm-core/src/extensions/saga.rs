@@ -630,6 +630,9 @@ pub type SagaEventHandler = Arc<dyn Fn(&SagaEvent) + Send + Sync>;
 ///         .await?;
 ///     let instance = sagas.start_saga("order", serde_json::json!({"order": 42})).await?;
 ///     let _ = sagas.get_saga_status(instance.id).await?;
+///     // Waits for the saga's end (or gives up after 30 s; the saga carries on).
+///     let done = sagas.wait_for(instance.id, std::time::Duration::from_secs(30)).await?;
+///     assert!(done.status.is_terminal());
 ///     Ok(())
 /// }
 /// # let _ = place_order;
@@ -657,6 +660,19 @@ pub trait SagaCoordinator: Send + Sync {
     async fn resume_compensation(&self, instance_id: Uuid) -> Result<SagaInstance>;
     /// Lists instances.
     async fn list_sagas(&self, filter: SagaFilter) -> Result<Page<SagaInstance>>;
+    /// Waits until the instance reaches a terminal status ([`SagaStatus::is_terminal`]) and
+    /// this coordinator no longer drives it, then returns it as stored.
+    ///
+    /// Errors: [`Error::Timeout`](crate::Error::Timeout) when `timeout` passes first (the saga
+    /// carries on; call again to keep waiting), [`Error::NotFound`](crate::Error::NotFound)
+    /// for an unknown instance. A saga waiting for a place (see the implementation's admission
+    /// bound) is waited for like a running one. `Duration::MAX` waits without limit.
+    async fn wait_for(&self, instance_id: Uuid, timeout: Duration) -> Result<SagaInstance>;
+    /// Waits until this coordinator neither drives the instance nor holds it waiting for a
+    /// place: it reached a terminal status, or shutdown stopped it. Returns at once for an
+    /// instance this coordinator does not hold (unknown, finished, or driven by another node).
+    /// Cheaper than [`wait_for`](Self::wait_for): no read of the journal, no status returned.
+    async fn settled(&self, instance_id: Uuid);
     /// Calls `handler` for matching events until the handle is dropped.
     fn on_saga_event(&self, filter: EventFilter, handler: SagaEventHandler) -> EventSubscription;
 }

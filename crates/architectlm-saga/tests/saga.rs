@@ -811,3 +811,176 @@ async fn a_mock_coordinator_can_stand_in_for_waiting() {
         SagaStatus::Completed
     );
 }
+
+/// What an overload run saw from inside its steps.
+#[derive(Default)]
+struct Seen {
+    /// Sagas between their first step's start and their last step's end.
+    inside: std::sync::atomic::AtomicUsize,
+    most_inside: std::sync::atomic::AtomicUsize,
+    /// The coordinator's own count of drivers, read by every step.
+    most_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Two steps that each need one of the 8 connections of a shared pool for 100 ms, and give up
+/// after 150 ms (waiting for the connection included), without retries.
+fn pooled_saga(
+    pool: &Arc<tokio::sync::Semaphore>,
+    seen: &Arc<Seen>,
+    sagas: &Coordinator,
+) -> SagaDefinition {
+    let step = |id: &'static str, first: bool| {
+        let (pool, seen, sagas) = (pool.clone(), seen.clone(), sagas.clone());
+        SagaStep::closure(id, move |_input, _ctx| {
+            let (pool, seen, sagas) = (pool.clone(), seen.clone(), sagas.clone());
+            async move {
+                if first {
+                    let now = seen.inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    seen.most_inside.fetch_max(now, Ordering::SeqCst);
+                }
+                seen.most_in_flight
+                    .fetch_max(sagas.in_flight(), Ordering::SeqCst);
+                let _connection = pool.acquire().await.map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if !first {
+                    seen.inside.fetch_sub(1, Ordering::SeqCst);
+                }
+                Ok(json!(id))
+            }
+        })
+        .timeout(Duration::from_millis(150))
+        .retry(RetryPolicy::none())
+        .compensate_closure(|_result, _ctx| async { Ok(Value::Null) })
+    };
+    SagaDefinition::new("pooled")
+        .step(step("reserve", true))
+        .step(step("charge", false))
+}
+
+/// Starts 80 pooled sagas at once on a coordinator with the given bound and waits for them all.
+async fn overload(bound: Option<usize>) -> (Coordinator, Vec<SagaStatus>, Arc<Seen>) {
+    let pool = Arc::new(tokio::sync::Semaphore::new(8));
+    let seen = Arc::new(Seen::default());
+    let mut builder = Coordinator::builder();
+    if let Some(n) = bound {
+        builder = builder.max_in_flight(n);
+    }
+    let sagas = builder.build().unwrap();
+    sagas
+        .define_saga(pooled_saga(&pool, &seen, &sagas))
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![]), &sagas).await;
+    let mut started = Vec::new();
+    for n in 0..80 {
+        started.push(sagas.start_saga("pooled", json!({"n": n})).await.unwrap());
+    }
+    if let Some(n) = bound {
+        // Beyond the bound, sagas are journaled as created and wait, in start order.
+        assert_eq!(sagas.in_flight(), n);
+        assert_eq!(sagas.waiting(), 80 - n);
+        assert_eq!(sagas.active(), 80);
+        for s in &started[n..] {
+            assert_eq!(s.status, SagaStatus::Created);
+            let stored = sagas.get_saga_status(s.id).await.unwrap().unwrap();
+            assert_eq!(stored.status, SagaStatus::Created);
+            assert!(
+                stored
+                    .steps
+                    .iter()
+                    .all(|st| st.status == SagaStepStatus::Pending)
+            );
+        }
+    }
+    let mut statuses = Vec::new();
+    for s in &started {
+        statuses.push(sagas.wait_for(s.id, Duration::MAX).await.unwrap().status);
+    }
+    assert_eq!(sagas.active(), 0);
+    assert_eq!(sagas.in_flight(), 0);
+    (sagas, statuses, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_ten_times_the_bound_every_saga_completes_and_at_most_the_bound_run() {
+    let (sagas, statuses, seen) = overload(Some(8)).await;
+    assert_eq!(sagas.max_in_flight(), Some(8));
+    assert!(
+        statuses.iter().all(|s| *s == SagaStatus::Completed),
+        "{statuses:?}"
+    );
+    assert_eq!(seen.most_inside.load(Ordering::SeqCst), 8);
+    assert!(seen.most_in_flight.load(Ordering::SeqCst) <= 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_bound_the_same_overload_times_steps_out_on_the_shared_pool() {
+    // What the bound prevents: all 80 run at once and most steps time out on the pool.
+    let (sagas, statuses, seen) = overload(None).await;
+    assert_eq!(sagas.max_in_flight(), None);
+    let completed = statuses
+        .iter()
+        .filter(|s| **s == SagaStatus::Completed)
+        .count();
+    assert!(completed < 80, "{statuses:?}");
+    assert!(seen.most_inside.load(Ordering::SeqCst) > 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_sagas_are_driven_in_start_order() {
+    let order = Log::default();
+    let gate = Arc::new(Notify::new());
+    let (o, g) = (order.clone(), gate.clone());
+    let sagas = Coordinator::builder().max_in_flight(1).build().unwrap();
+    sagas
+        .define_saga(SagaDefinition::new("queued").step(SagaStep::closure(
+            "only",
+            move |input: Value, _ctx| {
+                let (o, g) = (o.clone(), g.clone());
+                async move {
+                    o.push("only", &input["input"], None);
+                    if input["input"]["n"] == json!(0) {
+                        g.notified().await;
+                    }
+                    Ok(Value::Null)
+                }
+            },
+        )))
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![]), &sagas).await;
+    let mut started = Vec::new();
+    for n in 0..6 {
+        started.push(sagas.start_saga("queued", json!({"n": n})).await.unwrap());
+    }
+    // A compensation request reaches a waiting saga: it unwinds (nothing done) when its turn comes.
+    sagas
+        .compensate_saga(started[3].id, "cancelled")
+        .await
+        .unwrap();
+    while order.tasks().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(sagas.waiting(), 5);
+    gate.notify_one();
+    for s in &started {
+        sagas.wait_for(s.id, Duration::MAX).await.unwrap();
+    }
+    let ns: Vec<Value> = order
+        .inputs_of("only")
+        .iter()
+        .map(|i| i["n"].clone())
+        .collect();
+    assert_eq!(ns, vec![json!(0), json!(1), json!(2), json!(4), json!(5)]);
+    let cancelled = sagas.get_saga_status(started[3].id).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, SagaStatus::Compensated);
+}
+
+#[tokio::test]
+async fn a_zero_bound_is_refused_naming_the_field() {
+    let e = Coordinator::builder().max_in_flight(0).build().unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidConfig { field, value, .. } if field == "max_in_flight" && value == "0"),
+        "{e}"
+    );
+}

@@ -249,8 +249,10 @@ impl Inner {
 /// - **Compensation.** When a step fails after its retries, or the saga times out, or an
 ///   operator calls [`compensate_saga`](SagaCoordinator::compensate_saga), the completed steps
 ///   are compensated in strict reverse order (the steps of a parallel group together). A
-///   step without a compensation is skipped. The saga ends `compensated`, or `failed` when a
-///   step failed before any step completed (nothing to undo), or `compensation-failed` when a
+///   step without a compensation is skipped; a failed step is compensated (first) only if it
+///   is marked [`compensate_on_failure`](architectlm_core::extensions::saga::SagaStep::compensate_on_failure).
+///   The saga ends `compensated`, or `failed` when a step failed before any step had taken
+///   effect (nothing to undo), or `compensation-failed` when a
 ///   compensation failed after its retries; [`resume_compensation`](SagaCoordinator::resume_compensation)
 ///   carries that unwind on.
 /// - **`compensate_saga` on a completed saga unwinds it**: every completed step is compensated

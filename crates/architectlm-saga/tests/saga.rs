@@ -984,3 +984,165 @@ async fn a_zero_bound_is_refused_naming_the_field() {
         "{e}"
     );
 }
+
+/// Steps s1, s2 and a failing s3, each with its compensation; s3 compensated when it fails.
+fn charge_may_have_happened() -> SagaDefinition {
+    SagaDefinition::new("order")
+        .step(SagaStep::task("s1", "step1").compensate_with("undo1"))
+        .step(SagaStep::task("s2", "step2").compensate_with("undo2"))
+        .step(
+            SagaStep::task("s3", "fail")
+                .compensate_with("undo3")
+                .compensate_on_failure(true),
+        )
+        .step(SagaStep::task("s4", "step4").compensate_with("undo4"))
+}
+
+#[tokio::test]
+async fn a_step_marked_compensate_on_failure_is_undone_first_when_it_fails() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(charge_may_have_happened()).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let mut sub = sagas.events().subscribe("*");
+    let started = sagas.start_saga("order", json!({})).await.unwrap();
+    let events = events_until_end(&mut sub, started.id).await;
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(
+        log.tasks(),
+        vec!["step1", "step2", "fail", "undo3", "undo2", "undo1"]
+    );
+    // The failed step has no result: its compensation gets null and the step's key.
+    assert_eq!(log.inputs_of("undo3"), vec![Value::Null]);
+    assert_eq!(
+        log.keys_of("undo3")[0].as_deref(),
+        Some(format!("{}:s3:compensation", done.id).as_str())
+    );
+    let st: Vec<SagaStepStatus> = done.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        st,
+        vec![
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Pending
+        ]
+    );
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap()
+            .contains("step \"s3\" failed")
+    );
+    let tail: Vec<_> = events.iter().rev().take(8).rev().cloned().collect();
+    assert_eq!(
+        tail,
+        vec![
+            (E::StepFailed, Some("s3".into())),
+            (E::CompensationStarted, Some("s3".into())),
+            (E::CompensationCompleted, Some("s3".into())),
+            (E::CompensationStarted, Some("s2".into())),
+            (E::CompensationCompleted, Some("s2".into())),
+            (E::CompensationStarted, Some("s1".into())),
+            (E::CompensationCompleted, Some("s1".into())),
+            (E::SagaFailed, None),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_first_step_failing_ends_failed_unless_it_is_compensated_on_failure() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    let def = |on_failure: bool, id: &str| {
+        SagaDefinition::new(id)
+            .step(
+                SagaStep::task("s1", "fail")
+                    .compensate_with("undo1")
+                    .compensate_on_failure(on_failure),
+            )
+            .step(SagaStep::task("s2", "step2").compensate_with("undo2"))
+    };
+    sagas.define_saga(def(false, "atomic")).await.unwrap();
+    sagas.define_saga(def(true, "effectful")).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+
+    // Nothing to undo: failed.
+    let a = sagas.start_saga("atomic", json!({})).await.unwrap();
+    let a = sagas.wait_for(a.id, WAIT).await.unwrap();
+    assert_eq!(a.status, SagaStatus::Failed);
+    assert_eq!(log.tasks(), vec!["fail"]);
+    assert_eq!(a.steps[0].status, SagaStepStatus::Failed);
+
+    // The failed step was undone: compensated.
+    let e = sagas.start_saga("effectful", json!({})).await.unwrap();
+    let e = sagas.wait_for(e.id, WAIT).await.unwrap();
+    assert_eq!(e.status, SagaStatus::Compensated);
+    assert_eq!(log.tasks(), vec!["fail", "fail", "undo1"]);
+    assert_eq!(e.steps[0].status, SagaStepStatus::Compensated);
+}
+
+#[tokio::test]
+async fn compensate_on_failure_without_a_compensation_is_refused_naming_the_step() {
+    let sagas = Coordinator::in_memory();
+    let e = sagas
+        .define_saga(
+            SagaDefinition::new("order")
+                .step(SagaStep::task("charge", "fail").compensate_on_failure(true)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidConfig { field, .. } if field.contains("charge") && field.contains("compensate_on_failure")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("\"order\""), "{e}");
+}
+
+#[tokio::test]
+async fn recovery_compensates_a_failed_step_marked_compensate_on_failure() {
+    use architectlm_core::extensions::saga::{SagaInstance, SagaStepExecution};
+    use architectlm_saga::SagaStore;
+    use architectlm_store::saga::{CreateOutcome, SagaUpdate};
+    // The journal as a driver leaves it when it stops between the step's failure and the
+    // start of the unwind: unwinding, s3 failed, s1 and s2 completed.
+    let store = Arc::new(InMemorySagaStore::new());
+    let id = uuid::Uuid::now_v7();
+    let steps: Vec<SagaStepExecution> = ["s1", "s2", "s3", "s4"]
+        .iter()
+        .map(|s| SagaStepExecution::new(uuid::Uuid::now_v7(), *s, format!("{id}:{s}")))
+        .collect();
+    let inst = SagaInstance::new(id, "order", 1, json!({}), None, chrono::Utc::now(), steps);
+    let CreateOutcome::Created(stored) = store.create(&inst, "old").await.unwrap() else {
+        panic!("created")
+    };
+    let mut up = SagaUpdate::new(id, stored.fencing, SagaStatus::Compensating);
+    up.error = Some("step \"s3\" failed: fail refused".into());
+    for (i, status) in [
+        SagaStepStatus::Completed,
+        SagaStepStatus::Completed,
+        SagaStepStatus::Failed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rec = inst.steps[i].clone();
+        rec.status = status;
+        rec.attempts = 1;
+        if status == SagaStepStatus::Completed {
+            rec.result = Some(json!({"done": format!("step{}", i + 1)}));
+        }
+        up.steps.push((i as u32, rec));
+    }
+    store.apply(up).await.unwrap();
+
+    let log = Log::default();
+    let sagas = Coordinator::with_store(store);
+    sagas.define_saga(charge_may_have_happened()).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let done = sagas.wait_for(id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(log.tasks(), vec!["undo3", "undo2", "undo1"]);
+}

@@ -340,3 +340,62 @@ async fn sagas_waiting_for_a_place_are_journaled_and_recovered_after_a_restart()
     gate.notify_waiters();
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_the_compensation_of_a_failed_step() {
+    let path = temp_db();
+    let store = open(&path).await;
+    let def = || {
+        SagaDefinition::new("charge")
+            .step(SagaStep::task("reserve", "step1").compensate_with("undo1"))
+            .step(
+                SagaStep::task("charge", "fail")
+                    .compensate_with("refund")
+                    .compensate_on_failure(true),
+            )
+    };
+    // Node A: the charge fails after the money may have moved; the refund hangs.
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (a, rt_a) = node(
+        &store,
+        def(),
+        vec![
+            ok_task("step1", &log),
+            failing_task("fail", &log),
+            ok_task("undo1", &log),
+            gated("refund", gate.clone(), entered.clone(), &log),
+        ],
+    )
+    .await;
+    let started = a.start_saga("charge", json!({})).await.unwrap();
+    tokio::time::timeout(WAIT, entered.notified())
+        .await
+        .unwrap();
+    let mid = store.get(started.id).await.unwrap().unwrap();
+    assert_eq!(mid.instance.status, SagaStatus::Compensating);
+    assert_eq!(mid.instance.steps[0].status, SagaStepStatus::Completed);
+    assert_eq!(mid.instance.steps[1].status, SagaStepStatus::Compensating);
+    rt_a.shutdown(Duration::from_millis(10)).await;
+
+    // Node B on the same file runs the interrupted refund again, then undoes the reservation.
+    let log_b = Log::default();
+    let (b, _rt_b) = node(
+        &open(&path).await,
+        def(),
+        vec![
+            ok_task("step1", &log_b),
+            failing_task("fail", &log_b),
+            ok_task("undo1", &log_b),
+            ok_task("refund", &log_b),
+        ],
+    )
+    .await;
+    let done = b.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(log_b.tasks(), vec!["refund", "undo1"]);
+    assert_eq!(log_b.keys_of("refund"), log.keys_of("refund"));
+    assert_eq!(log_b.inputs_of("refund"), vec![Value::Null]);
+    gate.notify_waiters();
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

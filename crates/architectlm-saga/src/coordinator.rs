@@ -421,7 +421,8 @@ impl CoordinatorBuilder {
     /// as a place frees, in the order the sagas came (start order). Waiting sagas count
     /// for [`wait_for`](SagaCoordinator::wait_for), [`settled`](SagaCoordinator::settled) and
     /// [`active`](Coordinator::active), take compensation requests, and on a shared store keep
-    /// their lease; a node takes over other nodes' sagas only into its free places.
+    /// their lease; a node takes over other nodes' sagas only into its free places. A
+    /// waiting saga's `saga-started` event is published when it is driven.
     ///
     /// A saga holds its place from its first step to its end, including the time it waits
     /// inside a step, so set `n` from what the steps share (connection pools, rate limits of

@@ -646,7 +646,8 @@ pub type SagaEventHandler = Arc<dyn Fn(&SagaEvent) + Send + Sync>;
 /// # Rules
 /// - `Send + Sync`; every method may be called concurrently.
 /// - `start_saga` returns as soon as the instance is durably recorded; the steps run in the
-///   background.
+///   background. The instance returned is `running`, or `created` when the implementation
+///   holds it back (an admission bound on sagas in flight) until it can be driven.
 /// - Starting with an idempotency key that was already used for the same definition returns
 ///   the existing instance and starts nothing.
 /// - **At least once.** A step is recorded as running before it runs and its result before the

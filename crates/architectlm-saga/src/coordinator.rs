@@ -1,6 +1,6 @@
 //! The [`Coordinator`]: definitions, instances, recovery and the extension life cycle.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -101,7 +101,11 @@ pub(crate) struct Inner {
     defs: RwLock<HashMap<String, Versions>>,
     runtime: OnceLock<Runtime>,
     events: EventHub<SagaEvent>,
+    /// The instances this node holds: driven now, or waiting for a place.
     active: Mutex<HashMap<Uuid, Arc<Control>>>,
+    /// At most this many drivers at once (`None`: no bound).
+    max_in_flight: Option<usize>,
+    admission: Mutex<Admission>,
     stranded: Mutex<Vec<StrandedSaga>>,
     last_recovery: Mutex<Option<RecoveryReport>>,
     tracker: TaskTracker,
@@ -110,6 +114,56 @@ pub(crate) struct Inner {
     /// Set when the store is shared by several nodes.
     lease: Option<LeaseSettings>,
     taken_over: std::sync::atomic::AtomicU64,
+}
+
+/// The places for drivers, and the sagas waiting for one in the order they came.
+#[derive(Default)]
+struct Admission {
+    /// Drivers running (or about to), each holding a [`Place`].
+    running: usize,
+    waiting: VecDeque<Waiting>,
+}
+
+/// A saga journaled and held by this node, waiting for a place to be driven.
+struct Waiting {
+    runtime: Runtime,
+    prep: Arc<Prepared>,
+    stored: StoredSaga,
+    control: Arc<Control>,
+}
+
+/// One of the `max_in_flight` places, held by a driver (or by `start_saga` about to start
+/// one). Dropping it gives the place to the first waiting saga, so a driver that ends in any
+/// way (even a panic) frees its place.
+struct Place {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let next = {
+            let mut a = self.inner.admission.lock();
+            // A place is handed on only while a task can be spawned to use it: at the
+            // runtime's teardown the waiting sagas stay in the journal for the next start.
+            let handoff =
+                !self.inner.stop.is_cancelled() && tokio::runtime::Handle::try_current().is_ok();
+            let next = if handoff { a.waiting.pop_front() } else { None };
+            if next.is_none() {
+                a.running = a.running.saturating_sub(1);
+            }
+            next
+        };
+        if let Some(w) = next {
+            // The place passes to the waiting saga as it is (the count does not change).
+            let place = Place {
+                inner: self.inner.clone(),
+            };
+            Coordinator {
+                inner: self.inner.clone(),
+            }
+            .launch(w.runtime, w.prep, w.stored, w.control, false, place);
+        }
+    }
 }
 
 /// How a node on a shared store leases the sagas it drives.
@@ -195,8 +249,10 @@ impl Inner {
 /// - **Compensation.** When a step fails after its retries, or the saga times out, or an
 ///   operator calls [`compensate_saga`](SagaCoordinator::compensate_saga), the completed steps
 ///   are compensated in strict reverse order (the steps of a parallel group together). A
-///   step without a compensation is skipped. The saga ends `compensated`, or `failed` when a
-///   step failed before any step completed (nothing to undo), or `compensation-failed` when a
+///   step without a compensation is skipped; a failed step is compensated (first) only if it
+///   is marked [`compensate_on_failure`](architectlm_core::extensions::saga::SagaStep::compensate_on_failure).
+///   The saga ends `compensated`, or `failed` when a step failed before any step had taken
+///   effect (nothing to undo), or `compensation-failed` when a
 ///   compensation failed after its retries; [`resume_compensation`](SagaCoordinator::resume_compensation)
 ///   carries that unwind on.
 /// - **`compensate_saga` on a completed saga unwinds it**: every completed step is compensated
@@ -208,6 +264,11 @@ impl Inner {
 /// - **Timeout.** The saga timeout counts from the durable start time (so it survives a
 ///   restart). When it passes, the running step's cancellation token is cancelled (it stops if
 ///   it observes [`TaskContext::cancellation`], or finishes), and the saga unwinds.
+/// - **Admission.** With [`CoordinatorBuilder::max_in_flight`] a node drives at most that
+///   many sagas at once. A saga started (recovered, taken over) beyond the bound is journaled
+///   as `created` with its steps `pending`, waits in this node's queue and is driven as soon
+///   as a place frees, in start order; a crash loses nothing (recovery carries it on). No
+///   bound by default (see the option for why).
 /// - **Shutdown.** [`Extension::shutdown`] stops starting steps, waits up to the shutdown
 ///   timeout for running ones, and leaves unfinished sagas in the journal for the next start.
 /// - **Several nodes.** On a store shared by several nodes ([`SagaStore::shared`], e.g.
@@ -216,7 +277,10 @@ impl Inner {
 ///   takes over the unfinished sagas of other nodes whose lease ran out
 ///   ([`CoordinatorBuilder::takeover_interval`]). Every journal write carries the saga's
 ///   fencing token, so a node that lost a saga cannot write to it and stops driving it.
-///   Shutdown releases this node's leases so that the others take over at once.
+///   Shutdown releases this node's leases so that the others take over at once. A node
+///   with a [`max_in_flight`](CoordinatorBuilder::max_in_flight) bound takes over only as
+///   many sagas as it has free places; recovery at start-up still claims all of this node's
+///   own unfinished sagas and those without a live owner (the excess waits here, leased).
 ///
 /// [`TaskContext::idempotency_key`]: architectlm_core::TaskContext::idempotency_key
 /// [`TaskContext::cancellation`]: architectlm_core::TaskContext::cancellation
@@ -263,6 +327,8 @@ impl fmt::Debug for Coordinator {
             .field("node", &self.inner.node)
             .field("definitions", &self.inner.defs.read().len())
             .field("active", &self.inner.active.lock().len())
+            .field("in_flight", &self.in_flight())
+            .field("max_in_flight", &self.inner.max_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -291,6 +357,7 @@ pub struct CoordinatorBuilder {
     event_capacity: usize,
     lease_duration: Duration,
     takeover_interval: Option<Duration>,
+    max_in_flight: Option<usize>,
 }
 
 impl fmt::Debug for CoordinatorBuilder {
@@ -298,6 +365,7 @@ impl fmt::Debug for CoordinatorBuilder {
         f.debug_struct("CoordinatorBuilder")
             .field("node", &self.node)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("max_in_flight", &self.max_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -345,7 +413,34 @@ impl CoordinatorBuilder {
         self
     }
 
-    /// Builds the coordinator; errors on an empty node id or a zero event capacity.
+    /// At most `n` sagas driven at once by this node (default: no bound).
+    ///
+    /// A saga started, recovered or taken over while `n` are in flight is journaled first
+    /// (`start_saga` returns it in status `created`, its steps `pending`), so a crash loses
+    /// nothing and recovery carries it on; it waits in this node's queue and is driven as soon
+    /// as a place frees, in the order the sagas came (start order). Waiting sagas count
+    /// for [`wait_for`](SagaCoordinator::wait_for), [`settled`](SagaCoordinator::settled) and
+    /// [`active`](Coordinator::active), take compensation requests, and on a shared store keep
+    /// their lease; a node takes over other nodes' sagas only into its free places. A
+    /// waiting saga's `saga-started` event is published when it is driven.
+    ///
+    /// A saga holds its place from its first step to its end, including the time it waits
+    /// inside a step, so set `n` from what the steps share (connection pools, rate limits of
+    /// the systems they call): under overload, sagas then wait in the queue instead of timing
+    /// out on the shared resources and being compensated. The saga timeout counts from the
+    /// start, so it includes the time spent waiting for a place.
+    ///
+    /// There is no bound by default, for compatibility and because a bound is a deadlock
+    /// risk no default can rule out: a step that waits for another saga (a child saga, a
+    /// signal sent by one) waits forever if every place is held by such steps. Choose a bound
+    /// that leaves room for those. `n` must be at least 1.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = Some(n);
+        self
+    }
+
+    /// Builds the coordinator; errors on an empty node id, a zero event capacity or a zero
+    /// `max_in_flight`.
     pub fn build(self) -> Result<Coordinator> {
         let node = self
             .node
@@ -355,6 +450,13 @@ impl CoordinatorBuilder {
                 "node_id",
                 format!("{node:?}"),
                 "must not be empty or only whitespace",
+            ));
+        }
+        if self.max_in_flight == Some(0) {
+            return Err(Error::invalid_config(
+                "max_in_flight",
+                0,
+                "must be at least 1 (leave it unset for no bound)",
             ));
         }
         if self.event_capacity == 0 {
@@ -397,6 +499,8 @@ impl CoordinatorBuilder {
                 runtime: OnceLock::new(),
                 events: EventHub::with_capacity(SOURCE, self.event_capacity),
                 active: Mutex::new(HashMap::new()),
+                max_in_flight: self.max_in_flight,
+                admission: Mutex::new(Admission::default()),
                 stranded: Mutex::new(Vec::new()),
                 last_recovery: Mutex::new(None),
                 tracker: TaskTracker::new(),
@@ -417,6 +521,7 @@ impl Coordinator {
             event_capacity: architectlm_core::event::DEFAULT_EVENT_CAPACITY,
             lease_duration: architectlm_core::time::DEFAULT_LEASE,
             takeover_interval: None,
+            max_in_flight: None,
         }
     }
 
@@ -466,9 +571,26 @@ impl Coordinator {
         self.inner.last_recovery.lock().clone()
     }
 
-    /// How many instances this node is driving now.
+    /// How many instances this node holds: driven now ([`in_flight`](Self::in_flight)) or
+    /// waiting for a place ([`waiting`](Self::waiting)).
     pub fn active(&self) -> usize {
         self.inner.active.lock().len()
+    }
+
+    /// How many sagas this node drives now; at most
+    /// [`max_in_flight`](CoordinatorBuilder::max_in_flight).
+    pub fn in_flight(&self) -> usize {
+        self.inner.admission.lock().running
+    }
+
+    /// How many sagas wait on this node for a place (journaled, not yet driven).
+    pub fn waiting(&self) -> usize {
+        self.inner.admission.lock().waiting.len()
+    }
+
+    /// The bound on sagas driven at once by this node (`None`: no bound).
+    pub fn max_in_flight(&self) -> Option<usize> {
+        self.inner.max_in_flight
     }
 
     /// The name this node records as the owner of the sagas it drives.
@@ -487,46 +609,6 @@ impl Coordinator {
         self.inner
             .taken_over
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Waits until the instance reaches a terminal status, or `timeout` passes
-    /// ([`Error::Timeout`]). Returns the instance as stored.
-    pub async fn wait_for(&self, instance_id: Uuid, timeout: Duration) -> Result<SagaInstance> {
-        let mut sub = self.inner.events.subscribe(EventFilter::All);
-        let wait = async {
-            loop {
-                let inst = self
-                    .inner
-                    .store
-                    .get(instance_id)
-                    .await?
-                    .ok_or_else(|| Error::not_found("saga instance", instance_id))?;
-                if inst.instance.status.is_terminal() && !self.is_active(instance_id) {
-                    return Ok(inst.instance);
-                }
-                if self.is_active(instance_id) {
-                    self.settled(instance_id).await;
-                    continue;
-                }
-                // Wake on this instance's next event; poll now and then in case it was missed.
-                let next = async {
-                    while let Some(e) = sub.recv().await {
-                        if e.instance_id == instance_id {
-                            break;
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(Duration::from_millis(50), next).await;
-            }
-        };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Timeout {
-                    what: format!("waiting for saga instance {instance_id}"),
-                    after: timeout,
-                })
-            })
     }
 
     fn is_active(&self, id: Uuid) -> bool {
@@ -652,11 +734,16 @@ impl Coordinator {
             if self.inner.stop.is_cancelled() {
                 return Ok(());
             }
+            // Never more than this node has room for: the rest stay for the other nodes.
+            let limit = self.free_places().map_or(BATCH, |free| free.min(BATCH));
+            if limit == 0 {
+                return Ok(());
+            }
             let until = self.inner.lease_until().unwrap_or_else(chrono::Utc::now);
             let claimed = self
                 .inner
                 .store
-                .claim_expired(&self.inner.node, until, BATCH)
+                .claim_expired(&self.inner.node, until, limit)
                 .await?;
             let n = claimed.len();
             if n == 0 {
@@ -667,7 +754,7 @@ impl Coordinator {
                 .taken_over
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             self.carry_on(runtime, claimed);
-            if n < BATCH {
+            if n < limit {
                 return Ok(());
             }
         }
@@ -688,10 +775,20 @@ impl Coordinator {
 
     /// Starts the driver of an instance (the caller made sure none is running).
     fn spawn(&self, runtime: Runtime, prep: Arc<Prepared>, stored: StoredSaga) {
-        self.spawn_run(runtime, prep, stored, false);
+        self.spawn_run(runtime, prep, stored, false, None);
     }
 
-    fn spawn_run(&self, runtime: Runtime, prep: Arc<Prepared>, stored: StoredSaga, fresh: bool) {
+    /// Holds the instance on this node and drives it as soon as a place is free: at once, or
+    /// after the sagas already waiting (see [`CoordinatorBuilder::max_in_flight`]). `place` is
+    /// one `start_saga` took before journaling the instance as running.
+    fn spawn_run(
+        &self,
+        runtime: Runtime,
+        prep: Arc<Prepared>,
+        stored: StoredSaga,
+        fresh: bool,
+        place: Option<Place>,
+    ) {
         let id = stored.instance.id;
         let control = Arc::new(Control::default());
         {
@@ -701,6 +798,71 @@ impl Coordinator {
             }
             active.insert(id, control.clone());
         }
+        let place = match place {
+            Some(p) => p,
+            None => {
+                let mut a = self.inner.admission.lock();
+                let free =
+                    a.waiting.is_empty() && self.inner.max_in_flight.is_none_or(|m| a.running < m);
+                if free {
+                    a.running += 1;
+                    drop(a);
+                    Place {
+                        inner: self.inner.clone(),
+                    }
+                } else if self.inner.stop.is_cancelled() {
+                    // Shutdown drained the queue: the instance stays in the journal.
+                    drop(a);
+                    if let Some(c) = self.inner.active.lock().remove(&id) {
+                        c.finish();
+                    }
+                    return;
+                } else {
+                    a.waiting.push_back(Waiting {
+                        runtime,
+                        prep,
+                        stored,
+                        control,
+                    });
+                    return;
+                }
+            }
+        };
+        self.launch(runtime, prep, stored, control, fresh, place);
+    }
+
+    /// Takes a place for a saga `start_saga` is about to journal, if one is free and no saga
+    /// waits for one (waiting sagas go first).
+    fn take_place(&self) -> Option<Place> {
+        let mut a = self.inner.admission.lock();
+        let free = a.waiting.is_empty() && self.inner.max_in_flight.is_none_or(|m| a.running < m);
+        free.then(|| {
+            a.running += 1;
+            Place {
+                inner: self.inner.clone(),
+            }
+        })
+    }
+
+    /// How many more sagas this node may take on now (`None`: no bound).
+    fn free_places(&self) -> Option<usize> {
+        self.inner.max_in_flight.map(|m| {
+            let a = self.inner.admission.lock();
+            m.saturating_sub(a.running + a.waiting.len())
+        })
+    }
+
+    /// Starts the driver of an instance held in `active`, in the place it holds.
+    fn launch(
+        &self,
+        runtime: Runtime,
+        prep: Arc<Prepared>,
+        stored: StoredSaga,
+        control: Arc<Control>,
+        fresh: bool,
+        place: Place,
+    ) {
+        let id = stored.instance.id;
         let inner = self.inner.clone();
         // The driver's future is built here: the task then holds it alone, not also the
         // arguments it was built from (a parked saga keeps its task for as long as it waits).
@@ -736,6 +898,8 @@ impl Coordinator {
             if let Some(c) = inner.active.lock().remove(&id) {
                 c.finish();
             }
+            // The next waiting saga takes the place.
+            drop(place);
         });
         self.inner.tracker.spawn(task);
     }
@@ -768,16 +932,6 @@ impl Coordinator {
                     tracing::warn!(instance_id = %id, error = %e, "cannot claim saga instance again");
                 }
             }
-        }
-    }
-
-    /// Waits until this node no longer drives the instance: it reached a terminal status, or
-    /// was stopped by shutdown. Returns at once if this node does not drive it. Cheaper than
-    /// [`wait_for`](Self::wait_for) (no read of the journal).
-    pub async fn settled(&self, instance_id: Uuid) {
-        let control = self.inner.active.lock().get(&instance_id).cloned();
-        if let Some(c) = control {
-            c.finished().await;
         }
     }
 
@@ -934,7 +1088,9 @@ impl SagaCoordinator for Coordinator {
         };
         let mut instance = self.build_instance(&prep, input, options.idempotency_key);
         let runtime = self.inner.runtime.get().cloned();
-        if runtime.is_some() {
+        // Without a free place the instance is journaled `created` and waits for one.
+        let place = runtime.as_ref().and_then(|_| self.take_place());
+        if place.is_some() {
             // One journal entry records the instance and its first steps as running: the
             // write-ahead rule holds and the saga saves a round trip.
             instance.status = SagaStatus::Running;
@@ -956,7 +1112,8 @@ impl SagaCoordinator for Coordinator {
             CreateOutcome::Created(stored) => {
                 // Before the runtime is bound, recovery at start-up picks the instance up.
                 if let Some(rt) = runtime {
-                    self.spawn_run(rt, prep, stored, true);
+                    let fresh = place.is_some();
+                    self.spawn_run(rt, prep, stored, fresh, place);
                 }
                 Ok(instance)
             }
@@ -1021,6 +1178,51 @@ impl SagaCoordinator for Coordinator {
     fn on_saga_event(&self, filter: EventFilter, handler: SagaEventHandler) -> EventSubscription {
         self.inner.events.on(filter, move |e| handler(e))
     }
+
+    async fn wait_for(&self, instance_id: Uuid, timeout: Duration) -> Result<SagaInstance> {
+        let mut sub = self.inner.events.subscribe(EventFilter::All);
+        let wait = async {
+            loop {
+                let inst = self
+                    .inner
+                    .store
+                    .get(instance_id)
+                    .await?
+                    .ok_or_else(|| Error::not_found("saga instance", instance_id))?;
+                if inst.instance.status.is_terminal() && !self.is_active(instance_id) {
+                    return Ok(inst.instance);
+                }
+                if self.is_active(instance_id) {
+                    self.settled(instance_id).await;
+                    continue;
+                }
+                // Wake on this instance's next event; poll now and then in case it was missed.
+                let next = async {
+                    while let Some(e) = sub.recv().await {
+                        if e.instance_id == instance_id {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(50), next).await;
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    what: format!("waiting for saga instance {instance_id}"),
+                    after: timeout,
+                })
+            })
+    }
+
+    async fn settled(&self, instance_id: Uuid) {
+        let control = self.inner.active.lock().get(&instance_id).cloned();
+        if let Some(c) = control {
+            c.finished().await;
+        }
+    }
 }
 
 #[async_trait]
@@ -1063,6 +1265,13 @@ impl Extension for Coordinator {
 
     async fn shutdown(&self) {
         self.inner.stop.cancel();
+        // Sagas waiting for a place stay in the journal for the next start.
+        let waiting = std::mem::take(&mut self.inner.admission.lock().waiting);
+        for w in waiting {
+            if let Some(c) = self.inner.active.lock().remove(&w.stored.instance.id) {
+                c.finish();
+            }
+        }
         self.inner.tracker.close();
         if tokio::time::timeout(self.inner.shutdown_timeout, self.inner.tracker.wait())
             .await

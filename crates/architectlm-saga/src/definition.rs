@@ -60,6 +60,17 @@ pub(crate) fn check(def: SagaDefinition) -> Result<Arc<Prepared>> {
                 step.id
             )));
         }
+        if step.compensate_on_failure && step.compensation.is_none() {
+            return Err(Error::invalid_config(
+                format!("steps[\"{}\"].compensate_on_failure", step.id),
+                true,
+                format!(
+                    "step \"{}\" of saga \"{name}\" has no compensation to run when it fails \
+                     (add one with compensate_with or compensate_closure)",
+                    step.id
+                ),
+            ));
+        }
         for (what, policy) in [
             ("retry", &step.retry),
             ("compensation retry", &step.compensation_retry),

@@ -365,13 +365,17 @@ impl Run {
         for g in prep.groups.iter().rev().cloned() {
             let todo: Vec<usize> = g
                 .filter(|&i| {
-                    self.prep.def.steps[i].compensation.is_some()
-                        && matches!(
-                            self.inst.steps[i].status,
+                    let step = &self.prep.def.steps[i];
+                    step.compensation.is_some()
+                        && match self.inst.steps[i].status {
                             SagaStepStatus::Completed
-                                | SagaStepStatus::Compensating
-                                | SagaStepStatus::CompensationFailed
-                        )
+                            | SagaStepStatus::Compensating
+                            | SagaStepStatus::CompensationFailed => true,
+                            // A step that may have taken effect before failing: it is
+                            // compensated first, as the last step of the undo stack.
+                            SagaStepStatus::Failed => step.compensate_on_failure,
+                            _ => false,
+                        }
                 })
                 .collect();
             if todo.is_empty() {

@@ -14,6 +14,12 @@
 //! feature (on by default, [`Coordinator::sqlite`]). See [`Coordinator`] for the rules:
 //! write-ahead journal, at-least-once steps, recovery, versions, compensation and shutdown.
 //!
+//! A failed saga ends `failed` when no step had taken effect (nothing to undo) and
+//! `compensated` when steps had and were undone ([`SagaStatus`]). Steps must be atomic, or be
+//! marked [`compensate_on_failure`](SagaStep::compensate_on_failure).
+//! [`CoordinatorBuilder::max_in_flight`] bounds the sagas a node drives at once (no bound by
+//! default).
+//!
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `sqlite` | yes | [`Coordinator::sqlite`] and the SQLite saga journal |

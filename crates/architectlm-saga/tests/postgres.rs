@@ -878,3 +878,110 @@ async fn a_killed_node_s_sagas_are_taken_over_within_the_lease() {
     );
     rt.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_node_takes_over_no_more_sagas_than_it_has_places() {
+    let Some(url) = database_url("a_bounded_node_takes_over_no_more_sagas_than_it_has_places")
+    else {
+        return;
+    };
+    let schema = TestSchema::new(&url);
+    let db = schema.connect().await;
+    let def = SagaDefinition::new("slow").step(SagaStep::task("only", "slow"));
+    // Node "a" journals ten sagas and dies before driving them (it has no runtime).
+    let a = Coordinator::builder()
+        .store(Arc::new(PgSagaStore::open(db.clone()).await.unwrap()))
+        .node_id("a")
+        .lease_duration(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    a.define_saga(def.clone()).await.unwrap();
+    let mut started = Vec::new();
+    for n in 0..10 {
+        started.push(a.start_saga("slow", json!({"n": n})).await.unwrap());
+    }
+
+    // Node "b" has three places; its step waits for the gate and counts who is inside.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(tokio::sync::Semaphore::new(0));
+    let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (g, e, i, m) = (gate.clone(), entered.clone(), inside.clone(), most.clone());
+    let system = System::builder("bounded")
+        .task(
+            TaskDefinition::new("slow", move |_input: Value, _ctx| {
+                let (g, e, i, m) = (g.clone(), e.clone(), i.clone(), m.clone());
+                async move {
+                    let now = i.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    m.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                    e.add_permits(1);
+                    g.acquire().await.map_err(|x| x.to_string())?.forget();
+                    i.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    Ok(json!("done"))
+                }
+            })
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let b = Coordinator::builder()
+        .store(Arc::new(PgSagaStore::open(db.clone()).await.unwrap()))
+        .node_id("b")
+        .lease_duration(Duration::from_secs(60))
+        .takeover_interval(Duration::from_millis(20))
+        .max_in_flight(3)
+        .build()
+        .unwrap();
+    b.define_saga(def).await.unwrap();
+    // Recovery at start-up claims expired sagas too; start "b" first, then let "a"'s expire,
+    // so that only the takeover path is at work here.
+    let rt = Runtime::builder(system)
+        .extension(Arc::new(b.clone()))
+        .start()
+        .await
+        .unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE architectlm_saga_instances SET lease_until = clock_timestamp() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), entered.acquire_many(3))
+        .await
+        .expect("node b takes over three sagas")
+        .unwrap()
+        .forget();
+    let owned_by_b = || async {
+        let n: i64 = db
+            .client()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM architectlm_saga_instances WHERE owner = 'b'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    // Several takeover rounds pass with every place taken: "b" claims nothing more.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(owned_by_b().await, 3);
+        assert_eq!(b.taken_over(), 3);
+        assert_eq!((b.in_flight(), b.waiting()), (3, 0));
+    }
+    // As places free, "b" takes the others over, never running more than three at once.
+    gate.add_permits(10);
+    for s in &started {
+        let done = b.wait_for(s.id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(done.status, SagaStatus::Completed);
+    }
+    assert_eq!(b.taken_over(), 10);
+    assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+    rt.shutdown(Duration::from_secs(2)).await;
+}

@@ -712,3 +712,437 @@ async fn closures_work_as_steps_and_reach_services_through_the_context() {
     assert_eq!(done.status, SagaStatus::Compensated);
     assert_eq!(done.steps[2].status, SagaStepStatus::Pending);
 }
+
+/// Application code written against the contract: starts an order saga and waits for its end.
+async fn place_order(
+    sagas: Arc<dyn SagaCoordinator>,
+    order: u32,
+) -> architectlm_core::Result<SagaStatus> {
+    let started = sagas.start_saga("order", json!({"order": order})).await?;
+    sagas.settled(started.id).await;
+    let done = sagas.wait_for(started.id, WAIT).await?;
+    Ok(done.status)
+}
+
+#[tokio::test]
+async fn code_written_against_the_trait_can_wait_for_a_saga() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(four_steps(None)).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let dyn_sagas: Arc<dyn SagaCoordinator> = Arc::new(sagas.clone());
+
+    assert_eq!(
+        place_order(dyn_sagas.clone(), 1).await.unwrap(),
+        SagaStatus::Completed
+    );
+    assert_eq!(log.tasks(), vec!["step1", "step2", "step3", "step4"]);
+    // Unknown instances: `settled` returns at once, `wait_for` names the instance.
+    let unknown = uuid::Uuid::now_v7();
+    dyn_sagas.settled(unknown).await;
+    let e = dyn_sagas.wait_for(unknown, WAIT).await.unwrap_err();
+    assert!(
+        matches!(e, Error::NotFound { .. }) && e.to_string().contains(&unknown.to_string()),
+        "{e}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_for_through_the_trait_times_out_while_the_saga_carries_on() {
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(SagaDefinition::new("slow").step(SagaStep::closure(
+            "wait",
+            move |_input, _ctx| {
+                let g = g.clone();
+                async move {
+                    g.notified().await;
+                    Ok(json!("done"))
+                }
+            },
+        )))
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![]), &sagas).await;
+    let dyn_sagas: Arc<dyn SagaCoordinator> = Arc::new(sagas.clone());
+    let started = dyn_sagas.start_saga("slow", json!({})).await.unwrap();
+    let e = dyn_sagas
+        .wait_for(started.id, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    gate.notify_one();
+    let done = dyn_sagas.wait_for(started.id, Duration::MAX).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Completed);
+}
+
+#[tokio::test]
+async fn a_mock_coordinator_can_stand_in_for_waiting() {
+    use architectlm_core::mock::MockSagaCoordinator;
+    let id = uuid::Uuid::now_v7();
+    let instance = |status| {
+        let mut i = architectlm_core::extensions::saga::SagaInstance::new(
+            id,
+            "order",
+            1,
+            json!({"order": 2}),
+            None,
+            chrono::Utc::now(),
+            vec![],
+        );
+        i.status = status;
+        i
+    };
+    let mut mock = MockSagaCoordinator::new();
+    let running = instance(SagaStatus::Running);
+    mock.expect_start_saga()
+        .times(1)
+        .returning(move |_, _| Ok(running.clone()));
+    mock.expect_settled().times(1).returning(|_| ());
+    let completed = instance(SagaStatus::Completed);
+    mock.expect_wait_for()
+        .withf(move |i, t| *i == id && *t == WAIT)
+        .times(1)
+        .returning(move |_, _| Ok(completed.clone()));
+    assert_eq!(
+        place_order(Arc::new(mock), 2).await.unwrap(),
+        SagaStatus::Completed
+    );
+}
+
+/// What an overload run saw from inside its steps.
+#[derive(Default)]
+struct Seen {
+    /// Sagas between their first step's start and their last step's end.
+    inside: std::sync::atomic::AtomicUsize,
+    most_inside: std::sync::atomic::AtomicUsize,
+    /// The coordinator's own count of drivers, read by every step.
+    most_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Two steps that each need one of the 8 connections of a shared pool for 100 ms, and give up
+/// after 150 ms (waiting for the connection included), without retries.
+fn pooled_saga(
+    pool: &Arc<tokio::sync::Semaphore>,
+    seen: &Arc<Seen>,
+    sagas: &Coordinator,
+) -> SagaDefinition {
+    let step = |id: &'static str, first: bool| {
+        let (pool, seen, sagas) = (pool.clone(), seen.clone(), sagas.clone());
+        SagaStep::closure(id, move |_input, _ctx| {
+            let (pool, seen, sagas) = (pool.clone(), seen.clone(), sagas.clone());
+            async move {
+                if first {
+                    let now = seen.inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    seen.most_inside.fetch_max(now, Ordering::SeqCst);
+                }
+                seen.most_in_flight
+                    .fetch_max(sagas.in_flight(), Ordering::SeqCst);
+                let _connection = pool.acquire().await.map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if !first {
+                    seen.inside.fetch_sub(1, Ordering::SeqCst);
+                }
+                Ok(json!(id))
+            }
+        })
+        .timeout(Duration::from_millis(150))
+        .retry(RetryPolicy::none())
+        .compensate_closure(|_result, _ctx| async { Ok(Value::Null) })
+    };
+    SagaDefinition::new("pooled")
+        .step(step("reserve", true))
+        .step(step("charge", false))
+}
+
+/// Starts 80 pooled sagas at once on a coordinator with the given bound and waits for them all.
+async fn overload(bound: Option<usize>) -> (Coordinator, Vec<SagaStatus>, Arc<Seen>) {
+    let pool = Arc::new(tokio::sync::Semaphore::new(8));
+    let seen = Arc::new(Seen::default());
+    let mut builder = Coordinator::builder();
+    if let Some(n) = bound {
+        builder = builder.max_in_flight(n);
+    }
+    let sagas = builder.build().unwrap();
+    sagas
+        .define_saga(pooled_saga(&pool, &seen, &sagas))
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![]), &sagas).await;
+    let mut started = Vec::new();
+    for n in 0..80 {
+        started.push(sagas.start_saga("pooled", json!({"n": n})).await.unwrap());
+    }
+    if let Some(n) = bound {
+        // Beyond the bound, sagas are journaled as created and wait, in start order.
+        assert_eq!(sagas.in_flight(), n);
+        assert_eq!(sagas.waiting(), 80 - n);
+        assert_eq!(sagas.active(), 80);
+        for s in &started[n..] {
+            assert_eq!(s.status, SagaStatus::Created);
+            let stored = sagas.get_saga_status(s.id).await.unwrap().unwrap();
+            assert_eq!(stored.status, SagaStatus::Created);
+            assert!(
+                stored
+                    .steps
+                    .iter()
+                    .all(|st| st.status == SagaStepStatus::Pending)
+            );
+        }
+    }
+    let mut statuses = Vec::new();
+    for s in &started {
+        statuses.push(sagas.wait_for(s.id, Duration::MAX).await.unwrap().status);
+    }
+    assert_eq!(sagas.active(), 0);
+    assert_eq!(sagas.in_flight(), 0);
+    (sagas, statuses, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_ten_times_the_bound_every_saga_completes_and_at_most_the_bound_run() {
+    let (sagas, statuses, seen) = overload(Some(8)).await;
+    assert_eq!(sagas.max_in_flight(), Some(8));
+    assert!(
+        statuses.iter().all(|s| *s == SagaStatus::Completed),
+        "{statuses:?}"
+    );
+    assert_eq!(seen.most_inside.load(Ordering::SeqCst), 8);
+    assert!(seen.most_in_flight.load(Ordering::SeqCst) <= 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_bound_the_same_overload_times_steps_out_on_the_shared_pool() {
+    // What the bound prevents: all 80 run at once and most steps time out on the pool.
+    let (sagas, statuses, seen) = overload(None).await;
+    assert_eq!(sagas.max_in_flight(), None);
+    let completed = statuses
+        .iter()
+        .filter(|s| **s == SagaStatus::Completed)
+        .count();
+    assert!(completed < 80, "{statuses:?}");
+    assert!(seen.most_inside.load(Ordering::SeqCst) > 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_sagas_are_driven_in_start_order() {
+    let order = Log::default();
+    let gate = Arc::new(Notify::new());
+    let (o, g) = (order.clone(), gate.clone());
+    let sagas = Coordinator::builder().max_in_flight(1).build().unwrap();
+    sagas
+        .define_saga(SagaDefinition::new("queued").step(SagaStep::closure(
+            "only",
+            move |input: Value, _ctx| {
+                let (o, g) = (o.clone(), g.clone());
+                async move {
+                    o.push("only", &input["input"], None);
+                    if input["input"]["n"] == json!(0) {
+                        g.notified().await;
+                    }
+                    Ok(Value::Null)
+                }
+            },
+        )))
+        .await
+        .unwrap();
+    let _rt = runtime(system(vec![]), &sagas).await;
+    let mut started = Vec::new();
+    for n in 0..6 {
+        started.push(sagas.start_saga("queued", json!({"n": n})).await.unwrap());
+    }
+    // A compensation request reaches a waiting saga: it unwinds (nothing done) when its turn comes.
+    sagas
+        .compensate_saga(started[3].id, "cancelled")
+        .await
+        .unwrap();
+    while order.tasks().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(sagas.waiting(), 5);
+    gate.notify_one();
+    for s in &started {
+        sagas.wait_for(s.id, Duration::MAX).await.unwrap();
+    }
+    let ns: Vec<Value> = order
+        .inputs_of("only")
+        .iter()
+        .map(|i| i["n"].clone())
+        .collect();
+    assert_eq!(ns, vec![json!(0), json!(1), json!(2), json!(4), json!(5)]);
+    let cancelled = sagas.get_saga_status(started[3].id).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, SagaStatus::Compensated);
+}
+
+#[tokio::test]
+async fn a_zero_bound_is_refused_naming_the_field() {
+    let e = Coordinator::builder().max_in_flight(0).build().unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidConfig { field, value, .. } if field == "max_in_flight" && value == "0"),
+        "{e}"
+    );
+}
+
+/// Steps s1, s2 and a failing s3, each with its compensation; s3 compensated when it fails.
+fn charge_may_have_happened() -> SagaDefinition {
+    SagaDefinition::new("order")
+        .step(SagaStep::task("s1", "step1").compensate_with("undo1"))
+        .step(SagaStep::task("s2", "step2").compensate_with("undo2"))
+        .step(
+            SagaStep::task("s3", "fail")
+                .compensate_with("undo3")
+                .compensate_on_failure(true),
+        )
+        .step(SagaStep::task("s4", "step4").compensate_with("undo4"))
+}
+
+#[tokio::test]
+async fn a_step_marked_compensate_on_failure_is_undone_first_when_it_fails() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    sagas.define_saga(charge_may_have_happened()).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let mut sub = sagas.events().subscribe("*");
+    let started = sagas.start_saga("order", json!({})).await.unwrap();
+    let events = events_until_end(&mut sub, started.id).await;
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(
+        log.tasks(),
+        vec!["step1", "step2", "fail", "undo3", "undo2", "undo1"]
+    );
+    // The failed step has no result: its compensation gets null and the step's key.
+    assert_eq!(log.inputs_of("undo3"), vec![Value::Null]);
+    assert_eq!(
+        log.keys_of("undo3")[0].as_deref(),
+        Some(format!("{}:s3:compensation", done.id).as_str())
+    );
+    let st: Vec<SagaStepStatus> = done.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        st,
+        vec![
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Compensated,
+            SagaStepStatus::Pending
+        ]
+    );
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap()
+            .contains("step \"s3\" failed")
+    );
+    let tail: Vec<_> = events.iter().rev().take(8).rev().cloned().collect();
+    assert_eq!(
+        tail,
+        vec![
+            (E::StepFailed, Some("s3".into())),
+            (E::CompensationStarted, Some("s3".into())),
+            (E::CompensationCompleted, Some("s3".into())),
+            (E::CompensationStarted, Some("s2".into())),
+            (E::CompensationCompleted, Some("s2".into())),
+            (E::CompensationStarted, Some("s1".into())),
+            (E::CompensationCompleted, Some("s1".into())),
+            (E::SagaFailed, None),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_first_step_failing_ends_failed_unless_it_is_compensated_on_failure() {
+    let log = Log::default();
+    let sagas = Coordinator::in_memory();
+    let def = |on_failure: bool, id: &str| {
+        SagaDefinition::new(id)
+            .step(
+                SagaStep::task("s1", "fail")
+                    .compensate_with("undo1")
+                    .compensate_on_failure(on_failure),
+            )
+            .step(SagaStep::task("s2", "step2").compensate_with("undo2"))
+    };
+    sagas.define_saga(def(false, "atomic")).await.unwrap();
+    sagas.define_saga(def(true, "effectful")).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+
+    // Nothing to undo: failed.
+    let a = sagas.start_saga("atomic", json!({})).await.unwrap();
+    let a = sagas.wait_for(a.id, WAIT).await.unwrap();
+    assert_eq!(a.status, SagaStatus::Failed);
+    assert_eq!(log.tasks(), vec!["fail"]);
+    assert_eq!(a.steps[0].status, SagaStepStatus::Failed);
+
+    // The failed step was undone: compensated.
+    let e = sagas.start_saga("effectful", json!({})).await.unwrap();
+    let e = sagas.wait_for(e.id, WAIT).await.unwrap();
+    assert_eq!(e.status, SagaStatus::Compensated);
+    assert_eq!(log.tasks(), vec!["fail", "fail", "undo1"]);
+    assert_eq!(e.steps[0].status, SagaStepStatus::Compensated);
+}
+
+#[tokio::test]
+async fn compensate_on_failure_without_a_compensation_is_refused_naming_the_step() {
+    let sagas = Coordinator::in_memory();
+    let e = sagas
+        .define_saga(
+            SagaDefinition::new("order")
+                .step(SagaStep::task("charge", "fail").compensate_on_failure(true)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidConfig { field, .. } if field.contains("charge") && field.contains("compensate_on_failure")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("\"order\""), "{e}");
+}
+
+#[tokio::test]
+async fn recovery_compensates_a_failed_step_marked_compensate_on_failure() {
+    use architectlm_core::extensions::saga::{SagaInstance, SagaStepExecution};
+    use architectlm_saga::SagaStore;
+    use architectlm_store::saga::{CreateOutcome, SagaUpdate};
+    // The journal as a driver leaves it when it stops between the step's failure and the
+    // start of the unwind: unwinding, s3 failed, s1 and s2 completed.
+    let store = Arc::new(InMemorySagaStore::new());
+    let id = uuid::Uuid::now_v7();
+    let steps: Vec<SagaStepExecution> = ["s1", "s2", "s3", "s4"]
+        .iter()
+        .map(|s| SagaStepExecution::new(uuid::Uuid::now_v7(), *s, format!("{id}:{s}")))
+        .collect();
+    let inst = SagaInstance::new(id, "order", 1, json!({}), None, chrono::Utc::now(), steps);
+    let CreateOutcome::Created(stored) = store.create(&inst, "old").await.unwrap() else {
+        panic!("created")
+    };
+    let mut up = SagaUpdate::new(id, stored.fencing, SagaStatus::Compensating);
+    up.error = Some("step \"s3\" failed: fail refused".into());
+    for (i, status) in [
+        SagaStepStatus::Completed,
+        SagaStepStatus::Completed,
+        SagaStepStatus::Failed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rec = inst.steps[i].clone();
+        rec.status = status;
+        rec.attempts = 1;
+        if status == SagaStepStatus::Completed {
+            rec.result = Some(json!({"done": format!("step{}", i + 1)}));
+        }
+        up.steps.push((i as u32, rec));
+    }
+    store.apply(up).await.unwrap();
+
+    let log = Log::default();
+    let sagas = Coordinator::with_store(store);
+    sagas.define_saga(charge_may_have_happened()).await.unwrap();
+    let _rt = runtime(four_step_system(&log), &sagas).await;
+    let done = sagas.wait_for(id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(log.tasks(), vec!["undo3", "undo2", "undo1"]);
+}

@@ -280,3 +280,122 @@ async fn concurrent_sagas_share_journal_commits() {
     assert_eq!(log.tasks().len(), 1000);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_waiting_for_a_place_are_journaled_and_recovered_after_a_restart() {
+    let path = temp_db();
+    let store = open(&path).await;
+    let def = || SagaDefinition::new("bounded").step(SagaStep::task("only", "work"));
+    let bounded = |store: &SqliteSagaStore| {
+        Coordinator::builder()
+            .store(Arc::new(store.clone()))
+            .max_in_flight(1)
+            .shutdown_timeout(Duration::from_millis(50))
+            .build()
+            .unwrap()
+    };
+    // Node A: the first saga holds the only place and hangs in its step.
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let a = bounded(&store);
+    a.define_saga(def()).await.unwrap();
+    let rt_a = runtime(
+        system(vec![gated("work", gate.clone(), entered.clone(), &log)]),
+        &a,
+    )
+    .await;
+    let mut started = Vec::new();
+    for n in 0..4 {
+        started.push(a.start_saga("bounded", json!({"n": n})).await.unwrap());
+    }
+    tokio::time::timeout(WAIT, entered.notified())
+        .await
+        .unwrap();
+    assert_eq!((a.in_flight(), a.waiting()), (1, 3));
+    for s in &started[1..] {
+        let stored = store.get(s.id).await.unwrap().unwrap();
+        assert_eq!(stored.instance.status, SagaStatus::Created);
+    }
+    // The process stops with three sagas waiting: nothing of them is lost.
+    rt_a.shutdown(Duration::from_millis(10)).await;
+    assert_eq!(a.waiting(), 0);
+    a.settled(started[3].id).await;
+
+    let log_b = Log::default();
+    let b = bounded(&open(&path).await);
+    b.define_saga(def()).await.unwrap();
+    let _rt_b = runtime(system(vec![ok_task("work", &log_b)]), &b).await;
+    assert_eq!(b.recovery_report().unwrap().resumed, 4);
+    for s in &started {
+        let done = b.wait_for(s.id, WAIT).await.unwrap();
+        assert_eq!(done.status, SagaStatus::Completed);
+    }
+    // The interrupted step runs again first, then the waiting sagas in start order.
+    let ns: Vec<Value> = log_b
+        .inputs_of("work")
+        .iter()
+        .map(|i| i["input"]["n"].clone())
+        .collect();
+    assert_eq!(ns, vec![json!(0), json!(1), json!(2), json!(3)]);
+    gate.notify_waiters();
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_the_compensation_of_a_failed_step() {
+    let path = temp_db();
+    let store = open(&path).await;
+    let def = || {
+        SagaDefinition::new("charge")
+            .step(SagaStep::task("reserve", "step1").compensate_with("undo1"))
+            .step(
+                SagaStep::task("charge", "fail")
+                    .compensate_with("refund")
+                    .compensate_on_failure(true),
+            )
+    };
+    // Node A: the charge fails after the money may have moved; the refund hangs.
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (a, rt_a) = node(
+        &store,
+        def(),
+        vec![
+            ok_task("step1", &log),
+            failing_task("fail", &log),
+            ok_task("undo1", &log),
+            gated("refund", gate.clone(), entered.clone(), &log),
+        ],
+    )
+    .await;
+    let started = a.start_saga("charge", json!({})).await.unwrap();
+    tokio::time::timeout(WAIT, entered.notified())
+        .await
+        .unwrap();
+    let mid = store.get(started.id).await.unwrap().unwrap();
+    assert_eq!(mid.instance.status, SagaStatus::Compensating);
+    assert_eq!(mid.instance.steps[0].status, SagaStepStatus::Completed);
+    assert_eq!(mid.instance.steps[1].status, SagaStepStatus::Compensating);
+    rt_a.shutdown(Duration::from_millis(10)).await;
+
+    // Node B on the same file runs the interrupted refund again, then undoes the reservation.
+    let log_b = Log::default();
+    let (b, _rt_b) = node(
+        &open(&path).await,
+        def(),
+        vec![
+            ok_task("step1", &log_b),
+            failing_task("fail", &log_b),
+            ok_task("undo1", &log_b),
+            ok_task("refund", &log_b),
+        ],
+    )
+    .await;
+    let done = b.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    assert_eq!(log_b.tasks(), vec!["refund", "undo1"]);
+    assert_eq!(log_b.keys_of("refund"), log.keys_of("refund"));
+    assert_eq!(log_b.inputs_of("refund"), vec![Value::Null]);
+    gate.notify_waiters();
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}

@@ -17,6 +17,16 @@ use crate::retry::RetryPolicy;
 use crate::runtime::TaskRef;
 
 /// A step of a saga: the work, and how to undo it.
+///
+/// # Steps must be atomic
+/// A step's compensation undoes a **completed** step, given its result. A step that fails
+/// (after its retries, or by the saga's timeout) is **not** compensated by default: the saga
+/// takes a failed step to have had no effect. A step that can take effect and then fail — it
+/// wrote to a database and then timed out, it called a payment service whose answer was lost —
+/// must therefore either be atomic (all or nothing, for example one transaction, or an external
+/// call made idempotent with [`TaskContext::idempotency_key`](crate::TaskContext::idempotency_key)
+/// and checked on retry), or be marked [`compensate_on_failure`](Self::compensate_on_failure)
+/// so that its own compensation runs when it fails.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SagaStep {
@@ -36,6 +46,9 @@ pub struct SagaStep {
     pub compensation_retry: Option<RetryPolicy>,
     /// Consecutive steps with the same group run in parallel and are compensated together.
     pub parallel_group: Option<String>,
+    /// Whether the compensation also runs when this step fails after its retries (default
+    /// `false`); see [`compensate_on_failure`](Self::compensate_on_failure).
+    pub compensate_on_failure: bool,
     /// Free-form metadata.
     pub metadata: serde_json::Map<String, Value>,
 }
@@ -58,6 +71,7 @@ impl SagaStep {
             timeout: None,
             compensation_retry: None,
             parallel_group: None,
+            compensate_on_failure: false,
             metadata: serde_json::Map::new(),
         }
     }
@@ -120,6 +134,27 @@ impl SagaStep {
     /// Sets the timeout of each attempt of the action.
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = Some(t);
+        self
+    }
+
+    /// Also compensates the step when **it** fails after its retries, not only when a later
+    /// step fails: for a step that may have taken effect before failing (a timeout after
+    /// the remote side committed). Known in Temporal and Camunda as compensating the failed
+    /// activity too.
+    ///
+    /// When the step fails, the unwind runs this step's compensation first (with the
+    /// steps of its parallel group), then the earlier completed steps' in reverse order. The
+    /// compensation receives `null` in place of a result (the step has none) and the key
+    /// `<instance>:<step>:compensation`; the failed action had `<instance>:<step>`
+    /// ([`TaskContext::idempotency_key`](crate::TaskContext::idempotency_key)), by which the
+    /// compensation can find what the action did, and it must do nothing when the action did
+    /// nothing. The step's record goes `failed` → `compensating` → `compensated` in the
+    /// journal: a crash during that compensation runs it again after recovery, with the same
+    /// key. The saga then ends `compensated`, even when this was its first step.
+    ///
+    /// A definition that sets it on a step without a compensation is refused.
+    pub fn compensate_on_failure(mut self, yes: bool) -> Self {
+        self.compensate_on_failure = yes;
         self
     }
 
@@ -210,6 +245,19 @@ impl SagaDefinition {
 }
 
 /// Status of a saga instance.
+///
+/// A saga that fails ends in one of two statuses, which say whether anything had to be undone:
+/// - `failed`: a step failed and **no step had taken effect** — the failing step was the
+///   first, or every step before it had nothing to undo (none completed). There was nothing
+///   to compensate; nothing ran backwards.
+/// - `compensated`: steps had taken effect (completed, or a failed step marked
+///   [`compensate_on_failure`](SagaStep::compensate_on_failure)) and the unwind undid them:
+///   every compensation ran and succeeded. A completed step without a compensation is
+///   skipped by the unwind (it needs no undo) and does not make the saga `failed`.
+///
+/// Either way [`SagaInstance::error`] says which step failed and why. Both are terminal and
+/// mean the business transaction did not happen; `compensation-failed` means it is neither
+/// done nor undone, and needs an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -220,11 +268,12 @@ pub enum SagaStatus {
     Running,
     /// Every step completed.
     Completed,
-    /// A step failed and there was nothing to compensate, or compensation was not possible.
+    /// A step failed before any step had taken effect: there was nothing to compensate.
     Failed,
     /// Undoing completed steps.
     Compensating,
-    /// Every completed step was undone.
+    /// Unwound: every step that had taken effect and has a compensation was undone (after a
+    /// failed step, the saga's timeout, or [`SagaCoordinator::compensate_saga`]).
     Compensated,
     /// A compensation failed after its retries; the undo stack is intact and
     /// `resume_compensation` carries on.
@@ -597,7 +646,8 @@ pub type SagaEventHandler = Arc<dyn Fn(&SagaEvent) + Send + Sync>;
 /// # Rules
 /// - `Send + Sync`; every method may be called concurrently.
 /// - `start_saga` returns as soon as the instance is durably recorded; the steps run in the
-///   background.
+///   background. The instance returned is `running`, or `created` when the implementation
+///   holds it back (an admission bound on sagas in flight) until it can be driven.
 /// - Starting with an idempotency key that was already used for the same definition returns
 ///   the existing instance and starts nothing.
 /// - **At least once.** A step is recorded as running before it runs and its result before the
@@ -630,6 +680,9 @@ pub type SagaEventHandler = Arc<dyn Fn(&SagaEvent) + Send + Sync>;
 ///         .await?;
 ///     let instance = sagas.start_saga("order", serde_json::json!({"order": 42})).await?;
 ///     let _ = sagas.get_saga_status(instance.id).await?;
+///     // Waits for the saga's end (or gives up after 30 s; the saga carries on).
+///     let done = sagas.wait_for(instance.id, std::time::Duration::from_secs(30)).await?;
+///     assert!(done.status.is_terminal());
 ///     Ok(())
 /// }
 /// # let _ = place_order;
@@ -657,6 +710,19 @@ pub trait SagaCoordinator: Send + Sync {
     async fn resume_compensation(&self, instance_id: Uuid) -> Result<SagaInstance>;
     /// Lists instances.
     async fn list_sagas(&self, filter: SagaFilter) -> Result<Page<SagaInstance>>;
+    /// Waits until the instance reaches a terminal status ([`SagaStatus::is_terminal`]) and
+    /// this coordinator no longer drives it, then returns it as stored.
+    ///
+    /// Errors: [`Error::Timeout`](crate::Error::Timeout) when `timeout` passes first (the saga
+    /// carries on; call again to keep waiting), [`Error::NotFound`](crate::Error::NotFound)
+    /// for an unknown instance. A saga waiting for a place (see the implementation's admission
+    /// bound) is waited for like a running one. `Duration::MAX` waits without limit.
+    async fn wait_for(&self, instance_id: Uuid, timeout: Duration) -> Result<SagaInstance>;
+    /// Waits until this coordinator neither drives the instance nor holds it waiting for a
+    /// place: it reached a terminal status, or shutdown stopped it. Returns at once for an
+    /// instance this coordinator does not hold (unknown, finished, or driven by another node).
+    /// Cheaper than [`wait_for`](Self::wait_for): no read of the journal, no status returned.
+    async fn settled(&self, instance_id: Uuid);
     /// Calls `handler` for matching events until the handle is dropped.
     fn on_saga_event(&self, filter: EventFilter, handler: SagaEventHandler) -> EventSubscription;
 }

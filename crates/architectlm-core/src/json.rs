@@ -72,7 +72,11 @@ mod tests {
     fn nested(levels: usize) -> Value {
         let mut v = json!(1);
         for i in 0..levels {
-            v = if i % 2 == 0 { json!([v]) } else { json!({ "k": v }) };
+            v = if i % 2 == 0 {
+                json!([v])
+            } else {
+                json!({ "k": v })
+            };
         }
         v
     }

@@ -92,7 +92,10 @@ async fn depth_limit_holds(store: Arc<dyn ScheduleStore>) {
         .await
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("metadata \"k\"") && msg.contains("64"), "{msg}");
+    assert!(
+        msg.contains("metadata \"k\"") && msg.contains("64"),
+        "{msg}"
+    );
     let all = scheduler
         .get_tasks(ScheduledTaskFilter::new())
         .await
@@ -151,10 +154,7 @@ where
     assert_eq!(e.payload["id"], bad.to_string());
     assert_eq!(e.payload["kind"], "scheduled task");
     // A page count includes it, so the next offset stays right.
-    let page = scheduler
-        .query(&ScheduledTaskFilter::new())
-        .await
-        .unwrap();
+    let page = scheduler.query(&ScheduledTaskFilter::new()).await.unwrap();
     assert_eq!(page.items.len(), 2);
 
     let err = scheduler.get_task(bad).await.unwrap_err();
@@ -288,8 +288,7 @@ mod postgres {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pg_store_skips_and_reports_an_entry_nested_too_deep() {
-        let Some(url) = database_url("pg_store_skips_and_reports_an_entry_nested_too_deep")
-        else {
+        let Some(url) = database_url("pg_store_skips_and_reports_an_entry_nested_too_deep") else {
             return;
         };
         let schema = format!("t_{}", Uuid::new_v4().simple());

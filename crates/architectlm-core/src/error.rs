@@ -122,6 +122,21 @@ pub enum Error {
     #[error("storage error: {0}")]
     Storage(#[source] BoxError),
 
+    /// A stored record could not be decoded (corrupt, or written by a version that allowed
+    /// values nested too deep to read back). Lists and recoveries skip such a record and
+    /// report it (see [`UnreadableRecord`](crate::store::UnreadableRecord)); a read of that
+    /// one record fails with this error.
+    #[error("stored {kind} {id} cannot be read: {source}")]
+    UnreadableRecord {
+        /// What kind of record: `saga instance`, `scheduled task`, `process instance`, ...
+        kind: &'static str,
+        /// Its id.
+        id: String,
+        /// Why it cannot be decoded (a `serde_json` error, a value out of range, ...).
+        #[source]
+        source: BoxError,
+    },
+
     /// (De)serialising a value failed.
     #[error("serialization error: {0}")]
     Serialization(#[from] serde_json::Error),

@@ -33,6 +33,9 @@ pub mod types {
     pub const TASK_FAILED: &str = "TASK_FAILED";
     /// Something went wrong outside of a task: a failed action, a lost event.
     pub const SYSTEM_ERROR: &str = "SYSTEM_ERROR";
+    /// The process store skipped a stored instance it cannot decode; the payload names its
+    /// `kind`, `id` and `error` (see [`crate::store::UnreadableRecord`]).
+    pub const RECORD_UNREADABLE: &str = "RECORD_UNREADABLE";
 }
 
 /// An event on the runtime's bus.

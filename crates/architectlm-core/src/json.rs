@@ -70,12 +70,14 @@ mod tests {
     use super::*;
 
     fn nested(levels: usize) -> Value {
+        // Built by moving each level in: `json!` would copy the value below (recursively,
+        // through `to_value`) at every level.
         let mut v = json!(1);
         for i in 0..levels {
             v = if i % 2 == 0 {
-                json!([v])
+                Value::Array(vec![v])
             } else {
-                json!({ "k": v })
+                Value::Object(serde_json::Map::from_iter([("k".to_owned(), v)]))
             };
         }
         v

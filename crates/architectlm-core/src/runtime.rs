@@ -407,6 +407,10 @@ impl RuntimeBuilder {
                 extensions: self.extensions,
             }),
         };
+        let events = runtime.inner.events.clone();
+        runtime.inner.store.on_unreadable(Arc::new(move |r| {
+            events.publish_with(|| Event::new(types::RECORD_UNREADABLE, "runtime", r.to_payload()));
+        }));
         for e in &runtime.inner.extensions {
             e.start(runtime.clone()).await?;
             tracing::debug!(extension = e.name(), "extension started");
@@ -1114,6 +1118,7 @@ impl Runtime {
         context: Value,
     ) -> Result<ProcessInstance> {
         let def = self.process(process_id)?;
+        crate::json::check_depth(&context, "process data")?;
         let now = Utc::now();
         let context = if context.is_null() {
             json!({})
@@ -1208,6 +1213,7 @@ impl Runtime {
         event: &str,
         data: Value,
     ) -> Result<TransitionOutcome> {
+        crate::json::check_depth(&data, "process data")?;
         let _held = self.lock_instance(instance_id).await?;
         self.transition_locked(instance_id, event, data)
             .instrument(tracing::debug_span!("transition", %instance_id, event))
@@ -1360,7 +1366,13 @@ impl Runtime {
         let result = ACTION_OF
             .scope(instance.id, self.clone().run_job(job, input))
             .await
-            .map_err(TaskError::from);
+            .map_err(TaskError::from)
+            // The result is stored with the instance: one that could not be read back fails
+            // the action instead.
+            .and_then(|v| match crate::json::check_depth(&v, "action result") {
+                Ok(()) => Ok(v),
+                Err(e) => Err(TaskError::permanent(format!("task \"{task_id}\": {e}"))),
+            });
         if let Err(e) = &result {
             self.inner.events.publish_with(|| {
                 Event::new(
@@ -1435,6 +1447,7 @@ impl Runtime {
         instance_id: Uuid,
         context: Value,
     ) -> Result<ProcessInstance> {
+        crate::json::check_depth(&context, "process data")?;
         let _held = self.lock_instance(instance_id).await?;
         {
             async {

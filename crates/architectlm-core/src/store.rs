@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
@@ -41,6 +42,46 @@ impl ProcessQuery {
     }
 }
 
+/// A stored record that a durable store could not decode, and skipped.
+///
+/// One bad record never makes the rest unreadable: lists and recoveries return every other
+/// record, log a `tracing` warning naming this one, and hand it to the listeners given to the
+/// store (see [`ProcessStore::on_unreadable`]); the runtime and the extensions publish it as an
+/// event (`RECORD_UNREADABLE` on the runtime's bus, `record-unreadable` from the saga
+/// coordinator and the scheduler). A direct read of the record fails with
+/// [`Error::UnreadableRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UnreadableRecord {
+    /// What kind of record: `saga instance`, `scheduled task`, `scheduled run`,
+    /// `process instance`.
+    pub kind: &'static str,
+    /// Its id as stored.
+    pub id: String,
+    /// Why it cannot be decoded.
+    pub error: String,
+}
+
+impl UnreadableRecord {
+    /// A report of record `id` of `kind`, which failed to decode with `error`.
+    pub fn new(kind: &'static str, id: impl Into<String>, error: impl Into<String>) -> Self {
+        Self {
+            kind,
+            id: id.into(),
+            error: error.into(),
+        }
+    }
+
+    /// The report as an event payload: `{"kind", "id", "error"}`.
+    pub fn to_payload(&self) -> serde_json::Value {
+        serde_json::json!({"kind": self.kind, "id": self.id, "error": self.error})
+    }
+}
+
+/// Hears the records a store skipped because they could not be decoded. Called on the
+/// reading task; it must not block.
+pub type UnreadableListener = Arc<dyn Fn(&UnreadableRecord) + Send + Sync>;
+
 /// Storage of process instances with optimistic concurrency.
 ///
 /// # Rules
@@ -50,6 +91,9 @@ impl ProcessQuery {
 ///   fails with [`Error::Conflict`] naming the instance and both versions otherwise. The caller
 ///   sets the new version (`expected_version + 1`) on the instance it passes.
 /// - Reads return what the last successful write stored.
+/// - A durable store whose row cannot be decoded skips it in [`list`](Self::list) (and warns
+///   and tells its [`on_unreadable`](Self::on_unreadable) listeners), and fails
+///   [`get`](Self::get) of that id with [`Error::UnreadableRecord`].
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -80,6 +124,14 @@ pub trait ProcessStore: Send + Sync + fmt::Debug + 'static {
     async fn update(&self, instance: &ProcessInstance, expected_version: u64) -> Result<()>;
     /// Lists instances matching the query, oldest first.
     async fn list(&self, query: &ProcessQuery) -> Result<Vec<ProcessInstance>>;
+
+    /// Adds a listener for the records this store skips because they cannot be decoded
+    /// ([`UnreadableRecord`]). The runtime adds one when it starts, which publishes
+    /// `RECORD_UNREADABLE`. The default ignores it: a store that keeps decoded values (such
+    /// as [`InMemoryProcessStore`]) never holds an unreadable record.
+    fn on_unreadable(&self, listener: UnreadableListener) {
+        let _ = listener;
+    }
 }
 
 const SHARDS: usize = 32;

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use architectlm_core::event::{EventFilter, EventHub, EventSubscription, types};
 use architectlm_core::extensions::saga::{
-    SagaDefinition, SagaEvent, SagaEventHandler, SagaFilter, SagaInstance, SagaStatus,
-    SagaStepExecution, StartSagaOptions,
+    SagaDefinition, SagaEvent, SagaEventHandler, SagaEventType, SagaFilter, SagaInstance,
+    SagaStatus, SagaStepExecution, StartSagaOptions,
 };
 use architectlm_core::extensions::{Page, SagaCoordinator};
 use architectlm_core::{Error, Event, Extension, Result, Runtime, ServiceRegistry};
@@ -489,6 +489,21 @@ impl CoordinatorBuilder {
             renew_every: self.lease_duration / 3,
             takeover_every,
         });
+        let events = EventHub::with_capacity(SOURCE, self.event_capacity);
+        // Instances the journal cannot decode are skipped by its lists and recoveries and
+        // announced here.
+        let hub = events.clone();
+        store.on_unreadable(Arc::new(move |r| {
+            hub.publish_with(|| {
+                SagaEvent::new(
+                    SagaEventType::RecordUnreadable,
+                    "",
+                    Uuid::parse_str(&r.id).unwrap_or_default(),
+                    None,
+                    r.to_payload(),
+                )
+            });
+        }));
         Ok(Coordinator {
             inner: Arc::new(Inner {
                 store,
@@ -497,7 +512,7 @@ impl CoordinatorBuilder {
                 node,
                 defs: RwLock::new(HashMap::new()),
                 runtime: OnceLock::new(),
-                events: EventHub::with_capacity(SOURCE, self.event_capacity),
+                events,
                 active: Mutex::new(HashMap::new()),
                 max_in_flight: self.max_in_flight,
                 admission: Mutex::new(Admission::default()),
@@ -1086,6 +1101,7 @@ impl SagaCoordinator for Coordinator {
                 .cloned()
                 .ok_or_else(|| Error::not_found("saga definition", saga_id))?
         };
+        architectlm_core::json::check_depth(&input, "saga input")?;
         let mut instance = self.build_instance(&prep, input, options.idempotency_key);
         let runtime = self.inner.runtime.get().cloned();
         // Without a free place the instance is journaled `created` and waits for one.

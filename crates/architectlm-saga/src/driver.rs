@@ -316,6 +316,7 @@ impl Run {
             let now = crate::now();
             let mut failure = None;
             for (i, o) in outcomes {
+                let o = self.checked_output(i, o);
                 let s = &mut self.inst.steps[i];
                 match o {
                     Exec::Ok(v, n) => {
@@ -358,6 +359,25 @@ impl Run {
             }
         }
         Ok(Forward::Done)
+    }
+
+    /// A step's output is journaled, so one nested deeper than the journal can read back
+    /// ([`MAX_JSON_DEPTH`](architectlm_core::json::MAX_JSON_DEPTH)) fails the step, without a
+    /// retry, and the saga compensates.
+    fn checked_output(&self, i: usize, o: Exec) -> Exec {
+        use architectlm_core::json::{MAX_JSON_DEPTH, check_depth};
+        match o {
+            Exec::Ok(v, n) if check_depth(&v, "step output").is_err() => Exec::Failed(
+                format!(
+                    "step \"{}\" output is nested more than {MAX_JSON_DEPTH} levels deep (the \
+                     limit of architectlm_core::json::MAX_JSON_DEPTH), so it could not be \
+                     journaled and read back",
+                    self.prep.def.steps[i].id
+                ),
+                n,
+            ),
+            o => o,
+        }
     }
 
     async fn unwind(&mut self) -> Result<Ended> {

@@ -603,6 +603,7 @@ impl TaskScheduler {
             // Not run: the claim expires and another node runs it.
             return;
         }
+        let outcome = outcome.and_then(crate::checked_result);
         let finished = self.now();
         let mut record = RunRecord::new(due, started);
         record.finished_at = Some(finished);

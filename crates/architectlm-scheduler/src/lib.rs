@@ -24,6 +24,11 @@
 //! - **Several nodes** (feature `postgres`): nodes sharing a
 //!   `PgScheduleStore` run each `(entry, due time)` exactly once between them and take over
 //!   the runs of a node that dies ([`ClusterOptions`], [`TaskSchedulerBuilder::cluster`]).
+//! - **Readable records.** Inputs and metadata nested deeper than
+//!   [`MAX_JSON_DEPTH`](architectlm_core::json::MAX_JSON_DEPTH) are refused, and a result that
+//!   deep fails its run, so that every stored entry can be read back; an entry or run the store
+//!   cannot decode anyway (corrupt) is skipped by listings and recovery and announced as
+//!   `record-unreadable`.
 //! - **Time is injectable** ([`Clock`]): tests run on a paused Tokio clock with [`TokioClock`].
 //!
 //! See [`TaskScheduler`] for the exact semantics and an example.
@@ -34,7 +39,9 @@ pub mod cron;
 mod idhash;
 mod scheduler;
 mod timer;
+mod values;
 
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use cron::{CronSchedule, PatternCache};
 pub use scheduler::{ClusterOptions, SchedulerOptions, TaskScheduler, TaskSchedulerBuilder};
+pub(crate) use values::{check_values, checked_result, unreadable_listener};

@@ -175,14 +175,17 @@ impl TaskSchedulerBuilder {
     /// Builds the scheduler. It runs nothing until started by a runtime.
     pub fn build(self) -> TaskScheduler {
         let clock = self.clock;
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(InMemoryScheduleStore::new()));
+        let events = EventHub::with_capacity("scheduler", self.options.event_capacity);
+        store.on_unreadable(crate::unreadable_listener(&events));
         TaskScheduler {
             inner: Arc::new(Inner {
-                store: self
-                    .store
-                    .unwrap_or_else(|| Arc::new(InMemoryScheduleStore::new())),
+                store,
                 timers: Timers::new(clock.clone()),
                 clock,
-                events: EventHub::with_capacity("scheduler", self.options.event_capacity),
+                events,
                 runtime: RwLock::new(None),
                 slots: Mutex::new(IdMap::default()),
                 active: AtomicUsize::new(0),
@@ -816,6 +819,7 @@ impl TaskScheduler {
     /// [`one_shot_entry`](Self::one_shot_entry) once the task id is checked.
     fn one_shot_checked(c: ScheduledTaskConfig) -> Result<ScheduleEntry> {
         Self::check_policy(&c.policy)?;
+        crate::check_values(&c.input, &c.metadata)?;
         let at = truncate_ms(c.execute_at);
         let mut task = ScheduledTask::new(Uuid::now_v7(), c.task_id, c.input, at);
         task.description = c.description;
@@ -827,6 +831,7 @@ impl TaskScheduler {
     fn recurring_entry(&self, c: RecurringTaskConfig) -> Result<ScheduleEntry> {
         self.check_task(&c.task_id)?;
         Self::check_policy(&c.policy)?;
+        crate::check_values(&c.input, &c.metadata)?;
         if let Some(tz) = &c.timezone {
             parse_timezone(tz)?;
         }
@@ -1631,6 +1636,7 @@ impl TaskScheduler {
             self.release(id, slot);
             return;
         }
+        let outcome = outcome.and_then(crate::checked_result);
         let finished = self.now();
         let mut record = RunRecord::new(due, started);
         record.finished_at = Some(finished);

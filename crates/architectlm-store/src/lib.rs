@@ -15,6 +15,11 @@
 //!   optimistic concurrency.
 //! - [`migration`]: the backend-neutral versioned [`migration::Migration`].
 //!
+//! A stored record that cannot be decoded never makes the others unreadable: lists and
+//! recoveries skip it, log a warning and report it to the store's `on_unreadable` listeners
+//! ([`architectlm_core::store::UnreadableRecord`]); a read of that record alone fails with
+//! [`Error::UnreadableRecord`].
+//!
 //! **Architecture invariant:** this crate knows no extension; it depends on `architectlm-core`
 //! only for the error type and the storage contracts it implements (`ProcessStore`).
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -30,5 +35,6 @@ pub mod schedule;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
+mod unreadable;
 
 pub use architectlm_core::{Error, Result};

@@ -26,6 +26,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
+use crate::unreadable::{Reports, unreadable};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 use crate::{Error, Result};
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -66,7 +68,6 @@ struct Parts {
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 impl Parts {
     fn build(self) -> Result<ProcessInstance> {
-        let id = self.id;
         serde_json::from_value(serde_json::json!({
             "id": self.id,
             "process_id": self.process_id,
@@ -77,11 +78,7 @@ impl Parts {
             "updated_at": self.updated_at,
             "last_action": self.last_action,
         }))
-        .map_err(|e| {
-            Error::storage(format!(
-                "process instance {id}: cannot decode the stored row: {e}"
-            ))
-        })
+        .map_err(Error::Serialization)
     }
 }
 
@@ -141,6 +138,7 @@ mod sqlite_impl {
     #[derive(Clone)]
     pub struct SqliteProcessStore {
         db: SqliteDb,
+        reports: Reports,
     }
 
     impl fmt::Debug for SqliteProcessStore {
@@ -233,7 +231,10 @@ mod sqlite_impl {
         /// A store on `db`, creating its tables if needed.
         pub async fn open(db: SqliteDb) -> Result<Self> {
             db.migrate(SQLITE_MIGRATIONS).await?;
-            Ok(Self { db })
+            Ok(Self {
+                db,
+                reports: Reports::default(),
+            })
         }
 
         /// The database it uses.
@@ -278,7 +279,7 @@ mod sqlite_impl {
                         .map_err(db_err)?;
                     let mut rows = s.query([id.to_string()]).map_err(db_err)?;
                     match rows.next().map_err(db_err)? {
-                        Some(r) => from_row(r).map(Some),
+                        Some(r) => from_row(r).map(Some).map_err(|e| unreadable(KIND, id, e)),
                         None => Ok(None),
                     }
                 })
@@ -328,6 +329,7 @@ mod sqlite_impl {
         async fn list(&self, query: &ProcessQuery) -> Result<Vec<ProcessInstance>> {
             let process_id = query.process_id.clone();
             let state = query.state.clone();
+            let reports = self.reports.clone();
             self.db
                 .read(move |c| {
                     let mut s = c
@@ -340,11 +342,21 @@ mod sqlite_impl {
                     let mut rows = s.query(params![process_id, state]).map_err(db_err)?;
                     let mut out = Vec::new();
                     while let Some(r) = rows.next().map_err(db_err)? {
-                        out.push(from_row(r)?);
+                        match from_row(r) {
+                            Ok(i) => out.push(i),
+                            Err(e) => {
+                                let id = r.get::<_, String>(0).unwrap_or_default();
+                                reports.skipped(KIND, &id, &e);
+                            }
+                        }
                     }
                     Ok(out)
                 })
                 .await
+        }
+
+        fn on_unreadable(&self, listener: architectlm_core::store::UnreadableListener) {
+            self.reports.add(listener);
         }
     }
 }
@@ -404,6 +416,7 @@ mod pg_impl {
     #[derive(Clone)]
     pub struct PgProcessStore {
         db: PgDb,
+        reports: Reports,
     }
 
     impl fmt::Debug for PgProcessStore {
@@ -438,7 +451,10 @@ mod pg_impl {
         /// A store on `db`, creating its tables if needed (safe when nodes start together).
         pub async fn open(db: PgDb) -> Result<Self> {
             db.migrate(PG_MIGRATIONS).await?;
-            Ok(Self { db })
+            Ok(Self {
+                db,
+                reports: Reports::default(),
+            })
         }
 
         /// The database it uses.
@@ -527,6 +543,7 @@ mod pg_impl {
                 .as_ref()
                 .map(from_row)
                 .transpose()
+                .map_err(|e| unreadable(KIND, id, e))
         }
 
         async fn update(&self, i: &ProcessInstance, expected_version: u64) -> Result<()> {
@@ -588,13 +605,21 @@ mod pg_impl {
                 ))
                 .await
                 .map_err(|e| pg_err("cannot prepare the instance list", e))?;
-            client
+            let rows = client
                 .query(&stmt, &[&query.process_id, &query.state])
                 .await
-                .map_err(|e| pg_err("cannot list process instances", e))?
-                .iter()
-                .map(from_row)
-                .collect()
+                .map_err(|e| pg_err("cannot list process instances", e))?;
+            Ok(self.reports.keep(KIND, &rows, |r| {
+                let id = r
+                    .try_get::<_, Uuid>(0)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                (id, from_row(r))
+            }))
+        }
+
+        fn on_unreadable(&self, listener: architectlm_core::store::UnreadableListener) {
+            self.reports.add(listener);
         }
     }
 }

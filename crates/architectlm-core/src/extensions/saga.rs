@@ -571,6 +571,10 @@ pub enum SagaEventType {
     CompensationCompleted,
     /// `compensation-failed`
     CompensationFailed,
+    /// `record-unreadable`: a stored record could not be decoded and was skipped; the payload
+    /// names its `kind`, `id` and `error` (see
+    /// [`UnreadableRecord`](crate::store::UnreadableRecord)).
+    RecordUnreadable,
 }
 
 impl SagaEventType {
@@ -586,6 +590,7 @@ impl SagaEventType {
             Self::CompensationStarted => "compensation-started",
             Self::CompensationCompleted => "compensation-completed",
             Self::CompensationFailed => "compensation-failed",
+            Self::RecordUnreadable => "record-unreadable",
         }
     }
 }

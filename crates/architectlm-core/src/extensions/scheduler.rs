@@ -577,6 +577,10 @@ pub enum SchedulerEventType {
     Resumed,
     /// `misfired`
     Misfired,
+    /// `record-unreadable`: a stored record could not be decoded and was skipped; the payload
+    /// names its `kind`, `id` and `error` (see
+    /// [`UnreadableRecord`](crate::store::UnreadableRecord)).
+    RecordUnreadable,
 }
 
 impl SchedulerEventType {
@@ -591,6 +595,7 @@ impl SchedulerEventType {
             Self::Paused => "paused",
             Self::Resumed => "resumed",
             Self::Misfired => "misfired",
+            Self::RecordUnreadable => "record-unreadable",
         }
     }
 }

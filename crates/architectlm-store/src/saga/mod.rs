@@ -31,6 +31,7 @@ use uuid::Uuid;
 
 use architectlm_core::extensions::Page;
 use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, SagaStepExecution};
+use architectlm_core::store::UnreadableListener;
 
 use crate::Result;
 
@@ -246,6 +247,18 @@ pub trait SagaStore: Send + Sync + 'static {
 
     /// Instances matching `filter`, oldest first, one page.
     async fn list(&self, filter: &SagaFilter) -> Result<Page<SagaInstance>>;
+
+    /// Adds a listener for the instances this store skips because they cannot be decoded
+    /// (kind `saga instance`). [`list`](Self::list) and the recoveries
+    /// ([`claim_unfinished`](Self::claim_unfinished), [`claim_expired`](Self::claim_expired))
+    /// skip such an instance, warn and tell the listeners; a read of it ([`get`](Self::get),
+    /// [`claim`](Self::claim), ...) fails with
+    /// [`Error::UnreadableRecord`](crate::Error::UnreadableRecord). The coordinator adds one
+    /// that publishes `record-unreadable`. The default ignores it: the in-memory store never
+    /// holds an unreadable instance.
+    fn on_unreadable(&self, listener: UnreadableListener) {
+        let _ = listener;
+    }
 }
 
 /// Statuses from which a saga moves on by itself (recovery carries them on).

@@ -24,10 +24,12 @@ use uuid::Uuid;
 
 use architectlm_core::extensions::Page;
 use architectlm_core::extensions::saga::{SagaFilter, SagaInstance, SagaStatus, SagaStepExecution};
+use architectlm_core::store::UnreadableListener;
 
 use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
 use crate::migration::Migration;
 use crate::postgres::{PgClient, PgDb, pg_err};
+use crate::unreadable::{Reports, unreadable};
 use crate::{Error, Result};
 
 /// The versioned schema of the saga table, applied by [`PgSagaStore::open`].
@@ -166,6 +168,7 @@ const DEEP_QUEUE: usize = 256;
 pub struct PgSagaStore {
     db: PgDb,
     queue: Arc<Mutex<Queue>>,
+    reports: Reports,
 }
 
 impl std::fmt::Debug for PgSagaStore {
@@ -213,6 +216,22 @@ fn fencing_i64(f: u64) -> i64 {
 
 fn row_err(e: tokio_postgres::Error) -> Error {
     pg_err("bad saga journal row", e)
+}
+
+/// What an instance is called in reports and errors.
+const KIND: &str = "saga instance";
+
+/// The id of a row of [`COLUMNS`], for reports and errors.
+fn row_id(r: &Row) -> String {
+    r.try_get::<_, Uuid>(0)
+        .map(|u| u.to_string())
+        .unwrap_or_default()
+}
+
+/// Builds the instance of a row read by its id: one that cannot be decoded is an error
+/// naming it.
+fn build_one(r: &Row) -> Result<StoredSaga> {
+    build(r).map_err(|e| unreadable(KIND, row_id(r), e))
 }
 
 fn build(r: &Row) -> Result<StoredSaga> {
@@ -493,7 +512,9 @@ async fn create_outcomes(
             None => None,
         };
         out.push(match existing {
-            Some(row) => build(&row).map(|s| OpOut::Created(Box::new(CreateOutcome::Existing(s)))),
+            Some(row) => {
+                build_one(&row).map(|s| OpOut::Created(Box::new(CreateOutcome::Existing(s))))
+            }
             None => Err(Error::InvalidInput(format!(
                 "saga instance {} already exists",
                 instance.id
@@ -823,6 +844,7 @@ impl PgSagaStore {
         Ok(Self {
             db,
             queue: Arc::new(Mutex::new(Queue::default())),
+            reports: Reports::default(),
         })
     }
 
@@ -862,11 +884,7 @@ impl PgSagaStore {
             .unwrap_or_else(|_| Err(Error::storage("the saga journal flusher stopped")))
     }
 
-    async fn query_stored(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<StoredSaga>> {
+    async fn query_rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
         let client = self.db.client().await?;
         let stmt = client
             .prepare_cached(sql)
@@ -875,10 +893,7 @@ impl PgSagaStore {
         client
             .query(&stmt, params)
             .await
-            .map_err(|e| pg_err("saga journal query failed", e))?
-            .iter()
-            .map(build)
-            .collect()
+            .map_err(|e| pg_err("saga journal query failed", e))
     }
 
     async fn claim_where(
@@ -904,9 +919,10 @@ impl PgSagaStore {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut out = self
-            .query_stored(&sql, &[&owner, &lease_secs(lease_until), &limit])
+        let rows = self
+            .query_rows(&sql, &[&owner, &lease_secs(lease_until), &limit])
             .await?;
+        let mut out = self.reports.keep(KIND, &rows, |r| (row_id(r), build(r)));
         out.sort_by_key(|s| (s.instance.started_at, s.instance.id));
         Ok(out)
     }
@@ -977,10 +993,10 @@ impl SagaStore for PgSagaStore {
              RETURNING {COLUMNS}"
         );
         let claimed = self
-            .query_stored(&sql, &[&instance_id, &owner, &lease_secs(lease_until)])
+            .query_rows(&sql, &[&instance_id, &owner, &lease_secs(lease_until)])
             .await?;
-        if let Some(s) = claimed.into_iter().next() {
-            return Ok(Some(s));
+        if let Some(r) = claimed.first() {
+            return build_one(r).map(Some);
         }
         match self.get(instance_id).await? {
             None => Ok(None),
@@ -1069,11 +1085,11 @@ impl SagaStore for PgSagaStore {
 
     async fn get(&self, instance_id: Uuid) -> Result<Option<StoredSaga>> {
         let sql = format!("SELECT {COLUMNS} FROM architectlm_saga_instances WHERE id = $1");
-        Ok(self
-            .query_stored(&sql, &[&instance_id])
+        self.query_rows(&sql, &[&instance_id])
             .await?
-            .into_iter()
-            .next())
+            .first()
+            .map(build_one)
+            .transpose()
     }
 
     async fn list(&self, filter: &SagaFilter) -> Result<Page<SagaInstance>> {
@@ -1132,12 +1148,15 @@ impl SagaStore for PgSagaStore {
             )
             .await
             .map_err(|e| pg_err("cannot list saga instances", e))?;
-        let items = rows
-            .iter()
-            .map(|r| build(r).map(|s| s.instance))
-            .collect::<Result<Vec<_>>>()?;
-        let end = filter.page.offset.saturating_add(items.len() as u64);
+        let items = self
+            .reports
+            .keep(KIND, &rows, |r| (row_id(r), build(r).map(|s| s.instance)));
+        let end = filter.page.offset.saturating_add(rows.len() as u64);
         let next = (end < total).then_some(end);
         Ok(Page::new(items, total, next))
+    }
+
+    fn on_unreadable(&self, listener: UnreadableListener) {
+        self.reports.add(listener);
     }
 }

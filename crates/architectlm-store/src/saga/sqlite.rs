@@ -36,10 +36,15 @@ use architectlm_core::extensions::Page;
 use architectlm_core::extensions::saga::{
     SagaFilter, SagaInstance, SagaStatus, SagaStepExecution, SagaStepStatus,
 };
+use architectlm_core::store::UnreadableListener;
 
 use super::{CreateOutcome, SagaStore, SagaUpdate, StoredSaga};
 use crate::sqlite::{Migration, SqliteDb};
+use crate::unreadable::{Reports, unreadable};
 use crate::{Error, Result};
+
+/// What an instance is called in reports and errors.
+const KIND: &str = "saga instance";
 
 /// The versioned schema of the saga tables, applied by [`SqliteSagaStore::open`].
 pub static SAGA_MIGRATIONS: &[Migration] = &[
@@ -184,6 +189,7 @@ pub struct SqliteSagaStore {
     db: SqliteDb,
     queue: Arc<Mutex<Queue>>,
     seqs: Seqs,
+    reports: Reports,
 }
 
 /// The integer keys of the unfinished instances this store journals, used on the writer
@@ -222,8 +228,7 @@ fn uuid_of(bytes: &[u8]) -> Result<Uuid> {
 }
 
 fn json_of(text: &str) -> Result<Value> {
-    serde_json::from_str(text)
-        .map_err(|e| Error::storage(format!("invalid JSON in the saga journal: {e}")))
+    Ok(serde_json::from_str(text)?)
 }
 
 fn to_json(v: &Value) -> String {
@@ -314,8 +319,7 @@ fn overlay_steps(conn: &Connection, seq: i64, steps: &mut [SagaStepExecution]) -
 }
 
 fn build(conn: &Connection, row: InstanceRow) -> Result<StoredSaga> {
-    let mut steps: Vec<SagaStepExecution> = serde_json::from_str(&row.steps)
-        .map_err(|e| Error::storage(format!("invalid step records in the saga journal: {e}")))?;
+    let mut steps: Vec<SagaStepExecution> = serde_json::from_str(&row.steps)?;
     overlay_steps(conn, row.seq, &mut steps)?;
     let status = SagaStatus::parse(&row.status).ok_or_else(|| {
         Error::storage(format!(
@@ -352,7 +356,17 @@ fn load(conn: &Connection, id: Uuid) -> Result<Option<StoredSaga>> {
         .query_row([id.as_bytes().as_slice()], instance_row)
         .optional()
         .map_err(db_err)?;
-    row.map(|r| build(conn, r)).transpose()
+    row.map(|r| build(conn, r).map_err(|e| unreadable(KIND, id, e)))
+        .transpose()
+}
+
+/// Builds the instances of `rows`, skipping (and reporting) those that cannot be decoded.
+fn build_all(conn: &Connection, rows: Vec<InstanceRow>, reports: &Reports) -> Vec<StoredSaga> {
+    reports.keep(KIND, rows, |r| {
+        let id =
+            Uuid::from_slice(&r.id).map_or_else(|_| format!("{:02x?}", r.id), |u| u.to_string());
+        (id, build(conn, r))
+    })
 }
 
 /// Appends `s` as a JSON string, escaped as `serde_json` escapes it.
@@ -734,6 +748,7 @@ impl SqliteSagaStore {
             db,
             queue: Arc::new(Mutex::new(Queue::default())),
             seqs: Arc::default(),
+            reports: Reports::default(),
         })
     }
 
@@ -851,6 +866,7 @@ impl SagaStore for SqliteSagaStore {
         lease_until: Option<DateTime<Utc>>,
     ) -> Result<Vec<StoredSaga>> {
         let owner = owner.to_owned();
+        let reports = self.reports.clone();
         self.db
             .write(move |txn| {
                 txn.execute(
@@ -872,7 +888,7 @@ impl SagaStore for SqliteSagaStore {
                     .map_err(db_err)?
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db_err)?;
-                rows.into_iter().map(|r| build(txn, r)).collect()
+                Ok(build_all(txn, rows, &reports))
             })
             .await
     }
@@ -883,6 +899,7 @@ impl SagaStore for SqliteSagaStore {
 
     async fn list(&self, filter: &SagaFilter) -> Result<Page<SagaInstance>> {
         let filter = filter.clone();
+        let reports = self.reports.clone();
         self.db
             .read(move |conn| {
                 let mut clauses: Vec<String> = Vec::new();
@@ -933,15 +950,20 @@ impl SagaStore for SqliteSagaStore {
                     .map_err(db_err)?
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(db_err)?;
-                let items = rows
+                let read = rows.len() as u64;
+                let items = build_all(conn, rows, &reports)
                     .into_iter()
-                    .map(|r| build(conn, r).map(|s| s.instance))
-                    .collect::<Result<Vec<_>>>()?;
-                let end = filter.page.offset.saturating_add(items.len() as u64);
+                    .map(|s| s.instance)
+                    .collect();
+                let end = filter.page.offset.saturating_add(read);
                 let next = (end < total).then_some(end);
                 Ok(Page::new(items, total, next))
             })
             .await
+    }
+
+    fn on_unreadable(&self, listener: UnreadableListener) {
+        self.reports.add(listener);
     }
 }
 

@@ -32,6 +32,7 @@ use architectlm_core::extensions::Page;
 use architectlm_core::extensions::scheduler::{
     SchedulePolicy, ScheduledTask, ScheduledTaskFilter, ScheduledTaskStatus,
 };
+use architectlm_core::store::UnreadableListener;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use parking_lot::RwLock;
@@ -233,6 +234,23 @@ pub trait ScheduleStore: Send + Sync + fmt::Debug + 'static {
     async fn unfinished_runs(&self) -> Result<Vec<ScheduleRun>>;
     /// The kept runs of an entry, oldest due time first.
     async fn runs(&self, entry_id: Uuid) -> Result<Vec<ScheduleRun>>;
+
+    /// Adds a listener for the records this store skips because they cannot be decoded
+    /// (kinds `scheduled task` and `scheduled run`). Lists and recoveries ([`query`],
+    /// [`load_active`], [`unfinished_runs`], [`runs`], and a shared store's
+    /// [`SharedScheduleStore::acquire_due`] and [`SharedScheduleStore::take_expired`]) skip such
+    /// a record, warn and tell the listeners; [`get`] of it fails with
+    /// [`Error::UnreadableRecord`]. The scheduler adds one that publishes `record-unreadable`.
+    /// The default ignores it: the in-memory store never holds an unreadable record.
+    ///
+    /// [`query`]: Self::query
+    /// [`load_active`]: Self::load_active
+    /// [`unfinished_runs`]: Self::unfinished_runs
+    /// [`runs`]: Self::runs
+    /// [`get`]: Self::get
+    fn on_unreadable(&self, listener: UnreadableListener) {
+        let _ = listener;
+    }
 
     /// Cancels the entry `id` in one write if it is `scheduled` or `paused` (no run of it
     /// claimed): status `cancelled`, no next run, version + 1. Returns its task id; `None` if

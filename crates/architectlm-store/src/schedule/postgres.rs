@@ -15,6 +15,7 @@ use tokio_postgres::error::SqlState;
 use super::*;
 use crate::migration::Migration;
 use crate::postgres::{PgClient, PgDb, pg_err};
+use crate::unreadable::{Reports, unreadable};
 
 /// The scheduler's tables on PostgreSQL.
 ///
@@ -109,12 +110,33 @@ fn version_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// What a scheduled entry is called in reports and errors.
+const ENTRY: &str = "scheduled task";
+/// What a run is called in reports.
+const RUN: &str = "scheduled run";
+
+/// The id of a row with an `id` column, for reports.
+fn entry_id(r: &Row) -> String {
+    r.try_get::<_, Uuid>("id")
+        .map(|u| u.to_string())
+        .unwrap_or_default()
+}
+
+/// The `<entry>@<due ms>` of a row of [`RUN_COLUMNS`], for reports.
+fn run_id(r: &Row) -> String {
+    let entry = r
+        .try_get::<_, Uuid>(0)
+        .map(|u| u.to_string())
+        .unwrap_or_default();
+    let due = r.try_get::<_, i64>(1).unwrap_or_default();
+    format!("{entry}@{due}")
+}
+
 fn decode_entry(r: &Row) -> Result<ScheduleEntry> {
     let bad = |e| pg_err("bad scheduler_entries row", e);
     let data: String = r.try_get("data").map_err(bad)?;
     let version: i64 = r.try_get("version").map_err(bad)?;
-    let mut e: ScheduleEntry = serde_json::from_str(&data)
-        .map_err(|err| Error::storage(format!("corrupt scheduled entry: {err}")))?;
+    let mut e: ScheduleEntry = serde_json::from_str(&data)?;
     e.version = u64::try_from(version).unwrap_or_default();
     Ok(e)
 }
@@ -254,6 +276,7 @@ pub struct PgScheduleStore {
     /// A connection kept for lease renewals, so that a pool busy with runs (tasks may share
     /// it) cannot delay a renewal past the lease and let another node take live runs over.
     renewal: std::sync::Arc<tokio::sync::Mutex<Option<PgClient>>>,
+    reports: Reports,
 }
 
 impl std::fmt::Debug for PgScheduleStore {
@@ -271,6 +294,7 @@ impl PgScheduleStore {
         Ok(Self {
             db,
             renewal: std::sync::Arc::default(),
+            reports: Reports::default(),
         })
     }
 
@@ -403,8 +427,12 @@ impl PgScheduleStore {
         sql: &str,
         args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<ScheduleEntry>> {
-        self.select(sql, args, "cannot read scheduled entries", decode_entry)
-            .await
+        let rows = self
+            .select(sql, args, "cannot read scheduled entries")
+            .await?;
+        Ok(self
+            .reports
+            .keep(ENTRY, &rows, |r| (entry_id(r), decode_entry(r))))
     }
 
     async fn select_runs(
@@ -412,26 +440,21 @@ impl PgScheduleStore {
         sql: &str,
         args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<ScheduleRun>> {
-        self.select(sql, args, "cannot read scheduled runs", decode_run)
-            .await
+        let rows = self.select(sql, args, "cannot read scheduled runs").await?;
+        Ok(self
+            .reports
+            .keep(RUN, &rows, |r| (run_id(r), decode_run(r))))
     }
 
-    /// Runs a query on a pooled connection and decodes every row.
-    async fn select<T>(
+    /// Runs a query on a pooled connection.
+    async fn select(
         &self,
         sql: &str,
         args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         what: &'static str,
-        decode: fn(&tokio_postgres::Row) -> Result<T>,
-    ) -> Result<Vec<T>> {
+    ) -> Result<Vec<Row>> {
         let client = self.db.client().await?;
-        client
-            .query(sql, args)
-            .await
-            .map_err(|e| pg_err(what, e))?
-            .iter()
-            .map(decode)
-            .collect()
+        client.query(sql, args).await.map_err(|e| pg_err(what, e))
     }
 }
 
@@ -589,13 +612,16 @@ impl ScheduleStore for PgScheduleStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<ScheduleEntry>> {
-        Ok(self
-            .select_entries(
-                "SELECT data, version FROM scheduler_entries WHERE id = $1",
-                &[&id],
-            )
-            .await?
-            .pop())
+        self.select(
+            "SELECT id, data, version FROM scheduler_entries WHERE id = $1",
+            &[&id],
+            "cannot read scheduled entries",
+        )
+        .await?
+        .first()
+        .map(decode_entry)
+        .transpose()
+        .map_err(|e| unreadable(ENTRY, id, e))
     }
 
     async fn query(&self, filter: &ScheduledTaskFilter) -> Result<Page<ScheduleEntry>> {
@@ -628,7 +654,7 @@ impl ScheduleStore for PgScheduleStore {
             args.push(r);
             sql.push_str(&format!(" AND recurring = ${}", args.len()));
         }
-        let select = format!("SELECT data, version{sql} ORDER BY next_run NULLS LAST, id");
+        let select = format!("SELECT id, data, version{sql} ORDER BY next_run NULLS LAST, id");
         if !filter.metadata.is_empty() {
             // Metadata is matched on the decoded entries (JSON equality of values), after the
             // indexed conditions narrowed the rows.
@@ -652,20 +678,25 @@ impl ScheduleStore for PgScheduleStore {
         let n = args.len();
         args.push(&limit);
         args.push(&offset);
-        let items = self
-            .select_entries(
+        let rows = self
+            .select(
                 &format!("{select} LIMIT ${} OFFSET ${}", n + 1, n + 2),
                 &args,
+                "cannot read scheduled entries",
             )
             .await?;
+        let read = rows.len() as u64;
+        let items = self
+            .reports
+            .keep(ENTRY, &rows, |r| (entry_id(r), decode_entry(r)));
         let total = u64::try_from(total).unwrap_or_default();
-        let end = filter.page.offset.saturating_add(items.len() as u64);
+        let end = filter.page.offset.saturating_add(read);
         Ok(Page::new(items, total, (end < total).then_some(end)))
     }
 
     async fn load_active(&self) -> Result<Vec<ScheduleEntry>> {
         self.select_entries(
-            "SELECT data, version FROM scheduler_entries
+            "SELECT id, data, version FROM scheduler_entries
              WHERE status IN ('scheduled', 'running', 'paused')",
             &[],
         )
@@ -688,6 +719,10 @@ impl ScheduleStore for PgScheduleStore {
             &[&entry_id],
         )
         .await
+    }
+
+    fn on_unreadable(&self, listener: UnreadableListener) {
+        self.reports.add(listener);
     }
 }
 
@@ -729,13 +764,15 @@ impl SharedScheduleStore for PgScheduleStore {
                                WHERE {ACTIVE} AND fire_at <= $2
                                  AND (fired_by IS NULL OR fired_until < clock_timestamp())
                                ORDER BY fire_at LIMIT $4 FOR UPDATE SKIP LOCKED) AS d
-                         WHERE e.id = d.id RETURNING e.data, e.version"
+                         WHERE e.id = d.id RETURNING e.id, e.data, e.version"
                     ),
                     &[&owner, &ms(now), &hold.as_secs_f64(), &limit],
                 )
                 .await
                 .map_err(err)?;
-            let found = rows.iter().map(decode_entry).collect::<Result<Vec<_>>>()?;
+            let found = self
+                .reports
+                .keep(ENTRY, &rows, |r| (entry_id(r), decode_entry(r)));
             let mut running: HashMap<Uuid, i64> = HashMap::new();
             if !found.is_empty() {
                 let ids: Vec<Uuid> = found.iter().map(ScheduleEntry::id).collect();
@@ -887,8 +924,14 @@ impl PgScheduleStore {
             )
             .await?
         {
-            let e = decode_entry(&r).map_err(TxError::Store)?;
-            entries.insert(e.id(), e);
+            // An entry that cannot be decoded is left as it is (like a deleted one): its runs
+            // are recorded, the entry is reported.
+            match decode_entry(&r) {
+                Ok(e) => {
+                    entries.insert(e.id(), e);
+                }
+                Err(e) => self.reports.skipped(ENTRY, &entry_id(&r), &e),
+            }
         }
         let mut run_ids = Vec::with_capacity(runs.len());
         let mut run_due = Vec::with_capacity(runs.len());

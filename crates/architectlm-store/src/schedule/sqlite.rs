@@ -4,6 +4,7 @@ use rusqlite::{OptionalExtension, Row, params, params_from_iter, types::Value as
 
 use super::*;
 use crate::sqlite::{Migration, SqliteDb};
+use crate::unreadable::{Reports, unreadable};
 use architectlm_core::extensions::scheduler::RunRecord;
 
 /// The scheduler's tables. `next_run` is in milliseconds since the epoch (NULL: none). An
@@ -82,18 +83,57 @@ fn row_entry(r: &Row<'_>) -> Result<ScheduleEntry> {
     decode(id, task_id, data, version)
 }
 
-/// Decodes every row of a query over [`ENTRY_COLUMNS`].
-fn entries(mut rows: rusqlite::Rows<'_>) -> Result<Vec<ScheduleEntry>> {
+/// The id of a row of [`ENTRY_COLUMNS`] or [`RUN_COLUMNS`], for reports.
+fn row_id(r: &Row<'_>) -> String {
+    match r.get_ref(0).ok().and_then(|v| v.as_blob().ok()) {
+        Some(b) => Uuid::from_slice(b).map_or_else(|_| format!("{b:02x?}"), |u| u.to_string()),
+        None => String::new(),
+    }
+}
+
+/// Decodes every row of a query over [`ENTRY_COLUMNS`], skipping (and reporting) those that
+/// cannot be decoded. Returns the entries and how many rows were read.
+fn entries(mut rows: rusqlite::Rows<'_>, reports: &Reports) -> Result<(Vec<ScheduleEntry>, u64)> {
     let mut out = Vec::new();
+    let mut read = 0;
     while let Some(r) = rows.next().map_err(db_err)? {
-        out.push(row_entry(r)?);
+        read += 1;
+        match row_entry(r) {
+            Ok(e) => out.push(e),
+            Err(e) => reports.skipped(ENTRY, &row_id(r), &e),
+        }
+    }
+    Ok((out, read))
+}
+
+/// What a scheduled entry is called in reports and errors.
+const ENTRY: &str = "scheduled task";
+/// What a run is called in reports.
+const RUN: &str = "scheduled run";
+
+/// Decodes the run rows of a query over [`RUN_COLUMNS`], skipping (and reporting) those that
+/// cannot be decoded.
+fn runs_of(
+    rows: impl Iterator<Item = rusqlite::Result<RunRow>>,
+    reports: &Reports,
+) -> Result<Vec<ScheduleRun>> {
+    let mut out = Vec::new();
+    for r in rows {
+        let r = r.map_err(db_err)?;
+        let id = match Uuid::from_slice(&r.entry_id) {
+            Ok(u) => format!("{u}@{}", r.due_at),
+            Err(_) => format!("{:02x?}@{}", r.entry_id, r.due_at),
+        };
+        match r.decode() {
+            Ok(run) => out.push(run),
+            Err(e) => reports.skipped(RUN, &id, &e),
+        }
     }
     Ok(out)
 }
 
 fn decode(id: &[u8], task_id: &str, data: &str, version: i64) -> Result<ScheduleEntry> {
-    let corrupt =
-        |err: serde_json::Error| Error::storage(format!("corrupt scheduled entry: {err}"));
+    let corrupt = Error::Serialization;
     let mut e = if data.starts_with(COMPACT_PREFIX) {
         let id = Uuid::from_slice(id)
             .map_err(|e| Error::storage(format!("corrupt scheduled entry id: {e}")))?;
@@ -342,11 +382,7 @@ impl RunRow {
             claimed_at: from_ms(self.claimed_at)?,
             finished_at: self.finished_at.map(from_ms).transpose()?,
             starts: u32::try_from(self.starts).unwrap_or(u32::MAX),
-            result: self
-                .result
-                .map(|s| serde_json::from_str(&s))
-                .transpose()
-                .map_err(|e| Error::storage(format!("corrupt run result: {e}")))?,
+            result: self.result.map(|s| serde_json::from_str(&s)).transpose()?,
             error: self.error,
         })
     }
@@ -455,13 +491,17 @@ fn insert_rows(txn: &rusqlite::Transaction<'_>, rows: &[(String, ScheduleEntry)]
 #[derive(Debug, Clone)]
 pub struct SqliteScheduleStore {
     db: SqliteDb,
+    reports: Reports,
 }
 
 impl SqliteScheduleStore {
     /// Uses `db`, creating the scheduler's tables if needed.
     pub async fn open(db: SqliteDb) -> Result<Self> {
         db.migrate(MIGRATIONS).await?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            reports: Reports::default(),
+        })
     }
 
     /// The database.
@@ -614,13 +654,18 @@ impl ScheduleStore for SqliteScheduleStore {
                     ))
                     .map_err(db_err)?;
                 let mut rows = stmt.query([&id.as_bytes()[..]]).map_err(db_err)?;
-                rows.next().map_err(db_err)?.map(row_entry).transpose()
+                rows.next()
+                    .map_err(db_err)?
+                    .map(row_entry)
+                    .transpose()
+                    .map_err(|e| unreadable(ENTRY, id, e))
             })
             .await
     }
 
     async fn query(&self, filter: &ScheduledTaskFilter) -> Result<Page<ScheduleEntry>> {
         let filter = filter.clone();
+        let reports = self.reports.clone();
         self.db
             .read(move |conn| {
                 let mut sql = String::from(" FROM scheduler_entries WHERE 1 = 1");
@@ -674,17 +719,21 @@ impl ScheduleStore for SqliteScheduleStore {
                     let mut stmt = conn
                         .prepare(&format!("{select} LIMIT ? OFFSET ?"))
                         .map_err(db_err)?;
-                    let items =
-                        entries(stmt.query(params_from_iter(paged.iter())).map_err(db_err)?)?;
+                    let (items, read) = entries(
+                        stmt.query(params_from_iter(paged.iter())).map_err(db_err)?,
+                        &reports,
+                    )?;
                     let total = u64::try_from(total).unwrap_or_default();
-                    let end = filter.page.offset.saturating_add(items.len() as u64);
+                    let end = filter.page.offset.saturating_add(read);
                     return Ok(Page::new(items, total, (end < total).then_some(end)));
                 }
                 // Metadata is matched on the decoded entries (JSON equality of values), after
                 // the indexed conditions narrowed the rows.
                 let mut stmt = conn.prepare(&select).map_err(db_err)?;
-                let mut items =
-                    entries(stmt.query(params_from_iter(args.iter())).map_err(db_err)?)?;
+                let (mut items, _) = entries(
+                    stmt.query(params_from_iter(args.iter())).map_err(db_err)?,
+                    &reports,
+                )?;
                 items.retain(|e| filter.matches(&e.task));
                 Ok(paginate(items, &filter))
             })
@@ -692,8 +741,9 @@ impl ScheduleStore for SqliteScheduleStore {
     }
 
     async fn load_active(&self) -> Result<Vec<ScheduleEntry>> {
+        let reports = self.reports.clone();
         self.db
-            .read(|conn| {
+            .read(move |conn| {
                 // One scan; each row is decoded from the cells in place.
                 let mut stmt = conn
                     .prepare(&format!(
@@ -701,30 +751,27 @@ impl ScheduleStore for SqliteScheduleStore {
                          WHERE status IN ('scheduled', 'running', 'paused')"
                     ))
                     .map_err(db_err)?;
-                entries(stmt.query([]).map_err(db_err)?)
+                Ok(entries(stmt.query([]).map_err(db_err)?, &reports)?.0)
             })
             .await
     }
 
     async fn unfinished_runs(&self) -> Result<Vec<ScheduleRun>> {
+        let reports = self.reports.clone();
         self.db
-            .read(|conn| {
+            .read(move |conn| {
                 let mut stmt = conn
                     .prepare(&format!(
                         "SELECT {RUN_COLUMNS} FROM scheduler_runs WHERE state = 'claimed'"
                     ))
                     .map_err(db_err)?;
-                let rows = stmt
-                    .query_map([], row_run)
-                    .map_err(db_err)?
-                    .map(|r| r.map_err(db_err).and_then(RunRow::decode))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(rows)
+                runs_of(stmt.query_map([], row_run).map_err(db_err)?, &reports)
             })
             .await
     }
 
     async fn runs(&self, entry_id: Uuid) -> Result<Vec<ScheduleRun>> {
+        let reports = self.reports.clone();
         self.db
             .read(move |conn| {
                 let mut stmt = conn
@@ -732,14 +779,17 @@ impl ScheduleStore for SqliteScheduleStore {
                         "SELECT {RUN_COLUMNS} FROM scheduler_runs WHERE entry_id = ?1 ORDER BY due_at"
                     ))
                     .map_err(db_err)?;
-                let rows = stmt
-                    .query_map([&entry_id.as_bytes()[..]], row_run)
-                    .map_err(db_err)?
-                    .map(|r| r.map_err(db_err).and_then(RunRow::decode))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(rows)
+                runs_of(
+                    stmt.query_map([&entry_id.as_bytes()[..]], row_run)
+                        .map_err(db_err)?,
+                    &reports,
+                )
             })
             .await
+    }
+
+    fn on_unreadable(&self, listener: UnreadableListener) {
+        self.reports.add(listener);
     }
 }
 
@@ -810,7 +860,7 @@ mod tests {
     fn a_corrupt_row_is_an_error_naming_it() {
         let e = &entries()[1];
         let err = decode(e.id().as_bytes(), "tick", "{\"v\":2,\"s\":\"nonsense\"}", 1).unwrap_err();
-        assert!(err.to_string().contains("corrupt scheduled entry"), "{err}");
+        assert!(matches!(err, Error::Serialization(_)), "{err}");
         let err = decode(
             e.id().as_bytes(),
             "tick",

@@ -23,7 +23,7 @@ use architectlm_core::extensions::saga::{
 };
 use architectlm_core::{
     Error, ExecuteOptions, Result, RetryPolicy, Runtime, TaskContext, TaskErrorKind, TaskHandler,
-    TaskRef, TaskResult,
+    TaskOrigin, TaskRef, TaskResult,
 };
 use architectlm_store::saga::{SagaUpdate, StoredSaga};
 
@@ -547,6 +547,12 @@ impl Run {
                         Some(rec.id),
                     )
                 };
+                let origin = TaskOrigin::SagaStep {
+                    saga_id: Arc::from(self.prep.def.id.as_str()),
+                    instance_id: id,
+                    step_id: Arc::from(step.id.as_str()),
+                    compensation: compensate,
+                };
                 execute(
                     &self.runtime,
                     i,
@@ -558,6 +564,7 @@ impl Run {
                     input,
                     execution_id,
                     token.clone(),
+                    origin,
                 )
             })
             .collect();
@@ -605,6 +612,7 @@ fn execute(
     input: Value,
     execution_id: Option<Uuid>,
     cancel: Option<CancellationToken>,
+    origin: TaskOrigin,
 ) -> BoxFuture<'static, (usize, Exec)> {
     let Some(task) = task else {
         return Box::pin(std::future::ready((i, Exec::Ok(Value::Null, 0))));
@@ -639,6 +647,7 @@ fn execute(
     opts.idempotency_key = Some(key);
     opts.cancel = cancel;
     opts.execution_id = execution_id;
+    opts.origin = Some(Arc::new(origin));
     // Started here, so the boxed future holds the execution only (not also its arguments).
     let running = runtime.execute(counted, input, opts);
     let runtime = runtime.clone();

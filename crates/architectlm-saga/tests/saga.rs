@@ -1146,3 +1146,57 @@ async fn recovery_compensates_a_failed_step_marked_compensate_on_failure() {
     assert_eq!(done.status, SagaStatus::Compensated);
     assert_eq!(log.tasks(), vec!["undo3", "undo2", "undo1"]);
 }
+
+#[tokio::test]
+async fn steps_and_compensations_read_their_saga_and_step_from_the_context() {
+    type Seen = Arc<parking_lot::Mutex<Vec<architectlm_core::TaskOrigin>>>;
+    let seen: Seen = Arc::default();
+    let task = |id: &'static str, fail: bool, seen: Seen| {
+        TaskDefinition::new(id, move |_input: Value, ctx| {
+            seen.lock().extend(ctx.origin().cloned());
+            async move {
+                if fail {
+                    Err(TaskError::permanent("declined"))
+                } else {
+                    Ok(json!({}))
+                }
+            }
+        })
+        .unwrap()
+    };
+    let sagas = Coordinator::in_memory();
+    sagas
+        .define_saga(
+            SagaDefinition::new("order")
+                .step(SagaStep::task("reserve", "reserve").compensate_with("release"))
+                .step(SagaStep::task("charge", "charge")),
+        )
+        .await
+        .unwrap();
+    let _rt = runtime(
+        system(vec![
+            task("reserve", false, seen.clone()),
+            task("release", false, seen.clone()),
+            task("charge", true, seen.clone()),
+        ]),
+        &sagas,
+    )
+    .await;
+    let started = sagas.start_saga("order", json!({})).await.unwrap();
+    let done = sagas.wait_for(started.id, WAIT).await.unwrap();
+    assert_eq!(done.status, SagaStatus::Compensated);
+    let origin = |step: &str, compensation: bool| architectlm_core::TaskOrigin::SagaStep {
+        saga_id: Arc::from("order"),
+        instance_id: started.id,
+        step_id: Arc::from(step),
+        compensation,
+    };
+    assert_eq!(
+        *seen.lock(),
+        vec![
+            origin("reserve", false),
+            origin("charge", false),
+            origin("reserve", true)
+        ]
+    );
+}

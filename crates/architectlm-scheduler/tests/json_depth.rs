@@ -99,7 +99,8 @@ async fn depth_limit_holds(store: Arc<dyn ScheduleStore>) {
     let all = scheduler
         .get_tasks(ScheduledTaskFilter::new())
         .await
-        .unwrap();
+        .unwrap()
+        .items;
     assert!(all.is_empty(), "nothing was stored: {all:?}");
 
     // At the limit: stored and read back unchanged, by id, in listings and after a restart.
@@ -118,7 +119,8 @@ async fn depth_limit_holds(store: Arc<dyn ScheduleStore>) {
     let listed = scheduler
         .get_tasks(ScheduledTaskFilter::new())
         .await
-        .unwrap();
+        .unwrap()
+        .items;
     assert_eq!(listed.len(), 2);
     assert!(listed.iter().all(|t| t.input == input));
     rt.shutdown(Duration::from_secs(5)).await;
@@ -145,7 +147,8 @@ where
     let listed = scheduler
         .get_tasks(ScheduledTaskFilter::new())
         .await
-        .unwrap();
+        .unwrap()
+        .items;
     let listed: Vec<Uuid> = listed.iter().map(|t| t.id).collect();
     assert_eq!(listed, vec![ids[0], ids[2]]);
     let e = reports.try_recv().expect("the listing reports the entry");
@@ -193,7 +196,8 @@ where
     let listed = scheduler
         .get_tasks(ScheduledTaskFilter::new())
         .await
-        .unwrap();
+        .unwrap()
+        .items;
     assert_eq!(listed.len(), 2);
     rt.shutdown(Duration::from_secs(5)).await;
 }

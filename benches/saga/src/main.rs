@@ -4,7 +4,8 @@
 //! Workloads (full / `--quick`):
 //! - in memory: 5-step no-op sagas, 1,000 at a time (200,000 / 20,000 sagas);
 //! - SQLite file, `synchronous=NORMAL`: 5-step no-op sagas, 200 at a time (40,000 / 5,000),
-//!   with journal commits per step from the database's writer statistics;
+//!   with journal commits per step from the database's writer statistics; the same with
+//!   `synchronous=FULL` (every commit flushed to the device, power-loss safe);
 //! - raw SQLite inserts on the same settings in the same run: single-row writes from 200
 //!   concurrent tasks (group commit), and 1,000-row transactions;
 //! - duroxide's published workload: 20 concurrent sagas × 5 steps × 10 ms on SQLite, beside the
@@ -21,7 +22,7 @@ use architectlm_core::extensions::SagaCoordinator;
 use architectlm_core::extensions::saga::{SagaDefinition, SagaStep};
 use architectlm_core::{Runtime, System, TaskDefinition};
 use architectlm_saga::{Coordinator, SqliteSagaStore};
-use architectlm_store::sqlite::{SqliteDb, SqliteOptions};
+use architectlm_store::sqlite::{SqliteDb, SqliteOptions, Synchronous};
 use serde_json::{Value, json};
 
 /// Counts live heap bytes, so memory per saga is measured without allocator slack.
@@ -204,14 +205,30 @@ async fn in_memory(quick: bool) -> Row {
 }
 
 async fn sqlite_store(path: &Path) -> SqliteSagaStore {
-    let db = SqliteDb::open(SqliteOptions::file(path)).expect("open");
+    sqlite_store_with(path, Synchronous::Normal).await
+}
+
+async fn sqlite_store_with(path: &Path, sync: Synchronous) -> SqliteSagaStore {
+    let mut opts = SqliteOptions::file(path);
+    opts.synchronous = sync;
+    let db = SqliteDb::open(opts).expect("open");
     SqliteSagaStore::open(db).await.expect("migrate")
 }
 
 async fn sqlite(quick: bool) -> Row {
+    sqlite_with(quick, Synchronous::Normal).await
+}
+
+/// The same closed loop with every commit flushed to the device (`synchronous=FULL`, power-loss
+/// safe).
+async fn sqlite_full(quick: bool) -> Row {
+    sqlite_with(quick, Synchronous::Full).await
+}
+
+async fn sqlite_with(quick: bool, sync: Synchronous) -> Row {
     let n = if quick { 5_000 } else { 40_000 };
     let dir = temp_dir();
-    let store = sqlite_store(&dir.join("sagas.sqlite")).await;
+    let store = sqlite_store_with(&dir.join("sagas.sqlite"), sync).await;
     let sagas = Coordinator::with_store(Arc::new(store.clone()));
     sagas.define_saga(five_steps("noop")).await.expect("define");
     let rt = start(&sagas, noop_system(None)).await;
@@ -232,7 +249,10 @@ async fn sqlite(quick: bool) -> Row {
     let _ = std::fs::remove_dir_all(&dir);
     let steps = lat.len() as f64 * 5.0;
     Row {
-        workload: "SQLite NORMAL, 5 no-op steps, 200 concurrent".into(),
+        workload: format!(
+            "SQLite {}, 5 no-op steps, 200 concurrent",
+            if sync == Synchronous::Full { "FULL (power-loss safe)" } else { "NORMAL" }
+        ),
         sagas: lat.len() as u64,
         per_sec: lat.len() as f64 / el.as_secs_f64(),
         p50_ms: percentile(&lat, 0.5),
@@ -519,6 +539,7 @@ async fn main() {
             match name {
                 "in-memory" => rows.push(in_memory(quick).await),
                 "sqlite" => rows.push(sqlite(quick).await),
+                "sqlite-full" => rows.push(sqlite_full(quick).await),
                 "raw" => {
                     let (a, b) = raw_inserts(quick).await;
                     rows.extend([a, b]);
@@ -529,7 +550,7 @@ async fn main() {
                 "memory" => rows.push(memory(quick).await),
                 other => {
                     eprintln!(
-                        "unknown workload \"{other}\" in --only (expected in-memory, sqlite, raw, duroxide, ceiling, recovery or memory)"
+                        "unknown workload \"{other}\" in --only (expected in-memory, sqlite, sqlite-full, raw, duroxide, ceiling, recovery or memory)"
                     );
                     std::process::exit(2);
                 }
@@ -550,6 +571,7 @@ async fn main() {
     }
     let mem = in_memory(quick).await;
     let sql = sqlite(quick).await;
+    let sql_full = sqlite_full(quick).await;
     let (raw1, raw2) = raw_inserts(quick).await;
     let dur = duroxide_workload(quick).await;
     let ceiling = sleep_ceiling(quick).await;
@@ -571,7 +593,7 @@ async fn main() {
     println!();
     println!("| workload | sagas | sagas/s (rows/s) | p50 ms | p99 ms | notes |");
     println!("|---|---:|---:|---:|---:|---|");
-    for r in [&mem, &sql, &raw1, &raw2, &dur, &ceiling, &rec, &park] {
+    for r in [&mem, &sql, &sql_full, &raw1, &raw2, &dur, &ceiling, &rec, &park] {
         println!(
             "| {} | {} | {} | {} | {} | {} |",
             r.workload,

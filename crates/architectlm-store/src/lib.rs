@@ -35,6 +35,7 @@ pub mod schedule;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod unreadable;
 
 pub use architectlm_core::{Error, Result};

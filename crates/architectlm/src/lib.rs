@@ -56,7 +56,7 @@ pub use architectlm_store as storage;
 /// The extension *traits* come in anonymously (`as _`), so that their methods work on any
 /// service, while the names `LoadManager`, `Supervisor`, ... are the concrete extensions a
 /// program builds (with their features on). To name a trait — for `Arc<dyn SagaCoordinator>`
-/// or a mock — import it from [`extensions`](crate::extensions).
+/// or a mock — import it from [`crate::extensions`].
 ///
 /// ```
 /// use architectlm::prelude::*;

@@ -26,6 +26,57 @@
 //! [`open_on_usage(false)`](ResourceSettingsBuilder::open_on_usage): it then refuses with
 //! [`Rejected::CapacityFull`] (or waits, with [`Resource::acquire`]) and stays closed.
 //!
+//! # Semantics
+//!
+//! **Status.** `status()` is the breaker's state when it is not closed (`open`, `half-open`),
+//! else the usage status: `closed` below the warning threshold, `warning` from it, `critical`
+//! from the critical threshold (and from the circuit threshold when `open_on_usage(false)`).
+//! A status entered at a threshold is left once usage falls below that threshold less the
+//! hysteresis. After any quiescent point the status is exactly this function of usage, however
+//! many threads took and returned units concurrently. Reading the status (or
+//! `is_available()`) never changes it: an open circuit past its reset timeout stays `open` until
+//! its timer (on a Tokio clock) or the next call moves it to `half-open`.
+//!
+//! **Events.** Every change is its own event, in the order it happened, each with `from` and
+//! `to` (and the combined `status` / `previous`, `reason`, `used`, `capacity`):
+//!
+//! | event | when |
+//! |---|---|
+//! | `threshold-warning` / `threshold-critical` | usage status rose to warning / critical |
+//! | `threshold-normal` | usage fell back below the warning threshold (less hysteresis) |
+//! | `circuit-open` | the breaker opened: usage at the circuit threshold, a failure-rate, slow-call-rate or consecutive-failure rule, a failed or slow trial, or `force_open` |
+//! | `circuit-half-open` | the reset timeout passed (timer or first call after it) |
+//! | `circuit-closed` | all K trials succeeded, or `reset` / `disable` |
+//!
+//! A jump from 0 to the circuit threshold is `threshold-critical` then `circuit-open`; usage
+//! changes while the breaker is open are still published as usage events.
+//!
+//! **Trials.** Half-open admits exactly K calls (`half_open_trials`, default 1); a call not
+//! admitted as a trial never decides one ([`ResourcePermit::is_trial`], [`Permit::is_trial`]).
+//! A trial permit dropped without an outcome hands its slot to the next caller. Without permits
+//! (`acquire_resource` / `release_resource`), a release pays back units that are no trial's
+//! first (taken before the circuit opened, or by permits) and passes a trial only with units
+//! beyond those.
+//!
+//! **Settings and what `build()` refuses** (each error names the field and the value):
+//!
+//! | setting | default | refused |
+//! |---|---|---|
+//! | `capacity` | — | 0 |
+//! | `thresholds` (warning / critical / circuit, %) | 70 / 85 / 95 | outside 0–100, warning = 0, critical < warning, circuit < critical |
+//! | `hysteresis` (points) | 0 | outside 0–100, at or above the warning threshold |
+//! | `failure_rate_threshold`, `slow_call_rate_threshold` (%) | off | ≤ 0 or > 100 |
+//! | `slow_call_duration` | 1 s | — |
+//! | `sliding_window` | count of 100 | count 0; time below 10 µs; a count below `minimum_calls` when a rate rule is on |
+//! | `minimum_calls` | 10 | 0 |
+//! | `consecutive_failures` | off | 0 |
+//! | `half_open_trials` | 1 | 0 |
+//! | `reset_timeout` | 30 s | — (up to `Duration::MAX`, saturating: "never") |
+//! | `reset_backoff(factor, max)` | 1.0, 300 s | factor < 1 or not finite; max below `reset_timeout` |
+//! | `rate_limit` | off | burst 0; a period under 1 ns per unit |
+//! | `max_waiting` | 1024 | — |
+//! | `open_on_usage` | true | — |
+//!
 //! # Timing
 //! Reset timeouts, slow calls, time windows and rate limits read the manager's [`Clock`],
 //! which follows Tokio's clock by default, so `tokio::time::pause` drives them in tests.

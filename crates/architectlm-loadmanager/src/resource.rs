@@ -42,7 +42,7 @@ const FORCED_OPEN: u8 = 3;
 const DISABLED: u8 = 4;
 
 /// Marks a permit's ticket as a half-open trial; the low bits carry the generation.
-const TRIAL: u64 = 1 << 63;
+const TRIAL: u64 = PermitTicket::TRIAL;
 /// Bits of the trial word that count the trials left; the rest is the generation.
 const TRIAL_BITS: u32 = 24;
 const TRIAL_MASK: u64 = (1 << TRIAL_BITS) - 1;
@@ -144,6 +144,12 @@ type Limiter =
 /// Everything decided under the mutex.
 struct Cold {
     reported: CircuitStatus,
+    /// The usage status last published (closed, warning or critical).
+    reported_usage: CircuitStatus,
+    /// The breaker state last published (closed, open or half-open).
+    reported_breaker: CircuitStatus,
+    /// Units of the permit-less trials admitted in this half-open period and not yet returned.
+    legacy_trial_units: u64,
     last_change: u64,
     generation: u64,
     trials_passed: u32,
@@ -301,6 +307,9 @@ impl ResourceInner {
             me,
             cold: Mutex::new(Cold {
                 reported: CircuitStatus::Closed,
+                reported_usage: CircuitStatus::Closed,
+                reported_breaker: CircuitStatus::Closed,
+                legacy_trial_units: 0,
                 last_change: now,
                 generation: 0,
                 trials_passed: 0,
@@ -469,7 +478,9 @@ impl ResourceInner {
     /// The usage level as an index that needs no bounds check (levels are 0 to 3).
     #[inline]
     fn level_index(&self) -> usize {
-        usize::from(self.level.load(Ordering::Relaxed) & 3)
+        // SeqCst pairs with the store in `usage_changed`: a change of `used` either sees the
+        // level that change's recomputation stored, or that recomputation sees the change.
+        usize::from(self.level.load(Ordering::SeqCst) & 3)
     }
 
     #[inline]
@@ -680,18 +691,37 @@ impl ResourceInner {
             let mut cold = self.cold.lock();
             if cold.generation == ticket.tag & !TRIAL {
                 cold.legacy_trials += 1;
+                cold.legacy_trial_units = cold.legacy_trial_units.saturating_add(units);
             }
         }
         Ok(())
     }
 
+    /// Gives back units taken without a permit. While half-open, only units of a trial admitted
+    /// without a permit can decide it: a release pays back the units that are no such trial's
+    /// first (taken before the circuit opened, or by permits), and passes a trial only when it
+    /// returns more than those. Without a permit there is no outcome, so giving a trial's units
+    /// back passes it.
     pub(crate) fn release_legacy(&self, units: u64) {
-        self.return_units(units);
+        let mut decides = None;
         if self.breaker.load(Ordering::Acquire) == HALF_OPEN {
             let mut cold = self.cold.lock();
             if self.breaker.load(Ordering::Acquire) == HALF_OPEN && cold.legacy_trials > 0 {
-                // Without a permit there is no outcome: giving the units back passes the trial.
-                cold.legacy_trials -= 1;
+                let used = self.used.load(Ordering::SeqCst);
+                let others = used.saturating_sub(cold.legacy_trial_units);
+                if units > others {
+                    cold.legacy_trials -= 1;
+                    cold.legacy_trial_units =
+                        cold.legacy_trial_units.saturating_sub(units - others);
+                    decides = Some(cold.generation);
+                }
+            }
+        }
+        // Outside the lock: giving units back may recompute the usage status, which locks.
+        self.return_units(units);
+        if let Some(generation) = decides {
+            let mut cold = self.cold.lock();
+            if self.breaker.load(Ordering::Acquire) == HALF_OPEN && cold.generation == generation {
                 self.trial_passed(&mut cold);
             }
         }
@@ -701,7 +731,7 @@ impl ResourceInner {
     pub(crate) fn set_usage(&self, units: u64) {
         let units = units.min(self.capacity);
         let old = self.used.swap(units, Ordering::SeqCst);
-        let level = self.level.load(Ordering::Relaxed) as usize;
+        let level = self.level_index();
         if units >= self.up[level] || units < self.down[level] {
             self.usage_changed();
         }
@@ -715,15 +745,26 @@ impl ResourceInner {
     #[cold]
     fn usage_changed(&self) {
         let mut cold = self.cold.lock();
-        let used = self.used.load(Ordering::Acquire);
-        let mut l = self.level.load(Ordering::Relaxed) as usize;
-        while l < LEVELS - 1 && used >= self.up[l] {
-            l += 1;
+        // The fast paths change `used` first and read the level after (both SeqCst); this
+        // stores the level first and reads `used` after. So a change that read the old level
+        // (and skipped calling here) is seen by the second read, and the level is computed
+        // again until it agrees with the usage it was computed from.
+        let mut used = self.used.load(Ordering::SeqCst);
+        let mut l = self.level_index();
+        loop {
+            while l < LEVELS - 1 && used >= self.up[l] {
+                l += 1;
+            }
+            while l > 0 && used < self.down[l] {
+                l -= 1;
+            }
+            self.level.store(l as u8, Ordering::SeqCst);
+            let again = self.used.load(Ordering::SeqCst);
+            if again == used {
+                break;
+            }
+            used = again;
         }
-        while l > 0 && used < self.down[l] {
-            l -= 1;
-        }
-        self.level.store(l as u8, Ordering::Relaxed);
         if l == LEVELS - 1
             && self.rules.open_on_usage
             && self.breaker.load(Ordering::Acquire) == CLOSED
@@ -793,6 +834,7 @@ impl ResourceInner {
     fn close_locked(&self, cold: &mut Cold) {
         cold.opens_in_row = 0;
         cold.legacy_trials = 0;
+        cold.legacy_trial_units = 0;
         cold.generation += 1;
         self.trials
             .store(cold.generation << TRIAL_BITS, Ordering::Release);
@@ -821,6 +863,7 @@ impl ResourceInner {
         cold.generation += 1;
         cold.trials_passed = 0;
         cold.legacy_trials = 0;
+        cold.legacy_trial_units = 0;
         let k = u64::from(self.rules.half_open_trials).min(TRIAL_MASK);
         self.trials
             .store((cold.generation << TRIAL_BITS) | k, Ordering::Release);
@@ -848,41 +891,75 @@ impl ResourceInner {
     pub(crate) fn reset(&self) {
         let mut cold = self.cold.lock();
         self.close_locked(&mut cold);
-        if self.rules.open_on_usage && self.level.load(Ordering::Relaxed) as usize == LEVELS - 1 {
+        if self.rules.open_on_usage && self.level_index() == LEVELS - 1 {
             self.open_locked(&mut cold, "usage", CLOSED);
         }
         self.publish_if_changed(&mut cold, "reset");
     }
 
-    fn current_status(&self) -> CircuitStatus {
-        match self.breaker.load(Ordering::Acquire) {
-            OPEN | FORCED_OPEN => CircuitStatus::Open,
-            HALF_OPEN => CircuitStatus::HalfOpen,
-            _ => match self.level.load(Ordering::Relaxed) {
-                0 => CircuitStatus::Closed,
-                1 => CircuitStatus::Warning,
-                // At the circuit threshold with usage opening disabled, critical is the top.
-                _ => CircuitStatus::Critical,
-            },
+    /// The status by usage alone: closed, warning or critical.
+    fn usage_status(&self) -> CircuitStatus {
+        match self.level_index() {
+            0 => CircuitStatus::Closed,
+            1 => CircuitStatus::Warning,
+            // At the circuit threshold with usage opening disabled, critical is the top.
+            _ => CircuitStatus::Critical,
         }
     }
 
+    /// The breaker's state as a status: closed (also when disabled), open, or half-open.
+    fn breaker_status(&self) -> CircuitStatus {
+        match self.breaker.load(Ordering::Acquire) {
+            OPEN | FORCED_OPEN => CircuitStatus::Open,
+            HALF_OPEN => CircuitStatus::HalfOpen,
+            _ => CircuitStatus::Closed,
+        }
+    }
+
+    /// What `status()` reports: the breaker's state when it is not closed, else the usage's.
+    fn current_status(&self) -> CircuitStatus {
+        match self.breaker_status() {
+            CircuitStatus::Closed => self.usage_status(),
+            b => b,
+        }
+    }
+
+    /// Publishes what changed since the last publication, one event per change, in order:
+    /// first the usage status (`threshold-warning`, `threshold-critical`, `threshold-normal`),
+    /// then the breaker (`circuit-open`, `circuit-half-open`, `circuit-closed`); each with
+    /// `from` and `to`, and the combined `status` / `previous` that `status()` reports.
     fn publish_if_changed(&self, cold: &mut Cold, reason: &'static str) {
+        let usage = self.usage_status();
+        let breaker = self.breaker_status();
         let status = self.current_status();
-        if status == cold.reported {
+        let previous = cold.reported;
+        if status != previous {
+            cold.reported = status;
+            cold.last_change = self.shared.clock.now();
+            tracing::debug!(resource = %self.id(), ?previous, ?status, reason, "resource status changed");
+        }
+        let mut changes: [Option<(LoadEventType, CircuitStatus, CircuitStatus)>; 2] = [None, None];
+        if usage != cold.reported_usage {
+            let t = match usage {
+                CircuitStatus::Warning => LoadEventType::ThresholdWarning,
+                CircuitStatus::Critical => LoadEventType::ThresholdCritical,
+                _ => LoadEventType::ThresholdNormal,
+            };
+            changes[0] = Some((t, cold.reported_usage, usage));
+            cold.reported_usage = usage;
+        }
+        if breaker != cold.reported_breaker {
+            let t = match breaker {
+                CircuitStatus::Open => LoadEventType::CircuitOpen,
+                CircuitStatus::HalfOpen => LoadEventType::CircuitHalfOpen,
+                _ => LoadEventType::CircuitClosed,
+            };
+            changes[1] = Some((t, cold.reported_breaker, breaker));
+            cold.reported_breaker = breaker;
+        }
+        if changes.iter().all(Option::is_none) {
             return;
         }
-        let previous = cold.reported;
-        cold.reported = status;
-        cold.last_change = self.shared.clock.now();
-        let event_type = match status {
-            CircuitStatus::Warning => LoadEventType::ThresholdWarning,
-            CircuitStatus::Critical => LoadEventType::ThresholdCritical,
-            CircuitStatus::Open => LoadEventType::CircuitOpen,
-            CircuitStatus::HalfOpen => LoadEventType::CircuitHalfOpen,
-            _ => LoadEventType::CircuitClosed,
-        };
-        tracing::debug!(resource = %self.id(), ?previous, ?status, reason, "resource status changed");
         let bus = self.shared.bus.get();
         let listened =
             self.shared.hub.has_subscribers() || bus.is_some_and(EventHub::has_subscribers);
@@ -890,15 +967,24 @@ impl ResourceInner {
             return;
         }
         let used = self.used.load(Ordering::Acquire);
-        let payload = json!({
-            "status": status,
-            "previous": previous,
-            "reason": reason,
-            "used": used,
-            "capacity": self.capacity,
-            "usage_percentage": used as f64 * 100.0 / self.capacity as f64,
-        });
-        let event = LoadEvent::new(event_type, self.id(), payload);
+        for (event_type, from, to) in changes.into_iter().flatten() {
+            let payload = json!({
+                "from": from,
+                "to": to,
+                "status": status,
+                "previous": previous,
+                "reason": reason,
+                "used": used,
+                "capacity": self.capacity,
+                "usage_percentage": used as f64 * 100.0 / self.capacity as f64,
+            });
+            self.publish(LoadEvent::new(event_type, self.id(), payload));
+        }
+    }
+
+    fn publish(&self, event: LoadEvent) {
+        let bus = self.shared.bus.get();
+        let event_type = event.event_type;
         if let Some(bus) = bus {
             bus.publish_with(|| {
                 let mut e = Event::new(event_type.as_str(), EVENT_SOURCE, event.payload.clone());
@@ -916,20 +1002,17 @@ impl ResourceInner {
         let room = self.used.load(Ordering::Acquire) < self.capacity;
         match self.breaker.load(Ordering::Acquire) {
             CLOSED | DISABLED => room,
-            OPEN => {
-                self.maybe_half_open()
-                    && room
-                    && self.trials.load(Ordering::Acquire) & TRIAL_MASK > 0
-            }
+            // A read changes nothing: past its reset timeout an open circuit would admit the
+            // next call as a trial (with K >= 1 trials per half-open period).
+            OPEN => room && self.shared.clock.now() >= self.open_until.load(Ordering::Acquire),
             HALF_OPEN => room && self.trials.load(Ordering::Acquire) & TRIAL_MASK > 0,
             _ => false,
         }
     }
 
+    /// A snapshot; reading it changes nothing (an open circuit past its reset timeout stays
+    /// `open` until the timer or the next call moves it to half-open, with its event).
     pub(crate) fn status(&self) -> ResourceStatus {
-        if self.breaker.load(Ordering::Acquire) == OPEN {
-            self.maybe_half_open();
-        }
         let cold = self.cold.lock();
         let used = self.used.load(Ordering::Acquire);
         let status = self.current_status();

@@ -208,6 +208,18 @@ impl ResourceSettings {
             ));
         }
         percent("hysteresis", self.hysteresis)?;
+        if self.hysteresis >= t.warning {
+            // Leaving warning needs usage below warning − hysteresis, which would be below 0 %.
+            return Err(Error::invalid_config(
+                "hysteresis",
+                self.hysteresis,
+                format!(
+                    "must be below thresholds.warning ({}), or a resource in warning could never \
+                     leave it",
+                    t.warning
+                ),
+            ));
+        }
         if let Some(r) = self.failure_rate_threshold {
             positive_percent("failure_rate_threshold", r)?;
         }
@@ -236,6 +248,22 @@ impl ResourceSettings {
                 "minimum_calls",
                 0,
                 "must be at least 1",
+            ));
+        }
+        let rate_rule =
+            self.failure_rate_threshold.is_some() || self.slow_call_rate_threshold.is_some();
+        if let SlidingWindow::Count(n) = self.window
+            && rate_rule
+            && n < self.minimum_calls
+        {
+            return Err(Error::invalid_config(
+                "sliding_window.count",
+                n,
+                format!(
+                    "must hold at least minimum_calls ({}) calls, or the failure-rate and \
+                     slow-call rules could never fire",
+                    self.minimum_calls
+                ),
             ));
         }
         if self.consecutive_failures == Some(0) {

@@ -279,7 +279,8 @@ async fn usage_at_the_circuit_threshold_opens_and_only_the_reset_timeout_leaves_
     r.release(95);
     assert_eq!(r.status().status, CircuitStatus::Open);
     assert!(!r.is_available());
-    tokio::time::sleep(secs(30)).await;
+    // The reset timer moves it to half-open at 30 s (reading the status never does).
+    tokio::time::sleep(secs(31)).await;
     assert!(r.is_available());
     assert_eq!(r.status().status, CircuitStatus::HalfOpen);
     // A legacy acquisition is the trial; releasing its units passes it.
@@ -296,6 +297,8 @@ async fn usage_at_the_circuit_threshold_opens_and_only_the_reset_timeout_leaves_
             E::ThresholdWarning,
             E::ThresholdCritical,
             E::CircuitOpen,
+            // Usage fell back to normal while open: a usage event of its own.
+            E::ThresholdNormal,
             E::CircuitHalfOpen,
             E::CircuitClosed
         ]

@@ -43,7 +43,7 @@ fn hysteresis_limits_events_of_usage_hovering_at_a_threshold() {
         "every crossing is a change of status without hysteresis"
     );
     let with = hovering(5.0);
-    assert_eq!(with, vec![E::ThresholdWarning, E::CircuitClosed]);
+    assert_eq!(with, vec![E::ThresholdWarning, E::ThresholdNormal]);
 }
 
 #[test]
@@ -69,7 +69,7 @@ fn each_status_change_fires_exactly_once() {
             E::ThresholdWarning,
             E::ThresholdCritical,
             E::ThresholdWarning,
-            E::CircuitClosed
+            E::ThresholdNormal
         ]
     );
 }

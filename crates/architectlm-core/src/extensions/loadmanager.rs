@@ -196,6 +196,8 @@ pub enum LoadEventType {
     ThresholdWarning,
     /// `threshold-critical`
     ThresholdCritical,
+    /// `threshold-normal`: usage fell back below the warning threshold (less its hysteresis).
+    ThresholdNormal,
     /// `circuit-open`
     CircuitOpen,
     /// `circuit-half-open`
@@ -210,6 +212,7 @@ impl LoadEventType {
         match self {
             Self::ThresholdWarning => "threshold-warning",
             Self::ThresholdCritical => "threshold-critical",
+            Self::ThresholdNormal => "threshold-normal",
             Self::CircuitOpen => "circuit-open",
             Self::CircuitHalfOpen => "circuit-half-open",
             Self::CircuitClosed => "circuit-closed",
@@ -279,11 +282,19 @@ pub enum CallOutcome {
 pub struct PermitTicket {
     /// When the permit was issued, in the implementation's clock (0 when not measured).
     pub started: u64,
-    /// Implementation-defined tag, such as a trial marker.
+    /// Implementation-defined tag; its top bit ([`PermitTicket::TRIAL`]) marks a trial call.
     pub tag: u64,
 }
 
 impl PermitTicket {
+    /// The bit of [`tag`](Self::tag) that marks a permit admitted as a half-open trial.
+    pub const TRIAL: u64 = 1 << 63;
+
+    /// Whether the permit was admitted as a half-open trial call.
+    pub fn is_trial(&self) -> bool {
+        self.tag & Self::TRIAL != 0
+    }
+
     /// A ticket with the given start reading and tag.
     pub fn new(started: u64, tag: u64) -> Self {
         Self { started, tag }
@@ -321,6 +332,12 @@ impl fmt::Debug for ResourcePermit {
 }
 
 impl ResourcePermit {
+    /// Whether this call was admitted as a half-open trial: its outcome decides whether the
+    /// circuit closes (report it with `success` / `failure`).
+    pub fn is_trial(&self) -> bool {
+        self.ticket.is_trial()
+    }
+
     /// A permit that gives `units` back through `release`.
     pub fn new(release: Arc<dyn PermitRelease>, units: u64) -> Self {
         Self::with_ticket(release, units, PermitTicket::default())

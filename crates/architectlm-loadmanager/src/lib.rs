@@ -44,7 +44,7 @@
 //! |---|---|
 //! | `threshold-warning` / `threshold-critical` | usage status rose to warning / critical |
 //! | `threshold-normal` | usage fell back below the warning threshold (less hysteresis) |
-//! | `circuit-open` | the breaker opened: usage at the circuit threshold, a failure-rate, slow-call-rate or consecutive-failure rule, a failed or slow trial, or `force_open` |
+//! | `circuit-open` | the breaker opened: usage at the circuit threshold, a failure-rate, slow-call-rate or consecutive-failure rule, a failed or slow trial, a half-open period past `max_wait_in_half_open` (`half-open-timeout`), `open_for` / `open_until` (`manual`) or `force_open` |
 //! | `circuit-half-open` | the reset timeout passed (timer or first call after it) |
 //! | `circuit-closed` | all K trials succeeded, or `reset` / `disable` |
 //!
@@ -57,6 +57,18 @@
 //! (`acquire_resource` / `release_resource`), a release pays back units that are no trial's
 //! first (taken before the circuit opened, or by permits) and passes a trial only with units
 //! beyond those.
+//!
+//! **Half-open decisions.** By default every one of the K trials must succeed (the first
+//! failed or slow trial reopens). With `half_open_by_rate(true)` the period is decided once all
+//! K ended, by the failure-rate and slow-call-rate thresholds over the K trials alone. A period
+//! longer than `max_wait_in_half_open` reopens (on a Tokio clock by a timer, otherwise at the
+//! next call); outcomes of trials from an earlier period count for nothing.
+//!
+//! **Manual modes.** `force_open` (until `reset`), `open_for(d)` / `open_until(t)` (then
+//! half-open as usual), `disable` (admits, records nothing), `metrics_only` (admits and
+//! records, never opens), `reset` (closed). Each publishes its transition with its reason.
+//! [`Resource::snapshot`] reads the window's calls by outcome, its rates (once `minimum_calls`
+//! are in), refusals, trials, openings and time in the current state under one lock.
 //!
 //! **Settings and what `build()` refuses** (each error names the field and the value):
 //!
@@ -71,6 +83,8 @@
 //! | `minimum_calls` | 10 | 0 |
 //! | `consecutive_failures` | off | 0 |
 //! | `half_open_trials` | 1 | 0 |
+//! | `max_wait_in_half_open` | no limit | 0 |
+//! | `half_open_by_rate` | off (every trial must succeed) | on without a rate rule |
 //! | `reset_timeout` | 30 s | — (up to `Duration::MAX`, saturating: "never") |
 //! | `reset_backoff(factor, max)` | 1.0, 300 s | factor < 1 or not finite; max below `reset_timeout` |
 //! | `rate_limit` | off | burst 0; a period under 1 ns per unit |
@@ -127,7 +141,9 @@ pub use architectlm_core::extensions::loadmanager::{
 };
 pub use clock::Clock;
 pub use manager::{LoadManager, LoadManagerBuilder};
-pub use resource::{EVENT_SOURCE, Permit, Rejected, Resource, ResourceMetrics};
+pub use resource::{
+    BreakerMode, EVENT_SOURCE, Permit, Rejected, Resource, ResourceMetrics, ResourceSnapshot,
+};
 pub use sample::SystemSample;
 #[cfg(feature = "system")]
 pub use sample::sample_system;

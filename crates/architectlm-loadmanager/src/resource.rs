@@ -40,6 +40,8 @@ const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
 const FORCED_OPEN: u8 = 3;
 const DISABLED: u8 = 4;
+/// Records outcomes and publishes usage events, but never opens or refuses.
+const METRICS_ONLY: u8 = 5;
 
 /// Marks a permit's ticket as a half-open trial; the low bits carry the generation.
 const TRIAL: u64 = PermitTicket::TRIAL;
@@ -131,6 +133,59 @@ pub struct ResourceMetrics {
     pub openings: u64,
 }
 
+/// The breaker's mode, finer than the status: how it admits calls now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BreakerMode {
+    /// Admitting, recording outcomes.
+    Closed,
+    /// Refusing until the reset timeout.
+    Open,
+    /// Admitting K trial calls.
+    HalfOpen,
+    /// Refusing until reset ([`Resource::force_open`]).
+    ForcedOpen,
+    /// Admitting, recording nothing ([`Resource::disable`]).
+    Disabled,
+    /// Admitting and recording, never opening ([`Resource::metrics_only`]).
+    MetricsOnly,
+}
+
+/// A consistent snapshot of a resource's breaker figures ([`Resource::snapshot`]): the
+/// current window's calls by outcome, its rates, refusals, trials and time in the state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct ResourceSnapshot {
+    /// What `status()` reports.
+    pub status: CircuitStatus,
+    /// The breaker's mode.
+    pub breaker: BreakerMode,
+    /// Units in use.
+    pub used: u64,
+    /// Units available.
+    pub capacity: u64,
+    /// Calls with an outcome in the current window (0 without a rate rule).
+    pub buffered_calls: u64,
+    /// Failed calls among them.
+    pub failed_calls: u64,
+    /// Slow calls among them.
+    pub slow_calls: u64,
+    /// Failure rate in percent, once the window holds `minimum_calls` calls.
+    pub failure_rate: Option<f64>,
+    /// Slow-call rate in percent, likewise.
+    pub slow_call_rate: Option<f64>,
+    /// Calls refused since registration, for any reason.
+    pub refused_calls: u64,
+    /// Trial calls still to be admitted, while half-open.
+    pub trials_left: Option<u32>,
+    /// Trials that ended in this half-open period.
+    pub trials_passed: Option<u32>,
+    /// Times the circuit opened since registration.
+    pub openings: u64,
+    /// Time since the status last changed.
+    pub in_state_for: Duration,
+}
+
 /// Manager-wide state shared by every resource.
 pub(crate) struct Shared {
     pub(crate) clock: Clock,
@@ -153,6 +208,9 @@ struct Cold {
     last_change: u64,
     generation: u64,
     trials_passed: u32,
+    /// Failed and slow trials of this half-open period (rate-based decision).
+    trials_failed: u32,
+    trials_slow: u32,
     legacy_trials: u32,
     opens_in_row: u32,
     openings: u64,
@@ -170,6 +228,9 @@ struct Rules {
     /// 0 when the rule is off.
     consecutive_failures: u32,
     half_open_trials: u32,
+    /// Nanoseconds a half-open period may last (`u64::MAX`: no limit).
+    max_half_open_nanos: u64,
+    half_open_by_rate: bool,
     max_waiting: u32,
     reset_backoff: f32,
     reset_timeout: Duration,
@@ -298,6 +359,10 @@ impl ResourceInner {
                 minimum_calls: settings.minimum_calls,
                 consecutive_failures: settings.consecutive_failures.unwrap_or(0),
                 half_open_trials: settings.half_open_trials,
+                max_half_open_nanos: settings
+                    .max_wait_in_half_open
+                    .map_or(u64::MAX, duration_nanos),
+                half_open_by_rate: settings.half_open_by_rate,
                 max_waiting: settings.max_waiting,
                 reset_backoff: settings.reset_backoff as f32,
                 reset_timeout: settings.reset_timeout,
@@ -313,6 +378,8 @@ impl ResourceInner {
                 last_change: now,
                 generation: 0,
                 trials_passed: 0,
+                trials_failed: 0,
+                trials_slow: 0,
                 legacy_trials: 0,
                 opens_in_row: 0,
                 openings: 0,
@@ -391,7 +458,7 @@ impl ResourceInner {
         }
         let mut tag = 0;
         match self.breaker.load(Ordering::Acquire) {
-            CLOSED | DISABLED => {}
+            CLOSED | DISABLED | METRICS_ONLY => {}
             _ => tag = self.admit_not_closed()?,
         }
         if let Err(r) = self.take_units(units) {
@@ -428,7 +495,7 @@ impl ResourceInner {
     fn admit_not_closed(&self) -> std::result::Result<u64, Rejected> {
         loop {
             match self.breaker.load(Ordering::Acquire) {
-                CLOSED | DISABLED => return Ok(0),
+                CLOSED | DISABLED | METRICS_ONLY => return Ok(0),
                 FORCED_OPEN => return Err(Rejected::ForcedOpen),
                 OPEN => {
                     if !self.maybe_half_open() {
@@ -439,6 +506,7 @@ impl ResourceInner {
                     let mut cur = self.trials.load(Ordering::Acquire);
                     loop {
                         if cur & TRIAL_MASK == 0 {
+                            self.check_half_open_wait();
                             return Err(Rejected::HalfOpenTrialsBusy);
                         }
                         match self.trials.compare_exchange_weak(
@@ -599,15 +667,16 @@ impl ResourceInner {
 
     #[inline]
     fn record(&self, outcome: CallOutcome, started: u64) {
-        if self.breaker.load(Ordering::Acquire) != CLOSED {
-            // Outcomes count only while closed; trials are handled on their own.
+        let b = self.breaker.load(Ordering::Acquire);
+        if b != CLOSED && b != METRICS_ONLY {
+            // Outcomes count only while closed (or only measured); trials are handled apart.
             return;
         }
         let failed = outcome == CallOutcome::Failure;
         let n = self.rules.consecutive_failures;
         if n != 0 {
             if failed {
-                if self.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= n {
+                if self.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= n && b == CLOSED {
                     self.open_from(CLOSED, "consecutive-failures");
                     return;
                 }
@@ -637,7 +706,11 @@ impl ResourceInner {
     }
 
     fn rate_exceeded(&self, t: Totals) -> Option<&'static str> {
-        if t.calls < u64::from(self.rules.minimum_calls) {
+        self.rate_exceeded_in(t, self.rules.minimum_calls)
+    }
+
+    fn rate_exceeded_in(&self, t: Totals, minimum_calls: u32) -> Option<&'static str> {
+        if t.calls < u64::from(minimum_calls) || t.calls == 0 {
             return None;
         }
         let calls = t.calls as f64;
@@ -661,7 +734,32 @@ impl ResourceInner {
         if self.breaker.load(Ordering::Acquire) != HALF_OPEN || cold.generation != generation {
             return;
         }
-        if outcome == CallOutcome::Failure || slow {
+        let failed = outcome == CallOutcome::Failure;
+        if self.rules.half_open_by_rate {
+            cold.trials_failed += u32::from(failed);
+            cold.trials_slow += u32::from(slow);
+            cold.trials_passed += 1;
+            if cold.trials_passed >= self.rules.half_open_trials {
+                let t = Totals {
+                    calls: u64::from(cold.trials_passed),
+                    failures: u64::from(cold.trials_failed),
+                    slow: u64::from(cold.trials_slow),
+                };
+                // The trials are the whole sample: the minimum of calls does not apply.
+                match self.rate_exceeded_in(t, 0) {
+                    Some(reason) => {
+                        self.open_locked(&mut cold, reason, HALF_OPEN);
+                        self.publish_if_changed(&mut cold, reason);
+                    }
+                    None => {
+                        cold.trials_passed -= 1;
+                        self.trial_passed(&mut cold);
+                    }
+                }
+            }
+            return;
+        }
+        if failed || slow {
             let reason = if slow { "slow-trial" } else { "failed-trial" };
             self.open_locked(&mut cold, reason, HALF_OPEN);
             self.publish_if_changed(&mut cold, reason);
@@ -813,6 +911,14 @@ impl ResourceInner {
     /// timeout has passed, so `circuit-half-open` fires even when no call arrives. Without a
     /// Tokio runtime, or on a manual clock, the move happens on the next call or status read.
     fn schedule_half_open(&self, generation: u64, after: Duration) {
+        self.schedule(generation, after, |r| {
+            r.maybe_half_open();
+        });
+    }
+
+    /// Runs `then` after `after` if the breaker is still in the same generation (on a Tokio
+    /// clock with a runtime; otherwise the next call does the same check).
+    fn schedule(&self, generation: u64, after: Duration, then: fn(&ResourceInner)) {
         if !self.shared.clock.is_tokio() {
             return;
         }
@@ -825,10 +931,26 @@ impl ResourceInner {
             if let Some(r) = me.upgrade() {
                 let current = r.cold.lock().generation == generation;
                 if current {
-                    r.maybe_half_open();
+                    then(&r);
                 }
             }
         });
+    }
+
+    /// Opens a half-open circuit whose longest wait for its trials has passed.
+    fn check_half_open_wait(&self) {
+        if self.rules.max_half_open_nanos == u64::MAX
+            || self.shared.clock.now() < self.open_until.load(Ordering::Acquire)
+        {
+            return;
+        }
+        let mut cold = self.cold.lock();
+        if self.breaker.load(Ordering::Acquire) == HALF_OPEN
+            && self.shared.clock.now() >= self.open_until.load(Ordering::Acquire)
+        {
+            self.open_locked(&mut cold, "half-open-timeout", HALF_OPEN);
+            self.publish_if_changed(&mut cold, "half-open-timeout");
+        }
     }
 
     fn close_locked(&self, cold: &mut Cold) {
@@ -862,12 +984,27 @@ impl ResourceInner {
         }
         cold.generation += 1;
         cold.trials_passed = 0;
+        cold.trials_failed = 0;
+        cold.trials_slow = 0;
         cold.legacy_trials = 0;
         cold.legacy_trial_units = 0;
         let k = u64::from(self.rules.half_open_trials).min(TRIAL_MASK);
         self.trials
             .store((cold.generation << TRIAL_BITS) | k, Ordering::Release);
+        // While half-open, `open_until` holds the end of the longest wait for the trials.
+        let wait = self.rules.max_half_open_nanos;
+        self.open_until.store(
+            self.shared.clock.now().saturating_add(wait),
+            Ordering::Release,
+        );
         self.breaker.store(HALF_OPEN, Ordering::Release);
+        if wait != u64::MAX {
+            self.schedule(
+                cold.generation,
+                Duration::from_nanos(wait),
+                Self::check_half_open_wait,
+            );
+        }
         self.publish_if_changed(&mut cold, "reset-timeout");
         true
     }
@@ -879,6 +1016,75 @@ impl ResourceInner {
             .store(cold.generation << TRIAL_BITS, Ordering::Release);
         self.breaker.store(FORCED_OPEN, Ordering::Release);
         self.publish_if_changed(&mut cold, "forced-open");
+    }
+
+    /// Opens the circuit for `d` (then half-open as after any opening), whatever its state.
+    pub(crate) fn open_for(&self, d: Duration) {
+        let mut cold = self.cold.lock();
+        cold.generation += 1;
+        cold.openings += 1;
+        self.trials
+            .store(cold.generation << TRIAL_BITS, Ordering::Release);
+        self.open_until.store(
+            self.shared.clock.now().saturating_add(duration_nanos(d)),
+            Ordering::Release,
+        );
+        self.breaker.store(OPEN, Ordering::Release);
+        tracing::info!(resource = %self.id(), timeout = ?d, "circuit opened by hand");
+        self.schedule_half_open(cold.generation, d);
+        self.publish_if_changed(&mut cold, "manual");
+    }
+
+    /// Records outcomes and usage as usual but never opens or refuses for the breaker.
+    pub(crate) fn metrics_only(&self) {
+        let mut cold = self.cold.lock();
+        self.close_locked(&mut cold);
+        self.breaker.store(METRICS_ONLY, Ordering::Release);
+        self.publish_if_changed(&mut cold, "metrics-only");
+    }
+
+    /// A consistent snapshot of the breaker's figures (one lock, a few atomic reads).
+    pub(crate) fn snapshot(&self) -> ResourceSnapshot {
+        let cold = self.cold.lock();
+        let now = self.shared.clock.now();
+        let t = self
+            .window
+            .as_ref()
+            .map(|w| w.totals(&self.window_head, now));
+        let rate = |n: u64, calls: u64| {
+            (calls >= u64::from(self.rules.minimum_calls) && calls > 0)
+                .then(|| n as f64 * 100.0 / calls as f64)
+        };
+        let breaker = self.breaker.load(Ordering::Acquire);
+        let trials_left = (breaker == HALF_OPEN)
+            .then(|| (self.trials.load(Ordering::Acquire) & TRIAL_MASK) as u32);
+        ResourceSnapshot {
+            status: self.current_status(),
+            breaker: match breaker {
+                DISABLED => BreakerMode::Disabled,
+                METRICS_ONLY => BreakerMode::MetricsOnly,
+                FORCED_OPEN => BreakerMode::ForcedOpen,
+                OPEN => BreakerMode::Open,
+                HALF_OPEN => BreakerMode::HalfOpen,
+                _ => BreakerMode::Closed,
+            },
+            used: self.used.load(Ordering::Acquire),
+            capacity: self.capacity,
+            buffered_calls: t.map_or(0, |t| t.calls),
+            failed_calls: t.map_or(0, |t| t.failures),
+            slow_calls: t.map_or(0, |t| t.slow),
+            failure_rate: t.and_then(|t| rate(t.failures, t.calls)),
+            slow_call_rate: t.and_then(|t| rate(t.slow, t.calls)),
+            refused_calls: self
+                .rejected
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum(),
+            trials_left,
+            trials_passed: (breaker == HALF_OPEN).then_some(cold.trials_passed),
+            openings: cold.openings,
+            in_state_for: Duration::from_nanos(now.saturating_sub(cold.last_change)),
+        }
     }
 
     pub(crate) fn disable(&self) {
@@ -1001,7 +1207,7 @@ impl ResourceInner {
     pub(crate) fn is_available(&self) -> bool {
         let room = self.used.load(Ordering::Acquire) < self.capacity;
         match self.breaker.load(Ordering::Acquire) {
-            CLOSED | DISABLED => room,
+            CLOSED | DISABLED | METRICS_ONLY => room,
             // A read changes nothing: past its reset timeout an open circuit would admit the
             // next call as a trial (with K >= 1 trials per half-open period).
             OPEN => room && self.shared.clock.now() >= self.open_until.load(Ordering::Acquire),
@@ -1222,6 +1428,30 @@ impl Resource {
     /// Opens the circuit until [`reset`](Self::reset); no reset timeout applies.
     pub fn force_open(&self) {
         self.inner.force_open();
+    }
+
+    /// Opens the circuit for `d`, whatever its state (reason `manual`); it goes half-open
+    /// after `d` like after any opening.
+    pub fn open_for(&self, d: Duration) {
+        self.inner.open_for(d);
+    }
+
+    /// Opens the circuit until `deadline` (a reading of this manager's clock, which follows
+    /// Tokio's by default): `open_for(deadline - now)`.
+    pub fn open_until(&self, deadline: tokio::time::Instant) {
+        self.inner
+            .open_for(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    }
+
+    /// Records outcomes and usage as usual and publishes usage events, but never opens or
+    /// refuses for the breaker (reason `metrics-only`); [`reset`](Self::reset) leaves it.
+    pub fn metrics_only(&self) {
+        self.inner.metrics_only();
+    }
+
+    /// A consistent snapshot of the breaker's figures, cheap enough to read on every scrape.
+    pub fn snapshot(&self) -> ResourceSnapshot {
+        self.inner.snapshot()
     }
 
     /// Disables the breaker: it never opens (capacity and rate limits still apply) until

@@ -100,6 +100,8 @@ pub struct ResourceSettings {
     pub(crate) minimum_calls: u32,
     pub(crate) consecutive_failures: Option<u32>,
     pub(crate) half_open_trials: u32,
+    pub(crate) max_wait_in_half_open: Option<Duration>,
+    pub(crate) half_open_by_rate: bool,
     pub(crate) reset_timeout: Duration,
     pub(crate) reset_backoff: f64,
     pub(crate) max_reset_timeout: Duration,
@@ -131,6 +133,8 @@ impl ResourceSettings {
                 minimum_calls: 10,
                 consecutive_failures: None,
                 half_open_trials: 1,
+                max_wait_in_half_open: None,
+                half_open_by_rate: false,
                 reset_timeout: Duration::from_secs(30),
                 reset_backoff: 1.0,
                 max_reset_timeout: Duration::from_secs(300),
@@ -273,6 +277,20 @@ impl ResourceSettings {
                 "must be at least 1",
             ));
         }
+        if self.max_wait_in_half_open == Some(Duration::ZERO) {
+            return Err(Error::invalid_config(
+                "max_wait_in_half_open",
+                "0s",
+                "must be above zero (a half-open period needs time for its trials)",
+            ));
+        }
+        if self.half_open_by_rate && !rate_rule_on(self) {
+            return Err(Error::invalid_config(
+                "half_open_by_rate",
+                true,
+                "needs failure_rate_threshold or slow_call_rate_threshold to decide by",
+            ));
+        }
         if self.half_open_trials == 0 {
             return Err(Error::invalid_config(
                 "half_open_trials",
@@ -312,6 +330,10 @@ impl ResourceSettings {
         }
         Ok(())
     }
+}
+
+fn rate_rule_on(s: &ResourceSettings) -> bool {
+    s.failure_rate_threshold.is_some() || s.slow_call_rate_threshold.is_some()
 }
 
 fn percent(field: &str, v: f64) -> Result<()> {
@@ -429,6 +451,24 @@ impl ResourceSettingsBuilder {
     /// reopens.
     pub fn half_open_trials(mut self, k: u32) -> Self {
         self.settings.half_open_trials = k;
+        self
+    }
+
+    /// The longest a circuit stays half-open waiting for its trials to end (Resilience4j's
+    /// `maxWaitDurationInHalfOpenState`; default: no limit). When it passes with a trial
+    /// still undecided, the circuit opens again (reason `half-open-timeout`), as after a failed
+    /// trial, and the late trials' outcomes count for nothing.
+    pub fn max_wait_in_half_open(mut self, d: Duration) -> Self {
+        self.settings.max_wait_in_half_open = Some(d);
+        self
+    }
+
+    /// Decides a half-open period by rate instead of "every trial must succeed": after all K
+    /// trials ended, the circuit closes unless their failure rate (or slow-call rate) reaches
+    /// the configured `failure_rate_threshold` (`slow_call_rate_threshold`). Needs a rate rule;
+    /// default off.
+    pub fn half_open_by_rate(mut self, yes: bool) -> Self {
+        self.settings.half_open_by_rate = yes;
         self
     }
 

@@ -48,6 +48,14 @@ impl Window {
         }
     }
 
+    /// The totals now, without recording (for metrics snapshots).
+    pub(crate) fn totals(&self, head: &AtomicU64, now: u64) -> Totals {
+        match self {
+            Self::Count(w) => w.totals(head),
+            Self::Time(w) => w.lock().totals(now),
+        }
+    }
+
     /// Heap bytes beyond the `Window` itself.
     pub(crate) fn bytes(&self) -> usize {
         match self {
@@ -185,6 +193,17 @@ impl CountWindow {
         })
     }
 
+    fn totals(&self, head: &AtomicU64) -> Totals {
+        let (len, _) = self.ring();
+        let counters = self.counters.load(Ordering::Relaxed);
+        let half = |c: u64| (c & 0xFFFF_FFFF).saturating_sub(BIAS);
+        Totals {
+            calls: head.load(Ordering::Relaxed).min(u64::from(len)),
+            failures: half(counters),
+            slow: half(counters >> 32),
+        }
+    }
+
     fn clear(&self, head: &AtomicU64) {
         for w in self.ring().1 {
             w.store(0, Ordering::Relaxed);
@@ -255,6 +274,25 @@ impl TimeWindow {
 
     fn clear(&mut self) {
         self.buckets = [Bucket::default(); 10];
+    }
+
+    fn totals(&self, now: u64) -> Totals {
+        let epoch = now / self.bucket_nanos + 1;
+        let mut t = Totals {
+            calls: 0,
+            failures: 0,
+            slow: 0,
+        };
+        for b in self
+            .buckets
+            .iter()
+            .filter(|b| b.epoch + 10 > epoch && b.epoch != 0 && b.epoch <= epoch)
+        {
+            t.calls += b.calls;
+            t.failures += b.failures;
+            t.slow += b.slow;
+        }
+        t
     }
 }
 

@@ -223,3 +223,40 @@ async fn with_a_wait_requests_queue_for_capacity_in_poll_ready() {
     assert!(matches!(e, LoadError::Rejected(Rejected::WaitTimedOut)));
     assert_eq!(start.elapsed(), Duration::from_secs(10));
 }
+
+#[tokio::test(start_paused = true)]
+async fn through_the_layer_a_hung_trial_reopens_after_the_longest_half_open_wait() {
+    let m = LoadManager::new();
+    let r = m
+        .register(
+            ResourceSettings::builder("accounts", ResourceType::Api, 10)
+                .consecutive_failures(1)
+                .reset_timeout(Duration::from_secs(5))
+                .max_wait_in_half_open(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let inner = accounts(1_000);
+    let backend = inner.backend.clone();
+    let mut svc = LoadLayer::new(r.clone()).layer(inner);
+    assert!(svc.ready().await.unwrap().call("mallory").await.is_err());
+    assert_eq!(r.status().status, CircuitStatus::Open);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The trial request hangs on its backend.
+    backend.forget_permits(1_000);
+    let trial = tokio::spawn(svc.ready().await.unwrap().call("alice"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        r.status().status,
+        CircuitStatus::Open,
+        "reopened while the trial hung"
+    );
+    backend.add_permits(1);
+    assert_eq!(trial.await.unwrap().unwrap(), 100);
+    assert_eq!(
+        r.status().status,
+        CircuitStatus::Open,
+        "the late trial decided nothing"
+    );
+}

@@ -294,7 +294,7 @@ impl PgDb {
             .wait_timeout(Some(opts.connect_timeout))
             .create_timeout(Some(opts.connect_timeout))
             .build()
-            .map_err(|e| Error::storage(format!("cannot build the PostgreSQL pool: {e}")))?;
+            .map_err(|e| Error::storage_with("cannot build the PostgreSQL pool", e))?;
         let db = Self {
             inner: Arc::new(Inner {
                 pool,

@@ -168,14 +168,14 @@ mod sqlite_impl {
             DateTime::parse_from_rfc3339(&s)
                 .map(|t| t.with_timezone(&Utc))
                 .map_err(|e| {
-                    Error::storage(format!("process instance {id}: bad timestamp {s:?}: {e}"))
+                    Error::storage_with(format!("process instance {id}: bad timestamp {s:?}"), e)
                 })
         };
         let context: String = r.get(3).map_err(db_err)?;
         let last_action: Option<String> = r.get(7).map_err(db_err)?;
         Parts {
             id: Uuid::parse_str(&id)
-                .map_err(|e| Error::storage(format!("bad process instance id {id:?}: {e}")))?,
+                .map_err(|e| Error::storage_with(format!("bad process instance id {id:?}"), e))?,
             process_id: r.get(1).map_err(db_err)?,
             state: r.get(2).map_err(db_err)?,
             context: serde_json::from_str(&context)?,

@@ -163,7 +163,7 @@ impl SqliteDb {
             Some(p) => {
                 if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| {
-                        Error::storage(format!("cannot create directory {}: {e}", dir.display()))
+                        Error::storage_with(format!("cannot create directory {}", dir.display()), e)
                     })?;
                 }
                 (
@@ -190,7 +190,7 @@ impl SqliteDb {
             }
         };
         let writer = Connection::open_with_flags(&uri, flags)
-            .map_err(|e| Error::storage(format!("cannot open SQLite database {label}: {e}")))?;
+            .map_err(|e| Error::storage_with(format!("cannot open SQLite database {label}"), e))?;
         configure(&writer, &opts, true).map_err(db_err)?;
         let stats = Arc::new(WriterStats::default());
         let (tx, rx) = mpsc::channel::<Job>();
@@ -198,7 +198,7 @@ impl SqliteDb {
         let handle = std::thread::Builder::new()
             .name("architectlm-sqlite-writer".into())
             .spawn(move || writer_loop(writer, rx, thread_stats))
-            .map_err(|e| Error::storage(format!("cannot start the SQLite writer: {e}")))?;
+            .map_err(|e| Error::storage_with("cannot start the SQLite writer", e))?;
         let reader_opts = opts.clone();
         let open_reader = Box::new(move || {
             let c = Connection::open_with_flags(&uri, flags)?;
@@ -272,7 +272,7 @@ impl SqliteDb {
             out
         })
         .await
-        .map_err(|e| Error::storage(format!("reader task failed: {e}")))?
+        .map_err(|e| Error::storage_with("reader task failed", e))?
     }
 
     /// Runs `f` on a reader connection on the current thread. For start-up and tests.

@@ -267,7 +267,7 @@ fn build(r: &Row) -> Result<StoredSaga> {
 
 fn step_json(s: &SagaStepExecution) -> Result<Value> {
     serde_json::to_value(s)
-        .map_err(|e| Error::storage(format!("cannot serialise step \"{}\": {e}", s.step_id)))
+        .map_err(|e| Error::storage_with(format!("cannot serialise step \"{}\"", s.step_id), e))
 }
 
 const INSERT_SQL: &str = "INSERT INTO architectlm_saga_instances \

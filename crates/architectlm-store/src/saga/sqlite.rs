@@ -223,8 +223,7 @@ fn opt_time(v: Option<i64>) -> Result<Option<DateTime<Utc>>> {
 }
 
 fn uuid_of(bytes: &[u8]) -> Result<Uuid> {
-    Uuid::from_slice(bytes)
-        .map_err(|e| Error::storage(format!("invalid id in the saga journal: {e}")))
+    Uuid::from_slice(bytes).map_err(|e| Error::storage_with("invalid id in the saga journal", e))
 }
 
 fn json_of(text: &str) -> Result<Value> {
@@ -397,7 +396,7 @@ fn steps_json(steps: &[SagaStepExecution]) -> Result<String> {
             || s.error.is_some()
         {
             out.push_str(&serde_json::to_string(s).map_err(|e| {
-                Error::storage(format!("cannot serialise step \"{}\": {e}", s.step_id))
+                Error::storage_with(format!("cannot serialise step \"{}\"", s.step_id), e)
             })?);
             continue;
         }

@@ -75,7 +75,7 @@ const ENTRY_COLUMNS: &str = "id, task_id, version, data";
 
 /// Decodes a row of [`ENTRY_COLUMNS`] in place, with no copy of its text.
 fn row_entry(r: &Row<'_>) -> Result<ScheduleEntry> {
-    let cell = |e: rusqlite::Error| Error::storage(format!("corrupt scheduled entry row: {e}"));
+    let cell = |e: rusqlite::Error| Error::storage_with("corrupt scheduled entry row", e);
     let id = r.get_ref(0).and_then(|v| Ok(v.as_blob()?)).map_err(cell)?;
     let task_id = r.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(cell)?;
     let version: i64 = r.get(2).map_err(cell)?;
@@ -136,7 +136,7 @@ fn decode(id: &[u8], task_id: &str, data: &str, version: i64) -> Result<Schedule
     let corrupt = Error::Serialization;
     let mut e = if data.starts_with(COMPACT_PREFIX) {
         let id = Uuid::from_slice(id)
-            .map_err(|e| Error::storage(format!("corrupt scheduled entry id: {e}")))?;
+            .map_err(|e| Error::storage_with("corrupt scheduled entry id", e))?;
         serde_json::from_str::<Compact>(data)
             .map_err(corrupt)?
             .into_entry(id, task_id.to_owned())
@@ -376,7 +376,7 @@ impl RunRow {
     fn decode(self) -> Result<ScheduleRun> {
         Ok(ScheduleRun {
             entry_id: Uuid::from_slice(&self.entry_id)
-                .map_err(|e| Error::storage(format!("corrupt run entry id: {e}")))?,
+                .map_err(|e| Error::storage_with("corrupt run entry id", e))?,
             due_at: from_ms(self.due_at)?,
             state: RunState::parse(&self.state)?,
             claimed_at: from_ms(self.claimed_at)?,

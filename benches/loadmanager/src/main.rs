@@ -294,6 +294,12 @@ fn main() {
                 tower_call(&mut layered, &mut cx)
             }),
         ),
+        (
+            "architectlm `snapshot()` read (failure-rate window)",
+            Box::new(|| {
+                black_box(ours.snapshot());
+            }),
+        ),
     ];
     // `--only I N`: run case I N times and exit, for instruction counts under callgrind
     // (run twice with different N; the difference divided by the difference in N is the cost

@@ -16,7 +16,7 @@
 //! - Each poll of the loop runs inside a `worker-supervisor` tracing span (debug level) with
 //!   the supervisor's path, so the loop's own CPU time can be told apart from its workers'.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,9 +206,10 @@ struct Actor {
     period: Duration,
     count_delayed: bool,
     children: Vec<Child>,
-    /// The children's names, to refuse a duplicate in O(1). Built by the first
-    /// [`Command::StartChild`]: the spec's names were already checked by its builder.
-    names: Option<HashSet<Box<str>>>,
+    /// Each child's position by name, to refuse a duplicate and find a child in O(1). Built
+    /// by the first command that needs it: the spec's names were already checked by its
+    /// builder, and a tree that is never changed at run time never pays for it.
+    names: Option<HashMap<Box<str>, usize>>,
     restarts: VecDeque<Instant>,
     events: EventHub<WorkerEvent>,
     exit_tx: mpsc::UnboundedSender<ExitMsg>,
@@ -372,7 +373,8 @@ impl Actor {
                         let _ = reply.send(self.add_child(spec));
                     }
                     Some(Command::TerminateChild(name, reply)) => {
-                        let result = match self.children.iter().position(|c| c.spec.name() == name) {
+                        let found = self.names().get(name.as_str()).copied();
+                        let result = match found {
                             None => Err(Error::not_found("child", &name)),
                             Some(i) => Ok(self.stop_child(i).await),
                         };
@@ -406,11 +408,9 @@ impl Actor {
 
     fn add_child(&mut self, spec: ChildSpec) -> Result<()> {
         spec.validate()?;
-        let children = &self.children;
-        let names = self
-            .names
-            .get_or_insert_with(|| children.iter().map(|c| c.spec.name().into()).collect());
-        if !names.insert(spec.name().into()) {
+        let idx = self.children.len();
+        let names = self.names();
+        if names.contains_key(spec.name()) {
             return Err(Error::invalid_config(
                 "children[].name",
                 format!("\"{}\"", spec.name()),
@@ -420,9 +420,22 @@ impl Actor {
                 ),
             ));
         }
+        names.insert(spec.name().into(), idx);
         self.children.push(Child::new(spec));
-        self.start(self.children.len() - 1);
+        self.start(idx);
         Ok(())
+    }
+
+    /// The index by name, built on first use.
+    fn names(&mut self) -> &mut HashMap<Box<str>, usize> {
+        let children = &self.children;
+        self.names.get_or_insert_with(|| {
+            children
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.spec.name().into(), i))
+                .collect()
+        })
     }
 
     fn start(&mut self, idx: usize) {
@@ -655,22 +668,35 @@ impl Actor {
         };
         c.generation += 1;
         c.state = ChildState::Stopping;
-        if let Some(cancel) = c.cancel.take() {
-            cancel.cancel();
-        }
         let timeout = c.spec.effective_shutdown_timeout();
-        let (outcome, reason) = match tokio::time::timeout(timeout, &mut join).await {
-            Ok(_) => (StopOutcome::Graceful, ExitReason::Shutdown),
-            Err(_) => {
-                join.abort();
-                tracing::warn!(supervisor = %self.path, child = %c.spec.name(), ?timeout, "child ignored its cancellation; aborted");
-                (
-                    StopOutcome::Killed,
-                    ExitReason::Killed {
-                        timeout_ms: ms(timeout),
-                    },
-                )
+        let graceful = if timeout.is_zero() {
+            // OTP's brutal kill: the child gets no shutdown path. Abort first, and only then
+            // fire its token (for what it handed the token to); wait for the task to be gone.
+            join.abort();
+            let _ = (&mut join).await;
+            if let Some(cancel) = c.cancel.take() {
+                cancel.cancel();
             }
+            false
+        } else {
+            if let Some(cancel) = c.cancel.take() {
+                cancel.cancel();
+            }
+            tokio::time::timeout(timeout, &mut join).await.is_ok()
+        };
+        let (outcome, reason) = if graceful {
+            (StopOutcome::Graceful, ExitReason::Shutdown)
+        } else {
+            join.abort();
+            if !timeout.is_zero() {
+                tracing::warn!(supervisor = %self.path, child = %c.spec.name(), ?timeout, "child ignored its cancellation; aborted");
+            }
+            (
+                StopOutcome::Killed,
+                ExitReason::Killed {
+                    timeout_ms: ms(timeout),
+                },
+            )
         };
         let ran = c
             .started_at

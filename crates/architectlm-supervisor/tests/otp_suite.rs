@@ -104,3 +104,71 @@ async fn terminate_child_finds_each_of_many_children_by_name() {
     assert!(handle.terminate_child("nobody").await.is_err());
     handle.shutdown().await;
 }
+
+/// `temporary_normal` / `temporary_abnormal`, and `do_not_save_start_parameters_for_temporary_children`
+/// at scale: a temporary child that ended is removed (not listed, its name free again), so a
+/// supervisor of short-lived temporary workers does not grow.
+#[tokio::test(start_paused = true)]
+async fn temporary_children_leave_when_they_end() {
+    let handle = SupervisorSpec::builder("sup").build().unwrap().start();
+    let mut exited = handle.subscribe("child-exited");
+    for i in 0..2_000 {
+        let fail = i % 2 == 1;
+        handle
+            .start_child(
+                ChildSpec::worker(format!("job{i}"), move |_ctx| async move {
+                    if fail { Err("boom".into()) } else { Ok(()) }
+                })
+                .restart(Restart::Temporary),
+            )
+            .await
+            .unwrap();
+        // One at a time, so that no exit event is lost to a full subscription.
+        support::next(&mut exited).await;
+    }
+    assert!(
+        handle.children().await.unwrap().is_empty(),
+        "ended temporary children are gone"
+    );
+    // The name is free again.
+    handle
+        .start_child(
+            ChildSpec::worker("job0", |ctx| async move {
+                ctx.cancelled().await;
+                Ok(())
+            })
+            .restart(Restart::Temporary),
+        )
+        .await
+        .unwrap();
+    let listed = handle.children().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].name, "job0");
+    // Terminating a temporary child removes it too (OTP deletes its spec).
+    assert_eq!(
+        handle.terminate_child("job0").await.unwrap(),
+        StopOutcome::Graceful
+    );
+    assert!(handle.children().await.unwrap().is_empty());
+    assert!(handle.terminate_child("job0").await.is_err());
+    handle.shutdown().await;
+}
+
+/// Permanent and transient children stay listed after they stop (OTP keeps their specs).
+#[tokio::test(start_paused = true)]
+async fn transient_children_that_ended_stay_listed() {
+    let handle = SupervisorSpec::builder("sup").build().unwrap().start();
+    let mut exited = handle.subscribe("child-exited");
+    handle
+        .start_child(ChildSpec::worker("t", |_ctx| async { Ok(()) }).restart(Restart::Transient))
+        .await
+        .unwrap();
+    support::next(&mut exited).await;
+    let listed = handle.children().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].state,
+        architectlm_supervisor::worker::ChildState::Stopped
+    );
+    handle.shutdown().await;
+}

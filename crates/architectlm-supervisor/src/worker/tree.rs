@@ -19,6 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use architectlm_core::time::add_to_instant;
@@ -55,16 +56,23 @@ pub(crate) struct SupervisorRef {
 }
 
 struct ExitMsg {
-    idx: usize,
+    slot: Slot,
     generation: u64,
     reason: ExitReason,
 }
+
+/// A child's position in its supervisor's list, shared with its running task's exit guard: the
+/// list is compacted when ended temporary children leave, and the exit of a child that moved
+/// must still find it. `usize::MAX` once the child left.
+type Slot = Arc<AtomicUsize>;
+
+const GONE: usize = usize::MAX;
 
 /// Sends the child's exit when its task ends, however it ends: [`send`](Self::send) when the
 /// run returned or panicked, on drop (as [`ExitReason::Killed`]) when the task was aborted.
 pub(crate) struct ExitGuard {
     tx: Option<mpsc::UnboundedSender<ExitMsg>>,
-    idx: usize,
+    slot: Slot,
     generation: u64,
 }
 
@@ -76,7 +84,7 @@ impl ExitGuard {
     fn send_once(&mut self, reason: ExitReason) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(ExitMsg {
-                idx: self.idx,
+                slot: self.slot.clone(),
                 generation: self.generation,
                 reason,
             });
@@ -120,6 +128,7 @@ fn ms(d: Duration) -> u64 {
 /// One child's state, kept small: a supervisor holds one per child, idle or not.
 struct Child {
     spec: ChildSpec,
+    slot: Slot,
     generation: u64,
     restart_count: u32,
     consecutive: u32,
@@ -139,9 +148,10 @@ struct Child {
 }
 
 impl Child {
-    fn new(spec: ChildSpec) -> Self {
+    fn new(spec: ChildSpec, idx: usize) -> Self {
         Self {
             spec,
+            slot: Arc::new(AtomicUsize::new(idx)),
             generation: 0,
             restart_count: 0,
             consecutive: 0,
@@ -210,6 +220,8 @@ struct Actor {
     /// by the first command that needs it: the spec's names were already checked by its
     /// builder, and a tree that is never changed at run time never pays for it.
     names: Option<HashMap<Box<str>, usize>>,
+    /// Children that left (ended temporary ones) and wait for the next compaction.
+    gone: usize,
     restarts: VecDeque<Instant>,
     events: EventHub<WorkerEvent>,
     exit_tx: mpsc::UnboundedSender<ExitMsg>,
@@ -249,11 +261,17 @@ pub(crate) fn tree(
     // The root owns its spec alone and moves the children out of it; a nested supervisor
     // shares its spec with its parent (which needs it for the next incarnation) and copies.
     let children: Vec<Child> = match Arc::try_unwrap(spec) {
-        Ok(owned) => owned.children.into_iter().map(Child::new).collect(),
+        Ok(owned) => owned
+            .children
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Child::new(c, i))
+            .collect(),
         Err(shared) => shared
             .children
             .iter()
-            .map(|c| Child::new(c.clone_spec()))
+            .enumerate()
+            .map(|(i, c)| Child::new(c.clone_spec(), i))
             .collect(),
     };
     let path: Arc<str> = match parent {
@@ -267,6 +285,7 @@ pub(crate) fn tree(
         period: intensity.period,
         count_delayed,
         names: None,
+        gone: 0,
         children,
         restarts: VecDeque::new(),
         events,
@@ -353,6 +372,7 @@ impl Actor {
                     if let Some(exit) = self.on_exit(msg).await {
                         return self.finish(exit);
                     }
+                    self.compact();
                 }
                 cmd = cmd_rx.recv(), if commands_open => match cmd {
                     None => commands_open = false,
@@ -365,6 +385,7 @@ impl Actor {
                         let list = self
                             .children
                             .iter()
+                            .filter(|c| !Self::is_gone(c))
                             .map(|c| (c.status(self.epoch, self.wall_epoch), c.sub.clone()))
                             .collect();
                         let _ = reply.send(list);
@@ -376,9 +397,16 @@ impl Actor {
                         let found = self.names().get(name.as_str()).copied();
                         let result = match found {
                             None => Err(Error::not_found("child", &name)),
-                            Some(i) => Ok(self.stop_child(i).await),
+                            Some(i) => {
+                                let outcome = self.stop_child(i).await;
+                                if self.children[i].spec.restart == Restart::Temporary {
+                                    self.remove(i);
+                                }
+                                Ok(outcome)
+                            }
                         };
                         let _ = reply.send(result);
+                        self.compact();
                     }
                 },
                 _ = &mut sleep, if armed.is_some() => {
@@ -421,9 +449,49 @@ impl Actor {
             ));
         }
         names.insert(spec.name().into(), idx);
-        self.children.push(Child::new(spec));
+        self.children.push(Child::new(spec, idx));
         self.start(idx);
         Ok(())
+    }
+
+    /// Takes an ended child out of the list: out of the name index and the listings at once,
+    /// out of memory at the next compaction.
+    fn remove(&mut self, idx: usize) {
+        let c = &mut self.children[idx];
+        if c.slot.load(Ordering::Relaxed) == GONE {
+            return;
+        }
+        c.slot.store(GONE, Ordering::Relaxed);
+        let name: Box<str> = c.spec.name().into();
+        if let Some(names) = &mut self.names {
+            names.remove(&name);
+        }
+        self.gone += 1;
+    }
+
+    /// Drops the children that left once they are at least half of the list (amortised O(1)
+    /// per removal), and moves the others' slots with them.
+    fn compact(&mut self) {
+        if self.gone < 32 || self.gone * 2 < self.children.len() {
+            return;
+        }
+        self.children
+            .retain(|c| c.slot.load(Ordering::Relaxed) != GONE);
+        for (i, c) in self.children.iter().enumerate() {
+            c.slot.store(i, Ordering::Relaxed);
+        }
+        if self.children.capacity() > 4 * self.children.len().max(16) {
+            self.children.shrink_to_fit();
+        }
+        self.gone = 0;
+        if self.names.is_some() {
+            self.names = None;
+            self.names();
+        }
+    }
+
+    fn is_gone(c: &Child) -> bool {
+        c.slot.load(Ordering::Relaxed) == GONE
     }
 
     /// The index by name, built on first use.
@@ -433,6 +501,7 @@ impl Actor {
             children
                 .iter()
                 .enumerate()
+                .filter(|(_, c)| !Self::is_gone(c))
                 .map(|(i, c)| (c.spec.name().into(), i))
                 .collect()
         })
@@ -449,7 +518,7 @@ impl Actor {
         let cancel = CancellationToken::new();
         let exit = ExitGuard {
             tx: Some(self.exit_tx.clone()),
-            idx,
+            slot: c.slot.clone(),
             generation: c.generation,
         };
         let beat = c.spec.heartbeat.map(|_| Arc::new(Beat::new(self.epoch)));
@@ -508,7 +577,8 @@ impl Actor {
         });
     }
     async fn on_exit(&mut self, msg: ExitMsg) -> Option<TreeExit> {
-        let c = self.children.get_mut(msg.idx)?;
+        let idx = msg.slot.load(Ordering::Relaxed);
+        let c = self.children.get_mut(idx)?;
         if c.generation != msg.generation || c.join.is_none() {
             return None;
         }
@@ -520,7 +590,7 @@ impl Actor {
             _ => msg.reason,
         };
         c.join = None;
-        self.handle_exit(msg.idx, reason).await
+        self.handle_exit(idx, reason).await
     }
 
     /// A child's run ended (its task is gone or abandoned): apply its restart type, the
@@ -554,6 +624,10 @@ impl Actor {
         });
         if !restart {
             self.children[idx].last_exit = Some(reason);
+            if self.children[idx].spec.restart == Restart::Temporary {
+                // As in OTP: a temporary child that ended leaves; its name is free again.
+                self.remove(idx);
+            }
             return None;
         }
         let c = &mut self.children[idx];
@@ -615,6 +689,12 @@ impl Actor {
             for &j in group.iter().rev() {
                 if j != idx {
                     self.stop_child(j).await;
+                }
+            }
+            // Temporary siblings are not restarted: they leave, as in OTP.
+            for &j in &group {
+                if j != idx && self.children[j].spec.restart == Restart::Temporary {
+                    self.remove(j);
                 }
             }
             group.retain(|&j| j == idx || self.children[j].spec.restart != Restart::Temporary);
@@ -723,6 +803,9 @@ impl Actor {
         let mut report = ShutdownReport::default();
         report.children.reserve(self.children.len());
         for j in (0..self.children.len()).rev() {
+            if Self::is_gone(&self.children[j]) {
+                continue;
+            }
             let outcome = self.stop_child(j).await;
             report.children.push(ChildShutdown {
                 name: self.children[j].spec.name().to_owned(),

@@ -172,3 +172,98 @@ async fn transient_children_that_ended_stay_listed() {
     );
     handle.shutdown().await;
 }
+
+fn counting_idle(name: &str, starts: Arc<AtomicU32>) -> ChildSpec {
+    ChildSpec::worker(name, move |ctx| {
+        starts.fetch_add(1, Ordering::SeqCst);
+        async move {
+            ctx.cancelled().await;
+            Ok(())
+        }
+    })
+}
+
+fn always_fails(name: &str, starts: Arc<AtomicU32>) -> ChildSpec {
+    ChildSpec::worker(name, move |_ctx| {
+        starts.fetch_add(1, Ordering::SeqCst);
+        async { Err("connection refused".into()) }
+    })
+}
+
+/// `rest_for_one_other_child_abnormal` with a terminated dependency: when the child a group
+/// restart waits on is stopped by hand during its backoff, the children after it are not
+/// started without it.
+#[tokio::test(start_paused = true)]
+async fn rest_for_one_does_not_start_a_dependent_of_a_terminated_child() {
+    use architectlm_supervisor::worker::{ChildState, RestartBackoff, RestartIntensity, Strategy};
+    let (a, b, c) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(AtomicU32::new(0)),
+    );
+    let handle = SupervisorSpec::builder("s")
+        .strategy(Strategy::RestForOne)
+        .intensity(RestartIntensity::new(100, Duration::from_secs(1)))
+        .child(counting_idle("a", a.clone()))
+        .child(
+            always_fails("b", b.clone()).backoff(RestartBackoff::exponential(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            )),
+        )
+        .child(counting_idle("c", c.clone()))
+        .build()
+        .unwrap()
+        .start();
+    let mut scheduled = handle.subscribe("restart-scheduled");
+    support::next(&mut scheduled).await;
+    // b waits for its restart; stop it by hand before the deadline.
+    handle.terminate_child("b").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let states: Vec<(String, ChildState)> = handle
+        .children()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.name, s.state))
+        .collect();
+    assert_eq!(states[0], ("a".to_owned(), ChildState::Running));
+    assert_eq!(states[1], ("b".to_owned(), ChildState::Stopped));
+    assert_ne!(
+        states[2].1,
+        ChildState::Running,
+        "c started without b: {states:?}"
+    );
+    assert_eq!(c.load(Ordering::SeqCst), 1, "c ran only at the first start");
+    handle.shutdown().await;
+}
+
+/// While a child's restarts keep failing, the children after it do not start and stop again
+/// at every backoff deadline: they wait until it has stayed up for its `reset_after`.
+#[tokio::test(start_paused = true)]
+async fn rest_for_one_dependents_do_not_flap_with_a_failing_child() {
+    use architectlm_supervisor::worker::{RestartBackoff, RestartIntensity, Strategy};
+    let (b, c) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let handle = SupervisorSpec::builder("s")
+        .strategy(Strategy::RestForOne)
+        .intensity(RestartIntensity::new(1_000, Duration::from_secs(1)))
+        .child(
+            always_fails("b", b.clone()).backoff(
+                RestartBackoff::exponential(Duration::from_millis(100), Duration::from_millis(100))
+                    .reset_after(Duration::from_secs(5)),
+            ),
+        )
+        .child(counting_idle("c", c.clone()))
+        .build()
+        .unwrap()
+        .start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(b.load(Ordering::SeqCst) >= 20, "b kept restarting");
+    // c's first start and the group restart after b's first failure; none after.
+    assert!(
+        c.load(Ordering::SeqCst) <= 2,
+        "c flapped: {} starts",
+        c.load(Ordering::SeqCst)
+    );
+    handle.shutdown().await;
+}

@@ -71,7 +71,11 @@ pub enum Strategy {
     /// Every child: the others are stopped (in reverse start order), then all are started again
     /// in start order.
     OneForAll,
-    /// The child and every child started after it.
+    /// The child and every child started after it. A dependent starts only once the children
+    /// before it are up: it waits while one of them is stopping, waiting for its restart,
+    /// stopped by `terminate_child`, or restarting after repeated failures and not yet running
+    /// for its backoff's `reset_after` (so dependents do not start and stop at every backoff
+    /// deadline of a failing child).
     RestForOne,
 }
 
@@ -86,7 +90,8 @@ pub enum Restart {
     /// Only after an abnormal exit (an error, a panic, a missed heartbeat).
     Transient,
     /// Never; a temporary child stopped by a sibling's group restart is not started again
-    /// either.
+    /// either. As in OTP, a temporary child that ended (or was terminated) leaves the
+    /// supervisor: it is no longer listed and its name can be used again.
     Temporary,
 }
 
@@ -355,7 +360,8 @@ impl ChildSpec {
     }
 
     /// How long the worker may take to stop after its cancellation token fired before it is
-    /// aborted. Zero aborts at once.
+    /// aborted. Zero is OTP's `brutal_kill`: the task is aborted first and gets no shutdown
+    /// path (its token fires only afterwards, for what it handed the token to).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = Some(timeout);
         self

@@ -134,6 +134,8 @@ struct Child {
     consecutive: u32,
     state: ChildState,
     ever_started: bool,
+    /// Stopped by `terminate_child`: under rest-for-one its dependents wait for it.
+    held: bool,
     /// The current run was cancelled for a missed heartbeat: its exit is a hang.
     hung: bool,
     last_exit: Option<ExitReason>,
@@ -157,6 +159,7 @@ impl Child {
             consecutive: 0,
             state: ChildState::Stopped,
             ever_started: false,
+            held: false,
             hung: false,
             last_exit: None,
             started_at: None,
@@ -401,6 +404,8 @@ impl Actor {
                                 let outcome = self.stop_child(i).await;
                                 if self.children[i].spec.restart == Restart::Temporary {
                                     self.remove(i);
+                                } else {
+                                    self.children[i].held = true;
                                 }
                                 Ok(outcome)
                             }
@@ -515,6 +520,7 @@ impl Actor {
             c.restart_count += 1;
         }
         c.ever_started = true;
+        c.held = false;
         let cancel = CancellationToken::new();
         let exit = ExitGuard {
             tx: Some(self.exit_tx.clone()),
@@ -902,9 +908,68 @@ impl Actor {
         }
         for j in to_start {
             if self.children[j].state == ChildState::Restarting {
-                self.start(j);
+                self.start_unless_blocked(j, now);
+            }
+        }
+        if self.strategy == Strategy::RestForOne {
+            self.start_waiting_dependents(now);
+        }
+        None
+    }
+
+    /// Under rest-for-one, whether child `j` must wait for a child before it: one that is
+    /// stopping, waiting to restart, stopped by hand, or restarting after repeated failures
+    /// and not yet running for its backoff's `reset_after` (so dependents do not flap with
+    /// it). Returns when to look again, if a time will tell.
+    fn blocked(&self, j: usize, now: Instant) -> Option<Option<Instant>> {
+        if self.strategy != Strategy::RestForOne {
+            return None;
+        }
+        for c in &self.children[..j] {
+            if Self::is_gone(c) {
+                continue;
+            }
+            match c.state {
+                ChildState::Restarting | ChildState::Stopping => return Some(None),
+                ChildState::Stopped if c.held => return Some(None),
+                ChildState::Running if c.consecutive > 1 => {
+                    let reset_after = c
+                        .spec
+                        .backoff
+                        .as_deref()
+                        .map_or(RestartBackoff::none().reset_after, |b| b.reset_after);
+                    let up_at = c.started_at.map(|s| add_to_instant(s, reset_after));
+                    if let Some(at) = up_at.filter(|at| *at > now) {
+                        return Some(Some(at));
+                    }
+                }
+                _ => {}
             }
         }
         None
+    }
+
+    /// Starts a child due for a restart, or leaves it waiting for the children before it.
+    fn start_unless_blocked(&mut self, j: usize, now: Instant) {
+        match self.blocked(j, now) {
+            None => self.start(j),
+            Some(recheck) => {
+                let c = &mut self.children[j];
+                c.deadline = recheck;
+                if let Some(at) = recheck {
+                    self.next_restart = min_opt(self.next_restart, at);
+                }
+            }
+        }
+    }
+
+    /// Starts, in order, the children waiting for a dependency that is up now.
+    fn start_waiting_dependents(&mut self, now: Instant) {
+        for j in 0..self.children.len() {
+            let c = &self.children[j];
+            if c.state == ChildState::Restarting && c.deadline.is_none() && !Self::is_gone(c) {
+                self.start_unless_blocked(j, now);
+            }
+        }
     }
 }

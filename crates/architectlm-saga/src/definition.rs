@@ -14,6 +14,10 @@ pub(crate) struct Prepared {
     pub(crate) def: SagaDefinition,
     /// Consecutive ranges of step positions; a range of more than one step is a parallel group.
     pub(crate) groups: Vec<Range<usize>>,
+    /// The saga's and each step's id, shared with the `TaskOrigin` of every execution (made
+    /// once here, so that a running step allocates no copy of them).
+    pub(crate) saga_id: Arc<str>,
+    pub(crate) step_ids: Vec<Arc<str>>,
 }
 
 impl Prepared {
@@ -105,7 +109,14 @@ pub(crate) fn check(def: SagaDefinition) -> Result<Arc<Prepared>> {
         }
         groups.push(start..i);
     }
-    Ok(Arc::new(Prepared { def, groups }))
+    let saga_id = Arc::from(def.id.as_str());
+    let step_ids = def.steps.iter().map(|s| Arc::from(s.id.as_str())).collect();
+    Ok(Arc::new(Prepared {
+        def,
+        groups,
+        saga_id,
+        step_ids,
+    }))
 }
 
 /// Checks that every task a definition names exists in the runtime's system.

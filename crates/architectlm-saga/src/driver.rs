@@ -548,9 +548,9 @@ impl Run {
                     )
                 };
                 let origin = TaskOrigin::SagaStep {
-                    saga_id: Arc::from(self.prep.def.id.as_str()),
+                    saga_id: self.prep.saga_id.clone(),
                     instance_id: id,
-                    step_id: Arc::from(step.id.as_str()),
+                    step_id: self.prep.step_ids[i].clone(),
                     compensation: compensate,
                 };
                 execute(

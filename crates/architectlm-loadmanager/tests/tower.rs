@@ -260,3 +260,69 @@ async fn through_the_layer_a_hung_trial_reopens_after_the_longest_half_open_wait
         "the late trial decided nothing"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn through_the_layer_manual_and_metrics_only_modes_decide_admission() {
+    let m = LoadManager::new();
+    let r = m
+        .register(
+            ResourceSettings::builder("accounts", ResourceType::Api, 10)
+                .consecutive_failures(1)
+                .reset_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let mut svc = LoadLayer::new(r.clone()).layer(accounts(1_000));
+    // Opened by hand for 2 s: refused, then a trial closes it.
+    r.open_for(Duration::from_secs(2));
+    let e = svc.ready().await.unwrap().call("alice").await.unwrap_err();
+    assert!(matches!(e, LoadError::Rejected(Rejected::CircuitOpen)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(svc.ready().await.unwrap().call("alice").await.unwrap(), 100);
+    assert_eq!(r.status().status, CircuitStatus::Closed);
+    // Metrics only: failures are recorded, nothing is refused.
+    r.metrics_only();
+    for _ in 0..3 {
+        assert!(matches!(
+            svc.ready().await.unwrap().call("mallory").await,
+            Err(LoadError::Service(_))
+        ));
+    }
+    assert_eq!(svc.ready().await.unwrap().call("bob").await.unwrap(), 7);
+    assert_eq!(r.status().status, CircuitStatus::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn through_the_layer_a_rate_based_half_open_tolerates_one_failed_trial_in_four() {
+    use architectlm_loadmanager::SlidingWindow;
+    let m = LoadManager::new();
+    let r = m
+        .register(
+            ResourceSettings::builder("accounts", ResourceType::Api, 10)
+                .failure_rate_threshold(50.0)
+                .sliding_window(SlidingWindow::Count(4))
+                .minimum_calls(4)
+                .half_open_trials(4)
+                .half_open_by_rate(true)
+                .reset_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+    let mut svc = LoadLayer::new(r.clone()).layer(accounts(1_000));
+    for _ in 0..4 {
+        let _ = svc.ready().await.unwrap().call("mallory").await;
+    }
+    assert_eq!(r.status().status, CircuitStatus::Open);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _ = svc.ready().await.unwrap().call("mallory").await;
+    for _ in 0..3 {
+        assert_eq!(svc.ready().await.unwrap().call("alice").await.unwrap(), 100);
+    }
+    assert_eq!(
+        r.status().status,
+        CircuitStatus::Closed,
+        "1 of 4 trials failed: 25 % < 50 %"
+    );
+}

@@ -267,3 +267,62 @@ async fn rest_for_one_dependents_do_not_flap_with_a_failing_child() {
     );
     handle.shutdown().await;
 }
+
+/// `restart_child`, `delete_child` and `count_children`, as in OTP: only a stopped child is
+/// restarted or deleted; a deleted child's name is free again.
+#[tokio::test(start_paused = true)]
+async fn restart_delete_and_count_children() {
+    use architectlm_supervisor::worker::ChildState;
+    let (a, b) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let handle = SupervisorSpec::builder("sup")
+        .child(counting_idle("a", a.clone()))
+        .child(counting_idle("b", b.clone()))
+        .build()
+        .unwrap()
+        .start();
+    let counts = handle.count_children().await.unwrap();
+    assert_eq!(
+        (
+            counts.specs,
+            counts.active,
+            counts.workers,
+            counts.supervisors
+        ),
+        (2, 2, 2, 0)
+    );
+    // A running child is neither restarted nor deleted.
+    assert!(handle.restart_child("b").await.is_err());
+    assert!(handle.delete_child("b").await.is_err());
+    assert!(handle.restart_child("nobody").await.is_err());
+    handle.terminate_child("b").await.unwrap();
+    assert_eq!(handle.count_children().await.unwrap().active, 1);
+    handle.restart_child("b").await.unwrap();
+    let states: Vec<_> = handle
+        .children()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, vec![ChildState::Running, ChildState::Running]);
+    assert_eq!(b.load(Ordering::SeqCst), 2);
+    handle.terminate_child("b").await.unwrap();
+    handle.delete_child("b").await.unwrap();
+    let counts = handle.count_children().await.unwrap();
+    assert_eq!((counts.specs, counts.active, counts.workers), (1, 1, 1));
+    assert!(
+        handle
+            .children()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.name != "b")
+    );
+    // The name is free again.
+    handle
+        .start_child(counting_idle("b", b.clone()))
+        .await
+        .unwrap();
+    assert_eq!(handle.count_children().await.unwrap().specs, 2);
+    handle.shutdown().await;
+}

@@ -11,7 +11,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::spec::{ChildSpec, SupervisorSpec};
-use super::status::{ChildStatus, ShutdownReport, StopOutcome, TreeExit, WorkerEvent};
+use super::status::{ChildCounts, ChildStatus, ShutdownReport, StopOutcome, TreeExit, WorkerEvent};
 use super::tree::{Command, SupervisorRef, tree};
 
 /// A running supervision tree.
@@ -116,8 +116,9 @@ impl SupervisorHandle {
         rx.await.map_err(|_| stopped(&self.name))?
     }
 
-    /// Stops one child of the root (cancel, wait its shutdown timeout, abort). It stays listed
-    /// as stopped and is not restarted.
+    /// Stops one child of the root (cancel, wait its shutdown timeout, abort). A permanent or
+    /// transient child stays listed as stopped and is not restarted until
+    /// [`restart_child`](Self::restart_child); a temporary one leaves.
     pub async fn terminate_child(&self, name: &str) -> Result<StopOutcome> {
         let (tx, rx) = oneshot::channel();
         self.root
@@ -125,6 +126,39 @@ impl SupervisorHandle {
             .send(Command::TerminateChild(name.to_owned(), tx))
             .map_err(|_| stopped(&self.name))?;
         rx.await.map_err(|_| stopped(&self.name))?
+    }
+
+    /// Starts a stopped child of the root again (OTP's `restart_child`); an error for an
+    /// unknown name or a child that is not stopped. Under rest-for-one, children after it that
+    /// waited for it start too.
+    pub async fn restart_child(&self, name: &str) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.root
+            .tx
+            .send(Command::RestartChild(name.to_owned(), tx))
+            .map_err(|_| stopped(&self.name))?;
+        rx.await.map_err(|_| stopped(&self.name))?
+    }
+
+    /// Removes a stopped child of the root (OTP's `delete_child`): it is no longer listed and
+    /// its name is free. An error for an unknown name or a child that is not stopped.
+    pub async fn delete_child(&self, name: &str) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.root
+            .tx
+            .send(Command::DeleteChild(name.to_owned(), tx))
+            .map_err(|_| stopped(&self.name))?;
+        rx.await.map_err(|_| stopped(&self.name))?
+    }
+
+    /// The root's child counts (OTP's `count_children`).
+    pub async fn count_children(&self) -> Result<ChildCounts> {
+        let (tx, rx) = oneshot::channel();
+        self.root
+            .tx
+            .send(Command::CountChildren(tx))
+            .map_err(|_| stopped(&self.name))?;
+        rx.await.map_err(|_| stopped(&self.name))
     }
 
     /// Stops the tree: children in reverse start order, each within its shutdown timeout.

@@ -73,6 +73,6 @@ pub use spec::{
     SupervisorSpec, SupervisorSpecBuilder, WorkerResult,
 };
 pub use status::{
-    ChildKindName, ChildShutdown, ChildState, ChildStatus, ExitReason, ShutdownReport, StopOutcome,
-    TreeExit, WorkerEvent, WorkerEventKind,
+    ChildCounts, ChildKindName, ChildShutdown, ChildState, ChildStatus, ExitReason, ShutdownReport,
+    StopOutcome, TreeExit, WorkerEvent, WorkerEventKind,
 };

@@ -129,6 +129,20 @@ pub struct ChildShutdown {
     pub outcome: StopOutcome,
 }
 
+/// How many children a supervisor has, as OTP's `count_children` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[non_exhaustive]
+pub struct ChildCounts {
+    /// Child specs held (running or not; ended temporary children are gone).
+    pub specs: usize,
+    /// Children running now.
+    pub active: usize,
+    /// Nested supervisors among the specs.
+    pub supervisors: usize,
+    /// Workers among the specs.
+    pub workers: usize,
+}
+
 /// What a shutdown did, in the order the children were stopped (reverse start order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[non_exhaustive]

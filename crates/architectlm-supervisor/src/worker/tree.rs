@@ -38,8 +38,8 @@ use super::spec::{
     ChildKind, ChildSpec, Restart, RestartBackoff, Strategy, SupervisorSpec, WorkerResult,
 };
 use super::status::{
-    ChildKindName, ChildShutdown, ChildState, ChildStatus, ExitReason, ShutdownReport, StopOutcome,
-    TreeExit, WorkerEvent, WorkerEventKind,
+    ChildCounts, ChildKindName, ChildShutdown, ChildState, ChildStatus, ExitReason, ShutdownReport,
+    StopOutcome, TreeExit, WorkerEvent, WorkerEventKind,
 };
 
 pub(crate) enum Command {
@@ -47,6 +47,9 @@ pub(crate) enum Command {
     Shutdown(oneshot::Sender<ShutdownReport>),
     StartChild(ChildSpec, oneshot::Sender<Result<()>>),
     TerminateChild(String, oneshot::Sender<Result<StopOutcome>>),
+    RestartChild(String, oneshot::Sender<Result<()>>),
+    DeleteChild(String, oneshot::Sender<Result<()>>),
+    CountChildren(oneshot::Sender<ChildCounts>),
 }
 
 /// A way to talk to a running supervisor loop.
@@ -412,6 +415,59 @@ impl Actor {
                         };
                         let _ = reply.send(result);
                         self.compact();
+                    }
+                    Some(Command::RestartChild(name, reply)) => {
+                        let found = self.names().get(name.as_str()).copied();
+                        let result = match found {
+                            None => Err(Error::not_found("child", &name)),
+                            Some(i) if self.children[i].state != ChildState::Stopped => {
+                                Err(Error::invalid_config(
+                                    "child",
+                                    format!("{name:?}"),
+                                    format!("is {:?}, not stopped: only a stopped child is restarted", self.children[i].state),
+                                ))
+                            }
+                            Some(i) => {
+                                self.start(i);
+                                // Dependents waiting for it (rest-for-one) may start now.
+                                if self.strategy == Strategy::RestForOne {
+                                    self.start_waiting_dependents(Instant::now());
+                                }
+                                Ok(())
+                            }
+                        };
+                        let _ = reply.send(result);
+                    }
+                    Some(Command::DeleteChild(name, reply)) => {
+                        let found = self.names().get(name.as_str()).copied();
+                        let result = match found {
+                            None => Err(Error::not_found("child", &name)),
+                            Some(i) if self.children[i].state != ChildState::Stopped => {
+                                Err(Error::invalid_config(
+                                    "child",
+                                    format!("{name:?}"),
+                                    format!("is {:?}: terminate it before deleting it", self.children[i].state),
+                                ))
+                            }
+                            Some(i) => {
+                                self.remove(i);
+                                Ok(())
+                            }
+                        };
+                        let _ = reply.send(result);
+                        self.compact();
+                    }
+                    Some(Command::CountChildren(reply)) => {
+                        let mut n = ChildCounts::default();
+                        for c in self.children.iter().filter(|c| !Self::is_gone(c)) {
+                            n.specs += 1;
+                            n.active += usize::from(c.state == ChildState::Running);
+                            match c.spec.kind {
+                                ChildKind::Worker(_) => n.workers += 1,
+                                ChildKind::Supervisor(_) => n.supervisors += 1,
+                            }
+                        }
+                        let _ = reply.send(n);
                     }
                 },
                 _ = &mut sleep, if armed.is_some() => {

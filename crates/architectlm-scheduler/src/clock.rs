@@ -43,7 +43,7 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
         let now_wall = self.now();
         let now = Instant::now();
         match (at - now_wall).to_std() {
-            Ok(d) => now + d,
+            Ok(d) => architectlm_core::time::add_to_instant(now, d),
             Err(_) => now,
         }
     }

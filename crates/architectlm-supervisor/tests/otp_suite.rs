@@ -326,3 +326,32 @@ async fn restart_delete_and_count_children() {
     assert_eq!(handle.count_children().await.unwrap().specs, 2);
     handle.shutdown().await;
 }
+
+/// `transient_shutdown`: a transient child ending with `{shutdown, Reason}` is not restarted,
+/// and its exit is a shutdown, not a failure.
+#[tokio::test(start_paused = true)]
+async fn transient_shutdown() {
+    use architectlm_supervisor::worker::{ExitReason, Shutdown};
+    let starts = Arc::new(AtomicU32::new(0));
+    let s = starts.clone();
+    let handle = SupervisorSpec::builder("sup")
+        .child(
+            ChildSpec::worker("drainer", move |_ctx| {
+                s.fetch_add(1, Ordering::SeqCst);
+                async { Err(Shutdown::new("queue drained").into()) }
+            })
+            .restart(Restart::Transient),
+        )
+        .build()
+        .unwrap()
+        .start();
+    let mut exited = handle.subscribe("child-exited");
+    support::next(&mut exited).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 1, "not restarted");
+    let c = handle.children().await.unwrap();
+    assert_eq!(c[0].last_exit, Some(ExitReason::Shutdown));
+    // The token type is reachable from the crate alone.
+    let _: Option<architectlm_supervisor::worker::CancellationToken> = None;
+    handle.shutdown().await;
+}

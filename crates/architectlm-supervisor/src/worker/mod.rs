@@ -69,10 +69,13 @@ mod tree;
 pub use context::WorkerContext;
 pub use handle::SupervisorHandle;
 pub use spec::{
-    ChildSpec, DEFAULT_SHUTDOWN_TIMEOUT, Restart, RestartBackoff, RestartIntensity, Strategy,
-    SupervisorSpec, SupervisorSpecBuilder, WorkerResult,
+    ChildSpec, DEFAULT_SHUTDOWN_TIMEOUT, Restart, RestartBackoff, RestartIntensity, Shutdown,
+    Strategy, SupervisorSpec, SupervisorSpecBuilder, WorkerResult,
 };
 pub use status::{
     ChildCounts, ChildKindName, ChildShutdown, ChildState, ChildStatus, ExitReason, ShutdownReport,
     StopOutcome, TreeExit, WorkerEvent, WorkerEventKind,
 };
+/// The token a worker's context hands out ([`WorkerContext::cancellation`]), re-exported so
+/// that a worker's code needs no dependency of its own to name it.
+pub use tokio_util::sync::CancellationToken;

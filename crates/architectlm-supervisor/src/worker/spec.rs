@@ -303,6 +303,37 @@ impl fmt::Debug for ChildSpec {
     }
 }
 
+/// A worker's request to end as [`ExitReason::Shutdown`](super::ExitReason::Shutdown) rather
+/// than as a failure: return `Err(Shutdown::new("queue drained").into())`. A transient child
+/// that ends so is not restarted (as Erlang's `{shutdown, Reason}`), and nothing is counted
+/// toward the restart intensity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shutdown {
+    reason: String,
+}
+
+impl Shutdown {
+    /// A shutdown for `reason` (logged with the exit).
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+        }
+    }
+
+    /// Why.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl std::fmt::Display for Shutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shutdown: {}", self.reason)
+    }
+}
+
+impl std::error::Error for Shutdown {}
+
 /// The default time a worker gets to stop after it was told to.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -328,7 +359,8 @@ impl ChildSpec {
 
     /// A nested supervisor. When its restart intensity trips, it stops its children and exits;
     /// this supervisor sees that as a failure of this child. Its shutdown timeout defaults to
-    /// the sum of its children's.
+    /// the sum of its children's effective shutdown timeouts plus one second for its own loop,
+    /// so that each of its children can use its whole timeout when they stop one after another.
     pub fn supervisor(spec: SupervisorSpec) -> Self {
         Self {
             kind: ChildKind::Supervisor(Arc::new(spec)),

@@ -105,8 +105,14 @@ impl Drop for ExitGuard {
 pub(crate) fn worker_exit(outcome: std::thread::Result<WorkerResult>) -> ExitReason {
     match outcome {
         Ok(Ok(())) => ExitReason::Normal,
-        Ok(Err(e)) => ExitReason::Failed {
-            error: e.to_string(),
+        Ok(Err(e)) => match e.downcast_ref::<super::spec::Shutdown>() {
+            Some(s) => {
+                tracing::debug!(reason = s.reason(), "worker asked to shut down");
+                ExitReason::Shutdown
+            }
+            None => ExitReason::Failed {
+                error: e.to_string(),
+            },
         },
         Err(p) => ExitReason::Panicked {
             message: panic_message(&*p),
@@ -629,7 +635,7 @@ impl Actor {
         c.deadline = None;
         c.hung = false;
         if let Some(hb) = c.spec.heartbeat {
-            self.next_hb = min_opt(self.next_hb, now + hb);
+            self.next_hb = min_opt(self.next_hb, add_to_instant(now, hb));
         }
         c.beat = beat;
         let restart_count = c.restart_count;
@@ -905,7 +911,7 @@ impl Actor {
                 && let (Some(hb), Some(beat)) = (c.spec.heartbeat, &c.beat)
             {
                 let last = beat.last();
-                let due = last + hb;
+                let due = add_to_instant(last, hb);
                 if due <= now {
                     hung.push((j, now.saturating_duration_since(last)));
                 } else {

@@ -22,18 +22,30 @@ pub const MAX_JSON_DEPTH: usize = 64;
 /// array or an object. Walks the value without recursion, so any depth is measured safely;
 /// stops counting once `limit` is passed.
 fn depth_beyond(value: &Value, limit: usize) -> Option<usize> {
-    let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
+    // Scalars and empty containers (most values, and most leaves) add no level and are never
+    // kept: only non-empty containers go on the stack, each with its depth.
+    fn nests(v: &Value) -> bool {
+        match v {
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            _ => false,
+        }
+    }
+    if !nests(value) {
+        return None;
+    }
+    let mut stack: Vec<(&Value, usize)> = vec![(value, 1)];
     while let Some((v, d)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match v {
-            Value::Array(a) if !a.is_empty() => Box::new(a.iter()),
-            Value::Object(o) if !o.is_empty() => Box::new(o.values()),
-            _ => continue,
-        };
-        let d = d + 1;
         if d > limit {
             return Some(d);
         }
-        stack.extend(children.map(|c| (c, d)));
+        match v {
+            Value::Array(a) => stack.extend(a.iter().filter(|c| nests(c)).map(|c| (c, d + 1))),
+            Value::Object(o) => {
+                stack.extend(o.values().filter(|c| nests(c)).map(|c| (c, d + 1)));
+            }
+            _ => {}
+        }
     }
     None
 }
